@@ -1,0 +1,510 @@
+"""3D discrete wavelet transforms for volumes, in the layout WDM diffuses in.
+
+One level of the transform maps ``(B, C, D, H, W) -> (B, 8C, D/2, H/2, W/2)``. The eight subbands are stacked
+*subband-major*: channels ``[k*C:(k+1)*C]`` hold subband ``k`` of every input channel, so ``y[:, :C]`` is LLL.
+Subband ``k`` has the bits ``k = 4*d + 2*h + w`` where a bit is 0 for the low-pass and 1 for the high-pass filter
+along that axis; the names in :data:`SUBBANDS` spell the same thing with letters for the axes (D, H, W) in order.
+
+Haar (the WDM transform) has a fast path built from one strided gather and three in-place butterflies
+(no matrices, no Python loops over voxels). Its low-pass taps are ``(1, 1)/sqrt(2)`` and its high-pass taps
+``(1, -1)/sqrt(2)`` (``H = (x[2i] - x[2i+1]) / sqrt(2)``, the sign PyWavelets and pytorch_wavelets use), so the
+transform is orthonormal: the inverse is the transpose, energy is preserved (Parseval) and
+``LLL = 2*sqrt(2) * mean`` of each 2x2x2 block.
+
+Other wavelets (``db2``, ``sym4``, ``coif1``, ... anything PyWavelets knows) are applied separably with
+pytorch_wavelets' 1D transforms. Their boundary handling is the ``mode`` argument: the default ``"periodization"``
+keeps subbands at exactly half size and the transform orthonormal; ``"zero"``, ``"symmetric"`` and ``"reflect"``
+give slightly larger subbands (pass ``output_shape`` to the inverse to crop back).
+
+Odd sizes: by default an odd spatial size raises a ``ValueError`` naming the shape. With ``pad_mode`` set
+(``"replicate"``, ``"reflect"`` or ``"constant"``) each odd axis is padded by one voxel at its end; the inverse
+crops back when given ``output_shape`` (the multi-level functions record the shapes for you).
+
+LLL scaling (WDM): WDM divides the LLL band by 3 before diffusion and multiplies it back before the inverse.
+:func:`to_wavelet_space` / :func:`from_wavelet_space` and :class:`WaveletSpace` do the DWT together with that
+scaling (``lll_scale=3.0`` by default, ``1.0`` turns it off). The effect: a wavelet-domain MSE weights the LLL error
+by ``1 / lll_scale**2`` relative to image space, and the low band sees a lower signal-to-noise ratio at every t.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import warnings
+from collections.abc import Sequence
+from typing import NamedTuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = [
+    "SUBBANDS",
+    "PAD_MODES",
+    "WAVELET_MODES",
+    "dwt3d",
+    "idwt3d",
+    "wavedec3d",
+    "waverec3d",
+    "WaveletPyramid",
+    "scale_lll",
+    "unscale_lll",
+    "to_wavelet_space",
+    "from_wavelet_space",
+    "subband",
+    "DWT3d",
+    "IDWT3d",
+    "WaveletSpace",
+]
+
+#: Subband names in channel order; the letters are the filters along (D, H, W).
+SUBBANDS: tuple[str, ...] = ("LLL", "LLH", "LHL", "LHH", "HLL", "HLH", "HHL", "HHH")
+#: Accepted values of ``pad_mode`` (None: odd sizes are an error).
+PAD_MODES: tuple[str | None, ...] = (None, "replicate", "reflect", "constant")
+#: Boundary modes for non-Haar wavelets (pytorch_wavelets' names).
+WAVELET_MODES: tuple[str, ...] = ("periodization", "zero", "symmetric", "reflect")
+
+_INV_2SQRT2 = 1.0 / (2.0 * math.sqrt(2.0))
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# input checks
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_volume(x: torch.Tensor, name: str = "x") -> None:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor of shape (B, C, D, H, W), got {type(x).__name__}.")
+    if x.ndim != 5:
+        raise ValueError(f"{name} must have shape (B, C, D, H, W) (5 dimensions), got shape {tuple(x.shape)}.")
+    if not x.is_floating_point():
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {x.dtype}; convert it with .float().")
+
+
+def _check_pad_mode(pad_mode: str | None) -> None:
+    if pad_mode not in PAD_MODES:
+        raise ValueError(f"pad_mode must be one of {PAD_MODES}, got {pad_mode!r}.")
+
+
+def _is_haar(wavelet: str) -> bool:
+    if not isinstance(wavelet, str):
+        raise TypeError(f"wavelet must be a name such as 'haar' or 'db2', got {type(wavelet).__name__}.")
+    return wavelet.lower() in ("haar", "db1")
+
+
+def _pad_to_even(x: torch.Tensor, pad_mode: str | None) -> torch.Tensor:
+    """Pad each odd spatial axis of ``x`` by one voxel at its end, or raise if ``pad_mode`` is None."""
+    odd = [s % 2 for s in x.shape[-3:]]
+    if not any(odd):
+        return x
+    if pad_mode is None:
+        raise ValueError(
+            f"3D DWT needs even spatial sizes, got a tensor of shape {tuple(x.shape)} (odd axes: "
+            f"{[ax for ax, o in zip('DHW', odd) if o]}). Crop or pad the volume to even sizes, or pass "
+            f"pad_mode='replicate' (or 'reflect'/'constant') and give output_shape to the inverse to crop back."
+        )
+    d, h, w = odd
+    return F.pad(x, (0, w, 0, h, 0, d), mode=pad_mode)
+
+
+def _crop(x: torch.Tensor, output_shape: Sequence[int] | None) -> torch.Tensor:
+    if output_shape is None:
+        return x
+    shape = tuple(int(s) for s in output_shape)[-3:]
+    if len(shape) != 3:
+        raise ValueError(f"output_shape must give (D, H, W) (or a full shape ending in them), got {output_shape}.")
+    if any(s > have for s, have in zip(shape, x.shape[-3:])):
+        raise ValueError(
+            f"output_shape {shape} is larger than the reconstructed volume {tuple(x.shape[-3:])}; it must be the "
+            "spatial shape of the tensor that was transformed."
+        )
+    return x[..., : shape[0], : shape[1], : shape[2]]
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Haar fast path
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _butterfly_(t: torch.Tensor, dim: int) -> None:
+    """In place along a size-2 dim: ``(a, b) -> (a + b, a - b)``. Two elementwise passes, no allocation."""
+    a, b = t.select(dim, 0), t.select(dim, 1)
+    torch.add(a, b, out=a)
+    torch.sub(a, b, alpha=2, out=b)
+
+
+def _haar_forward_kernel(x: torch.Tensor) -> torch.Tensor:
+    # (B, C, D, H, W) -> (B, 8C, D/2, H/2, W/2). One allocation: a scaled gather into (B, 2, 2, 2, C, d, h, w),
+    # then butterflies over the three contiguous size-2 axes. MONAI/torch have no 3D Haar; conv3d was slower here.
+    b, c, d2, h2, w2 = x.shape
+    d, h, w = d2 // 2, h2 // 2, w2 // 2
+    out = torch.empty((b, 2, 2, 2, c, d, h, w), dtype=x.dtype, device=x.device)
+    src = x.contiguous().view(b, c, d, 2, h, 2, w, 2).permute(0, 3, 5, 7, 1, 2, 4, 6)
+    torch.mul(src, _INV_2SQRT2, out=out)
+    _butterfly_(out, 1)
+    _butterfly_(out, 2)
+    _butterfly_(out, 3)
+    return out.view(b, 8 * c, d, h, w)
+
+
+def _haar_inverse_kernel(y: torch.Tensor) -> torch.Tensor:
+    # (B, 8C, d, h, w) -> (B, C, 2d, 2h, 2w). One allocation: a scaled scatter into the interleaved layout
+    # (B, C, d, 2, h, 2, w, 2), then butterflies over its size-2 axes (the Haar matrix is its own inverse).
+    b, c8, d, h, w = y.shape
+    c = c8 // 8
+    out = torch.empty((b, c, d, 2, h, 2, w, 2), dtype=y.dtype, device=y.device)
+    src = y.contiguous().view(b, 2, 2, 2, c, d, h, w).permute(0, 4, 5, 1, 6, 2, 7, 3)
+    torch.mul(src, _INV_2SQRT2, out=out)
+    _butterfly_(out, 3)
+    _butterfly_(out, 5)
+    _butterfly_(out, 7)
+    return out.view(b, c, 2 * d, 2 * h, 2 * w)
+
+
+class _HaarDWT(torch.autograd.Function):
+    # The transform is orthonormal, so the gradient of the DWT is the IDWT of the incoming gradient and vice versa.
+    @staticmethod
+    def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _haar_forward_kernel(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _HaarIDWT.apply(grad)
+
+
+class _HaarIDWT(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _haar_inverse_kernel(y)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        return _HaarDWT.apply(grad)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# other wavelets: pytorch_wavelets' 1D transforms along each axis (it has 1D and 2D transforms, no 3D one)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _import_pytorch_wavelets():
+    try:
+        with warnings.catch_warnings():  # its pkg_resources import warns on every setuptools < 81
+            warnings.simplefilter("ignore", UserWarning)
+            import pytorch_wavelets
+    except ImportError as err:  # pragma: no cover - depends on the environment
+        raise ImportError(
+            "Non-Haar wavelets need pytorch_wavelets, which also imports PyWavelets and pkg_resources "
+            f"(setuptools<81). Install them with: pip install pytorch_wavelets PyWavelets 'setuptools<81' ({err})"
+        ) from err
+    return pytorch_wavelets
+
+
+@functools.lru_cache(maxsize=64)
+def _wavelet_1d(wavelet: str, mode: str, device: torch.device, dtype: torch.dtype):
+    ptw = _import_pytorch_wavelets()
+    try:
+        fwd = ptw.DWT1DForward(J=1, wave=wavelet, mode=mode)
+        inv = ptw.DWT1DInverse(wave=wavelet, mode=mode)
+    except ValueError as err:
+        raise ValueError(f"Unknown wavelet {wavelet!r}: use a PyWavelets name such as 'db2', 'sym4', 'coif1'.") from err
+    return fwd.to(device=device, dtype=dtype), inv.to(device=device, dtype=dtype)
+
+
+def _analysis_along(t: torch.Tensor, spatial_dim: int, fwd) -> torch.Tensor:
+    """Split axis ``spatial_dim`` of ``t`` (B, ..., L, ...) into (low, high): (B, 2, ..., L', ...)."""
+    v = t.movedim(spatial_dim, -1)
+    lead = v.shape[:-1]
+    lo, (hi,) = fwd(v.reshape(-1, 1, v.shape[-1]))  # each (N, 1, L')
+    out = torch.cat((lo, hi), dim=1).reshape(*lead, 2, lo.shape[-1])
+    return out.movedim(-1, spatial_dim).movedim(-1, 1)
+
+
+def _synthesis_along(t: torch.Tensor, bit_dim: int, spatial_dim: int, inv) -> torch.Tensor:
+    """Merge the (low, high) axis ``bit_dim`` of ``t`` back into axis ``spatial_dim`` (bit_dim < spatial_dim)."""
+    v = t.movedim((bit_dim, spatial_dim), (-2, -1))
+    lead = v.shape[:-2]
+    flat = v.reshape(-1, 2, v.shape[-1])
+    out = inv((flat[:, :1], [flat[:, 1:]]))  # (N, 1, L')
+    return out.reshape(*lead, out.shape[-1]).movedim(-1, spatial_dim - 1)
+
+
+def _generic_forward(x: torch.Tensor, wavelet: str, mode: str) -> torch.Tensor:
+    fwd, _ = _wavelet_1d(wavelet, mode, x.device, x.dtype)
+    taps = fwd.h0.numel()
+    if min(x.shape[-3:]) < taps:
+        raise ValueError(
+            f"Wavelet {wavelet!r} has {taps} taps; every spatial size must be at least that, got a tensor of shape "
+            f"{tuple(x.shape)}. Use fewer levels, a shorter wavelet, or 'haar'."
+        )
+    b, c = x.shape[:2]
+    # W, then H, then D: each pass puts its (low, high) axis at dim 1, so the D bit ends outermost:
+    # (B, C, D, H, W) -> (B, 2w, C, ...) -> (B, 2h, 2w, C, ...) -> (B, 2d, 2h, 2w, C, d, h, w)
+    t = _analysis_along(x, 4, fwd)
+    t = _analysis_along(t, 4, fwd)
+    t = _analysis_along(t, 4, fwd)
+    return t.reshape(b, 8 * c, *t.shape[-3:])
+
+
+def _generic_inverse(y: torch.Tensor, wavelet: str, mode: str) -> torch.Tensor:
+    _, inv = _wavelet_1d(wavelet, mode, y.device, y.dtype)
+    b, c8 = y.shape[:2]
+    t = y.reshape(b, 2, 2, 2, c8 // 8, *y.shape[-3:])  # (B, 2d, 2h, 2w, C, d, h, w)
+    t = _synthesis_along(t, 3, 7, inv)  # W -> (B, 2d, 2h, C, d, h, W)
+    t = _synthesis_along(t, 2, 5, inv)  # H -> (B, 2d, C, d, H, W)
+    return _synthesis_along(t, 1, 3, inv)  # D -> (B, C, D, H, W)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# public functions
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def dwt3d(
+    x: torch.Tensor,
+    wavelet: str = "haar",
+    mode: str = "periodization",
+    pad_mode: str | None = None,
+) -> torch.Tensor:
+    """One level of the 3D discrete wavelet transform.
+
+    Args:
+        x: volume batch, shape ``(B, C, D, H, W)``, any floating dtype and device.
+        wavelet: ``"haar"`` (fast path) or any PyWavelets name (``"db2"``, ``"sym4"``, ``"coif1"``...).
+        mode: boundary mode for non-Haar wavelets, one of :data:`WAVELET_MODES` (ignored for Haar).
+        pad_mode: what to do with odd spatial sizes: None raises, otherwise pad one voxel at the end of each odd
+            axis with this ``torch.nn.functional.pad`` mode.
+
+    Returns:
+        ``(B, 8C, D/2, H/2, W/2)`` (sizes rounded up after padding; larger for non-periodic modes), subband-major.
+
+    Example:
+        >>> y = dwt3d(torch.randn(2, 1, 16, 16, 16))
+        >>> y.shape, SUBBANDS[0]
+        (torch.Size([2, 8, 8, 8, 8]), 'LLL')
+    """
+    _check_volume(x)
+    _check_pad_mode(pad_mode)
+    x = _pad_to_even(x, pad_mode)
+    if _is_haar(wavelet):
+        return _HaarDWT.apply(x)
+    if mode not in WAVELET_MODES:
+        raise ValueError(f"mode must be one of {WAVELET_MODES} for wavelet {wavelet!r}, got {mode!r}.")
+    return _generic_forward(x, wavelet, mode)
+
+
+def idwt3d(
+    y: torch.Tensor,
+    wavelet: str = "haar",
+    mode: str = "periodization",
+    output_shape: Sequence[int] | None = None,
+) -> torch.Tensor:
+    """Inverse of :func:`dwt3d`: ``(B, 8C, d, h, w) -> (B, C, 2d, 2h, 2w)``, cropped to ``output_shape``.
+
+    Args:
+        y: subband-major coefficients as returned by :func:`dwt3d`.
+        wavelet: the wavelet used for the forward transform.
+        mode: the boundary mode used for the forward transform (non-Haar only).
+        output_shape: spatial shape ``(D, H, W)`` of the original volume (needed after padding or with
+            non-periodic modes); None keeps the full reconstruction.
+    """
+    _check_volume(y, "y")
+    if y.shape[1] % 8 != 0:
+        raise ValueError(
+            f"y must have 8*C channels (8 subbands per input channel), got shape {tuple(y.shape)} with "
+            f"{y.shape[1]} channels."
+        )
+    if _is_haar(wavelet):
+        x = _HaarIDWT.apply(y)
+    else:
+        if mode not in WAVELET_MODES:
+            raise ValueError(f"mode must be one of {WAVELET_MODES} for wavelet {wavelet!r}, got {mode!r}.")
+        x = _generic_inverse(y, wavelet, mode)
+    return _crop(x, output_shape)
+
+
+def subband(y: torch.Tensor, name: str | int) -> torch.Tensor:
+    """The channels of one subband of ``y`` (B, 8C, ...), by name (``"LLH"``) or index: ``(B, C, ...)``."""
+    k = SUBBANDS.index(name.upper()) if isinstance(name, str) else int(name)
+    if not 0 <= k < 8:
+        raise ValueError(f"subband must be one of {SUBBANDS} or 0..7, got {name!r}.")
+    c = y.shape[1] // 8
+    return y[:, k * c : (k + 1) * c]
+
+
+class WaveletPyramid(NamedTuple):
+    """A multi-level decomposition.
+
+    Attributes:
+        low: the coarsest low band (LLL of the last level), ``(B, C, D/2^L, H/2^L, W/2^L)``.
+        details: the 7 detail subbands of each level, finest first, each ``(B, 7C, ...)`` in :data:`SUBBANDS`
+            order without LLL.
+        shapes: the spatial shape of the input of each level, finest first (used to crop after padding).
+    """
+
+    low: torch.Tensor
+    details: list[torch.Tensor]
+    shapes: list[tuple[int, int, int]]
+
+
+def wavedec3d(
+    x: torch.Tensor,
+    levels: int,
+    wavelet: str = "haar",
+    mode: str = "periodization",
+    pad_mode: str | None = None,
+) -> WaveletPyramid:
+    """Multi-level 3D DWT: the LLL band is transformed again ``levels`` times.
+
+    Args:
+        x: ``(B, C, D, H, W)``.
+        levels: number of levels (>= 1). Without ``pad_mode`` every level's size must be even.
+        wavelet, mode, pad_mode: as in :func:`dwt3d`.
+    """
+    if not isinstance(levels, int) or levels < 1:
+        raise ValueError(f"levels must be an integer >= 1, got {levels!r}.")
+    _check_volume(x)
+    c = x.shape[1]
+    low, details, shapes = x, [], []
+    for _ in range(levels):
+        shapes.append(tuple(low.shape[-3:]))
+        y = dwt3d(low, wavelet, mode, pad_mode)
+        low, detail = y[:, :c], y[:, c:]
+        details.append(detail)
+    return WaveletPyramid(low, details, shapes)
+
+
+def waverec3d(pyramid: WaveletPyramid, wavelet: str = "haar", mode: str = "periodization") -> torch.Tensor:
+    """Inverse of :func:`wavedec3d`; returns a volume of the shape that was decomposed."""
+    low = pyramid.low
+    for detail, shape in zip(reversed(pyramid.details), reversed(pyramid.shapes)):
+        if detail.shape[-3:] != low.shape[-3:]:
+            raise ValueError(
+                f"detail bands of shape {tuple(detail.shape)} do not match the low band {tuple(low.shape)}."
+            )
+        low = idwt3d(torch.cat((low, detail), dim=1), wavelet, mode, output_shape=shape)
+    return low
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# WDM's LLL scaling and the wavelet space diffusion runs in
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _check_lll_scale(lll_scale: float) -> float:
+    if not (isinstance(lll_scale, (int, float)) and lll_scale > 0 and math.isfinite(lll_scale)):
+        raise ValueError(f"lll_scale must be a positive finite number (3.0 as WDM, 1.0 for none), got {lll_scale!r}.")
+    return float(lll_scale)
+
+
+def scale_lll(y: torch.Tensor, lll_scale: float = 3.0) -> torch.Tensor:
+    """Divide the LLL channels of ``y`` (B, 8C, ...) by ``lll_scale`` (out of place)."""
+    lll_scale = _check_lll_scale(lll_scale)
+    if lll_scale == 1.0:
+        return y
+    c = y.shape[1] // 8
+    return torch.cat((y[:, :c] / lll_scale, y[:, c:]), dim=1)
+
+
+def unscale_lll(y: torch.Tensor, lll_scale: float = 3.0) -> torch.Tensor:
+    """Multiply the LLL channels of ``y`` (B, 8C, ...) by ``lll_scale`` (out of place); inverse of :func:`scale_lll`."""
+    lll_scale = _check_lll_scale(lll_scale)
+    if lll_scale == 1.0:
+        return y
+    c = y.shape[1] // 8
+    return torch.cat((y[:, :c] * lll_scale, y[:, c:]), dim=1)
+
+
+def to_wavelet_space(x: torch.Tensor, lll_scale: float = 3.0, wavelet: str = "haar", **kwargs) -> torch.Tensor:
+    """Image ``(B, C, D, H, W)`` -> diffusion space ``(B, 8C, D/2, H/2, W/2)``: DWT, then LLL / ``lll_scale``."""
+    return scale_lll(dwt3d(x, wavelet, **kwargs), lll_scale)
+
+
+def from_wavelet_space(
+    y: torch.Tensor, lll_scale: float = 3.0, wavelet: str = "haar", output_shape: Sequence[int] | None = None, **kwargs
+) -> torch.Tensor:
+    """Diffusion space -> image: LLL * ``lll_scale``, then IDWT (cropped to ``output_shape`` if given)."""
+    return idwt3d(unscale_lll(y, lll_scale), wavelet, output_shape=output_shape, **kwargs)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# nn.Module wrappers (for networks and MONAI bundle configs)
+# --------------------------------------------------------------------------------------------------------------------
+
+
+class DWT3d(nn.Module):
+    """Module form of :func:`dwt3d`. ``(B, C, D, H, W) -> (B, 8C, D/2, H/2, W/2)``.
+
+    Args:
+        wavelet: ``"haar"`` or a PyWavelets name.
+        mode: boundary mode for non-Haar wavelets.
+        pad_mode: None (odd sizes raise) or a padding mode for odd axes.
+    """
+
+    def __init__(self, wavelet: str = "haar", mode: str = "periodization", pad_mode: str | None = None) -> None:
+        super().__init__()
+        _check_pad_mode(pad_mode)
+        if not _is_haar(wavelet) and mode not in WAVELET_MODES:
+            raise ValueError(f"mode must be one of {WAVELET_MODES}, got {mode!r}.")
+        self.wavelet, self.mode, self.pad_mode = wavelet, mode, pad_mode
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return dwt3d(x, self.wavelet, self.mode, self.pad_mode)
+
+    def extra_repr(self) -> str:
+        return f"wavelet={self.wavelet!r}, mode={self.mode!r}, pad_mode={self.pad_mode!r}"
+
+
+class IDWT3d(nn.Module):
+    """Module form of :func:`idwt3d`. ``(B, 8C, d, h, w) -> (B, C, 2d, 2h, 2w)`` (cropped to ``output_shape``)."""
+
+    def __init__(self, wavelet: str = "haar", mode: str = "periodization") -> None:
+        super().__init__()
+        if not _is_haar(wavelet) and mode not in WAVELET_MODES:
+            raise ValueError(f"mode must be one of {WAVELET_MODES}, got {mode!r}.")
+        self.wavelet, self.mode = wavelet, mode
+
+    def forward(self, y: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        return idwt3d(y, self.wavelet, self.mode, output_shape)
+
+    def extra_repr(self) -> str:
+        return f"wavelet={self.wavelet!r}, mode={self.mode!r}"
+
+
+class WaveletSpace(nn.Module):
+    """The space WDM diffuses in: DWT with the LLL band divided by ``lll_scale``, and its inverse.
+
+    Args:
+        lll_scale: WDM's LLL divisor (3.0 for parity with WDM; 1.0 turns the scaling off).
+        wavelet: ``"haar"`` (WDM) or a PyWavelets name.
+        mode: boundary mode for non-Haar wavelets.
+        pad_mode: None (odd sizes raise) or a padding mode; pass ``output_shape`` to :meth:`decode` to crop back.
+
+    Example:
+        >>> space = WaveletSpace(lll_scale=3.0)
+        >>> x = torch.rand(1, 1, 8, 8, 8)
+        >>> torch.allclose(space.decode(space.encode(x)), x, atol=1e-6)
+        True
+    """
+
+    def __init__(
+        self, lll_scale: float = 3.0, wavelet: str = "haar", mode: str = "periodization", pad_mode: str | None = None
+    ) -> None:
+        super().__init__()
+        self.lll_scale = _check_lll_scale(lll_scale)
+        self.dwt = DWT3d(wavelet, mode, pad_mode)
+        self.idwt = IDWT3d(wavelet, mode)
+
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """``(B, C, D, H, W) -> (B, 8C, D/2, H/2, W/2)``."""
+        return scale_lll(self.dwt(x), self.lll_scale)
+
+    def decode(self, y: torch.Tensor, output_shape: Sequence[int] | None = None) -> torch.Tensor:
+        """``(B, 8C, d, h, w) -> (B, C, 2d, 2h, 2w)`` (cropped to ``output_shape``)."""
+        return self.idwt(unscale_lll(y, self.lll_scale), output_shape)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.encode(x)
+
+    def extra_repr(self) -> str:
+        return f"lll_scale={self.lll_scale}"
