@@ -1,0 +1,92 @@
+import pytest
+import torch
+
+from wdm3d.networks import PRESETS, WDMUNet, count_parameters, monai_unet, wdm_unet
+
+
+def tiny(**kw):
+    args = dict(base_channels=8, channel_mult=(1, 2, 2), num_res_blocks=2, norm_num_groups=4)
+    args.update(kw)
+    return WDMUNet(**args)
+
+
+def randomise(net, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * 0.1)
+    return net
+
+
+@pytest.mark.parametrize("preset,wdm_millions", [("wdm_128", 57.91), ("wdm_256", 83.16)])
+def test_presets_match_wdm_parameter_counts(preset, wdm_millions):
+    # WDM reports 57.91M (128^3) and 83.16M (256^3) for its U-Net with 8 in/out channels
+    with torch.device("meta"):
+        net = wdm_unet(preset)
+    assert round(count_parameters(net) / 1e6, 2) == wdm_millions
+    assert PRESETS[preset]["base_channels"] == 64 and PRESETS[preset]["num_res_blocks"] == 2
+
+
+def test_concatenated_skips_cost_more_parameters():
+    with torch.device("meta"):
+        additive = count_parameters(wdm_unet("wdm_128"))
+        concat = count_parameters(wdm_unet("wdm_128", additive_skips=False))
+        monai_net = count_parameters(monai_unet("wdm_128"))
+    assert concat > additive * 1.3
+    assert monai_net > additive * 1.3
+
+
+@pytest.mark.parametrize("additive", [True, False])
+@pytest.mark.parametrize("mult", [(1,), (1, 2), (1, 2, 3)])
+def test_shapes_and_zero_output_at_init(additive, mult):
+    net = tiny(channel_mult=mult, additive_skips=additive, in_channels=16, out_channels=8)
+    x = torch.randn(2, 16, 8, 8, 8)
+    out = net(x, torch.tensor([3, 700]))
+    assert out.shape == (2, 8, 8, 8, 8)
+    assert out.abs().max().item() == 0.0  # zero-initialised output conv (guided-diffusion style)
+
+
+def test_output_depends_on_input_and_timestep():
+    net = randomise(tiny()).eval()
+    x = torch.randn(1, 8, 8, 8, 8)
+    a = net(x, torch.tensor([10]))
+    b = net(x, torch.tensor([900]))
+    c = net(x * 2, torch.tensor([10]))
+    assert (a - b).abs().max() > 1e-4
+    assert (a - c).abs().max() > 1e-4
+    # a scalar timestep broadcasts over the batch; float timesteps work (rectified flow)
+    x2 = torch.randn(3, 8, 8, 8, 8)
+    assert torch.allclose(net(x2, torch.tensor(10)), net(x2, torch.tensor([10, 10, 10])))
+    assert torch.isfinite(net(x2, torch.tensor([1.5, 2.5, 999.9]))).all()
+
+
+def test_gradient_checkpointing_gives_identical_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(2, 8, 8, 8, 8)
+    t = torch.tensor([5, 500])
+    grads = []
+    for ckpt in (False, True):
+        net = randomise(tiny(use_checkpoint=ckpt)).train()
+        net(x, t).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_input_validation():
+    net = tiny()
+    with pytest.raises(ValueError, match="context"):
+        net(torch.randn(1, 8, 8, 8, 8), torch.tensor([1]), context=torch.randn(1, 2, 4))
+    with pytest.raises(ValueError, match=r"\(B, 8, D, H, W\)"):
+        net(torch.randn(1, 4, 8, 8, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match="divisible by 4"):
+        net(torch.randn(1, 8, 6, 8, 8), torch.tensor([1]))
+    with pytest.raises(ValueError, match="Unknown preset"):
+        wdm_unet("wdm_512")
+    with pytest.raises(ValueError, match="norm_num_groups"):
+        WDMUNet(base_channels=10, channel_mult=(1,), norm_num_groups=4)
+
+
+def test_monai_unet_has_the_same_call_signature():
+    net = monai_unet("wdm_128", channels=(8, 8), attention_levels=(False, False), norm_num_groups=4)
+    out = net(torch.randn(1, 8, 8, 8, 8), torch.tensor([3]), context=None)
+    assert out.shape == (1, 8, 8, 8, 8)
