@@ -1,0 +1,178 @@
+"""Closed forms of the diffusion processes, as small pure functions.
+
+Two forward processes are supported:
+
+- ``"ddpm"`` (variance preserving, Ho et al. 2020): ``x_t = sqrt(ab_t) x0 + sqrt(1 - ab_t) eps`` with
+  ``ab_t = prod_{i<=t} (1 - beta_i)`` (eq. 4).
+- ``"rflow"`` (rectified flow, Liu et al. 2022, MONAI's convention): ``x_t = (1 - s) x0 + s eps`` with
+  ``s = t / T``; the velocity is ``v = x0 - eps`` (pointing from noise to data).
+
+A network predicts one of (names as MONAI's schedulers): ``"sample"`` (x0; WDM's choice), ``"epsilon"`` or
+``"v_prediction"`` (for ddpm: ``v = sqrt(ab) eps - sqrt(1 - ab) x0``, Salimans & Ho 2022; for rflow: the flow
+velocity ``x0 - eps``). Samplers work on the predicted x0, whatever the network predicts.
+
+Every ``a``/``ab``/``s`` argument is a tensor broadcastable to the data (use :func:`expand_to`).
+"""
+
+from __future__ import annotations
+
+import torch
+
+__all__ = [
+    "PREDICTION_TYPES",
+    "PROCESSES",
+    "expand_to",
+    "ddpm_q_sample",
+    "ddpm_target",
+    "ddpm_x0_from_output",
+    "ddpm_eps_from_x0",
+    "ddpm_posterior",
+    "ddpm_step",
+    "ddim_step",
+    "rflow_q_sample",
+    "rflow_target",
+    "rflow_x0_from_output",
+    "rflow_step",
+]
+
+PREDICTION_TYPES: tuple[str, ...] = ("sample", "epsilon", "v_prediction")
+PROCESSES: tuple[str, ...] = ("ddpm", "rflow")
+
+
+def expand_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Per-sample values ``(B,)`` (or a scalar) -> ``(B, 1, 1, ...)`` in the dtype/device of ``like``."""
+    values = torch.as_tensor(values, device=like.device, dtype=like.dtype)
+    if values.ndim == 0:
+        return values
+    return values.reshape(values.shape[0], *([1] * (like.ndim - 1)))
+
+
+def _check_prediction(prediction_type: str) -> None:
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"prediction_type must be one of {PREDICTION_TYPES}, got {prediction_type!r}.")
+
+
+# --- DDPM (variance preserving) ---------------------------------------------------------------------------------
+
+
+def ddpm_q_sample(x0: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """``q(x_t | x0)`` reparameterised: ``sqrt(ab) x0 + sqrt(1 - ab) noise`` (DDPM eq. 4)."""
+    return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+
+
+def ddpm_target(x0: torch.Tensor, noise: torch.Tensor, ab: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """What the network is trained to output at noise level ``ab``."""
+    _check_prediction(prediction_type)
+    if prediction_type == "sample":
+        return x0
+    if prediction_type == "epsilon":
+        return noise
+    return ab.sqrt() * noise - (1 - ab).sqrt() * x0
+
+
+def ddpm_x0_from_output(
+    output: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
+    """The x0 implied by a network output (inverse of :func:`ddpm_target` given ``x_t``)."""
+    _check_prediction(prediction_type)
+    if prediction_type == "sample":
+        return output
+    if prediction_type == "epsilon":
+        return (x_t - (1 - ab).sqrt() * output) / ab.sqrt()
+    return ab.sqrt() * x_t - (1 - ab).sqrt() * output
+
+
+def ddpm_eps_from_x0(x0: torch.Tensor, x_t: torch.Tensor, ab: torch.Tensor) -> torch.Tensor:
+    """The noise implied by ``x0`` and ``x_t``: ``(x_t - sqrt(ab) x0) / sqrt(1 - ab)``."""
+    return (x_t - ab.sqrt() * x0) / (1 - ab).sqrt()
+
+
+def ddpm_posterior(
+    x0: torch.Tensor, x_t: torch.Tensor, ab_t: torch.Tensor, ab_s: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``q(x_s | x_t, x0)`` for ``s < t`` (DDPM eq. 6-7, with the step's own ``beta = 1 - ab_t / ab_s``, which
+    also covers respaced chains, Nichol & Dhariwal 2021).
+
+    Returns:
+        (mean, small variance ``(1 - ab_s) / (1 - ab_t) * beta``, large variance ``beta``).
+    """
+    alpha = ab_t / ab_s
+    beta = 1 - alpha
+    mean = (ab_s.sqrt() * beta / (1 - ab_t)) * x0 + (alpha.sqrt() * (1 - ab_s) / (1 - ab_t)) * x_t
+    return mean, (1 - ab_s) / (1 - ab_t) * beta, beta
+
+
+def ddpm_step(
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    ab_t: torch.Tensor,
+    ab_s: torch.Tensor,
+    noise: torch.Tensor | None,
+    variance: str = "fixed_large",
+) -> torch.Tensor:
+    """One ancestral step ``x_t -> x_s`` (DDPM Algorithm 2) given the predicted ``x0``.
+
+    Args:
+        variance: ``"fixed_small"`` (posterior variance) or ``"fixed_large"`` (``beta``, WDM's choice).
+        noise: standard normal noise like ``x_t``; None for the last step (no noise is added).
+    """
+    if variance not in ("fixed_small", "fixed_large"):
+        raise ValueError(f"variance must be 'fixed_small' or 'fixed_large', got {variance!r}.")
+    mean, small, large = ddpm_posterior(x0, x_t, ab_t, ab_s)
+    if noise is None:
+        return mean
+    return mean + (small if variance == "fixed_small" else large).sqrt() * noise
+
+
+def ddim_step(
+    x_t: torch.Tensor,
+    x0: torch.Tensor,
+    ab_t: torch.Tensor,
+    ab_s: torch.Tensor,
+    eta: float = 0.0,
+    noise: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """One DDIM step ``x_t -> x_s`` (Song et al. 2021, eq. 12 and 16) given the predicted ``x0``.
+
+    ``eta = 0`` is deterministic; ``eta = 1`` equals the ancestral step with the posterior ("fixed_small") variance.
+    """
+    eps = ddpm_eps_from_x0(x0, x_t, ab_t)
+    sigma2 = eta**2 * (1 - ab_s) / (1 - ab_t) * (1 - ab_t / ab_s)
+    x_s = ab_s.sqrt() * x0 + (1 - ab_s - sigma2).clamp(min=0).sqrt() * eps
+    if eta > 0 and noise is not None:
+        x_s = x_s + sigma2.sqrt() * noise
+    return x_s
+
+
+# --- rectified flow -----------------------------------------------------------------------------------------------
+
+
+def rflow_q_sample(x0: torch.Tensor, noise: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """``x_s = (1 - s) x0 + s noise`` with ``s = t / T`` in [0, 1]."""
+    return (1 - s) * x0 + s * noise
+
+
+def rflow_target(x0: torch.Tensor, noise: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """Training target for rectified flow: the velocity ``x0 - noise`` ("v_prediction") or ``x0`` ("sample")."""
+    if prediction_type == "v_prediction":
+        return x0 - noise
+    if prediction_type == "sample":
+        return x0
+    raise ValueError(f"rectified flow supports prediction_type 'v_prediction' or 'sample', got {prediction_type!r}.")
+
+
+def rflow_x0_from_output(output: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor, prediction_type: str) -> torch.Tensor:
+    """The x0 implied by a network output: ``x_s + s v`` for velocity, the output itself for "sample"."""
+    if prediction_type == "v_prediction":
+        return x_s + s * output
+    if prediction_type == "sample":
+        return output
+    raise ValueError(f"rectified flow supports prediction_type 'v_prediction' or 'sample', got {prediction_type!r}.")
+
+
+def rflow_step(x_s: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
+    """One Euler step of the flow from ``s`` to ``s_next < s`` given the predicted ``x0``.
+
+    The velocity implied by ``x0`` is ``(x0 - x_s) / s``; the step lands on ``x0`` exactly when ``s_next = 0``.
+    """
+    return x_s + (x0 - x_s) * ((s - s_next) / s)

@@ -1,0 +1,296 @@
+"""Wavelet-domain diffusion (WDM): training pieces and samplers around MONAI's schedulers.
+
+Images ``(B, C, D, H, W)`` are mapped to the wavelet space ``(B, 8C, D/2, H/2, W/2)`` (Haar DWT, LLL divided by
+``lll_scale``); noise is added there; a network (e.g. :class:`wdm3d.networks.WDMUNet`) predicts x0, epsilon or v;
+the loss is an MSE in the wavelet space (optionally weighted per subband). Samplers start from N(0, I) in the
+wavelet space, step with the predicted x0 (optionally projected to the valid image range by WDM's
+IDWT -> clamp -> DWT), and return image-space volumes.
+
+MONAI supplies the noise schedules and the training-time noising (``DDPMScheduler`` for ``process="ddpm"``,
+``RFlowScheduler`` for ``process="rflow"``); the sampling updates are the pure functions in
+:mod:`wdm3d.diffusion.maths` because MONAI's DDPM step only supports the full T-step chain and its DDIM step
+assumes an integer stride that its own rounded timestep grid does not follow.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+from monai.networks.schedulers import DDPMScheduler
+from tqdm.auto import tqdm
+
+from ..wavelets import WaveletSpace
+from . import maths
+
+__all__ = ["WaveletDiffusion", "SAMPLERS"]
+
+#: Samplers by process.
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow",)}
+
+
+class WaveletDiffusion:
+    """Diffusion in the 3D wavelet domain.
+
+    Args:
+        process: ``"ddpm"`` (WDM) or ``"rflow"`` (rectified flow, for few-step sampling).
+        num_train_timesteps: T (WDM: 1000).
+        schedule: MONAI beta schedule name for ddpm (``"linear_beta"`` as WDM, ``"scaled_linear_beta"``,
+            ``"sigmoid_beta"``, ``"cosine"``).
+        beta_start: first beta (WDM: 1e-4).
+        beta_end: last beta (WDM: 0.02).
+        prediction_type: what the network predicts: ``"sample"`` (x0, WDM), ``"epsilon"`` or ``"v_prediction"``
+            (ddpm); ``"v_prediction"`` (flow velocity) or ``"sample"`` (rflow).
+        lll_scale: WDM's LLL divisor (3.0; 1.0 turns it off). See :mod:`wdm3d.wavelets`.
+        wavelet: ``"haar"`` (WDM) or a PyWavelets name.
+        clip_range: valid image intensity range, used by the clip projection (WDM: (-1, 1)).
+        ddpm_variance: ``"fixed_large"`` (beta_t, WDM) or ``"fixed_small"`` (posterior variance).
+        rflow_sample_method: training time distribution for rflow: ``"uniform"`` or ``"logit-normal"``.
+
+    Example:
+        >>> diffusion = WaveletDiffusion()  # WDM: T=1000, linear betas, x0 prediction, LLL / 3
+        >>> y0 = diffusion.encode(torch.rand(2, 1, 16, 16, 16) * 2 - 1)
+        >>> y0.shape
+        torch.Size([2, 8, 8, 8, 8])
+    """
+
+    def __init__(
+        self,
+        process: str = "ddpm",
+        num_train_timesteps: int = 1000,
+        schedule: str = "linear_beta",
+        beta_start: float = 1e-4,
+        beta_end: float = 0.02,
+        prediction_type: str = "sample",
+        lll_scale: float = 3.0,
+        wavelet: str = "haar",
+        clip_range: Sequence[float] | None = (-1.0, 1.0),
+        ddpm_variance: str = "fixed_large",
+        rflow_sample_method: str = "uniform",
+    ) -> None:
+        if process not in maths.PROCESSES:
+            raise ValueError(f"process must be one of {maths.PROCESSES}, got {process!r}.")
+        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 1:
+            raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}.")
+        allowed = maths.PREDICTION_TYPES if process == "ddpm" else ("v_prediction", "sample")
+        if prediction_type not in allowed:
+            raise ValueError(f"prediction_type for process {process!r} must be one of {allowed}, got {prediction_type!r}.")
+        if ddpm_variance not in ("fixed_small", "fixed_large"):
+            raise ValueError(f"ddpm_variance must be 'fixed_small' or 'fixed_large', got {ddpm_variance!r}.")
+        if clip_range is not None:
+            lo, hi = (float(v) for v in clip_range)
+            if not lo < hi:
+                raise ValueError(f"clip_range must be (low, high) with low < high, got {clip_range!r}.")
+            clip_range = (lo, hi)
+        self.process = process
+        self.num_train_timesteps = num_train_timesteps
+        self.prediction_type = prediction_type
+        self.clip_range = clip_range
+        self.ddpm_variance = ddpm_variance
+        self.space = WaveletSpace(lll_scale=lll_scale, wavelet=wavelet)
+        if process == "ddpm":
+            schedule_args = {} if schedule == "cosine" else {"beta_start": beta_start, "beta_end": beta_end}
+            self.scheduler = DDPMScheduler(
+                num_train_timesteps=num_train_timesteps,
+                schedule=schedule,
+                variance_type=ddpm_variance,
+                clip_sample=False,
+                prediction_type=prediction_type,
+                **schedule_args,
+            )
+            # float64: MONAI's float32 cumprod loses ~3 digits of beta = 1 - ab_t / ab_s at small t
+            self.alphas_cumprod = torch.cumprod(1 - self.scheduler.betas.double(), 0)
+        else:
+            try:  # MONAI >= 1.5
+                from monai.networks.schedulers import RFlowScheduler
+            except ImportError as err:  # pragma: no cover - old MONAI
+                raise ImportError("process='rflow' needs MONAI >= 1.5 (RFlowScheduler); upgrade monai.") from err
+            self.scheduler = RFlowScheduler(
+                num_train_timesteps=num_train_timesteps,
+                use_discrete_timesteps=False,
+                sample_method=rflow_sample_method,
+            )
+            self.alphas_cumprod = None
+
+    # -- wavelet space ---------------------------------------------------------------------------------------------
+
+    @property
+    def lll_scale(self) -> float:
+        return self.space.lll_scale
+
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """Images ``(B, C, D, H, W)`` -> wavelet space ``(B, 8C, D/2, H/2, W/2)``."""
+        return self.space.encode(images)
+
+    def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
+        """Wavelet space ``(B, 8C, d, h, w)`` -> images ``(B, C, 2d, 2h, 2w)``."""
+        return self.space.decode(coeffs)
+
+    def project(self, x0: torch.Tensor) -> torch.Tensor:
+        """WDM's clip projection of a predicted x0: IDWT -> clamp to ``clip_range`` -> DWT."""
+        if self.clip_range is None:
+            raise ValueError("clip projection needs clip_range; this WaveletDiffusion was built with clip_range=None.")
+        return self.encode(self.decode(x0).clamp(*self.clip_range))
+
+    # -- training --------------------------------------------------------------------------------------------------
+
+    def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
+        """Training timesteps: uniform integers in [0, T) for ddpm, MONAI's RFlow distribution for rflow."""
+        if self.process == "ddpm":
+            return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device)
+        return self.scheduler.sample_timesteps(torch.empty(batch_size, 1, device=device))
+
+    def _ab(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        ab = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+        return maths.expand_to(ab, like)
+
+    def _s(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+        return maths.expand_to(timesteps.double() / self.num_train_timesteps, like)
+
+    def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """Noised coefficients at ``timesteps`` (the same as ``self.scheduler.add_noise``)."""
+        if self.process == "ddpm":
+            return maths.ddpm_q_sample(x0, noise, self._ab(timesteps, x0))
+        return maths.rflow_q_sample(x0, noise, self._s(timesteps, x0))
+
+    def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The network's training target for clean coefficients ``x0``, ``noise`` and ``timesteps``."""
+        if self.process == "ddpm":
+            return maths.ddpm_target(x0, noise, self._ab(timesteps, x0), self.prediction_type)
+        return maths.rflow_target(x0, noise, self.prediction_type)
+
+    def predict_x0(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The x0 implied by a network ``output`` at ``x_t`` and ``timesteps``."""
+        if self.process == "ddpm":
+            return maths.ddpm_x0_from_output(output, x_t, self._ab(timesteps, x_t), self.prediction_type)
+        return maths.rflow_x0_from_output(output, x_t, self._s(timesteps, x_t), self.prediction_type)
+
+    # -- sampling --------------------------------------------------------------------------------------------------
+
+    def sampling_timesteps(self, sampler: str, num_steps: int | None = None) -> list[float]:
+        """The decreasing timesteps a sampler visits, with a final 0 (ddpm/ddim: -1 marks "clean")."""
+        if sampler not in SAMPLERS[self.process]:
+            raise ValueError(
+                f"sampler {sampler!r} does not fit a model trained with process {self.process!r}; "
+                f"use one of {SAMPLERS[self.process]}."
+            )
+        T = self.num_train_timesteps
+        if sampler == "rflow":
+            steps = 30 if num_steps is None else int(num_steps)
+            if not 1 <= steps <= T:
+                raise ValueError(f"num_steps must be in [1, {T}] for rflow, got {num_steps}.")
+            self.scheduler.set_timesteps(steps)
+            return [float(t) for t in self.scheduler.timesteps] + [0.0]
+        steps = (T if sampler == "ddpm" else 50) if num_steps is None else int(num_steps)
+        if not 1 <= steps <= T:
+            raise ValueError(f"num_steps must be in [1, {T}] for {sampler}, got {num_steps}.")
+        grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive()
+        return [int(t) for t in grid] + [-1]
+
+    @torch.no_grad()
+    def sample(
+        self,
+        model: Callable[..., torch.Tensor],
+        image_shape: Sequence[int],
+        num_samples: int = 1,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        eta: float = 0.0,
+        clip_projection: bool = True,
+        seed: int | None = None,
+        generator: torch.Generator | None = None,
+        context: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+        device: torch.device | str | None = None,
+        progress: bool = True,
+        return_coeffs: bool = False,
+    ) -> torch.Tensor:
+        """Generate image-space volumes.
+
+        Args:
+            model: called as ``model(x, timesteps, context=context)`` on wavelet coefficients.
+            image_shape: ``(C, D, H, W)`` of one generated image (the network sees ``(8C, D/2, H/2, W/2)``).
+            num_samples: batch size B.
+            sampler: ``"ddpm"`` (ancestral; WDM uses all T steps), ``"ddim"`` (``eta`` 0 = deterministic) or
+                ``"rflow"``; defaults to ddpm for the ddpm process and rflow for rflow.
+            num_steps: steps (ddpm: T, ddim: 50, rflow: 30 by default). ddpm with fewer steps uses the respaced
+                chain (betas recomputed for the visited timesteps).
+            eta: DDIM noise scale.
+            clip_projection: apply WDM's IDWT -> clamp -> DWT to every predicted x0 (needs ``clip_range``).
+            seed: seeds a generator on the sampling device (ignored if ``generator`` is given).
+            generator: a ``torch.Generator`` on ``device`` for the initial noise and ancestral noise.
+            context: passed to the model as ``context`` (cross-attention conditioning), ``(B, N, dim)``.
+            concat: image-space conditioning ``(B, Cc, D, H, W)``; its wavelet coefficients are concatenated to the
+                model input on the channel axis (cWDM style).
+            device: where to sample; defaults to the model's parameters' device.
+            progress: show a progress bar.
+            return_coeffs: return the final wavelet coefficients instead of images.
+
+        Returns:
+            ``(B, C, D, H, W)`` images (or ``(B, 8C, D/2, H/2, W/2)`` coefficients).
+        """
+        sampler = sampler or ("ddpm" if self.process == "ddpm" else "rflow")
+        timesteps = self.sampling_timesteps(sampler, num_steps)
+        if len(image_shape) != 4:
+            raise ValueError(f"image_shape must be (C, D, H, W), got {tuple(image_shape)}.")
+        c, d, h, w = (int(v) for v in image_shape)
+        if any(v % 2 for v in (d, h, w)):
+            raise ValueError(f"image_shape {tuple(image_shape)} must have even spatial sizes for the wavelet transform.")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        if eta < 0:
+            raise ValueError(f"eta must be >= 0, got {eta}.")
+        if device is None:
+            param = next(iter(model.parameters()), None) if isinstance(model, torch.nn.Module) else None
+            device = param.device if param is not None else torch.device("cpu")
+        device = torch.device(device)
+        if generator is None and seed is not None:
+            generator = torch.Generator(device=device).manual_seed(int(seed))
+        cond = None
+        if concat is not None:
+            if concat.shape[0] != num_samples or tuple(concat.shape[2:]) != (d, h, w):
+                raise ValueError(
+                    f"concat must have shape ({num_samples}, Cc, {d}, {h}, {w}), got {tuple(concat.shape)}."
+                )
+            cond = self.encode(concat.to(device))
+
+        shape = (num_samples, 8 * c, d // 2, h // 2, w // 2)
+        x = torch.randn(shape, generator=generator, device=device)
+        steps = list(zip(timesteps[:-1], timesteps[1:]))
+        for t, t_next in tqdm(steps, desc=f"{sampler} sampling", disable=not progress, leave=False):
+            t_batch = torch.full((num_samples,), t, device=device, dtype=torch.float32 if sampler == "rflow" else torch.long)
+            model_in = x if cond is None else torch.cat((x, cond.to(x.dtype)), dim=1)
+            output = model(model_in, t_batch, context=context).to(x.dtype)
+            x0 = self.predict_x0(output, x, t_batch)
+            if clip_projection:
+                x0 = self.project(x0)
+            x = self._step(sampler, x, x0, t, t_next, eta, generator)
+        return x if return_coeffs else self.decode(x)
+
+    def _step(self, sampler, x, x0, t, t_next, eta, generator) -> torch.Tensor:
+        if sampler == "rflow":
+            T = self.num_train_timesteps
+            return maths.rflow_step(x, x0, torch.tensor(t / T, dtype=torch.float64), torch.tensor(t_next / T, dtype=torch.float64))
+        # coefficients stay float64 0-dim tensors: they are computed in float64 and do not promote x's dtype
+        ab = self.alphas_cumprod.to(x.device)
+        ab_t = ab[t]
+        ab_s = ab[t_next] if t_next >= 0 else torch.ones((), dtype=torch.float64, device=x.device)
+        noisy = t_next >= 0 and (sampler == "ddpm" or eta > 0)
+        noise = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype) if noisy else None
+        if sampler == "ddpm":
+            return maths.ddpm_step(x, x0, ab_t, ab_s, noise, self.ddpm_variance)
+        return maths.ddim_step(x, x0, ab_t, ab_s, eta, noise)
+
+    def config(self) -> dict:
+        """The settings that define this process (for checkpoints and MLflow)."""
+        out = {
+            "process": self.process,
+            "num_train_timesteps": self.num_train_timesteps,
+            "prediction_type": self.prediction_type,
+            "lll_scale": self.lll_scale,
+            "wavelet": self.space.dwt.wavelet,
+            "clip_range": list(self.clip_range) if self.clip_range else None,
+        }
+        if self.process == "ddpm":
+            out["ddpm_variance"] = self.ddpm_variance
+        return out
