@@ -1,0 +1,214 @@
+"""The wdm3d_brats bundle run through MONAI's bundle machinery on a tiny dataset (CPU, seconds)."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+from PIL import Image
+
+from wdm3d.demo import phantom_volumes
+from wdm3d.engine import latest_checkpoint, load_checkpoint
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "wdm3d_brats" / "configs"
+# a flipped, anisotropic, off-centre geometry: an identity affine anywhere would show
+AFFINE = np.array([[-2.0, 0, 0, 90.0], [0, 2.0, 0, -120.0], [0, 0, 2.5, -70.0], [0, 0, 0, 1]])
+TINY = {
+    "image_size": [16, 16, 16],
+    "network_def#base_channels": 8,
+    "network_def#channel_mult": [1, 2],
+    "network_def#num_res_blocks": 1,
+    "network_def#norm_num_groups": 4,
+}
+TINY_TRAIN = {**TINY, "batch_size": 2, "num_workers": 0, "val_interval": 1, "val_num_steps": 2, "save_interval": 1,
+              "ema_decay": 0.5}
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    entries = []
+    for i, v in enumerate(phantom_volumes(6, 16, seed=3)):
+        name = f"case{i}/case{i}-t1n.nii.gz"
+        (root / f"case{i}").mkdir()
+        nib.save(nib.Nifti1Image(((v[0].numpy() + 1) / 2).astype(np.float32), AFFINE), root / name)
+        entries.append({"case": f"case{i}", "t1n": name})
+    datalist = {"intensity_range": [0.0, 1.0], "training": entries[:4], "validation": entries[4:5], "test": entries[5:]}
+    (root / "datalist.json").write_text(json.dumps(datalist))
+    return root
+
+
+def root_cause(err):
+    """MONAI wraps errors raised inside config expressions; the first one is what the user must read."""
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def workflow(files, run_id, **overrides):
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train" if run_id == "training" else "infer", run_id=run_id, **overrides,
+    )
+    wf.initialize()
+    return wf
+
+
+def train(dataset, out, max_epochs, **extra):
+    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(out), max_epochs=max_epochs,
+                  **{**TINY_TRAIN, **extra})
+    wf.run()
+    return wf
+
+
+def test_configs_parse_and_have_the_bundle_properties(dataset, tmp_path):
+    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY_TRAIN)
+    assert wf.check_properties() == []
+    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY)
+    assert wf.check_properties() == []
+    meta = json.loads((CONFIGS / "metadata.json").read_text())
+    assert meta["version"] in meta["changelog"] and meta["network_data_format"]["inputs"]["image"]["num_channels"] == 8
+
+
+def test_defaults_are_the_wdm_128_setting():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(CONFIGS / "train.json"))
+    assert parser["batch_size"] == 10 and parser["learning_rate"] == 1e-5 and parser["image_size"] == [128] * 3
+    assert parser["unet_preset"] == "wdm_128" and parser["ema_decay"] == 0.9999
+    d = parser.get_parsed_content("diffusion")
+    assert (d.num_train_timesteps, d.prediction_type, d.lll_scale, d.process) == (1000, "sample", 3.0, "ddpm")
+    assert parser["optimizer"]["_target_"] == "torch.optim.AdamW"
+
+
+def test_256_variant_is_one_extra_file():
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "wdm_256.json")])
+    assert parser["image_size"] == [256] * 3 and parser["batch_size"] == 1 and parser["gradient_checkpointing"]
+    with torch.device("meta"):
+        net = parser.get_parsed_content("network_def")
+    assert net.channel_mult == (1, 2, 2, 4, 4, 4) and net.use_checkpoint
+    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == 83.16
+
+
+def test_training_writes_checkpoints_with_model_ema_optimizer_and_iteration(dataset, tmp_path):
+    wf = train(dataset, tmp_path, max_epochs=1)
+    ckpt_path = latest_checkpoint(tmp_path / "models")
+    assert ckpt_path is not None
+    ckpt = load_checkpoint(ckpt_path)
+    assert {"model", "ema", "optimizer", "trainer", "geometry"} <= set(ckpt)
+    assert ckpt["trainer"]["iteration"] == 2 and ckpt["trainer"]["epoch_length"] == 2  # 4 cases / batch 2: 1 epoch
+    assert np.allclose(ckpt["geometry"]["affine"].numpy(), AFFINE)
+    # EMA (decay 0.5 here) differs from the raw weights but is not the initial (zero) output conv either
+    raw, ema = ckpt["model"]["conv_out.weight"], ckpt["ema"]["conv_out.weight"]
+    assert not torch.equal(raw, ema) and ema.abs().sum() > 0
+    assert torch.equal(wf.parser.get_parsed_content("network").state_dict()["conv_out.weight"].cpu(), raw)
+    history = json.loads((tmp_path / "validation" / "history.json").read_text())
+    assert [h["epoch"] for h in history] == [1] and (tmp_path / "validation" / "epoch_0001.png").is_file()
+
+
+def test_training_resumes_from_the_latest_checkpoint(dataset, tmp_path):
+    train(dataset, tmp_path, max_epochs=1)
+    saved = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), max_epochs=2,
+                  **TINY_TRAIN)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    seen = {}
+
+    from ignite.engine import Events
+
+    @trainer.on(Events.ITERATION_STARTED(once=3))
+    def _capture(engine):  # first iteration of the resumed run: weights as restored, before any update
+        seen["model"] = {k: v.detach().clone() for k, v in engine.network.state_dict().items()}
+        seen["step"] = engine.optimizer.state_dict()["state"][0]["step"].item()
+
+    wf.run()
+    assert trainer.state.iteration == 4 and trainer.state.epoch == 2
+    for k, v in saved["model"].items():
+        assert torch.equal(seen["model"][k], v), k
+    assert seen["step"] == 2  # AdamW's step count came back with the optimizer state
+    assert load_checkpoint(latest_checkpoint(tmp_path / "models"))["trainer"]["iteration"] == 4
+
+
+def test_resume_can_be_turned_off(dataset, tmp_path):
+    train(dataset, tmp_path, max_epochs=1)
+    wf = train(dataset, tmp_path, max_epochs=1, resume=False)
+    assert wf.parser.get_parsed_content("train#trainer").state.iteration == 2  # started again from 0
+
+
+def test_inference_writes_nifti_with_the_dataset_geometry(dataset, tmp_path):
+    train(dataset, tmp_path, max_epochs=1)
+    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path),
+                  num_samples=3, sampler="ddim", num_steps=3, seed=7, **TINY)
+    wf.run()
+    out = tmp_path / "samples"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [s["seed"] for s in manifest["samples"]] == [7, 8, 9]
+    assert manifest["sampler"] == "ddim" and manifest["num_steps"] == 3 and manifest["weights"] == "ema"
+    assert manifest["checkpoint"].endswith(".pt") and manifest["intensity_range"] == [0.0, 1.0]
+    for s in manifest["samples"]:
+        img = nib.load(out / s["nifti"])
+        assert img.shape == (16, 16, 16)
+        np.testing.assert_allclose(img.affine, AFFINE)
+        assert img.header.get_sform(coded=True)[1] == 1 and img.header.get_qform(coded=True)[1] == 1
+        data = img.get_fdata()
+        assert np.isfinite(data).all() and data.min() >= 0.0 and data.max() <= 1.0
+        png = Image.open(out / s["png"])
+        assert png.mode == "L" and png.size[0] > png.size[1] > 0
+    assert not [p for p in out.iterdir() if p.name.startswith(".")]  # no temporaries left
+
+
+def test_inference_uses_the_checkpoint_geometry_without_the_dataset(dataset, tmp_path):
+    train(dataset, tmp_path, max_epochs=1)
+    wf = workflow(["inference.json"], "inference", dataset_dir=str(tmp_path / "gone"), output_dir=str(tmp_path),
+                  num_samples=1, sampler="ddim", num_steps=2, **TINY)
+    wf.run()
+    manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
+    assert manifest["geometry_source"] == "checkpoint"
+    np.testing.assert_allclose(nib.load(tmp_path / "samples" / "sample_0000.nii.gz").affine, AFFINE)
+
+
+def test_inference_rejects_a_size_the_model_was_not_trained_on(dataset, tmp_path):
+    train(dataset, tmp_path, max_epochs=1)
+    wf = workflow(["inference.json"], "inference", dataset_dir=str(tmp_path / "gone"), output_dir=str(tmp_path),
+                  num_samples=1, sampler="ddim", num_steps=2, **{**TINY, "image_size": [32, 32, 32]})
+    with pytest.raises(Exception) as err:
+        wf.run()
+    assert isinstance(root_cause(err.value), ValueError)
+    assert "image_size [32, 32, 32] differs" in str(root_cause(err.value))
+
+
+def test_inference_without_a_checkpoint_says_so(dataset, tmp_path):
+    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY)
+    with pytest.raises(Exception) as err:
+        wf.run()
+    assert isinstance(root_cause(err.value), FileNotFoundError)
+    assert "No checkpoint" in str(root_cause(err.value)) and "train first" in str(root_cause(err.value))
+
+
+def test_multi_gpu_overlay_trains_with_two_processes_on_gloo(dataset, tmp_path):
+    overrides = []
+    for k, v in {**TINY_TRAIN, "max_epochs": 2, "dataset_dir": str(dataset), "output_dir": str(tmp_path)}.items():
+        overrides += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
+    configs = str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+           "-m", "monai.bundle", "run", "training", "--config_file", configs, *overrides]
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    # 4 cases split over 2 ranks with batch 2: one iteration per epoch per rank
+    assert ckpt["trainer"]["epoch_length"] == 1 and ckpt["trainer"]["iteration"] == 2
+    assert not any(k.startswith("module.") for k in ckpt["model"])  # DDP wrapper not in the saved keys
+    # only rank 0 samples validation previews
+    assert len(json.loads((tmp_path / "validation" / "history.json").read_text())) == 2

@@ -1,0 +1,210 @@
+"""Generation for bundles: load a checkpoint, sample volumes, write NIfTI + PNG + a manifest."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import platform
+import time
+from collections.abc import Sequence
+from contextlib import nullcontext
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from . import __version__
+from .diffusion import WaveletDiffusion
+from .engine.checkpoint import latest_checkpoint, load_checkpoint, load_network_weights
+from .engine.geometry import DataGeometry, reference_geometry
+from .io import atomic_write_text, save_montage, save_nifti
+
+__all__ = ["VolumeGenerator", "AUTOCAST_DTYPES"]
+
+logger = logging.getLogger(__name__)
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class VolumeGenerator:
+    """Sample synthetic volumes from a trained checkpoint and write them where a clinician can open them.
+
+    For each sample: ``sample_XXXX.nii.gz`` (float32, in the training data's intensity range, with the training
+    data's affine: spacing, orientation and origin), ``sample_XXXX.png`` (axial / coronal / sagittal mid-slices);
+    and one ``manifest.json`` (checkpoint, weights used, sampler, steps, seeds, geometry, timings, versions).
+
+    Geometry, in order of preference: ``reference_image``; the first training volume of ``datalist`` (read through
+    the training transforms); the geometry stored in the checkpoint. Sample ``i`` uses seed ``seed + i`` when
+    ``batch_size`` is 1 (the default), so any single sample can be regenerated on its own.
+
+    Args:
+        network: the network to load the weights into (built from the bundle's ``network_def``).
+        diffusion: the process it was trained with.
+        checkpoint: a checkpoint file, or a folder (its newest file is used).
+        output_dir: where the files go (created).
+        image_size: ``(D, H, W)``; must equal the reference geometry's shape.
+        num_samples: how many volumes.
+        sampler: ``"ddpm"``, ``"ddim"`` or ``"rflow"`` (must fit the trained process).
+        num_steps: sampler steps (None: the sampler's default).
+        seed: base seed.
+        batch_size: volumes sampled together.
+        eta: DDIM noise.
+        clip_projection: WDM's IDWT -> clamp -> DWT of each predicted x0.
+        use_ema: prefer the EMA weights of the checkpoint.
+        datalist, image_key: the training datalist and image key (for the geometry).
+        reference_image: a NIfTI whose geometry to use instead.
+        intensity_range: output range; None: the checkpoint's / datalist's ([0, 1] if neither has one).
+        device: where to sample.
+        autocast: None, ``"bf16"`` or ``"fp16"``: autocast the network on CUDA (ignored on CPU).
+        progress: progress bars.
+    """
+
+    def __init__(
+        self,
+        network: torch.nn.Module,
+        diffusion: WaveletDiffusion,
+        checkpoint: str | os.PathLike,
+        output_dir: str | os.PathLike,
+        image_size: Sequence[int] = (128, 128, 128),
+        num_samples: int = 1,
+        sampler: str | None = None,
+        num_steps: int | None = None,
+        seed: int = 0,
+        batch_size: int = 1,
+        eta: float = 0.0,
+        clip_projection: bool = True,
+        use_ema: bool = True,
+        datalist: str | os.PathLike | None = None,
+        image_key: str = "image",
+        reference_image: str | os.PathLike | None = None,
+        intensity_range: Sequence[float] | None = None,
+        device: str | torch.device | None = None,
+        autocast: str | None = None,
+        progress: bool = True,
+    ) -> None:
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
+        if not isinstance(batch_size, int) or batch_size < 1:
+            raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
+        if autocast is not None and autocast not in AUTOCAST_DTYPES:
+            raise ValueError(f"autocast must be None or one of {sorted(AUTOCAST_DTYPES)}, got {autocast!r}.")
+        self.sampler = sampler or ("ddpm" if diffusion.process == "ddpm" else "rflow")
+        diffusion.sampling_timesteps(self.sampler, num_steps)  # fail now on a sampler/process mismatch
+        self.network, self.diffusion = network, diffusion
+        self.checkpoint = Path(checkpoint)
+        self.output_dir = Path(output_dir)
+        self.image_size = [int(s) for s in image_size]
+        self.num_samples, self.batch_size = num_samples, batch_size
+        self.num_steps, self.seed, self.eta = num_steps, int(seed), eta
+        self.clip_projection, self.use_ema = clip_projection, use_ema
+        self.datalist, self.image_key = datalist, image_key
+        self.reference_image = reference_image
+        self.intensity_range = intensity_range
+        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.autocast = autocast
+        self.progress = progress
+
+    def _resolve_checkpoint(self) -> Path:
+        if self.checkpoint.is_dir():
+            found = latest_checkpoint(self.checkpoint)
+            if found is None:
+                raise FileNotFoundError(f"No checkpoint (*.pt) in {self.checkpoint}; train first or set checkpoint.")
+            return found
+        if not self.checkpoint.is_file():
+            raise FileNotFoundError(
+                f"No checkpoint: {self.checkpoint} does not exist; train first (the training config writes to "
+                "ckpt_dir) or set checkpoint to a .pt file."
+            )
+        return self.checkpoint
+
+    def _geometry(self, ckpt: dict) -> tuple[np.ndarray, list[int], list[float], str]:
+        stored = DataGeometry()
+        stored.load_state_dict(ckpt.get("geometry", {}))
+        irange = list(self.intensity_range) if self.intensity_range is not None else None
+        if self.reference_image is not None or (self.datalist is not None and Path(self.datalist).is_file()):
+            from .data import intensity_range as datalist_range
+
+            if irange is None:
+                irange = datalist_range(self.datalist) if self.datalist is not None else stored.intensity_range
+            affine, shape = reference_geometry(self.reference_image, self.datalist, self.image_key, self.image_size, irange)
+            source = str(self.reference_image or self.datalist)
+        elif stored.affine is not None:
+            affine, shape = stored.affine, stored.shape
+            irange = irange or stored.intensity_range
+            source = "checkpoint"
+        else:
+            raise FileNotFoundError(
+                f"No geometry for the output volumes: datalist {self.datalist} does not exist, no reference_image was "
+                "given, and the checkpoint stores none. Set dataset_dir (or reference_image) to the training data."
+            )
+        if list(shape) != self.image_size:
+            raise ValueError(
+                f"image_size {self.image_size} differs from the reference geometry's shape {list(shape)} ({source}); "
+                "set image_size to the size the model was trained on."
+            )
+        return affine, list(shape), irange, source
+
+    def run(self) -> dict:
+        """Generate, write, and return the manifest (also written to ``output_dir/manifest.json``)."""
+        ckpt_path = self._resolve_checkpoint()
+        ckpt = load_checkpoint(ckpt_path)
+        affine, shape, (lo, hi), geometry_source = self._geometry(ckpt)
+        keys = ("ema", "model", "network") if self.use_ema else ("model", "network", "ema")
+        self.network.to(self.device)
+        weights = load_network_weights(self.network, ckpt_path, keys)
+        self.network.eval()
+        channels = self.network.out_channels // 8 if hasattr(self.network, "out_channels") else 1
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        c_lo, c_hi = self.diffusion.clip_range or (-1.0, 1.0)
+        use_autocast = self.autocast is not None and self.device.type == "cuda"
+        ctx = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]) if use_autocast else nullcontext()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(self.device)
+        samples, t_start = [], time.perf_counter()
+        for first in range(0, self.num_samples, self.batch_size):
+            n = min(self.batch_size, self.num_samples - first)
+            seed = self.seed + first
+            t0 = time.perf_counter()
+            with ctx:
+                vols = self.diffusion.sample(
+                    self.network, (channels, *shape), num_samples=n, sampler=self.sampler, num_steps=self.num_steps,
+                    eta=self.eta, clip_projection=self.clip_projection, seed=seed, device=self.device,
+                    progress=self.progress,
+                )
+            seconds = (time.perf_counter() - t0) / n
+            # diffusion range -> the training data's intensity range
+            vols = (vols.float().clamp(c_lo, c_hi) - c_lo) / (c_hi - c_lo) * (hi - lo) + lo
+            for j in range(n):
+                i = first + j
+                vol = vols[j, 0].cpu().numpy()
+                nii = save_nifti(vol, affine, self.output_dir / f"sample_{i:04d}.nii.gz", description="synthetic (wdm3d)")
+                png = save_montage(self.output_dir / f"sample_{i:04d}.png", [vol], affine=affine, value_range=(lo, hi))
+                samples.append({"index": i, "seed": seed, "batch_position": j, "nifti": nii.name, "png": png.name,
+                                "seconds": round(seconds, 3)})
+            logger.info("Wrote samples %d-%d of %d to %s", first, first + n - 1, self.num_samples, self.output_dir)
+        manifest = {
+            "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "checkpoint": str(ckpt_path.resolve()),
+            "weights": weights,
+            "sampler": self.sampler,
+            "num_steps": self.num_steps if self.num_steps is not None else len(self.diffusion.sampling_timesteps(self.sampler)) - 1,
+            "eta": self.eta,
+            "clip_projection": self.clip_projection,
+            "seed": self.seed,
+            "batch_size": self.batch_size,
+            "diffusion": self.diffusion.config(),
+            "image_size": shape,
+            "affine": np.asarray(affine).tolist(),
+            "geometry_source": geometry_source,
+            "intensity_range": [lo, hi],
+            "device": str(self.device),
+            "autocast": self.autocast if use_autocast else None,
+            "seconds_total": round(time.perf_counter() - t_start, 3),
+            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3) if self.device.type == "cuda" else None,
+            "versions": {"wdm3d": __version__, "torch": torch.__version__, "python": platform.python_version()},
+            "samples": samples,
+        }
+        atomic_write_text(self.output_dir / "manifest.json", json.dumps(manifest, indent=2))
+        print(f"Wrote {self.num_samples} synthetic volumes (NIfTI + PNG) and manifest.json to {self.output_dir}")
+        return manifest

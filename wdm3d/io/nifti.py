@@ -1,0 +1,79 @@
+"""NIfTI writing that keeps geometry, done atomically."""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import torch
+
+__all__ = ["save_nifti", "atomic_write_bytes", "atomic_write_text"]
+
+
+def _atomic(path: Path, write) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    suffix = "".join(path.suffixes) or ".tmp"
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
+    os.close(fd)
+    try:
+        write(tmp)
+        with open(tmp, "rb") as fh:
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
+    """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
+    return _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+
+
+def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
+    """Text version of :func:`atomic_write_bytes` (UTF-8)."""
+    return atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def save_nifti(
+    volume: np.ndarray | torch.Tensor,
+    affine: np.ndarray | torch.Tensor,
+    path: str | os.PathLike,
+    dtype: np.dtype | type = np.float32,
+    description: str | None = None,
+) -> Path:
+    """Write a 3D volume as NIfTI with the given voxel-to-world (RAS) affine, atomically.
+
+    Args:
+        volume: ``(D, H, W)`` array (voxel axes in the order the affine describes) or ``(1, D, H, W)``.
+        affine: 4x4 voxel-to-world matrix, e.g. the MetaTensor affine of the training data.
+        path: output file (``.nii`` or ``.nii.gz``).
+        dtype: on-disk data type.
+        description: goes into the header's ``descrip`` field (80 bytes max), e.g. "synthetic (wdm3d)".
+
+    Both the sform and the qform are set (code 1, scanner) and units are mm, which is what 3D Slicer reads.
+    """
+    arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
+    if arr.ndim == 4 and arr.shape[0] == 1:
+        arr = arr[0]
+    if arr.ndim != 3:
+        raise ValueError(f"volume must be (D, H, W) or (1, D, H, W), got shape {arr.shape} for {path}.")
+    aff = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
+    aff = aff.astype(np.float64)
+    if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
+        raise ValueError(f"affine must be a finite, invertible 4x4 matrix, got {aff.tolist()} for {path}.")
+    img = nib.Nifti1Image(arr.astype(dtype), aff)
+    img.set_sform(aff, code=1)
+    img.set_qform(aff, code=1)
+    img.header.set_xyzt_units("mm", "sec")
+    if description:
+        img.header["descrip"] = description.encode("ascii", "replace")[:79]
+    path = Path(path)
+    if not path.name.endswith((".nii", ".nii.gz")):
+        raise ValueError(f"NIfTI output path must end in .nii or .nii.gz, got {path}.")
+    return _atomic(path, lambda tmp: nib.save(img, tmp))
