@@ -92,8 +92,8 @@ def load_datalist(
 def datalist_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The top-level entries of a datalist that are not split lists (``intensity_range``, ``spacing``, ...)."""
     data = read_datalist(path)
-    return {k: v for k, v in data.items() if not (isinstance(v, list) and all(isinstance(e, (dict, str)) for e in v))
-            or k in ("intensity_range", "spacing", "spatial_size")}
+    return {k: v for k, v in data.items() if not (isinstance(v, list) and v and all(isinstance(e, dict) for e in v))
+            and k not in ("training", "validation", "test")}
 
 
 def intensity_range(path: str | os.PathLike | None, default: Sequence[float] = (0.0, 1.0)) -> list[float]:
