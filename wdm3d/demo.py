@@ -1,32 +1,41 @@
-"""A small end-to-end WDM run that needs no data and no GPU.
+"""The embedded demo: the whole WDM loop on a fresh CPU machine, with no downloads.
 
-It trains a narrow WDM U-Net with MONAI's stock ``SupervisedTrainer`` + ``DiffusionInferer`` on procedurally
-generated "head phantoms" (a bright shell around a darker ellipsoid with an inner blob, in [-1, 1]), then samples
-volumes and writes them as NIfTI. It exercises the same pieces the bundles use (wavelet space, diffusion target,
-sampler, clip projection) in about a minute on a laptop CPU.
+``wdm3d demo --output DIR`` (1) builds a small BraTS-like dataset from the MNI152 T1 template shipped in the
+nilearn wheel (``data_prep.demo``: torchio augmentations, synthetic lesions, BraTS 2023 layout) and prepares it
+with the same code real BraTS data goes through (``data_prep.brats``, 64^3 at 4 mm); (2) trains the
+``wdm3d_brats`` bundle on it with the ``demo.json`` overlay (narrow U-Net, higher learning rate, short run) via
+MONAI's bundle runner; (3) runs the bundle's inference to write NIfTI volumes and PNG previews.
+
+:func:`phantom_volumes` makes tiny procedural head phantoms for tests that need volumes but no files.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import os
-import tempfile
 import time
 from pathlib import Path
 
-import nibabel as nib
-import numpy as np
 import torch
-from monai.engines import SupervisedTrainer
-from monai.inferers import DiffusionInferer
-from monai.utils import set_determinism
-from torch.utils.data import DataLoader
 
-from .diffusion import WaveletDiffusion, WaveletDiffusionPrepareBatch, WaveletMSELoss
-from .networks import WDMUNet, count_parameters
+from .io import atomic_write_text
 
-__all__ = ["phantom_volumes", "run_demo"]
+__all__ = ["phantom_volumes", "run_demo", "QUICK"]
+
+BUNDLE = "wdm3d_brats"
+#: Overrides that shrink the demo to seconds (tests, smoke checks): 16^3 images, a tiny U-Net, one epoch.
+QUICK: dict = {
+    "image_size": [16, 16, 16],
+    "network_def#base_channels": 8,
+    "network_def#channel_mult": [1, 2],
+    "network_def#num_res_blocks": 1,
+    "network_def#norm_num_groups": 4,
+    "batch_size": 2,
+    "max_epochs": 1,
+    "val_interval": 1,
+    "val_num_steps": 2,
+    "num_steps": 2,
+}
 
 
 def phantom_volumes(num: int, size: int = 16, seed: int = 0) -> torch.Tensor:
@@ -53,102 +62,70 @@ def phantom_volumes(num: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.stack(vols)[:, None]
 
 
-def _save_nifti(volume: np.ndarray, path: Path, spacing: float) -> None:
-    affine = np.diag([spacing, spacing, spacing, 1.0])
-    fd, tmp = tempfile.mkstemp(suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(nib.Nifti1Image(volume.astype(np.float32), affine), tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-
 def run_demo(
     output_dir: str | os.PathLike = "wdm3d_demo",
-    size: int = 16,
-    iterations: int = 300,
-    batch_size: int = 4,
-    num_samples: int = 2,
-    sampler: str = "ddim",
-    num_steps: int = 50,
-    base_channels: int = 16,
+    num_cases: int = 16,
+    max_epochs: int | None = None,
+    num_samples: int | None = None,
+    sampler: str | None = None,
+    num_steps: int | None = None,
     seed: int = 0,
-    device: str | None = None,
+    quick: bool = False,
     progress: bool = True,
+    **overrides,
 ) -> dict:
-    """Train a tiny WDM on phantoms and write ``num_samples`` generated NIfTI volumes to ``output_dir``.
+    """Build the demo dataset, train the bundle on it, generate samples; return (and write) a summary.
 
-    Returns a summary dict (also written to ``output_dir/summary.json``): first and last training loss, parameter
-    count, sampler settings, output files and times.
+    Args:
+        output_dir: everything goes here: ``data/`` (raw + prepared demo dataset), ``models/`` (checkpoints),
+            ``validation/`` (previews during training), ``samples/`` (NIfTI, PNG, manifest), ``summary.json``.
+        num_cases: demo cases to generate.
+        max_epochs, num_samples, sampler, num_steps: override the ``demo.json`` values.
+        seed: seeds the dataset, training and sampling.
+        quick: shrink everything to seconds (:data:`QUICK`), for tests.
+        progress: progress bars.
+        overrides: any other bundle config key (``learning_rate=...``, ``device=...``).
     """
-    if iterations < 1:
-        raise ValueError(f"iterations must be >= 1, got {iterations}.")
-    out = Path(output_dir)
+    from data_prep.demo import make_demo_dataset
+
+    from .bundle import run_bundle
+
+    out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    set_determinism(seed)
-
-    data = [{"image": v} for v in phantom_volumes(max(32, batch_size), size, seed)]
-    loader = DataLoader(data, batch_size=batch_size, shuffle=True, drop_last=True)
-    epoch_length = len(loader)
-    network = WDMUNet(
-        base_channels=base_channels, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=8
-    ).to(device)
-    diffusion = WaveletDiffusion()  # WDM defaults: T=1000, linear betas, x0 prediction, LLL / 3
-    losses: list[float] = []
-    trainer = SupervisedTrainer(
-        device=device,
-        max_epochs=math.ceil(iterations / epoch_length),
-        epoch_length=epoch_length,
-        train_data_loader=loader,
-        network=network,
-        optimizer=torch.optim.AdamW(network.parameters(), lr=2e-3),
-        loss_function=WaveletMSELoss(),
-        inferer=DiffusionInferer(diffusion.scheduler),
-        prepare_batch=WaveletDiffusionPrepareBatch(diffusion),
-        decollate=False,
-    )
-
-    from ignite.engine import Events
-
-    @trainer.on(Events.ITERATION_COMPLETED)
-    def _record(engine):
-        losses.append(engine.state.output["loss"].item())
-        if engine.state.iteration >= iterations:
-            engine.terminate()
+    config = dict(QUICK) if quick else {}
+    for key, value in (("max_epochs", max_epochs), ("num_samples", num_samples), ("sampler", sampler),
+                       ("num_steps", num_steps)):
+        if value is not None:
+            config[key] = value
+    config.update(overrides)
+    times = {}
 
     t0 = time.perf_counter()
-    trainer.run()
-    train_s = time.perf_counter() - t0
+    pool = 8 if quick else 2  # 128^3 at 2 mm -> 16^3 (quick) or 64^3
+    datalist = make_demo_dataset(out / "data", num_cases=num_cases, seed=seed, resolution=2, pool=pool,
+                                 progress=progress)
+    times["data_seconds"] = round(time.perf_counter() - t0, 1)
+    common = {"dataset_dir": str(Path(datalist).parent), "output_dir": str(out), "seed": seed, **config}
 
-    network.eval()
     t0 = time.perf_counter()
-    images = diffusion.sample(
-        network, (1, size, size, size), num_samples=num_samples, sampler=sampler, num_steps=num_steps,
-        seed=seed, device=device, progress=progress,
-    )
-    sample_s = time.perf_counter() - t0
-    files = []
-    for i, vol in enumerate(images[:, 0].cpu().numpy()):
-        path = out / f"sample_{i:03d}.nii.gz"
-        _save_nifti(vol, path, spacing=2.0)
-        files.append(str(path))
-    k = max(1, len(losses) // 10)
+    run_bundle(BUNDLE, "training", ["train.json", "demo.json"], **common)
+    times["train_seconds"] = round(time.perf_counter() - t0, 1)
+
+    t0 = time.perf_counter()
+    run_bundle(BUNDLE, "inference", ["inference.json", "demo.json"], **common)
+    times["sample_seconds"] = round(time.perf_counter() - t0, 1)
+
+    manifest = json.loads((out / "samples" / "manifest.json").read_text())
     summary = {
-        "iterations": len(losses),
-        "loss_first": float(np.mean(losses[:k])),
-        "loss_last": float(np.mean(losses[-k:])),
-        "parameters": count_parameters(network),
-        "diffusion": diffusion.config(),
-        "sampler": sampler,
-        "num_steps": num_steps,
-        "seed": seed,
-        "device": str(device),
-        "train_seconds": round(train_s, 2),
-        "sample_seconds": round(sample_s, 2),
-        "files": files,
+        **times,
+        "datalist": str(datalist),
+        "samples": [str(out / "samples" / s["nifti"]) for s in manifest["samples"]],
+        "previews": [str(out / "samples" / s["png"]) for s in manifest["samples"]],
+        "validation_previews": sorted(str(p) for p in (out / "validation").glob("epoch_*.png")),
+        "checkpoint": manifest["checkpoint"],
+        "sampler": manifest["sampler"],
+        "num_steps": manifest["num_steps"],
+        "overrides": config,
     }
-    (out / "summary.json").write_text(json.dumps(summary, indent=2))
+    atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
