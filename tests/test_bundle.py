@@ -27,7 +27,7 @@ TINY = {
     "network_def#num_res_blocks": 1,
     "network_def#norm_num_groups": 4,
 }
-TINY_TRAIN = {**TINY, "batch_size": 2, "num_workers": 0, "val_interval": 1, "val_num_steps": 2, "save_interval": 1,
+TINY_TRAIN = {**TINY, "mlflow": False, "batch_size": 2, "num_workers": 0, "val_interval": 1, "val_num_steps": 2, "save_interval": 1,
               "ema_decay": 0.5}
 
 

@@ -58,6 +58,9 @@ class VolumeGenerator:
         device: where to sample.
         autocast: None, ``"bf16"`` or ``"fp16"``: autocast the network on CUDA (ignored on CPU).
         progress: progress bars.
+        mlflow: log the manifest and previews to the MLflow run that trained the checkpoint (its id is stored in
+            the checkpoint), under ``inference/<time>/``; a failure to reach MLflow only warns.
+        mlflow_log_volumes: also upload the NIfTI volumes.
     """
 
     def __init__(
@@ -82,6 +85,8 @@ class VolumeGenerator:
         device: str | torch.device | None = None,
         autocast: str | None = None,
         progress: bool = True,
+        mlflow: bool = True,
+        mlflow_log_volumes: bool = True,
     ) -> None:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
@@ -104,6 +109,7 @@ class VolumeGenerator:
         self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
         self.autocast = autocast
         self.progress = progress
+        self.mlflow, self.mlflow_log_volumes = mlflow, mlflow_log_volumes
 
     def _resolve_checkpoint(self) -> Path:
         if self.checkpoint.is_dir():
@@ -205,6 +211,18 @@ class VolumeGenerator:
             "versions": {"wdm3d": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "samples": samples,
         }
+        run_info = ckpt.get("mlflow") or {}
+        manifest["mlflow_run_id"] = run_info.get("run_id") or None
         atomic_write_text(self.output_dir / "manifest.json", json.dumps(manifest, indent=2))
+        if self.mlflow and manifest["mlflow_run_id"]:
+            from .tracking import log_to_run
+
+            files = [self.output_dir / "manifest.json"] + [self.output_dir / s["png"] for s in samples]
+            if self.mlflow_log_volumes:
+                files += [self.output_dir / s["nifti"] for s in samples]
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            if log_to_run(run_info, files, f"inference/{stamp}",
+                          {"inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples}):
+                print(f"Logged the samples to MLflow run {manifest['mlflow_run_id']} ({run_info.get('tracking_uri')})")
         print(f"Wrote {self.num_samples} synthetic volumes (NIfTI + PNG) and manifest.json to {self.output_dir}")
         return manifest

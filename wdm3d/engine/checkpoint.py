@@ -1,8 +1,8 @@
 """Checkpoints: find the latest, resume from it, load weights from it (always ``weights_only=True``).
 
-MONAI's ``CheckpointSaver`` writes the files (``checkpoint_epoch=N.pt`` every N epochs, ``checkpoint_final_iteration=N.pt``
-at the end) and ``CheckpointLoader`` restores them; what they lack is "resume from the newest file in this folder,
-if there is one", which :class:`ResumeFromLatest` adds.
+:class:`TrainingCheckpoints` writes ``checkpoint_epoch=N.pt`` every N epochs and ``checkpoint_final_iteration=N.pt``
+at the end (atomically); MONAI's ``CheckpointLoader`` restores them. What MONAI lacks is "resume from the newest
+file in this folder, if there is one" (:class:`ResumeFromLatest`) and atomic writes.
 """
 
 from __future__ import annotations
@@ -142,7 +142,7 @@ class ResumeFromLatest:
 
 
 class TrainingCheckpoints:
-    """Save and resume a training run: MONAI's ``CheckpointSaver`` plus :class:`ResumeFromLatest`, one handler.
+    """Save (atomically) and resume a training run: ignite's ``Checkpoint`` plus :class:`ResumeFromLatest`, one handler.
 
     The trainer itself (epoch, iteration) is added to the saved objects under ``"trainer"`` when the handler is
     attached, which a bundle config cannot do without a reference cycle (the trainer lists its handlers).
@@ -175,13 +175,24 @@ class TrainingCheckpoints:
         self.resumer: ResumeFromLatest | None = None
 
     def attach(self, engine) -> None:
-        from monai.handlers import CheckpointSaver
+        # ignite's Checkpoint + an atomic DiskSaver (temp file + rename): MONAI's CheckpointSaver writes in place,
+        # so a run killed mid-save would leave a truncated newest checkpoint for the resume to trip on
+        from ignite.engine import Events
+        from ignite.handlers import Checkpoint, DiskSaver
 
         objects = {**self.objects, "trainer": engine}
         self.resumer = ResumeFromLatest(self.directory, objects, enabled=self.resume)
         self.resumer.attach(engine)
         self.directory.mkdir(parents=True, exist_ok=True)
-        CheckpointSaver(
-            save_dir=str(self.directory), save_dict=objects, save_interval=self.save_interval,
-            n_saved=self.n_saved, save_final=self.save_final, epoch_level=True,
-        ).attach(engine)
+        saver = DiskSaver(str(self.directory), require_empty=False, atomic=True)
+        pattern = "{filename_prefix}_{score_name}={score}.{ext}"  # checkpoint_epoch=3.pt, checkpoint_final_iteration=9.pt
+        if self.save_interval > 0:
+            interval = Checkpoint(objects, saver, filename_prefix="checkpoint", score_name="epoch",
+                                  score_function=lambda e: e.state.epoch, n_saved=self.n_saved,
+                                  filename_pattern=pattern)
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), interval)
+        if self.save_final:
+            final = Checkpoint(objects, saver, filename_prefix="checkpoint_final", score_name="iteration",
+                               score_function=lambda e: e.state.iteration, n_saved=1,
+                               filename_pattern=pattern)
+            engine.add_event_handler(Events.COMPLETED, final)

@@ -1,0 +1,409 @@
+"""MLflow tracking for the bundles: params, metric histories, previews, artifacts; safe against the usual traps.
+
+Why not MONAI's ``MLFlowHandler``: with no run name a new launch attaches to any unfinished (e.g. crashed) run of
+the experiment, a crashed run is never marked FAILED, a resumed training cannot continue its own run, file stores
+are rejected with mlflow >= 3, and an unreachable server stops training. :class:`MLflowTracker` gives every launch a
+unique run, marks a run that raised as FAILED, saves its run id in the checkpoints (``state_dict``) so that a
+resumed training continues the same run, and keeps training going (with one warning) when the server is down,
+while every metric also goes to ``output_dir/metrics.jsonl`` so nothing is lost locally.
+
+Tracking URI, in order: the ``tracking_uri`` argument, ``MLFLOW_TRACKING_URI``, an SQLite store in the output folder
+(``sqlite:///<output_dir>/mlruns.db``, artifacts beside it in ``mlartifacts/``). Open it with
+``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlruns.db``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+import uuid
+import warnings
+from collections.abc import Mapping, Sequence
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+import torch
+
+__all__ = ["MLflowTracker", "flatten_params", "default_tracking_uri", "log_to_run"]
+
+logger = logging.getLogger(__name__)
+_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+
+
+def default_tracking_uri(output_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
+    """``tracking_uri`` if given, else ``MLFLOW_TRACKING_URI``, else an SQLite store in ``output_dir``."""
+    if tracking_uri:
+        return str(tracking_uri)
+    if os.environ.get("MLFLOW_TRACKING_URI"):
+        return os.environ["MLFLOW_TRACKING_URI"]
+    return "sqlite:///" + str(Path(output_dir).resolve() / "mlruns.db")
+
+
+def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
+    """Nested dicts -> ``{"a.b.c": "value"}`` with values as strings (MLflow params are strings)."""
+    out: dict[str, str] = {}
+    for key, value in params.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, Mapping):
+            out.update(flatten_params(value, name + "."))
+        else:
+            if isinstance(value, torch.Tensor):
+                value = value.tolist()
+            text = json.dumps(value) if isinstance(value, (list, tuple, bool)) or value is None else str(value)
+            out[name] = text[:_MAX_PARAM_LEN]
+    return out
+
+
+def _file_digest(path: str | os.PathLike) -> str:
+    import hashlib
+
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+def _git_commit() -> str | None:
+    import subprocess
+
+    try:
+        repo = Path(__file__).resolve().parents[1]
+        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
+        if out.returncode == 0:
+            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            return out.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        pass
+    return None
+
+
+def describe_network(network: torch.nn.Module) -> dict[str, Any]:
+    """Class, parameter count and the constructor settings a network exposes as attributes."""
+    net = network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
+    net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
+    info: dict[str, Any] = {"class": type(net).__name__, "parameters": sum(p.numel() for p in net.parameters())}
+    for attr in ("in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks", "additive_skips",
+                 "use_checkpoint"):
+        if hasattr(net, attr):
+            info[attr] = getattr(net, attr)
+    return info
+
+
+def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
+    """Class and the hyperparameters of the first parameter group."""
+    group = optimizer.param_groups[0]
+    return {"class": type(optimizer).__name__,
+            **{k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, str, bool, tuple))}}
+
+
+class MLflowTracker:
+    """Log a training run to MLflow (an ignite handler; also checkpointable through ``state_dict``).
+
+    Logged:
+
+    - params: ``params`` (flattened), the network / optimizer / diffusion settings, versions of wdm3d, monai, torch
+      and mlflow, the git commit, the datalist's digest and size, the command line;
+    - metrics: ``loss`` and per-subband ``loss_<SUBBAND>`` (when the output has ``pred``/``label`` with 8C
+      channels), ``lr``, ``grad_norm``, ``throughput_volumes_per_s``, ``peak_gpu_memory_gb`` (CUDA) every
+      ``log_every`` iterations; ``engine.state.metrics`` (e.g. validation statistics) every epoch;
+    - artifacts: validation previews (via :meth:`log_preview`, given to ``SampleValidator`` as a callback), the
+      bundle's config files, and at the end the final checkpoint (``log_checkpoint``) and ``artifacts`` (globs).
+
+    Args:
+        output_dir: the run's local output folder (SQLite store, ``metrics.jsonl``, ``mlflow_run.json``).
+        tracking_uri: see :func:`default_tracking_uri`.
+        experiment_name: MLflow experiment.
+        run_name: None: ``<experiment>-<UTC time>-<6 hex>``, unique per launch.
+        params: extra params (the bundle passes its settings).
+        network, optimizer, diffusion: described in the params.
+        datalist: its SHA-256 and entry counts go into the params.
+        config_dir: every ``*.json`` in it is logged as an artifact under ``config/``.
+        artifacts: glob patterns (relative to ``output_dir``) logged at the end, e.g. ``["samples/*"]``.
+        log_every: iterations between metric logs.
+        log_checkpoint: log the newest checkpoint in ``checkpoint_dir`` at the end.
+        checkpoint_dir: where the checkpoints are.
+        enabled: False turns tracking off entirely (e.g. ranks > 0).
+        tags: extra run tags.
+    """
+
+    def __init__(
+        self,
+        output_dir: str | os.PathLike,
+        tracking_uri: str | None = None,
+        experiment_name: str = "wdm3d",
+        run_name: str | None = None,
+        params: Mapping[str, Any] | None = None,
+        network: torch.nn.Module | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        diffusion: Any = None,
+        datalist: str | os.PathLike | None = None,
+        config_dir: str | os.PathLike | None = None,
+        artifacts: Sequence[str] = (),
+        log_every: int = 10,
+        log_checkpoint: bool = True,
+        checkpoint_dir: str | os.PathLike | None = None,
+        enabled: bool = True,
+        tags: Mapping[str, str] | None = None,
+    ) -> None:
+        if not isinstance(log_every, int) or log_every < 1:
+            raise ValueError(f"log_every must be a positive number of iterations, got {log_every!r}.")
+        self.output_dir = Path(output_dir)
+        self.tracking_uri = default_tracking_uri(output_dir, tracking_uri)
+        self.experiment_name = experiment_name
+        self.run_name = run_name or f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        self.params = dict(params or {})
+        self.network, self.optimizer, self.diffusion = network, optimizer, diffusion
+        self.datalist = datalist
+        self.config_dir = Path(config_dir) if config_dir else None
+        self.artifacts = list(artifacts)
+        self.log_every = log_every
+        self.log_checkpoint = log_checkpoint
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.enabled = enabled
+        self.tags = dict(tags or {})
+        self.run_id: str | None = None
+        self.resumed = False
+        self._client = None
+        self._remote_ok = True
+        self._last_time: float | None = None
+        self._last_iter = 0
+
+    # -- checkpointing: the run id travels with the checkpoints, so a resumed training continues its run -----------
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"run_id": self.run_id or "", "tracking_uri": self.tracking_uri, "experiment_name": self.experiment_name}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if state.get("run_id"):
+            self.run_id = str(state["run_id"])
+            self.resumed = True
+
+    # -- MLflow calls, each guarded: a failing server warns once and is then left alone -----------------------------
+
+    @contextmanager
+    def _remote(self, what: str):
+        if not self._remote_ok:
+            yield False
+            return
+        try:
+            yield True
+        except Exception as err:  # network errors, server errors, mlflow exceptions
+            self._remote_ok = False
+            warnings.warn(
+                f"MLflow at {self.tracking_uri} failed while {what} ({type(err).__name__}: {err}); training goes on "
+                f"without MLflow; metrics keep going to {self.output_dir / 'metrics.jsonl'}.",
+                RuntimeWarning,
+                stacklevel=2,
+            )
+            logger.warning("MLflow disabled for this run after an error while %s: %s", what, err)
+
+    def _local(self, record: dict) -> None:
+        self.output_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.output_dir / "metrics.jsonl", "a") as fh:
+            fh.write(json.dumps(record) + "\n")
+
+    def _start(self) -> None:
+        import mlflow
+        from mlflow.tracking import MlflowClient
+
+        # keep a dead server from stalling training for minutes of retries (the user's settings win)
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        with self._remote("starting the run") as ok:
+            if not ok:
+                return
+            self._client = MlflowClient(tracking_uri=self.tracking_uri)
+            if self.run_id:
+                run = self._client.get_run(self.run_id)
+                self._client.update_run(self.run_id, status="RUNNING")
+                logger.info("MLflow: continuing run %s (%s)", run.info.run_name, self.run_id)
+                return
+            exp = self._client.get_experiment_by_name(self.experiment_name)
+            if exp is None:
+                location = None
+                if self.tracking_uri.startswith("sqlite:"):
+                    location = (self.output_dir.resolve() / "mlartifacts").as_uri()
+                exp_id = self._client.create_experiment(self.experiment_name, artifact_location=location)
+            else:
+                exp_id = exp.experiment_id
+            tags = {"mlflow.source.name": "wdm3d", **self.tags}
+            run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
+            self.run_id = run.info.run_id
+            self._client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in self._all_params().items()])
+            if self.config_dir and self.config_dir.is_dir():
+                for cfg in sorted(self.config_dir.glob("*.json")):
+                    self._client.log_artifact(self.run_id, str(cfg), "config")
+            logger.info("MLflow: run %s (%s) at %s", self.run_name, self.run_id, self.tracking_uri)
+        (self.output_dir / "mlflow_run.json").write_text(
+            json.dumps({"run_id": self.run_id, "run_name": self.run_name, "tracking_uri": self.tracking_uri,
+                        "experiment_name": self.experiment_name}, indent=2)
+        )
+
+    def _all_params(self) -> dict[str, str]:
+        import mlflow
+        import monai
+
+        from . import __version__
+
+        params: dict[str, Any] = dict(self.params)
+        if self.network is not None:
+            params["network"] = describe_network(self.network)
+        if self.optimizer is not None:
+            params["optimizer"] = describe_optimizer(self.optimizer)
+        if self.diffusion is not None and hasattr(self.diffusion, "config"):
+            params["diffusion"] = self.diffusion.config()
+        params["versions"] = {"wdm3d": __version__, "monai": monai.__version__, "torch": torch.__version__,
+                              "mlflow": mlflow.__version__, "python": sys.version.split()[0]}
+        params["git_commit"] = _git_commit() or "unknown"
+        params["command"] = " ".join(sys.argv)[:_MAX_PARAM_LEN]
+        if self.datalist and Path(self.datalist).is_file():
+            data = json.loads(Path(self.datalist).read_text())
+            params["datalist"] = {"path": str(self.datalist), "sha256": _file_digest(self.datalist),
+                                  **{f"n_{k}": len(v) for k, v in data.items() if isinstance(v, list)}}
+        return flatten_params(params)
+
+    # -- ignite ----------------------------------------------------------------------------------------------------
+
+    def attach(self, engine) -> None:
+        """Attach before MONAI's StatsHandler: ignite stops at the first exception handler that re-raises."""
+        from ignite.engine import Events
+
+        if not self.enabled:
+            return
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self._on_iteration)
+        engine.add_event_handler(Events.COMPLETED, self._on_completed)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+
+    def _on_started(self, engine) -> None:
+        from ignite.engine import Events
+
+        # registered now, after every handler has attached, so that it runs last at each epoch's end and logs the
+        # metrics other handlers (validation) computed for that epoch rather than the previous one
+        if not engine.has_event_handler(self._on_epoch, Events.EPOCH_COMPLETED):
+            engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch)
+        self._start()
+        self._last_time, self._last_iter = time.perf_counter(), engine.state.iteration
+        if torch.cuda.is_available():
+            torch.cuda.reset_peak_memory_stats()
+
+    def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
+        self._local({"step": step, "time": time.time(), **metrics})
+        if self.run_id is None:
+            return
+        with self._remote("logging metrics") as ok:
+            if ok:
+                from mlflow.entities import Metric
+
+                now = int(time.time() * 1000)
+                self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+
+    def _on_iteration(self, engine) -> None:
+        from .diffusion.training import subband_mse
+
+        out = engine.state.output
+        metrics: dict[str, float] = {}
+        if isinstance(out, Mapping):
+            if "loss" in out:
+                metrics["loss"] = float(torch.as_tensor(out["loss"]).detach().float().mean())
+            pred, label = out.get("pred"), out.get("label")
+            if isinstance(pred, torch.Tensor) and isinstance(label, torch.Tensor) and pred.shape == label.shape \
+                    and pred.ndim == 5 and pred.shape[1] % 8 == 0:
+                metrics.update({f"loss_{k}": v for k, v in subband_mse(pred, label).items()})
+        opt = getattr(engine, "optimizer", None)
+        if opt is not None:
+            metrics["lr"] = opt.param_groups[0]["lr"]
+            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if grads:
+                metrics["grad_norm"] = float(torch.linalg.vector_norm(torch.stack(
+                    [torch.linalg.vector_norm(g.detach().float()) for g in grads])))
+        now = time.perf_counter()
+        iters = engine.state.iteration - self._last_iter
+        batch = getattr(getattr(engine, "data_loader", None), "batch_size", None)
+        if iters > 0 and batch and self._last_time is not None and now > self._last_time:
+            metrics["throughput_volumes_per_s"] = iters * batch / (now - self._last_time)
+        self._last_time, self._last_iter = now, engine.state.iteration
+        if torch.cuda.is_available():
+            metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
+        self._log_metrics(metrics, engine.state.iteration)
+
+    def _on_epoch(self, engine) -> None:
+        metrics = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        metrics["epoch"] = engine.state.epoch
+        self._log_metrics(metrics, engine.state.iteration)
+
+    def log_preview(self, engine, png: str | os.PathLike, volumes=None) -> None:
+        """``SampleValidator`` callback: log a validation montage under ``validation/``."""
+        self.log_artifact(png, "validation")
+
+    def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        if self.run_id is None or not self.enabled:
+            return
+        with self._remote(f"uploading {path}") as ok:
+            if ok:
+                self._client.log_artifact(self.run_id, str(path), artifact_path)
+
+    def _on_completed(self, engine) -> None:
+        if self.log_checkpoint and self.checkpoint_dir is not None:
+            from .engine.checkpoint import latest_checkpoint
+
+            ckpt = latest_checkpoint(self.checkpoint_dir)
+            if ckpt is not None:
+                self.log_artifact(ckpt, "checkpoints")
+        for pattern in self.artifacts:
+            for path in sorted(self.output_dir.glob(pattern)):
+                if path.is_file():
+                    self.log_artifact(path, str(path.parent.relative_to(self.output_dir)))
+        self._end("FINISHED")
+
+    def _on_exception(self, engine, err: BaseException) -> None:
+        self._end("FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")
+        raise err
+
+    def _end(self, status: str) -> None:
+        if self.run_id is None:
+            return
+        with self._remote("ending the run") as ok:
+            if ok:
+                self._client.set_terminated(self.run_id, status=status)
+                logger.info("MLflow: run %s ended as %s", self.run_id, status)
+
+
+def log_to_run(
+    run_info: Mapping[str, Any] | None,
+    files: Sequence[str | os.PathLike],
+    artifact_path: str,
+    metrics: Mapping[str, float] | None = None,
+) -> bool:
+    """Log files (and metrics) to an existing run, e.g. inference outputs to the training run they came from.
+
+    Args:
+        run_info: ``{"run_id", "tracking_uri"}`` (as :meth:`MLflowTracker.state_dict` stores in checkpoints);
+            None or an empty run id does nothing.
+        files: files to upload.
+        artifact_path: folder inside the run's artifacts.
+        metrics: optional metrics to log.
+
+    Returns:
+        True if everything was logged; False (with a warning) if MLflow could not be reached.
+    """
+    if not run_info or not run_info.get("run_id"):
+        return False
+    try:
+        from mlflow.tracking import MlflowClient
+
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+        client = MlflowClient(tracking_uri=run_info.get("tracking_uri"))
+        for f in files:
+            client.log_artifact(run_info["run_id"], str(f), artifact_path)
+        for k, v in (metrics or {}).items():
+            client.log_metric(run_info["run_id"], k, float(v))
+        return True
+    except Exception as err:
+        warnings.warn(f"Could not log to MLflow run {run_info.get('run_id')} ({type(err).__name__}: {err}); "
+                      "the files are still on disk.", RuntimeWarning, stacklevel=2)
+        return False
