@@ -9,7 +9,10 @@ Haar (the WDM transform) has a fast path built from one strided gather and three
 (no matrices, no Python loops over voxels). Its low-pass taps are ``(1, 1)/sqrt(2)`` and its high-pass taps
 ``(1, -1)/sqrt(2)`` (``H = (x[2i] - x[2i+1]) / sqrt(2)``, the sign PyWavelets and pytorch_wavelets use), so the
 transform is orthonormal: the inverse is the transpose, energy is preserved (Parseval) and
-``LLL = 2*sqrt(2) * mean`` of each 2x2x2 block.
+``LLL = 2*sqrt(2) * mean`` of each 2x2x2 block. On CUDA tensors (float32/bfloat16/float16) the same transform runs
+as one fused Triton kernel (one read and one write of each voxel) when Triton imports; see :func:`set_fused_haar` and
+:func:`fused_haar_available`. Both paths give the same coefficients (float32: to the last bit or two; half types:
+the fused kernel computes in float32 and rounds once, so it is the more accurate of the two).
 
 Other wavelets (``db2``, ``sym4``, ``coif1``, ... anything PyWavelets knows) are applied separably with
 pytorch_wavelets' 1D transforms. Their boundary handling is the ``mode`` argument: the default ``"periodization"``
@@ -28,8 +31,10 @@ by ``1 / lll_scale**2`` relative to image space, and the low band sees a lower s
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
+import os
 import warnings
 from collections.abc import Sequence
 from typing import NamedTuple
@@ -55,6 +60,9 @@ __all__ = [
     "DWT3d",
     "IDWT3d",
     "WaveletSpace",
+    "FUSED_HAAR_DTYPES",
+    "fused_haar_available",
+    "set_fused_haar",
 ]
 
 #: Subband names in channel order; the letters are the filters along (D, H, W).
@@ -161,11 +169,250 @@ def _haar_inverse_kernel(y: torch.Tensor) -> torch.Tensor:
     return out.view(b, c, 2 * d, 2 * h, 2 * w)
 
 
+# --------------------------------------------------------------------------------------------------------------------
+# Haar fused GPU path: one Triton kernel, one read and one write of every voxel
+# --------------------------------------------------------------------------------------------------------------------
+# On a GPU the fast path above costs ~11 tensor passes (gather + 3 butterflies, each reading and writing the whole
+# tensor), while the transform itself needs one. PyTorch has no fused 3D Haar; the Triton kernel below loads the
+# 8 voxels of each 2x2x2 block (or the 8 subband values of one position), runs the same butterflies in registers
+# (in float32 for half types) and stores 8 values. It is used for CUDA tensors of dtype float32/bfloat16/float16
+# whenever Triton imports; everything else (CPU, float64, no Triton) takes the torch path above. If the kernel
+# fails to build or launch, a warning is given once and the torch path is used from then on.
+
+#: dtypes the fused kernel handles (float64 and CPU tensors use the torch path).
+FUSED_HAAR_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
+
+_fused_haar = {"enabled": os.environ.get("WDM3D_FUSED_HAAR", "1").lower() not in ("0", "false", "no", "off"),
+               "failed": None}
+
+
+def set_fused_haar(enabled: bool) -> bool:
+    """Turn the fused GPU Haar kernel on or off for this process; returns the previous setting.
+
+    The environment variable ``WDM3D_FUSED_HAAR=0`` turns it off at import. Off (or on a CPU, or without Triton),
+    the Haar transform runs as the torch path (gather + butterflies); both give the same coefficients.
+    """
+    if not isinstance(enabled, bool):
+        raise TypeError(f"enabled must be True or False, got {enabled!r}.")
+    previous = _fused_haar["enabled"]
+    _fused_haar["enabled"] = enabled
+    return previous
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_importable() -> bool:
+    try:
+        import triton  # noqa: F401
+        import triton.language  # noqa: F401
+    except Exception:  # ImportError, or a broken install
+        return False
+    return True
+
+
+def fused_haar_available(x: torch.Tensor | torch.device | str | None = None) -> bool:
+    """Whether the Haar transform of ``x`` (a tensor, or a device) runs the fused Triton kernel.
+
+    True only if the fused path is enabled (:func:`set_fused_haar`), has not failed before in this process, Triton
+    imports, and ``x`` lives on a CUDA device (and, for a tensor, has dtype in :data:`FUSED_HAAR_DTYPES`).
+    With ``x=None`` the device is not checked.
+
+    Example:
+        >>> fused_haar_available(torch.zeros(1, 1, 2, 2, 2))  # a CPU tensor: the torch path
+        False
+    """
+    if not _fused_haar["enabled"] or _fused_haar["failed"] is not None:
+        return False
+    if isinstance(x, torch.Tensor):
+        if not _on_cuda(x.device) or x.dtype not in FUSED_HAAR_DTYPES:
+            return False
+    elif x is not None and not _on_cuda(torch.device(x)):
+        return False
+    return _triton_importable()
+
+
+def _on_cuda(device: torch.device) -> bool:
+    return device.type == "cuda"
+
+
+def _build_triton_kernel():
+    """Compile-on-first-launch Triton kernel for both directions (built lazily: importing Triton is slow).
+
+    The kernel is defined here rather than at module level so that importing wdm3d never imports Triton; Triton
+    resolves ``tl`` from the module's globals, hence the ``global``.
+    """
+    global tl
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def haar3d_kernel(src, dst, n_rows, C, d, h, w, scale,
+                      INVERSE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+        # One program: BLOCK_R rows (b, c, i, j) x BLOCK_K positions k of the half-resolution grid (d, h, w).
+        # Voxel side: x[b, c, 2i+z, 2j+y, 2k+x]; subband side: y[b, 4z+2y+x (times C) + c, i, j, k].
+        rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
+        k0 = tl.program_id(1) * BLOCK_K
+        ks = k0 + tl.arange(0, BLOCK_K)
+        rmask = rows < n_rows
+        mask = rmask[:, None] & (ks < w)[None, :]
+        j = rows % h
+        t = rows // h
+        i = t % d
+        bc = t // d
+        b = bc // C
+        c = bc % C
+        W2 = 2 * w
+        HW2 = 4 * h * w
+        cs = C * d * h * w  # distance between two subbands
+        vox_row = ((bc * (2 * d) + 2 * i) * (2 * h) + 2 * j) * W2
+        sub = (((b * 8 * C + c) * d + i) * h + j) * w
+        sub = sub[:, None] + ks[None, :]
+        if SPLIT:  # contiguous loads/stores of 2*BLOCK_K voxels, de-interleaved in registers
+            cols = 2 * k0 + tl.arange(0, 2 * BLOCK_K)
+            vox = vox_row[:, None] + cols[None, :]
+            vmask = rmask[:, None] & (cols < W2)[None, :]
+        else:  # two stride-2 accesses per row (the cache merges them)
+            vox = vox_row[:, None] + 2 * ks[None, :]
+            vmask = mask
+        if INVERSE:
+            v0 = tl.load(src + sub, mask=mask).to(tl.float32) * scale
+            v1 = tl.load(src + sub + cs, mask=mask).to(tl.float32) * scale
+            v2 = tl.load(src + sub + 2 * cs, mask=mask).to(tl.float32) * scale
+            v3 = tl.load(src + sub + 3 * cs, mask=mask).to(tl.float32) * scale
+            v4 = tl.load(src + sub + 4 * cs, mask=mask).to(tl.float32) * scale
+            v5 = tl.load(src + sub + 5 * cs, mask=mask).to(tl.float32) * scale
+            v6 = tl.load(src + sub + 6 * cs, mask=mask).to(tl.float32) * scale
+            v7 = tl.load(src + sub + 7 * cs, mask=mask).to(tl.float32) * scale
+        elif SPLIT:
+            p00 = tl.load(src + vox, mask=vmask).to(tl.float32) * scale
+            p01 = tl.load(src + vox + W2, mask=vmask).to(tl.float32) * scale
+            p10 = tl.load(src + vox + HW2, mask=vmask).to(tl.float32) * scale
+            p11 = tl.load(src + vox + HW2 + W2, mask=vmask).to(tl.float32) * scale
+            v0, v1 = tl.split(tl.reshape(p00, (BLOCK_R, BLOCK_K, 2)))
+            v2, v3 = tl.split(tl.reshape(p01, (BLOCK_R, BLOCK_K, 2)))
+            v4, v5 = tl.split(tl.reshape(p10, (BLOCK_R, BLOCK_K, 2)))
+            v6, v7 = tl.split(tl.reshape(p11, (BLOCK_R, BLOCK_K, 2)))
+        else:
+            v0 = tl.load(src + vox, mask=mask).to(tl.float32) * scale
+            v1 = tl.load(src + vox + 1, mask=mask).to(tl.float32) * scale
+            v2 = tl.load(src + vox + W2, mask=mask).to(tl.float32) * scale
+            v3 = tl.load(src + vox + W2 + 1, mask=mask).to(tl.float32) * scale
+            v4 = tl.load(src + vox + HW2, mask=mask).to(tl.float32) * scale
+            v5 = tl.load(src + vox + HW2 + 1, mask=mask).to(tl.float32) * scale
+            v6 = tl.load(src + vox + HW2 + W2, mask=mask).to(tl.float32) * scale
+            v7 = tl.load(src + vox + HW2 + W2 + 1, mask=mask).to(tl.float32) * scale
+        # butterflies (a, b) -> (a + b, a + b - 2b) on the bit 4 (D), then 2 (H), then 1 (W): the torch path's order
+        # and arithmetic, so float32 results agree to the last bit or two. The Haar matrix is its own inverse.
+        v0 = v0 + v4
+        v4 = v0 - 2 * v4
+        v1 = v1 + v5
+        v5 = v1 - 2 * v5
+        v2 = v2 + v6
+        v6 = v2 - 2 * v6
+        v3 = v3 + v7
+        v7 = v3 - 2 * v7
+        v0 = v0 + v2
+        v2 = v0 - 2 * v2
+        v1 = v1 + v3
+        v3 = v1 - 2 * v3
+        v4 = v4 + v6
+        v6 = v4 - 2 * v6
+        v5 = v5 + v7
+        v7 = v5 - 2 * v7
+        v0 = v0 + v1
+        v1 = v0 - 2 * v1
+        v2 = v2 + v3
+        v3 = v2 - 2 * v3
+        v4 = v4 + v5
+        v5 = v4 - 2 * v5
+        v6 = v6 + v7
+        v7 = v6 - 2 * v7
+        out_t = dst.dtype.element_ty
+        if INVERSE and SPLIT:
+            tl.store(dst + vox, tl.reshape(tl.join(v0, v1), (BLOCK_R, 2 * BLOCK_K)).to(out_t), mask=vmask)
+            tl.store(dst + vox + W2, tl.reshape(tl.join(v2, v3), (BLOCK_R, 2 * BLOCK_K)).to(out_t), mask=vmask)
+            tl.store(dst + vox + HW2, tl.reshape(tl.join(v4, v5), (BLOCK_R, 2 * BLOCK_K)).to(out_t), mask=vmask)
+            tl.store(dst + vox + HW2 + W2, tl.reshape(tl.join(v6, v7), (BLOCK_R, 2 * BLOCK_K)).to(out_t),
+                     mask=vmask)
+        elif INVERSE:
+            tl.store(dst + vox, v0.to(out_t), mask=mask)
+            tl.store(dst + vox + 1, v1.to(out_t), mask=mask)
+            tl.store(dst + vox + W2, v2.to(out_t), mask=mask)
+            tl.store(dst + vox + W2 + 1, v3.to(out_t), mask=mask)
+            tl.store(dst + vox + HW2, v4.to(out_t), mask=mask)
+            tl.store(dst + vox + HW2 + 1, v5.to(out_t), mask=mask)
+            tl.store(dst + vox + HW2 + W2, v6.to(out_t), mask=mask)
+            tl.store(dst + vox + HW2 + W2 + 1, v7.to(out_t), mask=mask)
+        else:
+            tl.store(dst + sub, v0.to(out_t), mask=mask)
+            tl.store(dst + sub + cs, v1.to(out_t), mask=mask)
+            tl.store(dst + sub + 2 * cs, v2.to(out_t), mask=mask)
+            tl.store(dst + sub + 3 * cs, v3.to(out_t), mask=mask)
+            tl.store(dst + sub + 4 * cs, v4.to(out_t), mask=mask)
+            tl.store(dst + sub + 5 * cs, v5.to(out_t), mask=mask)
+            tl.store(dst + sub + 6 * cs, v6.to(out_t), mask=mask)
+            tl.store(dst + sub + 7 * cs, v7.to(out_t), mask=mask)
+
+    return haar3d_kernel
+
+
+@functools.lru_cache(maxsize=1)
+def _triton_kernel():
+    return _build_triton_kernel()
+
+
+#: kernel tuning. ``split``: contiguous voxel-side loads/stores de-interleaved in registers (tl.split / tl.join)
+#: instead of stride-2 accesses; on an H100 it was 1.6x faster at 128^3 (benchmarks/wavelets.py, BENCHMARKS.md).
+_FUSED_CONFIG = {"split": True, "block_k_max": 128, "block_elems": 1024, "num_warps": 4}
+
+
+def _fused_haar_launch(src: torch.Tensor, inverse: bool, kernel=None) -> torch.Tensor:
+    """Run the fused kernel: forward ``(B, C, D, H, W) -> (B, 8C, d, h, w)`` or inverse (``inverse=True``)."""
+    src = src.contiguous()
+    if inverse:
+        b, c8, d, h, w = src.shape
+        c = c8 // 8
+        out = torch.empty((b, c, 2 * d, 2 * h, 2 * w), dtype=src.dtype, device=src.device)
+    else:
+        b, c, d2, h2, w2 = src.shape
+        c, d, h, w = c, d2 // 2, h2 // 2, w2 // 2
+        out = torch.empty((b, 8 * c, d, h, w), dtype=src.dtype, device=src.device)
+    if out.numel() == 0:
+        return out
+    cfg = _FUSED_CONFIG
+    block_k = min(cfg["block_k_max"], 1 << max(0, (w - 1).bit_length()))
+    block_r = max(1, cfg["block_elems"] // block_k)
+    n_rows = b * c * d * h
+    grid = ((n_rows + block_r - 1) // block_r, (w + block_k - 1) // block_k)
+    kernel = kernel or _triton_kernel()
+    # Triton launches on the current CUDA device: make it the tensor's (multi-GPU, e.g. cuda:1 while cuda:0 is current)
+    with torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext():
+        kernel[grid](src, out, n_rows, c, d, h, w, _INV_2SQRT2, INVERSE=inverse, SPLIT=cfg["split"],
+                     BLOCK_R=block_r, BLOCK_K=block_k, num_warps=cfg["num_warps"])
+    return out
+
+
+def _haar(x: torch.Tensor, inverse: bool) -> torch.Tensor:
+    """The Haar transform of ``x`` by the fused kernel where it applies, else by the torch path."""
+    if fused_haar_available(x):
+        try:
+            return _fused_haar_launch(x, inverse)
+        except Exception as err:  # a Triton build/launch failure: fall back for good, say so once
+            _fused_haar["failed"] = f"{type(err).__name__}: {err}"
+            warnings.warn(
+                f"The fused Triton Haar kernel failed ({_fused_haar['failed'][:300]}); falling back to the torch "
+                "implementation for the rest of this process (same results, more memory passes). "
+                "Set WDM3D_FUSED_HAAR=0 to skip the attempt.",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+    return _haar_inverse_kernel(x) if inverse else _haar_forward_kernel(x)
+
+
 class _HaarDWT(torch.autograd.Function):
     # The transform is orthonormal, so the gradient of the DWT is the IDWT of the incoming gradient and vice versa.
     @staticmethod
     def forward(ctx, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _haar_forward_kernel(x)
+        return _haar(x, inverse=False)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
@@ -175,7 +422,7 @@ class _HaarDWT(torch.autograd.Function):
 class _HaarIDWT(torch.autograd.Function):
     @staticmethod
     def forward(ctx, y: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        return _haar_inverse_kernel(y)
+        return _haar(y, inverse=True)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
