@@ -17,6 +17,7 @@ from mlflow.tracking import MlflowClient
 
 from mlflow_server import free_port, mlflow_server
 from test_bundle import AFFINE, CONFIGS, TINY, TINY_TRAIN, dataset, workflow  # noqa: F401 (fixture)
+from wdm3d.engine import latest_checkpoint, load_checkpoint
 from wdm3d.tracking import flatten_params
 
 TRACKED = {**TINY_TRAIN, "mlflow": True, "log_every": 1}
@@ -166,11 +167,15 @@ def test_a_killed_then_resumed_training_keeps_its_run(dataset, tmp_path):
     client = MlflowClient(tracking_uri=uri)
     assert client.get_run(killed).info.status == "RUNNING"  # SIGKILL leaves no chance to say otherwise
     before = {m.step for m in client.get_metric_history(killed, "loss")}
-    wf = train(dataset, out, max_epochs=3, tracking_uri=uri)  # resume: continues from the newest checkpoint
+    # the kill lands at some epoch >= 2 (tiny epochs are fast): resume one epoch past the newest checkpoint
+    saved = load_checkpoint(latest_checkpoint(out / "models"))["trainer"]
+    epoch = saved["iteration"] // saved["epoch_length"]
+    assert epoch >= 2
+    wf = train(dataset, out, max_epochs=epoch + 1, tracking_uri=uri)  # resume: continues from that checkpoint
     trainer = wf.parser.get_parsed_content("train#trainer")
-    assert trainer.state.iteration == 6 and run_of(out)["run_id"] == killed
+    assert trainer.state.iteration == 2 * (epoch + 1) and run_of(out)["run_id"] == killed
     assert client.get_run(killed).info.status == "FINISHED"
     after = {m.step for m in client.get_metric_history(killed, "loss")}
-    assert {5, 6} <= after and before <= after
+    assert {2 * epoch + 1, 2 * epoch + 2} <= after and before <= after
     exp = client.get_experiment_by_name("wdm3d_brats").experiment_id
     assert len(client.search_runs([exp])) == 1
