@@ -42,6 +42,8 @@ def _demo(args: argparse.Namespace) -> int:
     print(f"Synthetic volumes (open in 3D Slicer): {Path(args.output).resolve() / 'samples'}/sample_*.nii.gz")
     print(f"Previews: {Path(args.output).resolve() / 'samples'}/sample_*.png; training progress: "
           f"{Path(args.output).resolve() / 'validation'}/epoch_*.png; summary: {Path(args.output).resolve() / 'summary.json'}")
+    if summary.get("mlflow_uri"):
+        print(f"MLflow dashboard: mlflow ui --backend-store-uri {summary['mlflow_uri']}  (then open http://127.0.0.1:5000)")
     return 0
 
 

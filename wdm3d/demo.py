@@ -126,6 +126,8 @@ def run_demo(
         "sampler": manifest["sampler"],
         "num_steps": manifest["num_steps"],
         "overrides": config,
+        "mlflow_uri": json.loads((out / "mlflow_run.json").read_text())["tracking_uri"]
+        if (out / "mlflow_run.json").is_file() else None,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary
