@@ -44,7 +44,6 @@ import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -53,6 +52,8 @@ import nibabel as nib
 import numpy as np
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
+
+from wdm3d.io.nifti import save_nifti
 
 from .brats import pool_volume, prepare_brats
 
@@ -285,18 +286,7 @@ def _make_case(index: int, seed: int, lesions: bool, resolution: int) -> tuple[d
 
 
 def _save(data: np.ndarray, affine: np.ndarray, path: Path) -> None:
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    img.set_sform(affine, code=1)
-    img.set_qform(affine, code=1)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    save_nifti(data, affine, path, dtype=data.dtype)  # atomic, sform/qform code 1, mm units
 
 
 # --------------------------------------------------------------------------------------------------------------------
