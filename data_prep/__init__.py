@@ -8,6 +8,16 @@
   BraTS-like T1 / T2 / lesion label built from the MNI152 template in the nilearn wheel (no downloads), written as a raw
   BraTS-2023 folder and prepared by the same code as real data.
 
-The LIDC-IDRI (DICOM) preparation, ``python -m data_prep.lidc``, is added by a later issue. The submodules are not
-imported here, so ``import data_prep`` stays cheap.
+- ``python -m data_prep.lidc --src RAW --dst OUT`` (:func:`data_prep.lidc.prepare_lidc`): the LIDC-IDRI DICOM
+  download -> one checked CT series per patient (missing slices, uneven spacing, gantry tilt, mixed sizes, non-CT,
+  truncated files and NaN values are reported, never half-read) -> HU, 1 mm, crop / air-pad to 256^3, clip
+  [-1000, p99.9], [0, 1], optional pooling, RAS geometry kept -> ``OUT/<patient>/<patient>-ct.nii.gz`` and a datalist
+  with the key ``ct``.
+- ``python -m data_prep.ct_phantom --dst DIR`` (:func:`data_prep.ct_phantom.make_phantom_raw`): synthetic chest-CT
+  phantom DICOM series in the LIDC layout, the offline stand-in for LIDC-IDRI (not patient data).
+
+Both preparation tools only read their source, write every file atomically, run cases in parallel (``--workers``)
+with a progress bar, skip cases whose outputs are up to date (``--overwrite`` to redo), list every case as done /
+skipped / failed with the reason in ``OUT/prepare_summary.json`` and ``OUT/prepare_report.csv``, and exit with 1 when
+any case failed. The submodules are not imported here, so ``import data_prep`` stays cheap.
 """

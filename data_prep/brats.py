@@ -28,9 +28,16 @@ first voxel centre by ``(f - 1) / 2`` input voxels. Orientation is kept as in th
 
 Outputs: ``OUT/<case>/<case>-<mod>.nii.gz`` (float32 images in [0, 1], uint8 label map), each written to a temporary
 file in the same folder and moved into place with ``os.replace``, so a file that exists is complete. The source
-folder is only read. A case that is missing a requested modality is *skipped*; a case with an unreadable or
-inconsistent file is *failed* (file name and reason recorded) and the others go on. ``OUT/prepare_summary.json``
-lists what was done, skipped and failed.
+folder is only read. A case that is missing a requested modality, an empty case folder, and a case with an
+unreadable or inconsistent file are *failed* (file name and reason recorded) and the others go on; a case with two
+files for one modality is *skipped*. ``OUT/prepare_summary.json`` (JSON) and ``OUT/prepare_report.csv`` list every
+case as done / skipped (why) / failed (why); the command exits with 1 when any case failed.
+
+Re-runs: each finished case gets ``OUT/<case>/prepare_record.json`` (written after its volumes) with a fingerprint
+of its input files (paths, sizes, modification times) and the per-case settings. A later run skips a case whose
+record matches and whose outputs exist (``skipped``, reason ``"up to date"``; it stays in the datalist), and
+prepares it again otherwise; ``--overwrite`` prepares everything again. ``--workers N`` prepares cases in N
+processes; a tqdm bar shows progress.
 
 Split and datalist: patients (the case id without the BraTS 2023 timepoint suffix, ``BraTS-GLI-00000`` for
 ``BraTS-GLI-00000-000``) are shuffled with ``seed`` and divided into training / validation / test (0.8 / 0.1 / 0.1 by
@@ -91,6 +98,11 @@ __all__ = [
     "preprocess_image",
     "preprocess_label",
     "split_patients",
+    "input_fingerprint",
+    "read_case_record",
+    "write_case_record",
+    "run_cases",
+    "write_report",
     "prepare_brats",
     "load_datalist",
     "main",
@@ -134,6 +146,7 @@ BRATS_LABELS: dict[str, str] = {
 
 _SCHEME_2021 = re.compile(r"^(?P<case>BraTS\d*_[A-Za-z0-9_]+?)_(?P<mod>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$")
 _SCHEME_2023 = re.compile(r"^(?P<case>BraTS-[A-Za-z]+-\d+-\d+)-(?P<mod>t1n|t1c|t2w|t2f|seg)\.nii(?:\.gz)?$")
+_CASE_DIR = re.compile(r"^(BraTS-[A-Za-z]+-\d+-\d+|BraTS\d*_[A-Za-z0-9_]+)$")
 _TIMEPOINT = re.compile(r"^(?P<patient>BraTS-[A-Za-z]+-\d+)-\d+$")
 
 
@@ -203,6 +216,8 @@ def find_cases(src: str | os.PathLike) -> list[BratsCase]:
 
     Files are grouped by the case id in their *file name* (the folder name is not used). A modality found more than
     once for a case (``.nii`` beside ``.nii.gz``, or the same case extracted twice) is recorded in ``duplicates``.
+    An empty folder named like a case (``BraTS-GLI-00000-000/`` with nothing in it) is returned as a case without
+    files, so that it is reported instead of silently ignored.
 
     Args:
         src: the folder the BraTS archive(s) were extracted into.
@@ -213,6 +228,11 @@ def find_cases(src: str | os.PathLike) -> list[BratsCase]:
     found: dict[str, BratsCase] = {}
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        folder = Path(dirpath).name
+        if dirpath != str(root) and _CASE_DIR.match(folder) and not any(not f.startswith(".") for f in filenames) \
+                and not dirnames:
+            # an empty case folder (a failed or partial extraction): reported as a case with no files
+            found.setdefault(folder, BratsCase(folder, "2023" if folder.startswith("BraTS-") else "2021"))
         for name in sorted(filenames):
             if name.startswith("."):
                 continue
@@ -594,20 +614,143 @@ def _spacing(affine: np.ndarray) -> list[float]:
 
 
 # --------------------------------------------------------------------------------------------------------------------
+# re-runs, reports and the parallel case loop (shared with data_prep.lidc)
+# --------------------------------------------------------------------------------------------------------------------
+
+#: Per-case record written last into each prepared case folder: its existence means the case is complete.
+RECORD_NAME = "prepare_record.json"
+#: The run summary (JSON, every case with its status) and the same per-case listing as CSV, in ``dst``.
+SUMMARY_NAME = "prepare_summary.json"
+REPORT_CSV_NAME = "prepare_report.csv"
+#: Columns of the CSV report.
+REPORT_COLUMNS: tuple[str, ...] = ("case", "patient", "status", "reason", "file", "outputs")
+#: Reason recorded for a case skipped because its outputs are current.
+UP_TO_DATE = "up to date"
+
+
+def input_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
+    """A fingerprint of input files from their absolute paths, sizes and modification times (no content read).
+
+    Re-running a preparation compares it with the one recorded beside the outputs: any file added, removed, replaced
+    or touched changes it, and the case is prepared again.
+    """
+    import hashlib
+
+    h = hashlib.sha256()
+    for path in sorted(str(Path(p).resolve()) for p in paths):
+        st = os.stat(path)
+        h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()
+
+
+def read_case_record(out_dir: Path, fingerprint: str, settings: dict[str, Any]) -> dict[str, Any] | None:
+    """The record of a finished case in ``out_dir`` if it matches ``fingerprint`` and ``settings`` and every output
+    it lists still exists (paths relative to ``out_dir.parent``); None otherwise (the case must be prepared)."""
+    path = out_dir / RECORD_NAME
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    if not isinstance(record, dict) or record.get("fingerprint") != fingerprint:
+        return None
+    if json.loads(json.dumps(settings)) != record.get("settings"):
+        return None
+    outputs = record.get("outputs")
+    if not isinstance(outputs, dict) or not outputs:
+        return None
+    if not all((out_dir.parent / rel).is_file() for rel in outputs.values()):
+        return None
+    return record
+
+
+def write_case_record(out_dir: Path, record: dict[str, Any]) -> None:
+    """Write ``out_dir/prepare_record.json`` atomically (after the outputs, so it is the completion mark)."""
+    _write_json(record, out_dir / RECORD_NAME)
+
+
+def run_cases(
+    fn: Any, jobs: Sequence[tuple[str, tuple]], workers: int, desc: str, progress: bool, crashed: Any
+) -> dict[str, dict[str, Any]]:
+    """Run ``fn(*args)`` for every ``(key, args)`` job, in ``workers`` processes, with a tqdm bar.
+
+    ``fn`` must return a record and never raise for a bad case; a worker that crashes anyway is turned into a
+    record by ``crashed(key, error)``, so one case never stops the batch. Returns ``{key: record}``.
+    """
+    records: dict[str, dict[str, Any]] = {}
+    bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
+    try:
+        if workers == 1 or len(jobs) <= 1:
+            for key, args in jobs:
+                try:
+                    records[key] = fn(*args)
+                except Exception as err:  # noqa: BLE001 - reported like a failed case
+                    records[key] = crashed(key, err)
+                bar.update()
+        else:
+            with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool_exec:
+                futures = {pool_exec.submit(fn, *args): key for key, args in jobs}
+                for fut in as_completed(futures):
+                    key = futures[fut]
+                    try:
+                        records[key] = fut.result()
+                    except Exception as err:  # noqa: BLE001 - a crashed worker is reported like a failed case
+                        records[key] = crashed(key, err)
+                    bar.update()
+    finally:
+        bar.close()
+    return records
+
+
+def write_report(rows: Sequence[dict[str, Any]], dst: Path) -> Path:
+    """Write ``dst/prepare_report.csv``: one row per case with :data:`REPORT_COLUMNS` (outputs joined by ``;``)."""
+    import csv
+    import io
+
+    buf = io.StringIO()
+    writer = csv.DictWriter(buf, fieldnames=list(REPORT_COLUMNS), lineterminator="\n")
+    writer.writeheader()
+    for r in rows:
+        outputs = r.get("outputs") or {}
+        writer.writerow({
+            "case": r.get("case", ""), "patient": r.get("patient", ""), "status": r.get("status", ""),
+            "reason": r.get("reason", ""), "file": r.get("file", ""),
+            "outputs": ";".join(f"{k}={v}" for k, v in outputs.items()),
+        })
+    path = dst / REPORT_CSV_NAME
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=dst)
+    try:
+        with os.fdopen(fd, "w", newline="") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return path
+
+
+# --------------------------------------------------------------------------------------------------------------------
 # one case
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _process_case(case: BratsCase, modalities: list[str], dst: str, settings: dict[str, Any]) -> dict[str, Any]:
-    """Prepare one case; never raises for a bad case: returns a record with status done / skipped / failed."""
+def _process_case(
+    case: BratsCase, modalities: list[str], dst: str, settings: dict[str, Any], fingerprint: str = ""
+) -> dict[str, Any]:
+    """Prepare one case; never raises for a bad case: returns a record with status done / skipped / failed.
+
+    A done case gets ``OUT/<case>/prepare_record.json`` (input ``fingerprint``, settings, outputs), written last.
+    """
     record: dict[str, Any] = {"case": case.case_id, "patient": case.patient_id}
     dups = {m: p for m, p in case.duplicates.items() if m in modalities}
     if dups:
         listing = "; ".join(f"{m}: {', '.join(str(x) for x in paths)}" for m, paths in dups.items())
         return record | {"status": "skipped", "reason": f"more than one file for the same modality ({listing})"}
+    if not case.files:
+        return record | {"status": "failed", "file": str(case.case_id), "reason": "empty case folder: no BraTS files"}
     missing = [m for m in modalities if m not in case.files]
     if missing:
-        return record | {"status": "skipped", "reason": f"missing modalities {missing}"}
+        folder = sorted({str(p.parent) for p in case.files.values()})[0]
+        return record | {"status": "failed", "file": folder, "reason": f"missing modalities {missing}"}
 
     # read and check every file before anything is written, so a corrupt file leaves no half-written case
     volumes: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}
@@ -635,6 +778,7 @@ def _process_case(case: BratsCase, modalities: list[str], dst: str, settings: di
 
     out_dir = Path(dst) / case.case_id
     out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / RECORD_NAME).unlink(missing_ok=True)  # the case is incomplete until the record is written again
     label_map = {4: 3} if (case.scheme == "2021" and settings["harmonize_labels"]) else None
     written: list[Path] = []
     outputs: dict[str, str] = {}
@@ -657,18 +801,15 @@ def _process_case(case: BratsCase, modalities: list[str], dst: str, settings: di
             _write_nifti(out, out_affine, path, codes)
             written.append(path)
             outputs[mod] = f"{case.case_id}/{path.name}"
+        result = {"status": "done", "outputs": outputs, "shape": list(out.shape), "spacing": _spacing(out_affine)}
+        write_case_record(out_dir, record | result | {"fingerprint": fingerprint, "settings": settings})
     except Exception as err:  # noqa: BLE001 - report, remove this case's partial outputs, go on with the others
         for path in written:
             path.unlink(missing_ok=True)
         if not any(out_dir.iterdir()):
             out_dir.rmdir()
         return record | {"status": "failed", "file": current, "reason": f"{type(err).__name__}: {err}"}
-    return record | {
-        "status": "done",
-        "outputs": outputs,
-        "shape": list(out.shape),
-        "spacing": _spacing(out_affine),
-    }
+    return record | result
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -707,8 +848,10 @@ def prepare_brats(
     harmonize_labels: bool = True,
     workers: int = 1,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Prepare every BraTS case below ``src`` into ``dst``: NIfTI volumes, ``datalist.json``, ``prepare_summary.json``.
+    """Prepare every BraTS case below ``src`` into ``dst``: NIfTI volumes, ``datalist.json``, ``prepare_summary.json``
+    and ``prepare_report.csv``.
 
     Args:
         src: folder with the extracted BraTS download(s) (either naming scheme, any depth). Only read.
@@ -727,11 +870,16 @@ def prepare_brats(
         harmonize_labels: map BraTS 2021 label 4 (ET) to 3, the BraTS 2023 label, so all cases share one convention.
         workers: processes preparing cases in parallel (1: in this process).
         progress: show a tqdm bar and print where the output went.
+        overwrite: prepare every case again; by default a case whose ``prepare_record.json`` matches the current
+            input fingerprint (paths, sizes, modification times) and per-case settings, and whose outputs all exist,
+            is skipped with the reason ``"up to date"`` (and still listed in the datalist).
 
     Returns:
         The summary (also written to ``dst/prepare_summary.json``): ``settings``, ``counts`` (found / done / skipped /
         failed), ``done`` (case ids), ``skipped`` (``{"case", "reason"}``), ``failed`` (``{"case", "file", "reason"}``),
-        ``splits`` (cases per split), ``datalist`` (its path) and ``seconds``.
+        ``cases`` (every case: ``case``, ``patient``, ``status``, ``reason``, ``file``, ``outputs``), ``splits`` (cases
+        per split), ``datalist`` (its path), ``report_csv`` and ``seconds``. A missing modality, an empty case folder
+        and an unreadable or inconsistent file are failures; duplicated files and up-to-date cases are skips.
 
     Raises:
         FileNotFoundError: ``src`` is not a folder, or holds no BraTS-named files.
@@ -794,36 +942,36 @@ def prepare_brats(
         "seed": int(seed),
     }
     dst_path.mkdir(parents=True, exist_ok=True)
+    case_settings = {k: v for k, v in settings.items() if k not in ("split", "seed")}  # what a case's output depends on
 
     records: dict[str, dict[str, Any]] = {}
-    bar = tqdm(total=len(cases), desc="BraTS cases", unit="case", disable=not progress)
-    try:
-        if workers == 1:
-            for case in cases:
-                records[case.case_id] = _process_case(case, wanted, str(dst_path), settings)
-                bar.update()
+    jobs = []
+    for case in cases:
+        fingerprint = input_fingerprint(case.files.values()) if case.files else ""
+        previous = None if overwrite or not fingerprint else read_case_record(
+            dst_path / case.case_id, fingerprint, case_settings)
+        if previous is not None:
+            records[case.case_id] = {
+                "case": case.case_id, "patient": case.patient_id, "status": "skipped", "reason": UP_TO_DATE,
+                "outputs": previous["outputs"], "shape": previous["shape"], "spacing": previous["spacing"],
+            }
         else:
-            with ProcessPoolExecutor(max_workers=workers) as pool_exec:
-                futures = {pool_exec.submit(_process_case, c, wanted, str(dst_path), settings): c for c in cases}
-                for fut in as_completed(futures):
-                    case = futures[fut]
-                    try:
-                        records[case.case_id] = fut.result()
-                    except Exception as err:  # noqa: BLE001 - a crashed worker is reported like a failed case
-                        records[case.case_id] = {
-                            "case": case.case_id, "patient": case.patient_id, "status": "failed", "file": "",
-                            "reason": f"worker error {type(err).__name__}: {err}",
-                        }
-                    bar.update()
-    finally:
-        bar.close()
+            jobs.append((case.case_id, (case, wanted, str(dst_path), case_settings, fingerprint)))
+    patients = {c.case_id: c.patient_id for c in cases}
+    records |= run_cases(
+        _process_case, jobs, workers, "BraTS cases", progress,
+        lambda key, err: {"case": key, "patient": patients[key], "status": "failed", "file": "",
+                          "reason": f"worker error {type(err).__name__}: {err}"},
+    )
 
     ordered = [records[c.case_id] for c in cases]
+    current = [r for r in ordered if r["status"] == "done" or r.get("reason") == UP_TO_DATE]
     done = [r for r in ordered if r["status"] == "done"]
     skipped = [{"case": r["case"], "reason": r["reason"]} for r in ordered if r["status"] == "skipped"]
     failed = [{"case": r["case"], "file": r["file"], "reason": r["reason"]} for r in ordered if r["status"] == "failed"]
     for entry in skipped:
-        logger.warning("skipped %s: %s", entry["case"], entry["reason"])
+        if entry["reason"] != UP_TO_DATE:
+            logger.warning("skipped %s: %s", entry["case"], entry["reason"])
     for entry in failed:
         logger.warning("failed %s (%s): %s", entry["case"], entry["file"], entry["reason"])
 
@@ -831,14 +979,16 @@ def prepare_brats(
     summary: dict[str, Any] = {
         "src": str(src_path),
         "dst": str(dst_path),
-        "datalist": str(datalist_path) if done else None,
+        "datalist": str(datalist_path) if current else None,
+        "report_csv": str(write_report(ordered, dst_path)),
         "settings": settings,
         "counts": {"found": len(cases), "done": len(done), "skipped": len(skipped), "failed": len(failed)},
         "done": [r["case"] for r in done],
         "skipped": skipped,
         "failed": failed,
+        "cases": [{k: r.get(k, "") for k in REPORT_COLUMNS} for r in ordered],
     }
-    if not done:
+    if not current:
         summary["seconds"] = round(time.perf_counter() - start, 3)
         _write_json(summary, dst_path / "prepare_summary.json")
         raise RuntimeError(
@@ -846,21 +996,21 @@ def prepare_brats(
             f"({len(skipped)} skipped, {len(failed)} failed); see {dst_path / 'prepare_summary.json'}."
         )
 
-    splits = split_patients((r["patient"] for r in done), fractions, seed)
+    splits = split_patients((r["patient"] for r in current), fractions, seed)
     split_of = {p: key for key, ids in splits.items() for p in ids}
     entries: dict[str, list[dict[str, str]]] = {key: [] for key in SPLIT_KEYS}
-    for r in done:
+    for r in current:
         entries[split_of[r["patient"]]].append({"case": r["case"], "patient": r["patient"], **r["outputs"]})
     images = [m for m in wanted if m != SEG]
     has_seg = SEG in wanted
-    shape = _same_or_none([r["shape"] for r in done], tol=0)  # None when cases differ (a -1 in spatial_size)
+    shape = _same_or_none([r["shape"] for r in current], tol=0)  # None when cases differ (a -1 in spatial_size)
     datalist: dict[str, Any] = {
         "name": "BraTS (prepared by data_prep.brats)",
         "description": "Preprocessed BraTS volumes; paths are relative to this file's folder.",
         "tensorImageSize": "3D",
         "preset": preset,
         "spatial_size": [int(v) for v in shape] if shape is not None else None,
-        "spacing": _same_or_none([r["spacing"] for r in done]),
+        "spacing": _same_or_none([r["spacing"] for r in current]),
         "intensity_range": [0.0, 1.0],
         "modalities": images,
         "label_key": SEG if has_seg else None,
@@ -883,11 +1033,12 @@ def prepare_brats(
     summary["seconds"] = round(time.perf_counter() - start, 3)
     _write_json(summary, dst_path / "prepare_summary.json")
     if progress:
+        up_to_date = sum(1 for r in ordered if r.get("reason") == UP_TO_DATE)
         print(
-            f"Prepared {len(done)} of {len(cases)} BraTS cases ({len(skipped)} skipped, {len(failed)} failed) into "
-            f"{dst_path}\n  datalist: {datalist_path} (training {summary['splits']['training']}, validation "
-            f"{summary['splits']['validation']}, test {summary['splits']['test']})\n  summary:  "
-            f"{dst_path / 'prepare_summary.json'}"
+            f"Prepared {len(done)} of {len(cases)} BraTS cases ({len(skipped)} skipped, {up_to_date} of them up to "
+            f"date; {len(failed)} failed) into {dst_path}\n  datalist: {datalist_path} (training "
+            f"{summary['splits']['training']}, validation {summary['splits']['validation']}, test "
+            f"{summary['splits']['test']})\n  summary:  {dst_path / SUMMARY_NAME}\n  report:   {summary['report_csv']}"
         )
     return summary
 
@@ -970,12 +1121,15 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default: 0)")
     parser.add_argument("--no-harmonize-labels", action="store_true", help="keep BraTS 2021 label 4 instead of 3")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="prepare every case again (default: cases whose outputs are up to date are skipped)")
     parser.add_argument("--quiet", action="store_true", help="no progress bar")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status (0: some cases prepared, 1: none, 2: bad arguments)."""
+    """Command-line entry point; returns the exit status: 0 when no case failed, 1 when any case failed (the others
+    are still prepared and listed) or none could be prepared, 2 for bad arguments or a missing source."""
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -983,6 +1137,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             args.src, args.dst, modalities=args.modalities, preset=args.preset, percentiles=args.percentiles,
             spatial_size=args.spatial_size, pool=args.pool, seg_pool=args.seg_pool, split=args.split, seed=args.seed,
             harmonize_labels=not args.no_harmonize_labels, workers=args.workers, progress=not args.quiet,
+            overwrite=args.overwrite,
         )
     except (FileNotFoundError, ValueError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -990,8 +1145,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RuntimeError as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    counts = summary["counts"]
     if args.quiet:
-        print(f"Prepared {summary['counts']['done']} cases into {summary['dst']} (datalist: {summary['datalist']})")
+        print(f"Prepared {counts['done']} cases ({counts['skipped']} skipped, {counts['failed']} failed) into "
+              f"{summary['dst']} (datalist: {summary['datalist']})")
+    if counts["failed"]:
+        print(f"error: {counts['failed']} case(s) failed; see {summary['report_csv']}", file=sys.stderr)
+        return 1
     return 0
 
 

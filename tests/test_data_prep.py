@@ -299,11 +299,10 @@ def test_corrupt_file_is_reported_others_written_source_untouched(tmp_path):
     summary = prepare_brats(src, dst, **SMALL)
 
     assert _tree_hash(src) == before  # byte-identical, nothing added or removed
-    assert summary["counts"] == {"found": 5, "done": 3, "skipped": 1, "failed": 1}
-    (failed,) = summary["failed"]
-    assert failed["case"] == "BraTS-GLI-00001-000" and failed["file"].endswith(bad.name) and failed["reason"]
-    (skipped,) = summary["skipped"]
-    assert skipped["case"] == "BraTS-GLI-00005-000" and "t2w" in skipped["reason"]
+    assert summary["counts"] == {"found": 5, "done": 3, "skipped": 0, "failed": 2}
+    failed = {f["case"]: f for f in summary["failed"]}
+    assert failed["BraTS-GLI-00001-000"]["file"].endswith(bad.name) and failed["BraTS-GLI-00001-000"]["reason"]
+    assert "missing modalities ['t2w']" in failed["BraTS-GLI-00005-000"]["reason"]  # a missing modality is an error
     assert not (dst / "BraTS-GLI-00001-000").exists() or not any((dst / "BraTS-GLI-00001-000").iterdir())
     for case in ("BraTS-GLI-00000-000", "BraTS-GLI-00002-000", "BraTS2021_00009"):
         for mod, dtype in (("t1n", np.float32), ("t2w", np.float32), ("seg", np.uint8)):
@@ -361,7 +360,7 @@ def test_bad_arguments_fail_clearly(tmp_path):
         prepare_brats(tmp_path / "empty", tmp_path / "x", progress=False)
     with pytest.raises(RuntimeError, match="None of the 1"):
         prepare_brats(tmp_path / "raw", tmp_path / "out2", modalities=["t2f"], **SMALL)
-    assert json.loads((tmp_path / "out2" / "prepare_summary.json").read_text())["counts"]["skipped"] == 1
+    assert json.loads((tmp_path / "out2" / "prepare_summary.json").read_text())["counts"]["failed"] == 1
 
 
 def test_cli(tmp_path, capsys):
@@ -376,6 +375,47 @@ def test_cli(tmp_path, capsys):
     assert datalist["spatial_size"] == [4, 4, 4] and datalist["seed"] == 1
     assert brats.main(["--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "o"), "--quiet"]) == 2
     assert "does not exist" in capsys.readouterr().err
+    # one failed case makes the exit status non-zero, although the others were prepared
+    (tmp_path / "raw" / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-seg.nii.gz").write_bytes(b"not gzip")
+    assert brats.main(argv[:4] + ["--quiet"]) == 1
+    assert "1 case(s) failed" in capsys.readouterr().err
+    assert json.loads((tmp_path / "out" / "prepare_summary.json").read_text())["counts"]["done"] == 2
+
+
+def test_rerun_skips_up_to_date_cases_and_overwrite_redoes_them(tmp_path):
+    import csv
+
+    rng = np.random.default_rng(11)
+    src, dst = tmp_path / "raw", tmp_path / "out"
+    for i in range(3):
+        _case_2023(src, f"BraTS-GLI-{i:05d}-000", rng, mods=("t1n", "seg"))
+    (src / "BraTS-GLI-00009-000").mkdir()  # an empty case folder (failed extraction)
+    first = prepare_brats(src, dst, **SMALL)
+    assert first["counts"] == {"found": 4, "done": 3, "skipped": 0, "failed": 1}
+    assert "empty case folder" in first["failed"][0]["reason"]
+    out_file = dst / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t1n.nii.gz"
+    mtime = out_file.stat().st_mtime_ns
+    datalist = json.loads((dst / "datalist.json").read_text())
+
+    again = prepare_brats(src, dst, **SMALL)
+    assert again["counts"] == {"found": 4, "done": 0, "skipped": 3, "failed": 1}
+    assert {s["reason"] for s in again["skipped"]} == {"up to date"}
+    assert out_file.stat().st_mtime_ns == mtime  # not rewritten
+    assert json.loads((dst / "datalist.json").read_text())["training"] == datalist["training"]  # still listed
+    rows = list(csv.DictReader((dst / "prepare_report.csv").open()))
+    assert [(r["case"], r["status"]) for r in rows] == [
+        ("BraTS-GLI-00000-000", "skipped"), ("BraTS-GLI-00001-000", "skipped"), ("BraTS-GLI-00002-000", "skipped"),
+        ("BraTS-GLI-00009-000", "failed")]
+    assert rows[0]["reason"] == "up to date" and "t1n=BraTS-GLI-00000-000/" in rows[0]["outputs"]
+
+    # a changed input, or changed settings, redo that case / every case; --overwrite redoes everything
+    changed = src / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t1n.nii.gz"
+    os.utime(changed, ns=(changed.stat().st_atime_ns, changed.stat().st_mtime_ns + 10**9))
+    assert prepare_brats(src, dst, **SMALL)["done"] == ["BraTS-GLI-00001-000"]
+    assert prepare_brats(src, dst, **{**SMALL, "spatial_size": (10, 10, 10)})["counts"]["done"] == 3
+    redo = prepare_brats(src, dst, overwrite=True, workers=2, **{**SMALL, "spatial_size": (10, 10, 10)})
+    assert redo["counts"]["done"] == 3 and out_file.stat().st_mtime_ns != mtime
+    assert not [p for p in dst.rglob(".*")]
 
 
 # --------------------------------------------------------------------------------------------------------------------
