@@ -3,12 +3,14 @@
     wdm3d info                 versions, device, U-Net presets and their parameter counts
     wdm3d demo [--output DIR]  the embedded demo: build a brain dataset from the MNI152 template, train the
                                wdm3d_brats bundle on it (CPU, ~10 min), write NIfTI + PNG samples
+    wdm3d evaluate --real DIR_OR_DATALIST --fake DIR [--weights resnet_50_23dataset.pth] [--out DIR]
+                               3D FID, MS-SSIM diversity, distribution checks, memorization audit; JSON + Markdown
+                               report + PNG plots, logged to the MLflow run that generated the samples
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 
@@ -47,6 +49,40 @@ def _demo(args: argparse.Namespace) -> int:
     return 0
 
 
+def _pairs(text: str) -> int | str:
+    if text == "all":
+        return "all"
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--pairs takes a positive integer or 'all', got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"--pairs takes a positive integer or 'all', got {text!r}")
+    return value
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from wdm3d.evaluate import evaluate
+
+    try:
+        _run_evaluate(evaluate, args)
+    except (FileNotFoundError, ValueError, KeyError) as err:
+        print(f"wdm3d evaluate: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+def _run_evaluate(evaluate, args: argparse.Namespace) -> None:
+    evaluate(
+        real=args.real, fake=args.fake, out_dir=args.out, weights=args.weights, features=args.features,
+        preset=args.preset, pairs=args.pairs, kernel_size=args.kernel_size, ms_ssim_adapt=not args.no_ms_ssim_adapt,
+        split=args.split, image_key=args.image_key, value_range=args.value_range, copy_threshold=args.copy_threshold,
+        ncc_downsample=args.ncc_downsample, max_real=args.max_real, batch_size=args.batch_size, device=args.device,
+        num_threads=args.threads, seed=args.seed, mlflow=not args.no_mlflow, mlflow_run_id=args.mlflow_run_id,
+        tracking_uri=args.tracking_uri,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wdm3d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -64,6 +100,36 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
     demo.add_argument("--quick", action="store_true", help="shrink everything to seconds (16^3, tiny U-Net)")
     demo.set_defaults(func=_demo)
+    ev = sub.add_parser(
+        "evaluate", help="3D FID, MS-SSIM diversity, distribution checks and memorization audit of synthetic volumes"
+    )
+    ev.add_argument("--real", required=True, help="folder of real NIfTI volumes, or a datalist JSON (see --split, --image-key)")
+    ev.add_argument("--fake", required=True, help="folder of synthetic NIfTI volumes (an inference output folder)")
+    ev.add_argument("--weights", default=None,
+                    help="MedicalNet's resnet_50_23dataset.pth, for FIDs comparable with papers (never downloaded)")
+    ev.add_argument("--features", default="auto", choices=["auto", "medicalnet", "random_conv3d"],
+                    help="FID features (auto: medicalnet with --weights, else random_conv3d, not comparable with papers)")
+    ev.add_argument("--out", default=None, help="output folder (default: FAKE/evaluation)")
+    ev.add_argument("--pairs", type=_pairs, default=100, help="MS-SSIM pairs per set, or 'all' (default 100)")
+    ev.add_argument("--preset", default="wdm", choices=["wdm", "hagan"], help="FID input range: wdm [0,1], hagan [-1,1]")
+    ev.add_argument("--kernel-size", type=int, default=7, help="MS-SSIM kernel (default 7, the protocol's)")
+    ev.add_argument("--no-ms-ssim-adapt", action="store_true",
+                    help="fail on volumes too small for 5-scale MS-SSIM instead of using fewer scales")
+    ev.add_argument("--split", default="training", help="datalist split for --real (default training)")
+    ev.add_argument("--image-key", default=None, help="datalist key of the volumes (e.g. t1n; guessed if only one)")
+    ev.add_argument("--value-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="data intensity range (default: manifest's / datalist's intensity_range, else real min/max)")
+    ev.add_argument("--copy-threshold", type=float, default=None, help="NCC for a suspected copy (default: automatic)")
+    ev.add_argument("--ncc-downsample", type=int, default=1, help="average-pool factor before the NCC (default 1)")
+    ev.add_argument("--max-real", type=int, default=None, help="use only the first N real volumes (default: all)")
+    ev.add_argument("--batch-size", type=int, default=4, help="volumes per feature-extraction pass (default 4)")
+    ev.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
+    ev.add_argument("--threads", type=int, default=None, help="CPU threads for MS-SSIM pairs (default: cores)")
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--mlflow-run-id", default=None, help="MLflow run to log to (default: the manifest's mlflow_run_id)")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from mlflow_run.json)")
+    ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
+    ev.set_defaults(func=_evaluate)
     return parser
 
 
