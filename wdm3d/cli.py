@@ -6,6 +6,8 @@
     wdm3d evaluate --real DIR_OR_DATALIST --fake DIR [--weights resnet_50_23dataset.pth] [--out DIR]
                                3D FID, MS-SSIM diversity, distribution checks, memorization audit; JSON + Markdown
                                report + PNG plots, logged to the MLflow run that generated the samples
+    wdm3d export-dicom INPUT.nii.gz [...] --out DIR --modality CT|MR [--intensity-range LOW HIGH] [--hu LOW HIGH]
+                               NIfTI -> one DICOM series per file (DIR/<name>_dicom/), marked synthetic
 """
 
 from __future__ import annotations
@@ -83,6 +85,47 @@ def _run_evaluate(evaluate, args: argparse.Namespace) -> None:
     )
 
 
+def _export_dicom(args: argparse.Namespace) -> int:
+    import nibabel as nib
+    import numpy as np
+
+    from wdm3d.io import write_dicom_series
+
+    if args.modality == "MR" and args.hu is not None:
+        print("wdm3d export-dicom: --hu is for --modality CT.", file=sys.stderr)
+        return 2
+    if args.modality == "CT" and args.intensity_range is not None:
+        print("wdm3d export-dicom: --intensity-range is for --modality MR (CT stores HU; see --hu).", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    failed = []
+    for name in args.inputs:
+        src = Path(name)
+        stem = src.name.removesuffix(".gz").removesuffix(".nii")
+        dst = out / f"{stem}_dicom"
+        try:
+            if not src.is_file():
+                raise FileNotFoundError("no such file")
+            img = nib.load(str(src))
+            data = np.asarray(img.dataobj, dtype=np.float32)
+            if data.ndim == 4 and data.shape[3] == 1:
+                data = data[..., 0]
+            info = write_dicom_series(
+                data, img.affine, dst, modality=args.modality, series_description=args.description,
+                value_range=args.intensity_range, hu_window=args.hu, overwrite=args.overwrite,
+            )
+        except Exception as err:  # one bad file must not stop the others
+            failed.append(name)
+            print(f"wdm3d export-dicom: {name}: {type(err).__name__}: {err}", file=sys.stderr)
+            continue
+        print(f"{name} -> {info['dir']} ({info['num_slices']} slices, {args.modality}, "
+              f"rescale {info['rescale_slope']:g} x + {info['rescale_intercept']:g} {info['rescale_type']})")
+    done = len(args.inputs) - len(failed)
+    print(f"Wrote {done} of {len(args.inputs)} DICOM series to {out.resolve()}"
+          + (f"; failed: {', '.join(failed)}" if failed else ""))
+    return 1 if failed else 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="wdm3d", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -130,6 +173,21 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from mlflow_run.json)")
     ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ev.set_defaults(func=_evaluate)
+    dc = sub.add_parser(
+        "export-dicom", help="write NIfTI volumes as DICOM series marked synthetic (new UIDs, synthetic patient)"
+    )
+    dc.add_argument("inputs", nargs="+", metavar="INPUT", help="NIfTI files (.nii / .nii.gz)")
+    dc.add_argument("--out", required=True, help="output folder; each INPUT goes to OUT/<name>_dicom/")
+    dc.add_argument("--modality", required=True, choices=["CT", "MR"], help="CT Image or MR Image Storage")
+    dc.add_argument("--intensity-range", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="MR: intensities stored as [0, 4095] (default: each volume's min and max)")
+    dc.add_argument("--hu", type=float, nargs=2, default=None, metavar=("LOW", "HIGH"),
+                    help="CT: the input is [0, 1]-normalised; map 0 -> LOW and 1 -> HIGH HU (the LIDC prep's clip "
+                         "range, e.g. -1000 and its high end); default: the input is taken as HU (RescaleType US if it "
+                         "does not look like HU: all values within [-100, 100])")
+    dc.add_argument("--description", default=None, help="added to the SeriesDescription after 'synthetic (wdm3d)'")
+    dc.add_argument("--overwrite", action="store_true", help="replace existing series folders (default: refuse)")
+    dc.set_defaults(func=_export_dicom)
     return parser
 
 

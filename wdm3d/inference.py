@@ -19,7 +19,7 @@ from . import __version__
 from .diffusion import WaveletDiffusion
 from .engine.checkpoint import latest_checkpoint, load_checkpoint, load_network_weights
 from .engine.geometry import DataGeometry, reference_geometry
-from .io import atomic_write_text, save_montage, save_nifti
+from .io import atomic_write_text, save_montage, save_nifti, write_dicom_series
 
 __all__ = ["VolumeGenerator", "AUTOCAST_DTYPES"]
 
@@ -32,6 +32,7 @@ class VolumeGenerator:
 
     For each sample: ``sample_XXXX.nii.gz`` (float32, in the training data's intensity range, with the training
     data's affine: spacing, orientation and origin), ``sample_XXXX.png`` (axial / coronal / sagittal mid-slices);
+    with ``dicom`` on, ``sample_XXXX_dicom/`` (the same volume as a DICOM series marked synthetic);
     and one ``manifest.json`` (checkpoint, weights used, sampler, steps, seeds, geometry, timings, versions).
 
     Geometry, in order of preference: ``reference_image``; the first training volume of ``datalist`` (read through
@@ -61,6 +62,13 @@ class VolumeGenerator:
         mlflow: log the manifest and previews to the MLflow run that trained the checkpoint (its id is stored in
             the checkpoint), under ``inference/<time>/``; a failure to reach MLflow only warns.
         mlflow_log_volumes: also upload the NIfTI volumes.
+        dicom: also write each sample as a DICOM series, ``sample_XXXX_dicom/`` next to its NIfTI (same geometry,
+            marked synthetic, see :func:`wdm3d.io.write_dicom_series`); the manifest lists them. A folder left by an
+            earlier run into the same ``output_dir`` is replaced, as the NIfTI beside it is.
+        dicom_modality: ``"MR"`` (the run's intensity range stored as [0, 4095]) or ``"CT"``.
+        dicom_hu_window: CT only: ``(low, high)`` HU that [0, 1] maps back to (the LIDC prep's clip range); None:
+            the datalist's ``hu_clip`` when both its ends are numbers, else the values are written as they are
+            (``RescaleType`` US, not HU) with a warning.
     """
 
     def __init__(
@@ -87,7 +95,16 @@ class VolumeGenerator:
         progress: bool = True,
         mlflow: bool = True,
         mlflow_log_volumes: bool = True,
+        dicom: bool = False,
+        dicom_modality: str = "MR",
+        dicom_hu_window: Sequence[float] | None = None,
     ) -> None:
+        if dicom_modality not in ("MR", "CT"):
+            raise ValueError(f"dicom_modality must be 'MR' or 'CT', got {dicom_modality!r}.")
+        if dicom_hu_window is not None and (len(dicom_hu_window) != 2 or not dicom_hu_window[0] < dicom_hu_window[1]):
+            raise ValueError(f"dicom_hu_window must be (low, high) HU with low < high, got {dicom_hu_window!r}.")
+        if dicom_hu_window is not None and dicom_modality != "CT":
+            raise ValueError(f"dicom_hu_window is for dicom_modality 'CT', got {dicom_modality!r}.")
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
         if not isinstance(batch_size, int) or batch_size < 1:
@@ -110,6 +127,18 @@ class VolumeGenerator:
         self.autocast = autocast
         self.progress = progress
         self.mlflow, self.mlflow_log_volumes = mlflow, mlflow_log_volumes
+        self.dicom, self.dicom_modality = bool(dicom), dicom_modality
+        self.dicom_hu_window = [float(v) for v in dicom_hu_window] if dicom_hu_window is not None else None
+
+    def _hu_window(self) -> list[float] | None:
+        """The HU window for CT DICOM: the argument, else the datalist's numeric ``hu_clip``, else None."""
+        if self.dicom_hu_window is not None or self.datalist is None or not Path(self.datalist).is_file():
+            return self.dicom_hu_window
+        clip = json.loads(Path(self.datalist).read_text()).get("hu_clip") or {}
+        low, high = clip.get("low"), clip.get("high")
+        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high:
+            return [float(low), float(high)]
+        return None
 
     def _resolve_checkpoint(self) -> Path:
         if self.checkpoint.is_dir():
@@ -167,6 +196,10 @@ class VolumeGenerator:
         ctx = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]) if use_autocast else nullcontext()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(self.device)
+        hu_window = self._hu_window() if self.dicom and self.dicom_modality == "CT" else None
+        if self.dicom and self.dicom_modality == "CT" and hu_window is None:
+            logger.warning("DICOM CT without an HU window (dicom_hu_window, or a numeric hu_clip in the datalist): "
+                           "the series store the volumes' own intensities, marked RescaleType US, not HU.")
         samples, t_start = [], time.perf_counter()
         for first in range(0, self.num_samples, self.batch_size):
             n = min(self.batch_size, self.num_samples - first)
@@ -186,8 +219,20 @@ class VolumeGenerator:
                 vol = vols[j, 0].cpu().numpy()
                 nii = save_nifti(vol, affine, self.output_dir / f"sample_{i:04d}.nii.gz", description="synthetic (wdm3d)")
                 png = save_montage(self.output_dir / f"sample_{i:04d}.png", [vol], affine=affine, value_range=(lo, hi))
-                samples.append({"index": i, "seed": seed, "batch_position": j, "nifti": nii.name, "png": png.name,
-                                "seconds": round(seconds, 3)})
+                entry = {"index": i, "seed": seed, "batch_position": j, "nifti": nii.name, "png": png.name,
+                         "seconds": round(seconds, 3)}
+                if self.dicom:
+                    series = write_dicom_series(
+                        (vol - lo) / (hi - lo) if hu_window is not None else vol,  # [0, 1] for the HU window
+                        affine, self.output_dir / f"sample_{i:04d}_dicom", modality=self.dicom_modality,
+                        series_description=f"sample {i} seed {seed}",
+                        value_range=(lo, hi) if self.dicom_modality == "MR" else None, hu_window=hu_window,
+                        overwrite=True, series_number=i + 1,
+                    )
+                    entry["dicom"] = series["dir"].name
+                    entry["dicom_series_uid"] = series["series_uid"]
+                    entry["dicom_num_files"] = series["num_slices"]
+                samples.append(entry)
             logger.info("Wrote samples %d-%d of %d to %s", first, first + n - 1, self.num_samples, self.output_dir)
         manifest = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -204,6 +249,7 @@ class VolumeGenerator:
             "affine": np.asarray(affine).tolist(),
             "geometry_source": geometry_source,
             "intensity_range": [lo, hi],
+            "dicom": {"modality": self.dicom_modality, "hu_window": hu_window} if self.dicom else None,
             "device": str(self.device),
             "autocast": self.autocast if use_autocast else None,
             "seconds_total": round(time.perf_counter() - t_start, 3),
@@ -224,5 +270,6 @@ class VolumeGenerator:
             if log_to_run(run_info, files, f"inference/{stamp}",
                           {"inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples}):
                 print(f"Logged the samples to MLflow run {manifest['mlflow_run_id']} ({run_info.get('tracking_uri')})")
-        print(f"Wrote {self.num_samples} synthetic volumes (NIfTI + PNG) and manifest.json to {self.output_dir}")
+        kinds = "NIfTI + PNG + DICOM" if self.dicom else "NIfTI + PNG"
+        print(f"Wrote {self.num_samples} synthetic volumes ({kinds}) and manifest.json to {self.output_dir}")
         return manifest
