@@ -196,19 +196,38 @@ def test_inference_without_a_checkpoint_says_so(dataset, tmp_path):
     assert "No checkpoint" in str(root_cause(err.value)) and "train first" in str(root_cause(err.value))
 
 
-def test_multi_gpu_overlay_trains_with_two_processes_on_gloo(dataset, tmp_path):
+def _free_port():
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _torchrun(dataset, out, **extra):
     overrides = []
-    for k, v in {**TINY_TRAIN, "max_epochs": 2, "dataset_dir": str(dataset), "output_dir": str(tmp_path)}.items():
+    for k, v in {**TINY_TRAIN, "dataset_dir": str(dataset), "output_dir": str(out), **extra}.items():
         overrides += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     configs = str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
            "-m", "monai.bundle", "run", "training", "--config_file", configs, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def test_multi_gpu_overlay_trains_with_two_processes_on_gloo_and_resumes(dataset, tmp_path):
+    _torchrun(dataset, tmp_path, max_epochs=2)
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     # 4 cases split over 2 ranks with batch 2: one iteration per epoch per rank
     assert ckpt["trainer"]["epoch_length"] == 1 and ckpt["trainer"]["iteration"] == 2
     assert not any(k.startswith("module.") for k in ckpt["model"])  # DDP wrapper not in the saved keys
     # only rank 0 samples validation previews
     assert len(json.loads((tmp_path / "validation" / "history.json").read_text())) == 2
+    # a second launch resumes from that checkpoint: the iteration count goes on (3), the weights start from it
+    proc = _torchrun(dataset, tmp_path, max_epochs=3, save_every_iterations=1)
+    assert "Resumed from" in proc.stdout + proc.stderr
+    resumed = load_checkpoint(tmp_path / "models" / "checkpoint_iteration=3.pt")
+    assert resumed["trainer"]["iteration"] == 3 and resumed["trainer"]["epoch_length"] == 1
+    assert resumed["optimizer"]["state"][0]["step"].item() == 3  # AdamW continued from step 2

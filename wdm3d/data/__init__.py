@@ -1,6 +1,8 @@
-"""Datalists and the transform chains bundles load volumes with."""
+"""Datalists, the transform chains bundles load volumes with, input checks and resumable sampling."""
 
 from .datalist import datalist_metadata, intensity_range, load_datalist, read_datalist
-from .transforms import volume_transforms
+from .safety import BadInputError, BadSample, CheckVolumed, GuardedTransform, ResumableSampler, SkipBadSamples
+from .transforms import LoadVolumed, volume_transforms
 
-__all__ = ["datalist_metadata", "intensity_range", "load_datalist", "read_datalist", "volume_transforms"]
+__all__ = ["datalist_metadata", "intensity_range", "load_datalist", "read_datalist", "volume_transforms",
+           "LoadVolumed", "CheckVolumed", "BadSample", "BadInputError", "GuardedTransform", "SkipBadSamples", "ResumableSampler"]

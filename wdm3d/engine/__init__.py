@@ -1,7 +1,26 @@
-"""What MONAI's engines lack: resume-from-latest, weight loading, sampling during training, geometry helpers."""
+"""What MONAI's engines lack: exact resume, safe weight loading, numerical guards, sampling during training,
+geometry helpers, and a check of command-line override keys."""
 
-from .checkpoint import ResumeFromLatest, TrainingCheckpoints, latest_checkpoint, load_checkpoint, load_network_weights
+from .checkpoint import (
+    FORMAT_VERSION,
+    ResumeFromLatest,
+    RNGState,
+    RunConfig,
+    TrainingCheckpoints,
+    check_state_fits,
+    latest_checkpoint,
+    load_checkpoint,
+    load_network_weights,
+    network_arguments,
+)
+from .config_check import check_override_keys, check_cli_overrides, seed_everything
 from .geometry import DataGeometry, reference_geometry
+from .guards import EMAHandler, GuardedIteration, NonFiniteTrainingError
 from .validation import SampleValidator
 
-__all__ = ["ResumeFromLatest", "TrainingCheckpoints", "latest_checkpoint", "load_checkpoint", "load_network_weights", "SampleValidator", "DataGeometry", "reference_geometry"]
+__all__ = [
+    "FORMAT_VERSION", "ResumeFromLatest", "RNGState", "RunConfig", "TrainingCheckpoints", "check_state_fits",
+    "latest_checkpoint", "load_checkpoint", "load_network_weights", "network_arguments", "check_override_keys",
+    "check_cli_overrides", "seed_everything", "SampleValidator", "DataGeometry", "reference_geometry",
+    "EMAHandler", "GuardedIteration", "NonFiniteTrainingError",
+]

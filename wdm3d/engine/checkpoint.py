@@ -1,25 +1,40 @@
-"""Checkpoints: find the latest, resume from it, load weights from it (always ``weights_only=True``).
+"""Checkpoints: save atomically, find the latest, resume from it exactly, load weights (always ``weights_only=True``).
 
-:class:`TrainingCheckpoints` writes ``checkpoint_epoch=N.pt`` every N epochs and ``checkpoint_final_iteration=N.pt``
-at the end (atomically); MONAI's ``CheckpointLoader`` restores them. What MONAI lacks is "resume from the newest
-file in this folder, if there is one" (:class:`ResumeFromLatest`) and atomic writes.
+:class:`TrainingCheckpoints` writes ``checkpoint_epoch=N.pt`` every N epochs, ``checkpoint_iteration=N.pt`` every N
+iterations, ``checkpoint_interrupted_iteration=N.pt`` on SIGTERM and ``checkpoint_final_iteration=N.pt`` at the end
+(atomically: temp file + rename), and resumes from the newest one. What MONAI's ``CheckpointSaver``/``Loader`` lack:
+atomic writes, "resume from the newest file in this folder, if there is one", mid-epoch resume (data position and
+RNG states), a signal-triggered save, and errors that name the mismatching weight.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import random
 import re
+import signal
+import threading
 from collections.abc import Mapping
 from pathlib import Path
+from typing import Any
 
+import numpy as np
 import torch
-from monai.handlers import CheckpointLoader
 
-__all__ = ["latest_checkpoint", "ResumeFromLatest", "load_checkpoint", "load_network_weights"]
+__all__ = [
+    "FORMAT_VERSION", "latest_checkpoint", "load_checkpoint", "load_network_weights", "check_state_fits",
+    "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest", "TrainingCheckpoints",
+]
 
 logger = logging.getLogger(__name__)
 _NUM = re.compile(r"(epoch|iteration)=(\d+)")
+
+#: version of the checkpoint layout, stored as ``checkpoint["run_config"]["wdm3d_format"]`` (absent: written
+#: before versioning, treated as 0).
+FORMAT_VERSION = 1
+# saved objects a checkpoint may lack (older files, or runs without them): resuming warns instead of failing
+_OPTIONAL = ("rng", "run_config", "mlflow", "geometry", "scaler")
 
 
 def _progress(path: Path) -> tuple[int, int, float]:
@@ -47,6 +62,7 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
     """``torch.load(path, weights_only=True)`` with errors that name the file.
 
     A checkpoint that needs arbitrary unpickling (pickled code) is refused: only tensors and plain containers load.
+    A checkpoint written by a newer wdm3d (``run_config.wdm3d_format`` > :data:`FORMAT_VERSION`) is refused too.
     """
     path = Path(path)
     if not path.is_file():
@@ -60,7 +76,53 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
         ) from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"Checkpoint {path} must hold a dict of state dicts, got {type(ckpt).__name__}.")
+    version = checkpoint_format(ckpt)
+    if version > FORMAT_VERSION:
+        raise ValueError(
+            f"Checkpoint {path} has format {version}, newer than this wdm3d reads ({FORMAT_VERSION}); upgrade wdm3d."
+        )
     return dict(ckpt)
+
+
+def checkpoint_format(ckpt: Mapping) -> int:
+    """The layout version a loaded checkpoint records (0 for files written before versioning)."""
+    run_config = ckpt.get("run_config")
+    if isinstance(run_config, Mapping) and "wdm3d_format" in run_config:
+        return int(run_config["wdm3d_format"])
+    return 0
+
+
+def _shape(t: Any) -> tuple | str:
+    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_state_fits(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
+    """Raise ``RuntimeError`` naming the first key that is missing, unexpected or of another shape.
+
+    ``torch``'s own message lists every mismatch of a large network at once and starts with the missing keys;
+    this one names the first mismatch in the network's order, with both shapes.
+    """
+    own = module.state_dict()
+    for key, value in own.items():
+        if key not in state:
+            raise RuntimeError(f"{source} does not fit this network: it has no weight {key!r} (network: {_shape(value)}).")
+        if _shape(state[key]) != _shape(value):
+            raise RuntimeError(
+                f"{source} does not fit this network: {key!r} has shape {_shape(state[key])} in the checkpoint but "
+                f"{_shape(value)} in the network."
+            )
+    extra = [k for k in state if k not in own]
+    if extra:
+        raise RuntimeError(
+            f"{source} does not fit this network: the checkpoint has weight {extra[0]!r} ({_shape(state[extra[0]])}) "
+            f"that the network lacks ({len(extra)} such key(s))."
+        )
+
+
+def _unwrap(module: Any) -> Any:
+    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
+        module = module.module
+    return getattr(module, "_orig_mod", module)  # torch.compile wrapper
 
 
 def load_network_weights(
@@ -72,35 +134,150 @@ def load_network_weights(
     """Load the first of ``keys`` found in the checkpoint into ``network``; return the key used.
 
     Bundles save the EMA weights under ``"ema"`` and the raw weights under ``"model"``; sampling prefers the EMA.
-    A plain state dict (no such keys) is loaded as it is.
+    A plain state dict (no such keys) is loaded as it is. With ``strict``, a checkpoint of another architecture is
+    refused with the first mismatching key and both shapes, and the network settings it was trained with.
     """
     ckpt = load_checkpoint(path)
     key = next((k for k in keys if k in ckpt), None)
     state = ckpt[key] if key is not None else ckpt
-    target = network.module if isinstance(network, torch.nn.parallel.DistributedDataParallel) else network
-    try:
-        target.load_state_dict(state, strict=strict)
-    except RuntimeError as err:
-        first = str(err).splitlines()[0:3]
-        raise RuntimeError(
-            f"Checkpoint {path} ({key or 'state dict'}) does not fit this network: {' '.join(first)}. "
-            "Check that network_def (preset, channels) matches the configuration the checkpoint was trained with."
-        ) from err
+    target = _unwrap(network)
+    if strict:
+        try:
+            check_state_fits(target, state, f"Checkpoint {path} ({key or 'state dict'})")
+        except RuntimeError as err:
+            trained = ckpt.get("run_config", {}).get("network") if isinstance(ckpt.get("run_config"), Mapping) else None
+            hint = f" It was trained with network settings {trained}." if trained else ""
+            raise RuntimeError(
+                f"{err}{hint} Check that network_def (preset, channels) matches the configuration the checkpoint was "
+                "trained with."
+            ) from None
+    target.load_state_dict(state, strict=strict)
     if key is not None and key != keys[0]:
         logger.warning("Checkpoint %s has no %r weights; loaded %r instead.", path, keys[0], key)
     return key or "state_dict"
+
+
+class RNGState:
+    """The global random states (python, numpy, torch CPU, CUDA) as a checkpointable object.
+
+    ``state_dict`` holds only tensors and plain types, so it loads with ``weights_only=True``.
+    """
+
+    def state_dict(self) -> dict[str, Any]:
+        version, internal, gauss = random.getstate()
+        kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+        return {
+            "python": torch.tensor(internal, dtype=torch.int64), "python_version": int(version),
+            "python_gauss": None if gauss is None else float(gauss),
+            "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "numpy_pos": int(pos),
+            "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached),
+            "torch": torch.get_rng_state(),
+            "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        if not state:
+            return
+        random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()),
+                         state["python_gauss"]))
+        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]),
+                             int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
+        torch.set_rng_state(state["torch"].cpu())
+        cuda = state.get("cuda") or []
+        if torch.cuda.is_available() and cuda:
+            if len(cuda) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+            else:
+                logger.warning("Checkpoint has CUDA RNG states of %d device(s), this machine has %d: not restored.",
+                               len(cuda), torch.cuda.device_count())
+
+
+def _plain(value: Any) -> Any:
+    # JSON-like plain types only (checkpoints load with weights_only=True)
+    if isinstance(value, Mapping):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        return value.item()
+    if isinstance(value, np.generic):
+        return value.item()
+    return str(value)
+
+
+def network_arguments(network: torch.nn.Module) -> dict[str, Any]:
+    """The constructor settings of ``network`` that can be read back from it (class name, widths, groups, ...)."""
+    import inspect
+
+    net = _unwrap(network)
+    out: dict[str, Any] = {"class": f"{type(net).__module__}.{type(net).__qualname__}"}
+    try:
+        params = inspect.signature(type(net).__init__).parameters
+    except (TypeError, ValueError):
+        params = {}
+    for name in params:
+        if name != "self" and hasattr(net, name) and not callable(getattr(net, name)):
+            out[name] = _plain(getattr(net, name))
+    if "norm_num_groups" in params and "norm_num_groups" not in out:
+        norm = next((m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)), None)
+        if norm is not None:
+            out["norm_num_groups"] = norm.num_groups
+    if "dropout" in params and "dropout" not in out:
+        drop = next((m for m in net.modules() if isinstance(m, torch.nn.Dropout)), None)
+        if drop is not None:
+            out["dropout"] = drop.p
+    return out
+
+
+class RunConfig:
+    """What a checkpoint was trained with, saved under ``"run_config"``: format version, network, diffusion, settings.
+
+    Args:
+        network: the trained network (its readable constructor settings are recorded).
+        diffusion: the diffusion process (its ``config()`` is recorded).
+        settings: any other plain settings (image size, channels, preset, ...).
+    """
+
+    def __init__(self, network: torch.nn.Module | None = None, diffusion: Any = None,
+                 settings: Mapping[str, Any] | None = None) -> None:
+        self.network, self.diffusion = network, diffusion
+        self.settings = dict(settings or {})
+        self.loaded: dict[str, Any] = {}
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "wdm3d_format": FORMAT_VERSION,
+            "network": network_arguments(self.network) if self.network is not None else {},
+            "diffusion": _plain(self.diffusion.config()) if self.diffusion is not None else {},
+            "settings": _plain(self.settings),
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        version = int(state.get("wdm3d_format", 0))
+        if version > FORMAT_VERSION:
+            raise ValueError(f"Checkpoint format {version} is newer than this wdm3d reads ({FORMAT_VERSION}).")
+        self.loaded = dict(state)
+        now = self.state_dict()
+        for part in ("network", "diffusion"):
+            if state.get(part) and now[part] and state[part] != now[part]:
+                logger.warning("Resuming with different %s settings: checkpoint %s, now %s.", part, state[part], now[part])
 
 
 class ResumeFromLatest:
     """Resume training from the newest checkpoint in ``directory``, if any (an ignite handler).
 
     At ``Events.STARTED`` it restores every object of ``load_dict`` (network, EMA network, optimizer, the trainer's
-    epoch and iteration, ...) with MONAI's ``CheckpointLoader`` (``weights_only=True``); with no checkpoint it logs
-    that training starts from scratch. Attach it before any other handler.
+    epoch and iteration, RNG states, ...) from a ``weights_only=True`` load; a network of another architecture
+    fails naming the first mismatching weight. The run's ``max_epochs`` is kept (so a finished run can be extended).
+    When the checkpoint was written mid-epoch and the data loader's sampler is a
+    :class:`~wdm3d.data.ResumableSampler`, the batches that epoch already consumed are skipped, so the run
+    continues with the same data order. Attach it before any other handler.
 
     Args:
-        directory: where ``CheckpointSaver`` writes.
-        load_dict: the same dict the ``CheckpointSaver`` saves.
+        directory: where the checkpoints are written.
+        load_dict: the same dict that is saved.
         enabled: False turns resuming off (training always starts fresh).
         map_location: passed to ``torch.load``.
     """
@@ -125,6 +302,62 @@ class ResumeFromLatest:
 
         engine.add_event_handler(Events.STARTED, self)
 
+    def restore(self, engine, path: Path) -> None:
+        """Load checkpoint ``path`` into ``load_dict`` (and ``engine``'s data position)."""
+        from ignite.engine import Engine
+
+        ckpt = load_checkpoint(path, self.map_location)
+        missing = [k for k in self.load_dict if k not in ckpt and k not in _OPTIONAL]
+        if missing:
+            raise KeyError(f"Checkpoint {path} has no {missing} (it has {sorted(ckpt)}); it was not written by this "
+                           "training configuration.")
+        prior_max_epochs = engine.state.max_epochs
+        for name, obj in self.load_dict.items():
+            if name not in ckpt:
+                logger.warning("Checkpoint %s has no %r: not restored.", path, name)
+                continue
+            if isinstance(obj, torch.nn.Module):
+                target = _unwrap(obj)
+                check_state_fits(target, ckpt[name], f"Checkpoint {path} ({name})")
+                target.load_state_dict(ckpt[name])
+            elif isinstance(obj, Engine):
+                obj.load_state_dict(ckpt[name])
+            else:
+                obj.load_state_dict(ckpt[name])
+        if prior_max_epochs is not None:
+            if engine.state.epoch > prior_max_epochs:
+                raise ValueError(f"Checkpoint {path} is at epoch {engine.state.epoch}, beyond max_epochs="
+                                 f"{prior_max_epochs}: raise max_epochs to continue training.")
+            engine.state.max_epochs = prior_max_epochs
+        self._continue_data(engine, path)
+
+    @staticmethod
+    def _continue_data(engine, path: Path) -> None:
+        from ..data.safety import ResumableSampler
+
+        loader = getattr(engine, "data_loader", None)
+        length = engine.state.epoch_length
+        if loader is None or not length:
+            return
+        try:
+            if len(loader) != length:
+                logger.warning("Checkpoint %s has %d iterations per epoch, the data now %d: the data order is not "
+                               "continued exactly.", path, length, len(loader))
+                return
+        except TypeError:
+            return
+        done = engine.state.iteration % length
+        if not done:
+            return
+        sampler = getattr(loader, "sampler", None)
+        if isinstance(sampler, ResumableSampler) and loader.batch_size:
+            sampler.skip_next(done * loader.batch_size)
+            engine.logger.info("Resuming mid-epoch: skipping the %d batch(es) epoch %d already used.",
+                               done, engine.state.epoch + 1)
+        else:
+            logger.warning("Resuming mid-epoch without a ResumableSampler: epoch %d restarts its data order.",
+                           engine.state.epoch + 1)
+
     def __call__(self, engine) -> None:
         path = latest_checkpoint(self.directory) if self.enabled else None
         if path is None:
@@ -133,27 +366,45 @@ class ResumeFromLatest:
                 self.directory,
             )
             return
-        load_checkpoint(path)  # a clear error for a damaged file before ignite's
-        CheckpointLoader(load_path=str(path), load_dict=self.load_dict, map_location=self.map_location)(engine)
+        self.restore(engine, path)
         self.resumed_from = path
         engine.logger.info(
             "Resumed from %s at epoch %d, iteration %d.", path, engine.state.epoch, engine.state.iteration
         )
 
 
-class TrainingCheckpoints:
-    """Save (atomically) and resume a training run: ignite's ``Checkpoint`` plus :class:`ResumeFromLatest`, one handler.
+def _prune(directory: Path, prefix: str, keep: int | None) -> None:
+    # keep the newest ``keep`` files of one kind across restarts (ignite only prunes what its process wrote)
+    if keep is None:
+        return
+    pat = re.compile(rf"^{re.escape(prefix)}=(\d+)\.pt$")
+    found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pat.match(p.name)))
+    for _, p in found[:-keep] if keep > 0 else found:
+        p.unlink(missing_ok=True)
 
-    The trainer itself (epoch, iteration) is added to the saved objects under ``"trainer"`` when the handler is
-    attached, which a bundle config cannot do without a reference cycle (the trainer lists its handlers).
+
+class TrainingCheckpoints:
+    """Save (atomically) and resume a training run exactly: ignite's ``Checkpoint`` plus :class:`ResumeFromLatest`.
+
+    Saved with the given objects: the trainer itself (epoch, iteration) under ``"trainer"``, which a bundle config
+    cannot add without a reference cycle, the global RNG states under ``"rng"`` (:class:`RNGState`) and, with AMP,
+    the trainer's ``GradScaler`` under ``"scaler"``.
+    Iteration checkpoints are written after every other end-of-iteration handler (EMA update included), so a
+    checkpoint holds one consistent step.
+
+    On SIGTERM (e.g. a cluster pre-empting the job) the run saves ``checkpoint_interrupted_iteration=N.pt`` at the
+    end of the current iteration and stops cleanly; the previous signal handler is restored when training ends.
 
     Args:
         directory: checkpoint folder.
-        objects: what to save besides the trainer, e.g. ``{"model": net, "ema": ema_net, "optimizer": opt}``.
-        save_interval: save every this many epochs (0: only at the end).
-        n_saved: how many interval checkpoints to keep (None: all).
+        objects: what to save besides the trainer and RNG, e.g. ``{"model": net, "ema": ema_net, "optimizer": opt}``
+            (an LR scheduler too, if any).
+        save_interval: save every this many epochs (0: off).
+        n_saved: how many epoch and iteration checkpoints (each) to keep (None: all).
         save_final: also save when training completes (``checkpoint_final_iteration=N.pt``).
         resume: continue from the newest checkpoint in ``directory`` when training starts.
+        save_every_iterations: also save every this many iterations (0: off).
+        save_on_sigterm: install the SIGTERM handler described above (main thread only).
     """
 
     def __init__(
@@ -164,15 +415,26 @@ class TrainingCheckpoints:
         n_saved: int | None = 3,
         save_final: bool = True,
         resume: bool = True,
+        save_every_iterations: int = 0,
+        save_on_sigterm: bool = True,
     ) -> None:
-        if "trainer" in objects:
-            raise ValueError("objects must not contain 'trainer': the attached engine is saved under that key.")
+        for reserved in ("trainer", "rng"):
+            if reserved in objects:
+                raise ValueError(f"objects must not contain {reserved!r}: TrainingCheckpoints adds it.")
         if not isinstance(save_interval, int) or save_interval < 0:
             raise ValueError(f"save_interval must be an integer >= 0 (epochs), got {save_interval!r}.")
+        if not isinstance(save_every_iterations, int) or save_every_iterations < 0:
+            raise ValueError(f"save_every_iterations must be an integer >= 0, got {save_every_iterations!r}.")
+        if n_saved is not None and (not isinstance(n_saved, int) or n_saved < 1):
+            raise ValueError(f"n_saved must be a positive integer or None, got {n_saved!r}.")
         self.directory = Path(directory)
         self.objects = dict(objects)
         self.save_interval, self.n_saved, self.save_final, self.resume = save_interval, n_saved, save_final, resume
+        self.save_every_iterations, self.save_on_sigterm = save_every_iterations, save_on_sigterm
         self.resumer: ResumeFromLatest | None = None
+        self.stop_requested = False
+        self._previous_handler: Any = None
+        self._late_attached = False
 
     def attach(self, engine) -> None:
         # ignite's Checkpoint + an atomic DiskSaver (temp file + rename): MONAI's CheckpointSaver writes in place,
@@ -180,19 +442,83 @@ class TrainingCheckpoints:
         from ignite.engine import Events
         from ignite.handlers import Checkpoint, DiskSaver
 
-        objects = {**self.objects, "trainer": engine}
+        objects = {**self.objects, "trainer": engine, "rng": RNGState()}
+        if getattr(engine, "scaler", None) is not None and "scaler" not in objects:  # AMP's GradScaler (its scale)
+            objects["scaler"] = engine.scaler
         self.resumer = ResumeFromLatest(self.directory, objects, enabled=self.resume)
         self.resumer.attach(engine)
         self.directory.mkdir(parents=True, exist_ok=True)
         saver = DiskSaver(str(self.directory), require_empty=False, atomic=True)
         pattern = "{filename_prefix}_{score_name}={score}.{ext}"  # checkpoint_epoch=3.pt, checkpoint_final_iteration=9.pt
-        if self.save_interval > 0:
-            interval = Checkpoint(objects, saver, filename_prefix="checkpoint", score_name="epoch",
-                                  score_function=lambda e: e.state.epoch, n_saved=self.n_saved,
-                                  filename_pattern=pattern)
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), interval)
+
+        def checkpoint(prefix, score_name, n_saved):
+            fn = (lambda e: e.state.epoch) if score_name == "epoch" else (lambda e: e.state.iteration)
+            return Checkpoint(objects, saver, filename_prefix=prefix, score_name=score_name, score_function=fn,
+                              n_saved=n_saved, filename_pattern=pattern)
+
+        self._epoch_ckpt = checkpoint("checkpoint", "epoch", self.n_saved) if self.save_interval > 0 else None
+        self._iter_ckpt = checkpoint("checkpoint", "iteration", self.n_saved) if self.save_every_iterations else None
+        self._signal_ckpt = checkpoint("checkpoint_interrupted", "iteration", 1)
+        if self._epoch_ckpt is not None:
+            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._save,
+                                     self._epoch_ckpt, "checkpoint_epoch")
         if self.save_final:
-            final = Checkpoint(objects, saver, filename_prefix="checkpoint_final", score_name="iteration",
-                               score_function=lambda e: e.state.iteration, n_saved=1,
-                               filename_pattern=pattern)
-            engine.add_event_handler(Events.COMPLETED, final)
+            engine.add_event_handler(Events.COMPLETED, checkpoint("checkpoint_final", "iteration", 1))
+        engine.add_event_handler(Events.STARTED, self._on_started)
+        for event in (Events.COMPLETED, Events.TERMINATE):
+            engine.add_event_handler(event, self._restore_signal_handler)
+        engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
+
+    def _save(self, engine, ckpt, prefix: str) -> None:
+        ckpt(engine)
+        if int(os.environ.get("RANK", "0")) == 0:
+            _prune(self.directory, prefix, self.n_saved)
+
+    def _on_started(self, engine) -> None:
+        from ignite.engine import Events
+
+        if not self._late_attached:  # now every handler is attached: ours run after the EMA update
+            self._late_attached = True
+            engine.add_event_handler(Events.ITERATION_COMPLETED, self._on_iteration)
+        self.stop_requested = False
+        if self.save_on_sigterm and threading.current_thread() is threading.main_thread():
+            self._previous_handler = signal.signal(signal.SIGTERM, self._on_sigterm)
+
+    def _on_sigterm(self, signum, frame) -> None:
+        logger.warning("SIGTERM received: saving a checkpoint at the end of this iteration, then stopping.")
+        self.stop_requested = True
+
+    def _restore_signal_handler(self, engine=None) -> None:
+        if self._previous_handler is not None and threading.current_thread() is threading.main_thread():
+            signal.signal(signal.SIGTERM, self._previous_handler)
+            self._previous_handler = None
+
+    def _on_exception(self, engine, err: BaseException) -> None:
+        # ignite re-raises only when no EXCEPTION_RAISED handler is registered; the ones after this (stats, MLflow)
+        # must still run (and re-raise), so this one raises only when it is the last
+        from ignite.engine import Events
+
+        self._restore_signal_handler()
+        handlers = engine._event_handlers.get(Events.EXCEPTION_RAISED, [])
+        if not handlers or getattr(handlers[-1][0], "__self__", None) is self:
+            raise err
+
+    def _stop_everywhere(self) -> bool:
+        # every rank must stop at the same iteration (or DDP's collectives hang): any rank's signal stops all
+        stop = self.stop_requested
+        if torch.distributed.is_available() and torch.distributed.is_initialized() and self.save_on_sigterm:
+            backend = torch.distributed.get_backend()
+            device = torch.device("cuda", torch.cuda.current_device()) if backend == "nccl" else torch.device("cpu")
+            flag = torch.tensor([1.0 if stop else 0.0], device=device)
+            torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+            stop = bool(flag.item() > 0)
+        return stop
+
+    def _on_iteration(self, engine) -> None:
+        it = engine.state.iteration
+        if self._iter_ckpt is not None and it % self.save_every_iterations == 0:
+            self._save(engine, self._iter_ckpt, "checkpoint_iteration")
+        if self._stop_everywhere():
+            self._signal_ckpt(engine)
+            engine.logger.info("Stopped on SIGTERM at iteration %d; checkpoint saved in %s.", it, self.directory)
+            engine.terminate()

@@ -1,0 +1,371 @@
+"""Reliability: exact resume after SIGKILL, SIGTERM checkpoints, safe loading, numerical guards, bad inputs."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import nibabel as nib
+import numpy as np
+import pytest
+import torch
+from monai.bundle import ConfigWorkflow
+
+from wdm3d.data import ResumableSampler, SkipBadSamples, load_datalist, volume_transforms
+from wdm3d.demo import phantom_volumes
+from wdm3d.engine import (
+    EMAHandler,
+    FORMAT_VERSION,
+    GuardedIteration,
+    NonFiniteTrainingError,
+    RNGState,
+    check_cli_overrides,
+    check_override_keys,
+    latest_checkpoint,
+    load_checkpoint,
+    load_network_weights,
+)
+from wdm3d.networks import WDMUNet
+
+REPO = Path(__file__).resolve().parents[1]
+CONFIGS = REPO / "bundles" / "wdm3d_brats" / "configs"
+MONAI_MAIN = str(Path(__import__("monai").__file__).parent / "bundle" / "__main__.py")
+TINY = {
+    "image_size": [16, 16, 16], "network_def#base_channels": 8, "network_def#channel_mult": [1, 2],
+    "network_def#num_res_blocks": 1, "network_def#norm_num_groups": 4, "mlflow": False, "num_workers": 0,
+    "val_interval": 100, "train#handlers#4#on_completed": False, "ema_decay": 0.5, "learning_rate": 1e-3,
+}
+
+
+def _volume(path, data, affine=np.eye(4)):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), path)
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory):
+    root = tmp_path_factory.mktemp("prepared")
+    entries = []
+    for i, v in enumerate(phantom_volumes(4, 16, seed=5)):
+        _volume(root / f"case{i}" / "t1n.nii.gz", (v[0].numpy() + 1) / 2)
+        entries.append({"case": f"case{i}", "t1n": f"case{i}/t1n.nii.gz"})
+    (root / "datalist.json").write_text(json.dumps({"intensity_range": [0.0, 1.0], "training": entries}))
+    return root
+
+
+def root_cause(err):
+    while err.__cause__ is not None:
+        err = err.__cause__
+    return err
+
+
+def workflow(dataset, out, **overrides):
+    wf = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"),
+                        workflow_type="train", run_id="training", dataset_dir=str(dataset), output_dir=str(out),
+                        **{**TINY, **overrides})
+    wf.initialize()
+    return wf
+
+
+# --- exact resume after SIGKILL -----------------------------------------------------------------------------------
+
+DRIVER = textwrap.dedent(
+    """
+    import json, os, signal, sys
+    from ignite.engine import Events
+    from monai.bundle import ConfigWorkflow
+
+    configs, meta, overrides, kill_at = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), int(sys.argv[4])
+    wf = ConfigWorkflow(config_file=configs, meta_file=meta, workflow_type="train", run_id="training", **overrides)
+    wf.initialize()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    if kill_at:
+        @trainer.on(Events.ITERATION_COMPLETED(once=kill_at))
+        def _die(engine):  # before this iteration's checkpoint: the work since the last one is lost
+            os.kill(os.getpid(), signal.SIGKILL)
+    wf.run()
+    """
+)
+
+
+def _launch(tmp_path, dataset, out, kill_at, **extra):
+    script = tmp_path / "driver.py"
+    script.write_text(DRIVER)
+    overrides = {**TINY, "dataset_dir": str(dataset), "output_dir": str(out), "batch_size": 1, "max_epochs": 3,
+                 "save_every_iterations": 1, "save_interval": 1, "n_saved": 2, **extra}
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    return subprocess.Popen([sys.executable, str(script), str(CONFIGS / "train.json"), str(CONFIGS / "metadata.json"),
+                             json.dumps(overrides), str(kill_at)], env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def test_run_killed_with_sigkill_and_resumed_ends_with_the_same_weights(dataset, tmp_path):
+    # 4 cases, batch 1: 4 iterations per epoch, 12 in all; the kill lands in iteration 6 (epoch 2, mid-epoch),
+    # after checkpoint_iteration=5 was written
+    straight = _launch(tmp_path, dataset, tmp_path / "straight", kill_at=0)
+    killed = _launch(tmp_path, dataset, tmp_path / "killed", kill_at=6)
+    out_killed = killed.communicate(timeout=300)[0]
+    assert killed.returncode == -signal.SIGKILL, out_killed[-3000:]
+    models = tmp_path / "killed" / "models"
+    assert latest_checkpoint(models).name == "checkpoint_iteration=5.pt"
+    assert sorted(p.name for p in models.glob("checkpoint_iteration=*.pt")) == [
+        "checkpoint_iteration=4.pt", "checkpoint_iteration=5.pt"]  # n_saved=2 kept
+    resumed = _launch(tmp_path, dataset, tmp_path / "killed", kill_at=0)
+    out_resumed = resumed.communicate(timeout=300)[0]
+    out_straight = straight.communicate(timeout=300)[0]
+    assert resumed.returncode == 0, out_resumed[-3000:]
+    assert straight.returncode == 0, out_straight[-3000:]
+    assert "Resumed from" in out_resumed and "skipping the 1 batch(es)" in out_resumed
+    a = load_checkpoint(tmp_path / "straight" / "models" / "checkpoint_final_iteration=12.pt")
+    b = load_checkpoint(tmp_path / "killed" / "models" / "checkpoint_final_iteration=12.pt")
+    assert a["trainer"]["iteration"] == b["trainer"]["iteration"] == 12
+    for part in ("model", "ema"):
+        assert a[part].keys() == b[part].keys()
+        for k in a[part]:
+            assert torch.equal(a[part][k], b[part][k]), f"{part}.{k} differs after resume"
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert all(torch.equal(sa[k], sb[k]) for k in sa)
+    assert torch.equal(a["rng"]["torch"], b["rng"]["torch"])
+    # the run did change the weights (equality is not trivially true)
+    assert not torch.equal(a["model"]["conv_out.weight"], torch.zeros_like(a["model"]["conv_out.weight"]))
+
+
+def test_sigterm_saves_a_checkpoint_and_stops_cleanly(dataset, tmp_path):
+    from ignite.engine import Events
+
+    previous = signal.getsignal(signal.SIGTERM)
+    wf = workflow(dataset, tmp_path, batch_size=1, max_epochs=3, save_every_iterations=0)
+    trainer = wf.parser.get_parsed_content("train#trainer")
+
+    @trainer.on(Events.ITERATION_STARTED(once=3))
+    def _term(engine):
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    wf.run()
+    assert trainer.state.iteration == 3  # stopped at the end of the iteration the signal arrived in
+    ckpt = load_checkpoint(tmp_path / "models" / "checkpoint_interrupted_iteration=3.pt")
+    assert ckpt["trainer"]["iteration"] == 3
+    assert signal.getsignal(signal.SIGTERM) is previous  # our handler is gone again
+    # and the next run continues from there (3 % 4: mid-epoch)
+    wf = workflow(dataset, tmp_path, batch_size=1, max_epochs=1, save_every_iterations=0)
+    wf.run()
+    assert wf.parser.get_parsed_content("train#trainer").state.iteration == 4
+
+
+# --- safe loading --------------------------------------------------------------------------------------------------
+
+
+def test_checkpoints_carry_format_and_training_config_and_refuse_other_architectures(dataset, tmp_path):
+    workflow(dataset, tmp_path, batch_size=2, max_epochs=1).run()
+    path = latest_checkpoint(tmp_path / "models")
+    ckpt = load_checkpoint(path)
+    rc = ckpt["run_config"]
+    assert rc["wdm3d_format"] == FORMAT_VERSION == 1
+    assert rc["network"]["base_channels"] == 8 and rc["network"]["channel_mult"] == [1, 2]
+    assert rc["network"]["norm_num_groups"] == 4 and rc["network"]["class"].endswith("WDMUNet")
+    assert rc["diffusion"]["prediction_type"] == "sample" and rc["settings"]["image_size"] == [16, 16, 16]
+    assert {"python", "numpy", "torch"} <= set(ckpt["rng"])
+    # resuming into a wider network names the first mismatching weight and both shapes
+    wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=2, **{"network_def#base_channels": 16})
+    with pytest.raises(Exception) as err:
+        wf.run()
+    msg = str(root_cause(err.value))
+    assert "does not fit this network" in msg and path.name in msg
+    assert "'time_embed.0.weight' has shape (32, 8) in the checkpoint but (64, 16) in the network" in msg
+    # so does loading weights for sampling, with what the checkpoint was trained with
+    wide = WDMUNet(base_channels=16, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4)
+    with pytest.raises(RuntimeError, match=r"'time_embed.0.weight' has shape \(32, 8\).*'base_channels': 8"):
+        load_network_weights(wide, path)
+    # a checkpoint from a newer format is refused
+    ckpt["run_config"]["wdm3d_format"] = FORMAT_VERSION + 1
+    torch.save(ckpt, tmp_path / "future.pt")
+    with pytest.raises(ValueError, match=r"future\.pt has format 2"):
+        load_checkpoint(tmp_path / "future.pt")
+
+
+def test_rng_state_round_trips_with_weights_only(tmp_path):
+    import random
+
+    torch.manual_seed(1), np.random.seed(2), random.seed(3)
+    torch.save({"rng": RNGState().state_dict()}, tmp_path / "r.pt")
+    expected = (torch.rand(3), np.random.rand(3), random.random())
+    torch.manual_seed(9), np.random.seed(9), random.seed(9)
+    RNGState().load_state_dict(torch.load(tmp_path / "r.pt", weights_only=True)["rng"])
+    assert torch.equal(torch.rand(3), expected[0]) and np.array_equal(np.random.rand(3), expected[1])
+    assert random.random() == expected[2]
+
+
+def test_resumable_sampler_order_depends_on_seed_and_epoch_and_skips():
+    data = list(range(10))
+    s = ResumableSampler(data, seed=4)
+    s.set_epoch(1)
+    first = list(s)
+    assert sorted(first) == data and list(s) == first  # same epoch: same order
+    s.set_epoch(2)
+    assert list(s) != first
+    s.set_epoch(1)
+    s.skip_next(3)
+    assert list(s) == first[3:] and list(s) == first  # skipping applies to one pass only
+    ranks = [list(ResumableSampler(data, seed=4, num_replicas=2, rank=r)) for r in (0, 1)]
+    assert sorted(ranks[0] + ranks[1]) == data
+
+
+# --- numerical guards ----------------------------------------------------------------------------------------------
+
+
+def _guarded_trainer(losses, max_nonfinite_steps=2, grad_clip_norm=None, lr=0.1, amp=False):
+    from monai.engines import SupervisedTrainer
+
+    torch.manual_seed(0)
+    net = torch.nn.Linear(4, 1)
+    calls = iter(losses)
+
+    def loss_fn(pred, target):  # a normal MSE, with the scale factor of each step taken from ``losses``
+        return ((pred - target) ** 2).mean() * next(calls)
+
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    ema = EMAHandler(net, momentum=0.5)
+    data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1) * 100} for _ in range(len(losses))]
+    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
+                                optimizer=opt, loss_function=loss_fn, decollate=False, amp=amp,
+                                iteration_update=GuardedIteration(grad_clip_norm, max_nonfinite_steps))
+    if amp:  # MONAI makes a GradScaler only with CUDA; a CPU one runs the same scale/unscale/step/update path
+        trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
+    ema.attach(trainer)
+    seen = []
+
+    from ignite.engine import Events
+
+    @trainer.on(Events.ITERATION_COMPLETED)
+    def _record(engine):
+        seen.append((net.weight.detach().clone(), ema.ema_model.weight.detach().clone(), engine.state.output["loss"]))
+
+    return trainer, seen
+
+
+@pytest.mark.parametrize("amp", [False, True])  # True: the AMP path with a GradScaler
+def test_non_finite_steps_are_skipped_counted_and_stop_after_a_streak(amp):
+    trainer, seen = _guarded_trainer([1.0, float("nan"), 1.0, float("inf"), float("nan"), float("nan")], amp=amp)
+    assert (trainer.scaler is not None) == amp
+    with pytest.raises(NonFiniteTrainingError, match=r"3 consecutive.*max_nonfinite_steps=2"):
+        trainer.run()
+    (w1, e1, _), (w2, e2, l2), (w3, e3, _), (w4, e4, _), (w5, e5, _) = seen
+    assert torch.isnan(l2) and torch.equal(w1, w2) and torch.equal(e1, e2)  # no update, no EMA update
+    assert not torch.equal(w2, w3) and not torch.equal(e2, e3)  # a finite step trains again
+    assert torch.equal(w3, w4) and torch.equal(w4, w5) and torch.equal(e3, e5)
+    assert trainer.state.nonfinite_steps == 4 and trainer.state.metrics["nonfinite_steps"] == 4
+    assert torch.isfinite(w5).all()
+    if amp:
+        assert trainer.scaler.get_scale() < 8.0  # the skipped steps lowered the loss scale
+
+
+def test_gradient_clipping_bounds_the_update():
+    trainer, seen = _guarded_trainer([1.0, 1.0], grad_clip_norm=0.01, lr=1.0)
+    w0 = trainer.network.weight.detach().clone()
+    trainer.run()
+    step = seen[0][0] - w0  # the weight's share of the update (the bias takes the rest of the clipped norm)
+    assert 0 < step.norm() <= 0.01 + 1e-6  # SGD lr 1: the update is the clipped gradient
+    assert trainer.state.metrics["grad_norm_total"] > 0.01  # the raw norm was larger
+    with pytest.raises(ValueError, match="grad_clip_norm"):
+        GuardedIteration(grad_clip_norm=0)
+
+
+# --- the bad-input matrix ------------------------------------------------------------------------------------------
+
+
+def _load(path, key="img", **kw):
+    return volume_transforms(key, (8, 8, 8), **kw)({key: path})
+
+
+def test_bad_inputs_fail_with_errors_that_name_the_file(tmp_path):
+    good = _volume(tmp_path / "good.nii.gz", np.full((8, 8, 8), 0.5))
+    assert tuple(_load(good)["img"].shape) == (1, 8, 8, 8)
+    trunc = tmp_path / "trunc.nii.gz"
+    trunc.write_bytes(Path(good).read_bytes()[:60])
+    with pytest.raises(ValueError, match=r"Could not read .*trunc\.nii\.gz.*truncated"):
+        _load(str(trunc))
+    (tmp_path / "junk.nii").write_bytes(b"not a nifti file at all" * 20)
+    with pytest.raises(ValueError, match=r"Could not read .*junk\.nii"):
+        _load(str(tmp_path / "junk.nii"))
+    flat = _volume(tmp_path / "slice.nii.gz", np.zeros((8, 8)))
+    with pytest.raises(ValueError, match=r"img: .*slice\.nii\.gz has 2 spatial dimension\(s\)"):
+        _load(flat)
+    multi = _volume(tmp_path / "multi.nii.gz", np.zeros((8, 8, 8, 2)))
+    with pytest.raises(ValueError, match=r"multi\.nii\.gz has 2 channel\(s\).*num_channels=1"):
+        _load(multi, num_channels=1)
+    nan = np.full((8, 8, 8), 0.5)
+    nan[1, 2, 3], nan[4, 4, 4] = np.nan, np.inf
+    with pytest.raises(ValueError, match=r"nan\.nii\.gz has 2 NaN/Inf voxel"):
+        _load(_volume(tmp_path / "nan.nii.gz", nan))
+    hu = _volume(tmp_path / "hu.nii.gz", np.linspace(-1000, 1000, 512).reshape(8, 8, 8))
+    with pytest.raises(ValueError, match=r"hu\.nii\.gz spans \[-1000, 1000\], far outside intensity_range \[0, 1\]"):
+        _load(hu)
+    slight = _volume(tmp_path / "slight.nii.gz", np.linspace(-0.2, 1.2, 512).reshape(8, 8, 8))
+    assert float(_load(slight)["img"].max()) == 1.0  # small overshoots are clipped, not an error
+    # wrong modality count: a key listing two files stacks two channels
+    other = _volume(tmp_path / "other.nii.gz", np.full((8, 8, 8), 0.5))
+    with pytest.raises(ValueError, match=r"good\.nii\.gz, .*other\.nii\.gz has 2 channel\(s\) \(modalities\)"):
+        _load([good, other], num_channels=1)
+
+
+def test_bad_datalists_name_the_file_and_key(tmp_path):
+    (tmp_path / "a.nii.gz").write_bytes(b"x")
+    path = tmp_path / "datalist.json"
+    path.write_text(json.dumps({"training": []}))
+    with pytest.raises(ValueError, match=r"datalist\.json: split 'training' is empty"):
+        load_datalist(path, "training", ["t1n"])
+    path.write_text(json.dumps({"training": [{"t1n": "a.nii.gz"}, {"t1n": "gone.nii.gz"}]}))
+    with pytest.raises(FileNotFoundError, match=r"entry 1 of 'training' lists t1n=.*gone\.nii\.gz"):
+        load_datalist(path, "training", ["t1n"])
+    with pytest.raises(KeyError, match=r"no key\(s\) \['t2w'\]"):
+        load_datalist(path, "training", ["t2w"], check_files=False)
+    with pytest.raises(ValueError, match="empty"):
+        SkipBadSamples([])
+
+
+def test_misspelt_override_keys_are_refused_with_the_closest_key():
+    config = json.loads((CONFIGS / "train.json").read_text())
+    check_override_keys(config, ["batch_size", "network_def#base_channels", "train#dataloader#pin_memory"])
+    with pytest.raises(KeyError, match=r"'bacth_size'.*Did you mean 'batch_size'"):
+        check_override_keys(config, ["bacth_size"])
+    with pytest.raises(KeyError, match=r"'diffusion#lll_scal'.*Did you mean 'diffusion#lll_scale'"):
+        check_override_keys(config, ["diffusion#lll_scal"])
+    argv = [MONAI_MAIN, "run", "training", "--config_file", str(CONFIGS / "train.json"), "--max_epoch", "3"]
+    with pytest.raises(KeyError, match=r"'max_epoch'.*'max_epochs'"):
+        check_cli_overrides(argv)
+    assert check_cli_overrides(["pytest", "--bacth_size", "2"]) is False  # not a bundle run: not checked
+
+
+def test_misspelt_key_stops_a_monai_bundle_run(tmp_path):
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+           "--output_dir", str(tmp_path), "--bacth_size", "2"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode != 0
+    assert "Unknown config key 'bacth_size'" in proc.stderr and "Did you mean 'batch_size'" in proc.stderr
+    assert not (tmp_path / "models").exists()  # stopped before training
+
+
+def test_a_bad_sample_is_skipped_and_counted_during_training(dataset, tmp_path):
+    data = json.loads((dataset / "datalist.json").read_text())
+    nan = np.full((16, 16, 16), 0.5)
+    nan[3, 3, 3] = np.nan
+    _volume(tmp_path / "bad" / "t1n.nii.gz", nan)
+    data["training"] = [{**e, "t1n": str(dataset / e["t1n"])} for e in data["training"]]
+    data["training"].append({"case": "bad", "t1n": str(tmp_path / "bad" / "t1n.nii.gz")})
+    (tmp_path / "datalist.json").write_text(json.dumps(data))
+    wf = workflow(tmp_path, tmp_path / "out", batch_size=1, max_epochs=1)
+    wf.run()
+    trainer = wf.parser.get_parsed_content("train#trainer")
+    ds = wf.parser.get_parsed_content("train#dataset")
+    assert trainer.state.iteration == 5  # the bad case was replaced, not dropped or fatal
+    assert list(ds.bad_samples) == [4] and "NaN/Inf" in ds.bad_samples[4] and "bad/t1n.nii.gz" in ds.bad_samples[4]
+    assert trainer.state.metrics["bad_samples"] == 1
+    wf = workflow(tmp_path, tmp_path / "out0", batch_size=1, max_epochs=1, max_bad_samples=0)
+    with pytest.raises(Exception) as err:
+        wf.run()
+    assert "max_bad_samples=0" in str(root_cause(err.value)) and "bad/t1n.nii.gz" in str(root_cause(err.value))

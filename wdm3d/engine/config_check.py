@@ -1,0 +1,165 @@
+"""Fail on misspelt override keys, and seed a run deterministically.
+
+``monai.bundle run ... --bacth_size 2`` silently adds a new key ``bacth_size`` and trains with the default batch
+size; :func:`check_cli_overrides` (called from a bundle's ``initialize``) stops such a run, naming the unknown key
+and the closest known one.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import json
+import sys
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["check_override_keys", "check_cli_overrides", "config_ids", "seed_everything"]
+
+# arguments of ``monai.bundle run`` itself, not config overrides
+_RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
+             "workflow_name", "workflow_type", "properties_path"}
+
+
+def config_ids(config: Mapping[str, Any], prefix: str = "", depth: int = 4) -> list[str]:
+    """Every id (``a``, ``a#b``, ``a#0#c``, ...) of a nested config, down to ``depth`` levels."""
+    out: list[str] = []
+    items = config.items() if isinstance(config, Mapping) else enumerate(config)
+    for key, value in items:
+        ident = f"{prefix}{key}"
+        out.append(ident)
+        if depth > 1 and isinstance(value, (Mapping, list)):
+            out += config_ids(value, ident + "#", depth - 1)
+    return out
+
+
+def check_override_keys(config: Mapping[str, Any], overrides: Iterable[str], source: str = "the command line") -> None:
+    """Raise ``KeyError`` for the first override key the config does not define, naming the closest known key.
+
+    Args:
+        config: the merged bundle config (dict, as read from its JSON files).
+        overrides: override ids (``batch_size``, ``network_def#base_channels``, ...).
+        source: where the overrides came from, for the message.
+    """
+    known = config_ids(config)
+    known_set = set(known)
+    for key in overrides:
+        if key in known_set or key in _RUN_ARGS:
+            continue
+        parent, _, name = key.rpartition("#")
+        node = _node(config, parent) if parent else None
+        candidates = known
+        if isinstance(node, Mapping) and "_target_" in node:  # a new argument of a component: ask its signature
+            params = _parameters(node["_target_"])
+            if params is None or name in params:
+                continue
+            candidates = [f"{parent}#{p}" for p in params]
+        close = difflib.get_close_matches(key, candidates, n=1, cutoff=0.6)
+        hint = f" Did you mean {close[0]!r}?" if close else ""
+        raise KeyError(
+            f"Unknown config key {key!r} from {source}: no config file defines it, so it would be silently ignored."
+            f"{hint}"
+        )
+
+
+def _node(config: Any, ident: str) -> Any:
+    node = config
+    for part in ident.split("#"):
+        if isinstance(node, Mapping) and part in node:
+            node = node[part]
+        elif isinstance(node, list) and part.isdigit() and int(part) < len(node):
+            node = node[int(part)]
+        else:
+            return None
+    return node
+
+
+def _parameters(target: Any) -> list[str] | None:
+    """The keyword arguments a component's ``_target_`` accepts (None: any, or it cannot be told)."""
+    import inspect
+
+    if not isinstance(target, str):
+        return None
+    try:
+        import pydoc
+
+        from monai.bundle.config_item import ComponentLocator
+
+        module = ComponentLocator().get_component_module_name(target)
+        obj = pydoc.locate(f"{module[0] if isinstance(module, list) else module}.{target}" if module else target)
+        if obj is None:
+            return None
+        params = inspect.signature(obj).parameters.values()
+    except Exception:
+        return None
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
+        return None
+    return [p.name for p in params]
+
+
+def _override_keys(argv: Sequence[str]) -> list[str]:
+    keys = []
+    for arg in argv:
+        if arg.startswith("--") and len(arg) > 2:
+            keys.append(arg[2:].split("=", 1)[0])
+    return keys
+
+
+def _arg_value(argv: Sequence[str], name: str) -> str | None:
+    for i, arg in enumerate(argv):
+        if arg == f"--{name}" and i + 1 < len(argv):
+            return argv[i + 1]
+        if arg.startswith(f"--{name}="):
+            return arg.split("=", 1)[1]
+    return None
+
+
+def _files(value: str) -> list[str]:
+    try:
+        parsed = ast.literal_eval(value)
+    except (ValueError, SyntaxError):
+        parsed = value
+    if isinstance(parsed, str):
+        return [p for p in parsed.split(",") if p]
+    return [str(p) for p in parsed]
+
+
+def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
+    """In a ``python -m monai.bundle run`` process, check its ``--key value`` overrides against the config files.
+
+    Does nothing (returns False) in any other process (e.g. a ``ConfigWorkflow`` built in Python, where the
+    caller's own command line is not a bundle's). Overrides from ``--args_file`` are checked too.
+
+    Raises:
+        KeyError: an override key that no config file defines, naming the closest known key.
+    """
+    argv = list(sys.argv if argv is None else argv)
+    if not argv or not Path(argv[0]).as_posix().endswith("monai/bundle/__main__.py"):
+        return False
+    from monai.bundle import ConfigParser
+
+    config_file = _arg_value(argv, "config_file")
+    if config_file is None:
+        return False
+    config = ConfigParser.load_config_files(_files(config_file))
+    meta = _arg_value(argv, "meta_file")
+    if meta:
+        config["_meta_"] = ConfigParser.load_config_files(_files(meta))
+    keys = _override_keys(argv[1:])
+    args_file = _arg_value(argv, "args_file")
+    if args_file:
+        keys += list(json.loads(Path(args_file).read_text()))
+    check_override_keys(config, keys)
+    return True
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    """Seed python, numpy and torch (MONAI's ``set_determinism``); ``deterministic`` also asks torch for
+    deterministic algorithms (a warning, not an error, for ops that have none)."""
+    import torch
+    from monai.utils import set_determinism
+
+    set_determinism(seed=seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
