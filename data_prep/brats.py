@@ -1116,14 +1116,20 @@ def build_parser() -> argparse.ArgumentParser:
                         help="average-pooling factor, 2 turns 256^3 into 128^3 (default: the preset's, 1)")
     parser.add_argument("--seg-pool", default="mode", choices=SEG_POOL_MODES,
                         help="how the label map is pooled (default: mode)")
+    parser.add_argument("--no-harmonize-labels", action="store_true", help="keep BraTS 2021 label 4 instead of 3")
+    add_batch_arguments(parser)
+    return parser
+
+
+def add_batch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """The options every preparation tool shares: ``--split``, ``--seed``, ``--workers``, ``--overwrite``, ``--quiet``."""
     parser.add_argument("--split", nargs=3, type=float, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
                         help="fractions of patients per split (default: 0.8 0.1 0.1)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default: 0)")
-    parser.add_argument("--no-harmonize-labels", action="store_true", help="keep BraTS 2021 label 4 instead of 3")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
     parser.add_argument("--overwrite", action="store_true",
                         help="prepare every case again (default: cases whose outputs are up to date are skipped)")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
 
 

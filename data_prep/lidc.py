@@ -78,6 +78,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from .brats import (
+    add_batch_arguments,
     RECORD_NAME,
     REPORT_COLUMNS,
     SPLIT_KEYS,
@@ -833,17 +834,12 @@ def build_parser() -> argparse.ArgumentParser:
                         help="fixed HU clip (default: -1000 up to the --percentile of each scan, as WDM)")
     parser.add_argument("--percentile", type=float, default=99.9, help="top clip percentile (default: 99.9)")
     parser.add_argument("--pool", type=int, default=1, help="average-pooling factor, 2 gives 128^3 (default: 1)")
-    parser.add_argument("--split", nargs=3, type=float, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
-                        help="fractions of patients per split (default: 0.8 0.1 0.1)")
-    parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default: 0)")
     parser.add_argument("--min-slices", type=int, default=10, help="reject series with fewer slices (default: 10)")
     parser.add_argument("--spacing-tolerance", type=float, default=0.02,
                         help="relative slice-step deviation that rejects a series (default: 0.02)")
     parser.add_argument("--tilt-tolerance", type=float, default=0.5,
                         help="degrees of gantry tilt that reject a series (default: 0.5)")
-    parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
-    parser.add_argument("--overwrite", action="store_true", help="prepare every patient again")
-    parser.add_argument("--quiet", action="store_true", help="no progress bars")
+    add_batch_arguments(parser)
     return parser
 
 
