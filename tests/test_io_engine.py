@@ -62,7 +62,7 @@ def test_mid_slices_are_oriented_by_the_affine():
 def test_montage_layout_and_save(tmp_path):
     vols = torch.rand(3, 1, 8, 10, 12)
     img = montage(vols, value_range=(0, 1))
-    # rows: one per volume (+1 px gaps); columns: axial (10 wide? no: x=8), coronal, sagittal with gaps
+    # one row per volume, each as tall as the tallest mid-slice (12) plus a 1 px gap
     assert img.dtype == np.uint8 and img.shape[0] == 3 * (max(10, 12) + 1)
     path = save_montage(tmp_path / "m.png", vols)
     from PIL import Image

@@ -187,7 +187,7 @@ class VolumeGenerator:
         affine, shape, (lo, hi), geometry_source = self._geometry(ckpt)
         keys = ("ema", "model", "network") if self.use_ema else ("model", "network", "ema")
         self.network.to(self.device)
-        weights = load_network_weights(self.network, ckpt_path, keys)
+        weights = load_network_weights(self.network, ckpt_path, keys, checkpoint=ckpt)
         self.network.eval()
         channels = self.network.out_channels // 8 if hasattr(self.network, "out_channels") else 1
         self.output_dir.mkdir(parents=True, exist_ok=True)

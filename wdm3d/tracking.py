@@ -317,8 +317,12 @@ class MLflowTracker:
         opt = getattr(engine, "optimizer", None)
         if opt is not None:
             metrics["lr"] = opt.param_groups[0]["lr"]
-            grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if grads:
+            guarded = engine.state.metrics.get("grad_norm_total")  # GuardedIteration's norm of this step
+            grads = [] if guarded is not None else [
+                p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
+            if guarded is not None:
+                metrics["grad_norm"] = float(guarded)
+            elif grads:
                 metrics["grad_norm"] = float(torch.linalg.vector_norm(torch.stack(
                     [torch.linalg.vector_norm(g.detach().float()) for g in grads])))
         now = time.perf_counter()

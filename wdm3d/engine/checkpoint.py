@@ -130,14 +130,18 @@ def load_network_weights(
     path: str | os.PathLike,
     keys: tuple[str, ...] = ("ema", "model", "network"),
     strict: bool = True,
+    checkpoint: Mapping[str, Any] | None = None,
 ) -> str:
     """Load the first of ``keys`` found in the checkpoint into ``network``; return the key used.
+
+    ``checkpoint``: the already-loaded contents of ``path`` (from :func:`load_checkpoint`), so that a caller that
+    needs other entries too does not read a large file twice; ``path`` then only names it in messages.
 
     Bundles save the EMA weights under ``"ema"`` and the raw weights under ``"model"``; sampling prefers the EMA.
     A plain state dict (no such keys) is loaded as it is. With ``strict``, a checkpoint of another architecture is
     refused with the first mismatching key and both shapes, and the network settings it was trained with.
     """
-    ckpt = load_checkpoint(path)
+    ckpt = dict(checkpoint) if checkpoint is not None else load_checkpoint(path)
     key = next((k for k in keys if k in ckpt), None)
     state = ckpt[key] if key is not None else ckpt
     target = _unwrap(network)
