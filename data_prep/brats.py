@@ -80,6 +80,8 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
+from wdm3d.io.nifti import atomic_write_text, save_nifti
+
 __all__ = [
     "MODALITIES",
     "SEG",
@@ -581,32 +583,12 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
 
 
 def _write_nifti(data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1)) -> None:
-    """Write ``data`` atomically: a hidden temporary file in the same folder, then ``os.replace``."""
-    img = nib.Nifti1Image(data, affine)
-    img.header.set_xyzt_units("mm")
-    qcode, scode = (c if c > 0 else 1 for c in codes)
-    img.set_sform(affine, code=scode)
-    img.set_qform(affine, code=qcode)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".nii.gz", dir=path.parent)
-    os.close(fd)
-    try:
-        nib.save(img, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    """Write ``data`` atomically, keeping its dtype and the given (qform, sform) codes."""
+    save_nifti(data, affine, path, dtype=data.dtype, codes=codes)
 
 
 def _write_json(obj: Any, path: Path) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as fh:
-            json.dump(obj, fh, indent=2)
-            fh.write("\n")
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
 
 
 def _spacing(affine: np.ndarray) -> list[float]:

@@ -46,6 +46,7 @@ def save_nifti(
     path: str | os.PathLike,
     dtype: np.dtype | type = np.float32,
     description: str | None = None,
+    codes: tuple[int, int] = (1, 1),
 ) -> Path:
     """Write a 3D volume as NIfTI with the given voxel-to-world (RAS) affine, atomically.
 
@@ -55,8 +56,9 @@ def save_nifti(
         path: output file (``.nii`` or ``.nii.gz``).
         dtype: on-disk data type.
         description: goes into the header's ``descrip`` field (80 bytes max), e.g. "synthetic (wdm3d)".
+        codes: ``(qform_code, sform_code)``, e.g. the source's to keep them (a code <= 0 becomes 1).
 
-    Both the sform and the qform are set (code 1, scanner) and units are mm, which is what 3D Slicer reads.
+    Both the sform and the qform are set (code 1, scanner, by default) and units are mm, which is what 3D Slicer reads.
     """
     arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     if arr.ndim == 4 and arr.shape[0] == 1:
@@ -68,8 +70,9 @@ def save_nifti(
     if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
         raise ValueError(f"affine must be a finite, invertible 4x4 matrix, got {aff.tolist()} for {path}.")
     img = nib.Nifti1Image(arr.astype(dtype), aff)
-    img.set_sform(aff, code=1)
-    img.set_qform(aff, code=1)
+    qcode, scode = (int(c) if int(c) > 0 else 1 for c in codes)
+    img.set_sform(aff, code=scode)
+    img.set_qform(aff, code=qcode)
     img.header.set_xyzt_units("mm", "sec")
     if description:
         img.header["descrip"] = description.encode("ascii", "replace")[:79]
