@@ -1,0 +1,264 @@
+"""WFVAE3D and its depth-causal blocks: chunked == whole, causality, gradients, energy flow, shapes, errors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from wdm3d.networks.causal import CausalConv3d, ChannelRMSNorm, causal_cache
+from wdm3d.networks.vae_base import LatentDistribution, VAEOutput
+from wdm3d.networks.wfvae import WFVAE3D
+from wdm3d.wavelets import idwt3d, wavedec3d
+
+TOL = 1e-5
+
+
+def tiny(levels: int = 2, **kwargs) -> WFVAE3D:
+    """A narrow model with random weights everywhere (norm gains and biases too), so no check passes trivially."""
+    cfg = dict(latent_channels=4, levels=levels, base_channels=8, num_res_blocks=1, num_mid_blocks=1)
+    cfg.update(kwargs)
+    model = WFVAE3D(**cfg)
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.ndim == 1:  # norm gains around 1, biases around 0
+                p.copy_((1.0 if torch.all(p == 1) else 0.0) + 0.2 * torch.randn_like(p))
+    return model.eval()
+
+
+def max_diff(a: torch.Tensor, b: torch.Tensor) -> float:
+    return (a - b).abs().max().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# chunked == whole
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "levels, depth, chunks",
+    [
+        (2, 20, (4, 8, 12, 32)),  # 20 is not a multiple of 8 or 12; 32 > depth is one slab
+        (3, 40, (8, 16, 24)),  # 40 is not a multiple of 16 or 24
+    ],
+)
+def test_encode_chunked_equals_encode(levels: int, depth: int, chunks: tuple[int, ...]) -> None:
+    model = tiny(levels, in_channels=2)
+    x = torch.randn(2, 2, depth, 8, 8)
+    with torch.no_grad():
+        whole = model.encode(x)
+    assert whole.mean.std() > 0.05 and whole.logvar.std() > 0.05  # non-degenerate latents
+    for chunk in chunks:
+        got = model.encode_chunked(x, chunk)
+        assert isinstance(got, LatentDistribution)
+        assert got.mean.shape == whole.mean.shape
+        assert max_diff(got.mean, whole.mean) <= TOL, chunk
+        assert max_diff(got.logvar, whole.logvar) <= TOL, chunk
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_decode_chunked_equals_decode(levels: int) -> None:
+    model = tiny(levels)
+    z = torch.randn(1, 4, 7, 2, 2)  # 7 latent slices: no chunk below divides it except 1 and 7
+    with torch.no_grad():
+        whole = model.decode(z)
+    assert whole.shape == (1, 1, 7 * 2**levels, 2 * 2**levels, 2 * 2**levels)
+    assert whole.std() > 0.05
+    for chunk in (1, 2, 3, 5, 7, 10):
+        assert max_diff(model.decode_chunked(z, chunk), whole) <= TOL, chunk
+
+
+def test_cache_does_not_leak_between_calls() -> None:
+    model = tiny(2)
+    x1, x2 = torch.randn(1, 1, 16, 8, 8), torch.randn(1, 1, 16, 8, 8)
+    with torch.no_grad():
+        before = model.encode(x2).mean
+        model.encode_chunked(x1, 4)  # leaves nothing behind ...
+        assert torch.equal(model.encode(x2).mean, before)  # ... for whole-volume calls
+        assert max_diff(model.encode_chunked(x2, 4).mean, before) <= TOL  # ... nor for the next chunked call
+        z1, z2 = torch.randn(1, 4, 4, 2, 2), torch.randn(1, 4, 4, 2, 2)
+        dec_before = model.decode(z2)
+        model.decode_chunked(z1, 1)
+        assert torch.equal(model.decode(z2), dec_before)
+        assert max_diff(model.decode_chunked(z2, 3), dec_before) <= TOL
+    assert all(not m._streaming and m._cache is None for m in model.modules() if isinstance(m, CausalConv3d))
+
+
+def test_causal_cache_is_cleared_after_an_error_and_not_nested() -> None:
+    conv = CausalConv3d(1, 1, 3)
+    with pytest.raises(RuntimeError, match="boom"):
+        with causal_cache(conv):
+            conv(torch.randn(1, 1, 4, 4, 4))
+            raise RuntimeError("boom")
+    assert conv._cache is None and not conv._streaming
+    with causal_cache(conv):
+        with pytest.raises(RuntimeError, match="already active"):
+            with causal_cache(conv):
+                pass
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# causality: what makes the cache possible
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels, k", [(2, 8), (3, 16)])
+def test_encoder_is_causal_along_depth(levels: int, k: int) -> None:
+    model = tiny(levels)
+    f = model.downsample_factor
+    x = torch.randn(1, 1, 32, 8, 8)
+    x2 = x.clone()
+    x2[:, :, k:] = torch.randn_like(x2[:, :, k:])
+    with torch.no_grad():
+        a, b = model.encode(x).mean, model.encode(x2).mean
+    assert max_diff(a[:, :, : k // f], b[:, :, : k // f]) <= 1e-6  # latent slices before k/f: untouched
+    assert max_diff(a[:, :, k // f], b[:, :, k // f]) > 1e-3  # the slice that sees the change does change
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_decoder_is_causal_along_depth(levels: int) -> None:
+    model = tiny(levels)
+    f, j = model.downsample_factor, 3
+    z = torch.randn(1, 4, 6, 2, 2)
+    z2 = z.clone()
+    z2[:, :, j:] += 1.0
+    with torch.no_grad():
+        a, b = model.decode(z), model.decode(z2)
+    assert max_diff(a[:, :, : j * f], b[:, :, : j * f]) <= 1e-6
+    assert max_diff(a[:, :, j * f :], b[:, :, j * f :]) > 1e-3
+
+
+def test_channel_norm_is_per_voxel() -> None:
+    norm = ChannelRMSNorm(4)
+    x = torch.randn(2, 4, 6, 3, 3)
+    y = norm(x)
+    x[:, :, 3:] *= 100.0  # later slices rescaled: earlier slices unaffected (GroupNorm would change them)
+    assert torch.equal(norm(x)[:, :, :3], y[:, :, :3])
+    assert torch.allclose(y.square().mean(1), torch.ones(2, 6, 3, 3), atol=1e-4)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# training forward
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_gradients_reach_every_parameter() -> None:
+    model = tiny(2).train()
+    x = torch.randn(2, 1, 16, 8, 8)
+    out = model(x)
+    assert isinstance(out, VAEOutput)
+    loss = (out.reconstruction - x).abs().mean()
+    loss.backward()
+    missing = [n for n, p in model.named_parameters() if p.grad is None or not torch.any(p.grad != 0)]
+    assert not missing, f"no gradient reaches {missing}"
+    assert model.last_layer_weight() is model.decoder.heads[0][-1].weight
+    assert model.last_layer_weight().grad is not None
+
+
+def test_checkpointing_gives_the_same_gradients() -> None:
+    x = torch.randn(1, 1, 16, 8, 8)
+    grads = []
+    for use_checkpoint in (False, True):
+        torch.manual_seed(1)
+        model = tiny(2, use_checkpoint=use_checkpoint).train()
+        out = model(x, sample=False)
+        ((out.reconstruction - x).abs().mean() + out.posterior.kl().mean() * 1e-6).backward()
+        grads.append(torch.cat([p.grad.flatten() for p in model.parameters()]))
+    assert torch.allclose(grads[0], grads[1], atol=1e-6)
+
+
+def test_energy_flow_path_matters() -> None:
+    model = tiny(2)
+    x = torch.randn(1, 1, 16, 8, 8)
+    z = torch.randn(1, 4, 4, 2, 2)
+    with torch.no_grad():
+        lat_on, rec_on = model.encode(x).mean, model.decode(z)
+        model.energy_flow = False  # switch the path off: zeros injected, no low band added upward
+        lat_off, rec_off = model.encode(x).mean, model.decode(z)
+        model.energy_flow = True
+        assert max_diff(lat_on, lat_off) > 1e-3
+        assert max_diff(rec_on, rec_off) > 1e-3
+        for conv in model.encoder.inject:  # zeroing the injection weights has the same effect on the encoder
+            conv.weight.zero_()
+            conv.bias.zero_()
+        assert max_diff(model.encode(x).mean, lat_off) <= 1e-6
+        # chunked stays exact with the path off
+        model.energy_flow = False
+        assert max_diff(model.encode_chunked(x, 4).mean, lat_off) <= TOL
+        assert max_diff(model.decode_chunked(z, 1), rec_off) <= TOL
+
+
+def test_model_built_without_energy_flow() -> None:
+    full, ablated = tiny(3), tiny(3, energy_flow=False)
+    assert sum(p.numel() for p in ablated.parameters()) < sum(p.numel() for p in full.parameters())
+    out = ablated(torch.randn(1, 1, 16, 16, 16))
+    assert len(out.enc_coeffs) == len(out.dec_coeffs) == 1
+    assert out.reconstruction.shape == (1, 1, 16, 16, 16)
+    ablated.energy_flow = True
+    with pytest.raises(RuntimeError, match="built with energy_flow=False"):
+        ablated.encode(torch.randn(1, 1, 16, 16, 16))
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# shapes and the pyramid
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("levels", [1, 2, 3])
+def test_shapes_and_downsample_factor(levels: int) -> None:
+    model = tiny(levels, in_channels=2, out_channels=2)
+    f = 2**levels
+    assert model.downsample_factor == f and model.latent_channels == 4
+    x = torch.randn(2, 2, 16, 8, 24)
+    with torch.no_grad():
+        post = model.encode(x)
+        assert post.mean.shape == post.logvar.shape == (2, 4, 16 // f, 8 // f, 24 // f)
+        assert model.decode(post.mean).shape == x.shape
+
+
+@pytest.mark.parametrize("levels", [2, 3])
+def test_pyramids_line_up(levels: int) -> None:
+    model = tiny(levels, in_channels=2)
+    x = torch.randn(1, 2, 16, 16, 8)
+    out = model(x, sample=False)
+    assert len(out.enc_coeffs) == len(out.dec_coeffs) == levels
+    ref = wavedec3d(x, levels)
+    for i, (enc, dec) in enumerate(zip(out.enc_coeffs, out.dec_coeffs)):
+        assert enc.shape == dec.shape == (1, 16, 16 >> (i + 1), 16 >> (i + 1), 8 >> (i + 1))
+        assert torch.allclose(enc[:, 2:], ref.details[i], atol=1e-6)  # the input's wavelet pyramid, finest first
+    assert torch.allclose(out.enc_coeffs[-1][:, :2], ref.low, atol=1e-6)
+    assert torch.equal(out.latent, out.posterior.mean)
+    assert out.reconstruction.shape == x.shape
+    assert torch.allclose(out.reconstruction, idwt3d(out.dec_coeffs[0]), atol=1e-6)  # output = IDWT(finest)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# bad inputs
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def test_bad_inputs_raise_clear_errors() -> None:
+    model = tiny(2)
+    with pytest.raises(ValueError, match=r"multiples of the downsample factor 4.*D=10"):
+        model.encode(torch.randn(1, 1, 10, 8, 8))
+    with pytest.raises(ValueError, match=r"D=9"):
+        model.encode_chunked(torch.randn(1, 1, 9, 8, 8), 4)
+    with pytest.raises(ValueError, match=r"W=6"):
+        model(torch.randn(1, 1, 8, 8, 6))
+    with pytest.raises(ValueError, match=r"chunk must be a multiple of the downsample factor 2\*\*levels = 4.*chunk=6"):
+        model.encode_chunked(torch.randn(1, 1, 16, 8, 8), 6)
+    with pytest.raises(ValueError, match="positive integer"):
+        model.encode_chunked(torch.randn(1, 1, 16, 8, 8), 0)
+    with pytest.raises(ValueError, match="positive integer"):
+        model.decode_chunked(torch.randn(1, 4, 4, 2, 2), 0)
+    with pytest.raises(ValueError, match=r"3 channels but the model was built with in_channels=1"):
+        model.encode(torch.randn(1, 3, 8, 8, 8))
+    with pytest.raises(ValueError, match=r"2 channels but the model has latent_channels=4"):
+        model.decode_chunked(torch.randn(1, 2, 4, 2, 2), 2)
+    with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):
+        model.encode(torch.randn(1, 8, 8, 8))
+    with pytest.raises(ValueError, match="levels must be one of"):
+        WFVAE3D(levels=4)
+    with pytest.raises(ValueError, match="one positive integer per level"):
+        WFVAE3D(levels=3, channel_mult=(1, 2))
+    with pytest.raises(ValueError, match="depth stride must be 1"):
+        CausalConv3d(1, 1, 3, stride=2)
