@@ -90,3 +90,69 @@ def test_monai_unet_has_the_same_call_signature():
     net = monai_unet("wdm_128", channels=(8, 8), attention_levels=(False, False), norm_num_groups=4)
     out = net(torch.randn(1, 8, 8, 8, 8), torch.tensor([3]), context=None)
     assert out.shape == (1, 8, 8, 8, 8)
+
+
+# --- cross-attention conditioning ----------------------------------------------------------------------------------
+
+
+def test_conditioning_off_keeps_the_network_as_it_was():
+    plain, explicit = tiny(), tiny(context_dim=None, attention_levels=None, attention_middle=True)
+    assert list(plain.state_dict()) == list(explicit.state_dict())
+    assert not any("attn" in k for k in plain.state_dict())
+    with torch.device("meta"):
+        assert count_parameters(wdm_unet("wdm_128", context_dim=None)) == 57_914_824
+
+
+def test_cross_attention_placement_and_zero_init():
+    net = tiny(channel_mult=(1, 2, 2), context_dim=16, attention_levels=(False, True, False), head_dim=8)
+    from wdm3d.networks.attention import CrossAttentionBlock
+
+    blocks = [name for name, m in net.named_modules() if isinstance(m, CrossAttentionBlock)]
+    # level 1: after each of its 2 encoder and 3 decoder residual blocks; and the middle
+    assert blocks == ["down.4", "down.6", "middle.1", "up.3.1", "up.4.1", "up.5.1"]  # decoder: level 2 is up.0-2
+    anchors = net.attention_anchors(levels=[1])
+    assert [(a.path, a.attention) for a in anchors] == [
+        ("down.3", "down.4"), ("down.5", "down.6"), ("middle.0", "middle.1"),
+        ("up.3.0", "up.3.1"), ("up.4.0", "up.4.1"), ("up.5.0", "up.5.1"),
+    ]
+    assert all(a.attention is None for a in net.attention_anchors(levels=[0, 2], middle=False))
+    out = net(torch.randn(2, 8, 8, 8, 8), torch.tensor([1, 2]), context=torch.randn(2, 3, 16))
+    assert out.abs().max().item() == 0.0  # still zero at initialisation
+
+
+def test_output_depends_on_context_and_broadcasts():
+    net = randomise(tiny(channel_mult=(1, 2), context_dim=16, head_dim=4)).eval()
+    x, t = torch.randn(2, 8, 8, 8, 8), torch.tensor([10, 20])
+    c1, c2 = torch.randn(1, 3, 16), torch.randn(1, 3, 16)
+    a = net(x, t, context=c1)
+    assert (a - net(x, t, context=c2)).abs().max() > 1e-4
+    assert torch.allclose(a, net(x, t, context=c1.expand(2, -1, -1)))
+
+
+def test_context_validation():
+    net = tiny(channel_mult=(1, 2), context_dim=16)
+    x, t = torch.randn(2, 8, 8, 8, 8), torch.tensor([1, 2])
+    with pytest.raises(ValueError, match=r"context must have shape \(B, N, 16\) \(context_dim\), got \(2, 3, 12\)"):
+        net(x, t, context=torch.randn(2, 3, 12))
+    with pytest.raises(ValueError, match="batch size 1 or 2"):
+        net(x, t, context=torch.randn(3, 3, 16))
+    with pytest.raises(ValueError, match="needs context tokens"):
+        net(x, t)
+    with pytest.raises(ValueError, match="attention_levels needs context_dim"):
+        tiny(attention_levels=(True, False, False))
+    with pytest.raises(ValueError, match="one entry per level"):
+        tiny(context_dim=16, attention_levels=(True,))
+    with pytest.raises(ValueError, match="no cross-attention block"):
+        tiny(context_dim=16, attention_levels=(False, False, False), attention_middle=False)
+    with pytest.raises(ValueError, match="num_heads=3 must be >= 1 and divide"):
+        tiny(context_dim=16, num_heads=3)
+
+
+def test_gradient_checkpointing_with_context_gives_identical_gradients():
+    x, t, c = torch.randn(2, 8, 8, 8, 8), torch.tensor([5, 500]), torch.randn(2, 2, 16)
+    grads = []
+    for ckpt in (False, True):
+        net = randomise(tiny(channel_mult=(1, 2), context_dim=16, head_dim=8, use_checkpoint=ckpt)).train()
+        net(x, t, context=c).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)

@@ -13,12 +13,20 @@ last level) a residual block that average-pools; a middle of two residual blocks
 ``num_res_blocks + 1`` residual blocks, the last of which (except at level 0) upsamples by nearest neighbour;
 GroupNorm + SiLU + zero-initialised output conv. Each residual block adds a projection of the time embedding
 (sinusoidal -> Linear -> SiLU -> Linear, width ``4 * base_channels``) and has a zero-initialised second conv, so
-a fresh network outputs zeros. No attention.
+a fresh network outputs zeros.
+
+Optional cross-attention conditioning (off by default; with ``context_dim=None`` the network, its parameter count
+and its state_dict keys are exactly WDM's): a :class:`~wdm3d.networks.attention.CrossAttentionBlock` after every
+non-resampling residual block of the chosen levels (encoder and decoder, as in guided-diffusion/LDM) and between
+the two middle blocks, attending to context tokens ``(B, N, context_dim)`` such as
+:class:`~wdm3d.networks.attention.ContextEmbedding`'s (modality, dataset), the analogue of text conditioning.
+The blocks' output projections are zero-initialised, so a fresh conditioned network still outputs zeros.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -26,7 +34,12 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-__all__ = ["WDMUNet", "ResBlock", "wdm_unet", "monai_unet", "PRESETS", "count_parameters"]
+from .attention import CrossAttentionBlock
+
+__all__ = [
+    "WDMUNet", "ResBlock", "AttentionAnchor", "wdm_unet", "monai_unet", "PRESETS", "count_parameters",
+    "default_attention_levels",
+]
 
 #: WDM's U-Net settings by image size (the network runs on the wavelet grid, half the image size).
 PRESETS: dict[str, dict] = {
@@ -71,6 +84,7 @@ class ResBlock(nn.Module):
         for ch in (in_channels, out_channels):
             if ch % norm_num_groups:
                 raise ValueError(f"norm_num_groups={norm_num_groups} must divide the channel count {ch}.")
+        self.in_channels, self.out_channels = in_channels, out_channels
         self.resample = resample
         self.norm1 = nn.GroupNorm(norm_num_groups, in_channels)
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
@@ -95,6 +109,28 @@ class ResBlock(nn.Module):
         return self.skip(self._resample(x)) + h
 
 
+def default_attention_levels(num_levels: int) -> tuple[bool, ...]:
+    """Cross-attention at every level but the first (full-resolution) one: context tokens are global conditions,
+    and the first level has 8x the voxels of the second."""
+    return tuple(level > 0 for level in range(num_levels))
+
+
+class AttentionAnchor(NamedTuple):
+    """A residual block after which a cross-attention block sits (or could sit).
+
+    Attributes:
+        path: the residual block's module path in the network, e.g. ``"down.3"``, ``"middle.0"``, ``"up.4.0"``.
+        level: its level (0 = full resolution), or None for the middle.
+        channels: its output channels.
+        attention: the path of the network's own cross-attention block after it, or None if it has none.
+    """
+
+    path: str
+    level: int | None
+    channels: int
+    attention: str | None
+
+
 class WDMUNet(nn.Module):
     """3D U-Net for wavelet-domain diffusion (WDM's network, written anew).
 
@@ -110,12 +146,22 @@ class WDMUNet(nn.Module):
         norm_num_groups: GroupNorm groups.
         dropout: dropout inside residual blocks.
         additive_skips: True (WDM): ``h = (h + skip) / 2``; False: concatenate as in the original U-Net.
-        use_checkpoint: recompute residual blocks in the backward pass (less memory, ~30% more compute);
-            only active while training with gradients enabled.
+        use_checkpoint: recompute residual (and attention) blocks in the backward pass (less memory, ~30% more
+            compute); only active while training with gradients enabled.
+        context_dim: width of the context tokens; None (default): no cross-attention, no ``context``.
+        attention_levels: per level, whether its residual blocks are followed by cross-attention (needs
+            ``context_dim``); default with a ``context_dim``: every level but the first
+            (:func:`default_attention_levels`).
+        attention_middle: cross-attention between the two middle blocks (with a ``context_dim``).
+        num_heads: attention heads per block (must divide every attended width); takes precedence over ``head_dim``.
+        head_dim: width per attention head when ``num_heads`` is None (capped at the block's width).
 
     Example:
         >>> net = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4)
         >>> net(torch.randn(2, 8, 8, 8, 8), torch.tensor([1, 500])).shape
+        torch.Size([2, 8, 8, 8, 8])
+        >>> cond = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16)
+        >>> cond(torch.randn(2, 8, 8, 8, 8), torch.tensor([1, 500]), context=torch.randn(2, 3, 16)).shape
         torch.Size([2, 8, 8, 8, 8])
     """
 
@@ -130,6 +176,11 @@ class WDMUNet(nn.Module):
         dropout: float = 0.0,
         additive_skips: bool = True,
         use_checkpoint: bool = False,
+        context_dim: int | None = None,
+        attention_levels: Sequence[bool] | None = None,
+        attention_middle: bool = True,
+        num_heads: int | None = None,
+        head_dim: int = 32,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1 or base_channels < 1 or num_res_blocks < 1:
@@ -142,10 +193,23 @@ class WDMUNet(nn.Module):
         self.num_res_blocks = num_res_blocks
         self.additive_skips = additive_skips
         self.use_checkpoint = use_checkpoint
+        self.norm_num_groups = norm_num_groups
+        levels = self._check_attention(context_dim, attention_levels, attention_middle, num_heads, head_dim)
+        self.context_dim = context_dim
+        self.attention_levels = levels if context_dim is not None else None
+        self.attention_middle = bool(attention_middle)
+        self.num_heads, self.head_dim = num_heads, head_dim
         emb_dim = 4 * base_channels
+        self._anchors: list[AttentionAnchor] = []
 
         def block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, norm_num_groups, dropout, resample)
+
+        def attention(channels: int) -> CrossAttentionBlock:
+            return CrossAttentionBlock(channels, context_dim, num_heads, head_dim, norm_num_groups)
+
+        def anchor(path: str, level: int | None, channels: int, with_attention: bool, attention_path: str) -> None:
+            self._anchors.append(AttentionAnchor(path, level, channels, attention_path if with_attention else None))
 
         self.time_embed = nn.Sequential(
             nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
@@ -160,12 +224,17 @@ class WDMUNet(nn.Module):
             for _ in range(num_res_blocks):
                 self.down.append(block(ch, mult * base_channels))
                 ch = mult * base_channels
+                anchor(f"down.{len(self.down) - 1}", level, ch, levels[level], f"down.{len(self.down)}")
+                if levels[level]:  # attends in place: the attended output is the skip
+                    self.down.append(attention(ch))
                 skip_channels.append(ch)
             if level < len(self.channel_mult) - 1:
                 self.down.append(block(ch, ch, "down"))
                 skip_channels.append(ch)
 
-        self.middle = nn.ModuleList([block(ch, ch), block(ch, ch)])
+        with_middle = context_dim is not None and self.attention_middle
+        self.middle = nn.ModuleList([block(ch, ch), *([attention(ch)] if with_middle else []), block(ch, ch)])
+        anchor("middle.0", None, ch, with_middle, "middle.1")
 
         # decoder: one module list per decoder step, consuming one skip each
         self.up = nn.ModuleList()
@@ -178,6 +247,9 @@ class WDMUNet(nn.Module):
                 else:
                     cin, cout = ch + skip, mult * base_channels
                 step = nn.ModuleList([block(cin, cout)])
+                anchor(f"up.{len(self.up)}.0", level, cout, levels[level], f"up.{len(self.up)}.1")
+                if levels[level]:
+                    step.append(attention(cout))
                 if level > 0 and i == num_res_blocks:
                     step.append(block(cout, cout, "up"))
                 self.up.append(step)
@@ -187,10 +259,78 @@ class WDMUNet(nn.Module):
         self.conv_out = _zero(nn.Conv3d(ch, out_channels, 3, padding=1))
         self._factor = 2 ** (len(self.channel_mult) - 1)
 
-    def _run(self, blk: ResBlock, h: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+    def _check_attention(
+        self,
+        context_dim: int | None,
+        attention_levels: Sequence[bool] | None,
+        attention_middle: bool,
+        num_heads: int | None,
+        head_dim: int,
+    ) -> tuple[bool, ...]:
+        n = len(self.channel_mult)
+        if context_dim is None:
+            if attention_levels is not None and any(attention_levels):
+                raise ValueError("attention_levels needs context_dim (the width of the context tokens) to be set.")
+            return (False,) * n
+        if not isinstance(context_dim, int) or isinstance(context_dim, bool) or context_dim < 1:
+            raise ValueError(f"context_dim must be a positive integer or None, got {context_dim!r}.")
+        levels = default_attention_levels(n) if attention_levels is None else tuple(bool(a) for a in attention_levels)
+        if len(levels) != n:
+            raise ValueError(f"attention_levels must have one entry per level ({n}), got {list(attention_levels)}.")
+        if not any(levels) and not attention_middle:
+            raise ValueError(
+                f"context_dim={context_dim} but no cross-attention block: enable a level in attention_levels or "
+                "attention_middle (or set context_dim=None)."
+            )
+        if num_heads is None and (head_dim is None or head_dim < 1):
+            raise ValueError(f"head_dim must be a positive integer when num_heads is None, got {head_dim!r}.")
+        return levels
+
+    def attention_anchors(self, levels: Sequence[int] | None = None, middle: bool = True) -> list[AttentionAnchor]:
+        """The residual blocks after which cross-attention sits (or would sit), encoder, middle, decoder order.
+
+        Every non-resampling residual block of a level is an anchor, plus the first middle block. Add-ons that attach
+        blocks without editing this network (:class:`~wdm3d.networks.ip_adapter.IPAdapter`) hook these modules.
+
+        Args:
+            levels: the levels to list (0 = full resolution); None: all.
+            middle: include the middle anchor.
+        """
+        n = len(self.channel_mult)
+        if levels is not None:
+            bad = [lv for lv in levels if not isinstance(lv, int) or not 0 <= lv < n]
+            if bad:
+                raise ValueError(f"levels must be integers in [0, {n}), got {list(levels)}.")
+        return [
+            a for a in self._anchors
+            if (a.level is None and middle) or (a.level is not None and (levels is None or a.level in levels))
+        ]
+
+    def _run(self, blk: nn.Module, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        # cond: the time embedding for residual blocks, the context for attention blocks
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, h, emb, use_reentrant=False)
-        return blk(h, emb)
+            return checkpoint(blk, h, cond, use_reentrant=False)
+        return blk(h, cond)
+
+    def _check_context(self, context: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+        if self.context_dim is None:
+            if context is not None:
+                raise ValueError("WDMUNet has no cross-attention and takes no context; pass context=None.")
+            return None
+        if context is None:
+            raise ValueError(
+                f"this WDMUNet has cross-attention (context_dim={self.context_dim}) and needs context tokens "
+                f"(B, N, {self.context_dim}); for unconditional output pass null tokens (ContextEmbedding.null)."
+            )
+        if not isinstance(context, torch.Tensor) or context.ndim != 3 or context.shape[-1] != self.context_dim:
+            shape = tuple(context.shape) if isinstance(context, torch.Tensor) else type(context).__name__
+            raise ValueError(f"context must have shape (B, N, {self.context_dim}) (context_dim), got {shape}.")
+        if context.shape[0] not in (1, x.shape[0]) or context.shape[1] < 1:
+            raise ValueError(
+                f"context must have batch size 1 or {x.shape[0]} (that of x) and at least one token, "
+                f"got {tuple(context.shape)}."
+            )
+        return context.expand(x.shape[0], -1, -1).to(x.dtype)
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
@@ -199,10 +339,9 @@ class WDMUNet(nn.Module):
         Args:
             x: ``(B, in_channels, D, H, W)``.
             timesteps: ``(B,)`` (or a scalar) diffusion timesteps, integer or float.
-            context: not supported by this network (it has no cross-attention); must be None.
+            context: ``(B, N, context_dim)`` (or ``(1, N, context_dim)``, broadcast) context tokens; required with
+                a ``context_dim``, must be None without.
         """
-        if context is not None:
-            raise ValueError("WDMUNet has no cross-attention and takes no context; pass context=None.")
         if x.ndim != 5 or x.shape[1] != self.in_channels:
             raise ValueError(
                 f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}."
@@ -212,6 +351,7 @@ class WDMUNet(nn.Module):
                 f"spatial sizes must be divisible by {self._factor} for {len(self.channel_mult)} levels, "
                 f"got {tuple(x.shape[2:])}."
             )
+        context = self._check_context(context, x)
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(x.shape[0])
@@ -220,15 +360,18 @@ class WDMUNet(nn.Module):
         h = self.conv_in(x)
         skips = [h]
         for blk in self.down:
-            h = self._run(blk, h, emb)
-            skips.append(h)
+            if isinstance(blk, CrossAttentionBlock):
+                h = skips[-1] = self._run(blk, h, context)
+            else:
+                h = self._run(blk, h, emb)
+                skips.append(h)
         for blk in self.middle:
-            h = self._run(blk, h, emb)
+            h = self._run(blk, h, context if isinstance(blk, CrossAttentionBlock) else emb)
         for step in self.up:
             skip = skips.pop()
             h = (h + skip) / 2 if self.additive_skips else torch.cat((h, skip), dim=1)
             for blk in step:
-                h = self._run(blk, h, emb)
+                h = self._run(blk, h, context if isinstance(blk, CrossAttentionBlock) else emb)
         return self.conv_out(F.silu(self.norm_out(h)))
 
 
@@ -240,7 +383,8 @@ def wdm_unet(preset: str = "wdm_128", in_channels: int = 8, out_channels: int | 
             ``"wdm_256"`` (256^3 images, 128^3 grid; 83.16M).
         in_channels: 8 per modality; add conditioning channels here for concatenation conditioning.
         out_channels: defaults to ``in_channels``.
-        overrides: any other :class:`WDMUNet` argument (``use_checkpoint=True`` for 256^3 training, ...).
+        overrides: any other :class:`WDMUNet` argument (``use_checkpoint=True`` for 256^3 training,
+            ``context_dim=...`` for cross-attention conditioning, ...).
     """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")

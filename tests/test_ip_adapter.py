@@ -1,0 +1,415 @@
+import copy
+import re
+
+import pytest
+import torch
+from torch import nn
+
+from wdm3d.diffusion import WaveletDiffusion
+from wdm3d.diffusion.guidance import ClassifierFreeGuidance
+from wdm3d.networks import RandomConv3dFeatures, WDMUNet
+from wdm3d.networks.attention import Attention, AttnProcessor, ContextEmbedding, CrossAttentionBlock
+from wdm3d.networks.ip_adapter import (
+    ConditionDropout,
+    ImageProjection,
+    IPAdapter,
+    PerceiverResampler,
+    sincos_position_3d,
+)
+
+VOCAB = {"modality": ["t1n", "t2w", "t2f", "t1c"], "dataset": ["brats", "lidc"]}
+CTX = 16
+
+
+def randomise(module: nn.Module, seed: int, std: float = 0.1) -> nn.Module:
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            p.copy_(torch.randn(p.shape, generator=g) * std)
+    return module
+
+
+def tiny_base(context_dim=CTX, seed=0, base_channels=8, **kw) -> WDMUNet:
+    """A 'trained' base: random weights everywhere (zero-initialised layers included)."""
+    args = dict(base_channels=base_channels, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4,
+                context_dim=context_dim, head_dim=8)
+    args.update(kw)
+    return randomise(WDMUNet(**args), seed)
+
+
+def tiny_encoder() -> nn.Module:
+    """A small random conv encoder: (B, 1, 16, 16, 16) -> (B, 8, 4, 4, 4)."""
+    torch.manual_seed(7)
+    return nn.Sequential(nn.Conv3d(1, 8, 3, stride=2, padding=1), nn.SiLU(), nn.Conv3d(8, 8, 3, stride=2, padding=1))
+
+
+def inputs(batch=2, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 8, 8, 8, 8, generator=g)
+    t = torch.tensor([10, 700][:batch])
+    ctx = torch.randn(batch, 2, CTX, generator=g)
+    ref = torch.randn(batch, 1, 16, 16, 16, generator=g)
+    return x, t, ctx, ref
+
+
+# --- installation ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("context_dim", [CTX, None])
+@pytest.mark.parametrize("projection", ["linear", "perceiver"])
+def test_installation_leaves_the_base_unchanged(context_dim, projection):
+    base = tiny_base(context_dim)
+    x, t, ctx, ref = inputs()
+    ctx = ctx if context_dim else None
+    with torch.no_grad():
+        expected = base(x, t, context=ctx)
+        adapter = IPAdapter(base, tiny_encoder(), feature_dim=8, projection=projection, token_dim=CTX).eval()
+        assert torch.equal(adapter(x, t, context=ctx, image=ref, scale=0.0), expected)
+        assert torch.equal(adapter(x, t, context=ctx), expected)  # no image: the base
+        zero_tokens = torch.zeros(2, adapter.num_tokens, CTX)  # a dropped image prompt is exactly the base too
+        assert torch.equal(adapter(x, t, context=ctx, image_tokens=zero_tokens, scale=1.0), expected)
+        at_one = adapter(x, t, context=ctx, image=ref, scale=1.0)
+        assert torch.equal(base(x, t, context=ctx), expected)  # the prompt does not outlive the call
+    if context_dim is None:
+        # only added blocks, zero-initialised: unchanged at lambda = 1 too
+        assert len(adapter.ip_layers) == 0 and len(adapter.added_blocks) > 0
+        assert torch.equal(at_one, expected)
+    else:
+        # image attention through K' / V' (copies of K / V) at the base's sites changes the output at once
+        assert len(adapter.ip_layers) == 4 and len(adapter.added_blocks) == 0  # down.3, middle.1, up.0.1, up.1.1
+        assert (at_one - expected).abs().max() > 1e-4
+    assert adapter.num_tokens == (4 if projection == "linear" else 16)
+
+
+def test_perturbed_added_blocks_change_the_output_and_remove_restores_the_base():
+    base = tiny_base(None)
+    x, t, _, ref = inputs()
+    with torch.no_grad():
+        expected = base(x, t)
+        adapter = IPAdapter(base, tiny_encoder(), feature_dim=8, token_dim=CTX, added_levels=[0, 1], added_middle=True)
+        assert sorted(adapter.added_blocks) == sorted(
+            k.replace(".", ":") for k in ["down.0", "down.2", "middle.0", "up.0.0", "up.1.0", "up.2.0", "up.3.0"]
+        )
+        randomise(adapter.added_blocks, seed=3)
+        changed = adapter(x, t, image=ref)
+        assert (changed - expected).abs().max() > 1e-4
+        half = adapter(x, t, image=ref, scale=0.5)
+        assert (half - expected).abs().max() < (changed - expected).abs().max()
+        assert torch.equal(adapter(x, t, image=ref, scale=0.0), expected)
+        # per-call scale does not change the default
+        assert adapter.scale == 1.0 and torch.equal(adapter(x, t, image=ref), changed)
+        restored = adapter.remove()
+        assert restored is base and torch.equal(base(x, t), expected)
+
+
+def test_processor_swap_is_outside_the_module_tree():
+    base = tiny_base(CTX)
+    keys = list(base.state_dict())
+    n_params = sum(p.numel() for p in base.parameters())
+    adapter = IPAdapter(base, tiny_encoder(), feature_dim=8)
+    assert list(base.state_dict()) == keys and sum(p.numel() for p in base.parameters()) == n_params
+    attn = base.get_submodule("down.3.attn")
+    assert attn.processor is adapter.ip_layers["down:3:attn"]
+    assert torch.equal(attn.processor.to_k_ip.weight, attn.to_k.weight)
+    assert torch.equal(attn.processor.to_v_ip.weight, attn.to_v.weight)
+    assert attn.processor.to_k_ip.bias is None and attn.processor.to_v_ip.bias is None
+    with pytest.raises(ValueError, match="already has an IP-Adapter installed"):
+        IPAdapter(base, tiny_encoder(), feature_dim=8)
+    with pytest.raises(ValueError, match="level 1 already has cross-attention"):
+        IPAdapter(tiny_base(CTX), tiny_encoder(), feature_dim=8, added_levels=[1])
+    with pytest.raises(ValueError, match="token_dim=16"):
+        IPAdapter(tiny_base(CTX), tiny_encoder(), feature_dim=8, token_dim=32)
+    with pytest.raises(ValueError, match="feature_dim"):
+        IPAdapter(tiny_base(CTX), lambda v: v.mean((2, 3, 4)))
+    adapter.remove()
+    assert isinstance(attn.processor, AttnProcessor)
+
+
+# --- training -------------------------------------------------------------------------------------------------------
+
+
+def mixed_adapter(seed=0, **kw):
+    """Base with context at level 1 and the middle; the adapter adds blocks at level 0."""
+    base = tiny_base(CTX, seed=seed, **kw)
+    return base, IPAdapter(base, tiny_encoder(), feature_dim=8, added_levels=[0])
+
+
+def test_training_changes_only_the_adapter():
+    base, adapter = mixed_adapter()
+    embedding = ContextEmbedding(VOCAB, CTX)
+    before = {k: v.clone() for k, v in base.state_dict().items()}
+    encoder_before = {k: v.clone() for k, v in adapter.image_encoder.state_dict().items()}
+    trainable = adapter.trainable_parameters()
+    assert {id(p) for p in trainable} == {
+        id(p) for m in (adapter.image_proj, adapter.ip_layers, adapter.added_blocks) for p in m.parameters()
+    }
+    opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
+    dropout = ConditionDropout(0.3, 0.3, 0.3)
+    adapter.train()
+    assert not adapter.image_encoder.encoder.training and base.training
+    g = torch.Generator().manual_seed(0)
+    adapter_before = copy.deepcopy(adapter.adapter_state_dict())
+    for step in range(3):
+        x, t, _, ref = inputs(seed=step)
+        ctx = embedding({"modality": ["t2w", "t1c"], "dataset": "brats"}).detach()
+        dropped = dropout(adapter.encode_image(ref), ctx, embedding.null(1).detach(), g)
+        out = adapter(x, t, context=dropped.context, image_tokens=dropped.image_tokens)
+        loss = (out - x).pow(2).mean()
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if step == 0:
+            adapter_ids = {id(p) for p in trainable}
+            for name, p in adapter.named_parameters():
+                if id(p) in adapter_ids:  # (in a fresh added block only to_out's gradient is non-zero)
+                    assert p.grad is not None, name
+                else:
+                    assert p.grad is None, name
+            for part in adapter.adapter_modules().values():
+                assert sum(p.grad.abs().sum() for p in part.parameters()) > 0
+        opt.step()
+    assert all(not p.requires_grad for p in base.parameters())
+    assert all(not p.requires_grad for p in adapter.image_encoder.parameters())
+    after = base.state_dict()
+    assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
+    assert all(torch.equal(encoder_before[k], v) for k, v in adapter.image_encoder.state_dict().items())
+    # ... while the adapter did learn
+    changed = [k for k, v in adapter.adapter_state_dict()["ip_adapter"].items()
+               if not torch.equal(v, adapter_before["ip_adapter"][k])]
+    assert changed
+
+
+def test_checkpointing_base_gives_the_same_adapter_gradients():
+    grads = []
+    for ckpt in (False, True):
+        base, adapter = mixed_adapter(use_checkpoint=ckpt)
+        randomise(adapter.added_blocks, seed=5)
+        adapter.train()
+        x, t, ctx, ref = inputs()
+        adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean().backward()
+        grads.append(torch.cat([p.grad.flatten() for p in adapter.trainable_parameters()]))
+    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
+
+
+# --- saving and loading ---------------------------------------------------------------------------------------------
+
+
+def test_saved_adapter_reproduces_outputs_on_a_fresh_base(tmp_path):
+    base, adapter = mixed_adapter()
+    for m in adapter.adapter_modules().values():
+        randomise(m, seed=11, std=0.05)
+    x, t, ctx, ref = inputs()
+    with torch.no_grad():
+        expected = adapter(x, t, context=ctx, image=ref, scale=0.8)
+    path = adapter.save_adapter(tmp_path / "adapters" / "ip.pt")
+    assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["ip.pt"]  # no temporary file left
+    saved = torch.load(path, weights_only=True)
+    assert set(saved) == {"image_proj", "ip_adapter"}
+    assert {"down.3.attn.to_k_ip.weight", "middle.1.attn.to_v_ip.weight", "down.0.ip_block.attn.to_q.weight",
+            "up.3.0.ip_block.norm.weight"} <= set(saved["ip_adapter"])
+    assert all(v.device.type == "cpu" for v in saved["ip_adapter"].values())
+
+    fresh_base = tiny_base(CTX, seed=0)  # the same base weights, a new object
+    torch.manual_seed(123)  # a different random adapter initialisation
+    fresh = IPAdapter(fresh_base, tiny_encoder(), feature_dim=8, added_levels=[0])
+    with torch.no_grad():
+        assert not torch.equal(fresh(x, t, context=ctx, image=ref, scale=0.8), expected)
+        fresh.load_adapter(path)
+        assert torch.equal(fresh(x, t, context=ctx, image=ref, scale=0.8), expected)
+
+
+def test_wrong_base_gives_an_error_naming_the_key(tmp_path):
+    _, adapter = mixed_adapter()
+    path = adapter.save_adapter(tmp_path / "ip.pt")
+    wider = tiny_base(CTX, base_channels=16)
+    other = IPAdapter(wider, tiny_encoder(), feature_dim=8, added_levels=[0])
+    msg = re.escape("ip_adapter: 'down.3.attn.to_k_ip.weight' has shape (16, 16) in ") + ".*ip.pt" + re.escape(
+        " but (32, 16) in this base"
+    )
+    with pytest.raises(ValueError, match=msg):
+        other.load_adapter(path)
+    # another adapter configuration on the same architecture: the first missing key is named
+    base = tiny_base(CTX)
+    no_added = IPAdapter(base, tiny_encoder(), feature_dim=8)
+    with pytest.raises(ValueError, match=r"ip_adapter: .*ip\.pt has 'down.0.ip_block.norm.weight' \(shape \(8,\)\) that this base lacks"):
+        no_added.load_adapter(path)
+    # ... and a key this adapter has but the file lacks
+    path_without = no_added.save_adapter(tmp_path / "without_added.pt")
+    _, with_added = mixed_adapter()
+    with pytest.raises(ValueError, match=r"ip_adapter: 'down.0.ip_block.norm.weight' \(shape \(8,\)\) of this base is missing"):
+        with_added.load_adapter(path_without)
+    with pytest.raises(ValueError, match="expected keys 'image_proj' and 'ip_adapter'"):
+        no_added.load_adapter_state_dict({"ip_adapter": {}})
+    with pytest.raises(FileNotFoundError):
+        no_added.load_adapter(tmp_path / "missing.pt")
+
+
+# --- condition dropout and guidance ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("rates", [(0.05, 0.05, 0.05), (0.2, 0.1, 0.3)])
+def test_condition_dropout_rates_are_honoured(rates):
+    n = 200_000
+    drop_image, drop_context = ConditionDropout(*rates).masks(n, generator=torch.Generator().manual_seed(0))
+    image_only = (drop_image & ~drop_context).float().mean().item()
+    context_only = (drop_context & ~drop_image).float().mean().item()
+    both = (drop_image & drop_context).float().mean().item()
+    for observed, expected in zip((image_only, context_only, both), rates):
+        assert abs(observed - expected) < 5 * (expected * (1 - expected) / n) ** 0.5 + 1e-4, (observed, expected)
+
+
+def test_condition_dropout_replaces_tokens_and_context():
+    tokens, ctx = torch.randn(64, 4, CTX), torch.randn(64, 2, CTX)
+    null = torch.randn(1, 2, CTX)
+    out = ConditionDropout(0.25, 0.25, 0.25)(tokens, ctx, null, generator=torch.Generator().manual_seed(1))
+    assert out.drop_image.any() and out.drop_context.any() and not (out.drop_image | out.drop_context).all()
+    assert torch.equal(out.image_tokens[out.drop_image], torch.zeros_like(tokens[out.drop_image]))
+    assert torch.equal(out.image_tokens[~out.drop_image], tokens[~out.drop_image])
+    assert torch.equal(out.context[out.drop_context], null.expand(int(out.drop_context.sum()), -1, -1))
+    assert torch.equal(out.context[~out.drop_context], ctx[~out.drop_context])
+    with pytest.raises(ValueError, match="null_context"):
+        ConditionDropout()(tokens, ctx)
+    with pytest.raises(ValueError, match="<= 1"):
+        ConditionDropout(0.5, 0.5, 0.5)
+
+
+def test_guidance_wrapper():
+    base, adapter = mixed_adapter()
+    for m in adapter.adapter_modules().values():
+        randomise(m, seed=4, std=0.05)
+    adapter.eval()
+    embedding = ContextEmbedding(VOCAB, CTX)
+    x, t, _, ref = inputs()
+    with torch.no_grad():
+        ctx = embedding({"modality": ["t2w", "t2f"], "dataset": "brats"})
+        null = embedding.null(1)
+        guided = ClassifierFreeGuidance(adapter, guidance_scale=1.0, null_context=null)
+        guided.set_image_prompt(image=ref[:1], scale=0.7)
+        cond = adapter(x, t, context=ctx, image=ref[:1], scale=0.7)
+        assert torch.equal(guided(x, t, context=ctx), cond)
+        # g = 3: uncond + g (cond - uncond), both branches in one batch; the unconditional branch is the base
+        uncond = base(x, t, context=null)
+        guided.guidance_scale = 3.0
+        expected = uncond + 3.0 * (cond - uncond)
+        assert torch.allclose(guided(x, t, context=ctx), expected, atol=1e-5)
+        guided.batched = False
+        assert torch.allclose(guided(x, t, context=ctx), expected, atol=1e-5)
+        # guiding on the image only keeps the context in the unconditional branch
+        image_only = ClassifierFreeGuidance(adapter, 2.0, drop=("image",))
+        image_only.set_image_prompt(image=ref[:1], scale=0.7)
+        plain = base(x, t, context=ctx)
+        assert torch.allclose(image_only(x, t, context=ctx), plain + 2.0 * (cond - plain), atol=1e-5)
+        # a context-only base works too
+        on_base = ClassifierFreeGuidance(base, 2.0, null_context=null)
+        assert torch.allclose(on_base(x, t, context=ctx), uncond + 2.0 * (plain - uncond), atol=1e-5)
+
+    # as the model of WaveletDiffusion.sample: g = 1 samples exactly what the adapter samples
+    diffusion = WaveletDiffusion()
+    kw = dict(image_shape=(1, 16, 16, 16), num_samples=2, sampler="ddim", num_steps=2, seed=0, progress=False,
+              context=ctx)
+    guided.guidance_scale = 1.0
+    a = diffusion.sample(guided, **kw)
+    b = diffusion.sample(lambda x_, t_, context: adapter(x_, t_, context=context, image=ref[:1], scale=0.7), **kw)
+    assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="null_context"):
+        ClassifierFreeGuidance(adapter, 2.0)(x, t, context=ctx)
+
+
+# --- projections, encoders, context embedding -----------------------------------------------------------------------
+
+
+def test_projections_from_feature_maps_and_vectors():
+    fmap, vec = torch.randn(3, 8, 2, 4, 4), torch.randn(3, 8)
+    linear = ImageProjection(8, CTX)
+    perceiver = PerceiverResampler(8, CTX, depth=2, head_dim=8)
+    for proj, n in ((linear, 4), (perceiver, 16)):
+        for feats in (fmap, vec, fmap.flatten(2).transpose(1, 2)):
+            assert proj(feats).shape == (3, n, CTX)
+    # the linear projection sees only the global mean; the resampler sees where features are
+    shuffled = fmap.flip(2)
+    assert torch.allclose(linear(fmap), linear(shuffled), atol=1e-6)
+    assert not torch.allclose(perceiver(fmap), perceiver(shuffled), atol=1e-4)
+    pos = sincos_position_3d((2, 3, 4), 13)
+    assert pos.shape == (24, 13) and torch.equal(pos[:, 12], torch.zeros(24)) and len(pos.unique(dim=0)) == 24
+    with pytest.raises(ValueError, match="feature_dim=8"):
+        linear(torch.randn(3, 5))
+
+
+def test_vector_encoder_and_perceiver_adapter_train():
+    base = tiny_base(None)
+    encoder = RandomConv3dFeatures(seed=0)  # (B, 1, D, H, W) -> (B, 480), feature_dim read from the module
+    adapter = IPAdapter(base, encoder, projection="perceiver", num_tokens=8, perceiver_depth=1, token_dim=CTX,
+                        added_levels=[1])
+    assert adapter.feature_dim == 480 and adapter.num_tokens == 8
+    for m in adapter.added_blocks.values():
+        randomise(m, seed=2)
+    x, t, _, ref = inputs()
+    adapter(x, t, image=ref).pow(2).mean().backward()
+    assert adapter.image_proj.latents.grad is not None and adapter.image_proj.latents.grad.abs().sum() > 0
+
+
+def test_autoencoder_as_image_encoder_uses_the_posterior_mode():
+    from wdm3d.networks.vae_base import LatentDistribution
+
+    class ToyVAE(nn.Module):
+        latent_channels = 4
+
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv3d(1, 8, 4, stride=4)
+
+        def encode(self, v):
+            mean, logvar = self.conv(v).chunk(2, dim=1)
+            return LatentDistribution(mean, logvar)
+
+    vae = ToyVAE()
+    adapter = IPAdapter(tiny_base(CTX), vae)
+    ref = torch.randn(2, 1, 16, 16, 16)
+    assert adapter.feature_dim == 4 and not vae.conv.weight.requires_grad
+    expected = adapter.image_proj(vae.conv(ref)[:, :4])
+    assert torch.allclose(adapter.encode_image(ref), expected)
+
+
+def test_context_embedding():
+    emb = ContextEmbedding(VOCAB, CTX)
+    by_name = emb({"modality": ["t2w", "t1c"], "dataset": "lidc"})
+    by_index = emb({"modality": torch.tensor([1, 3]), "dataset": [1, 1]})
+    assert by_name.shape == (2, 2, CTX) and torch.equal(by_name, by_index)
+    null = emb.null(2)
+    assert torch.equal(emb({"modality": [None, None]}), null)
+    partial = emb({"modality": "t2f"}, batch_size=2)  # a missing field gets its null token
+    assert torch.equal(partial[:, 1], null[:, 1]) and not torch.equal(partial[:, 0], null[:, 0])
+    dropped = emb({"modality": ["t2w", "t1c"], "dataset": "lidc"}, drop=torch.tensor([True, False]))
+    assert torch.equal(dropped[0], null[0]) and torch.equal(dropped[1], by_name[1])
+    with pytest.raises(ValueError, match=r"unknown modality 'T2W'; known: \['t1n', 't2w', 't2f', 't1c'\]"):
+        emb({"modality": "T2W"})
+    with pytest.raises(ValueError, match="unknown condition field 'contrast'"):
+        emb({"contrast": "t2w"})
+    with pytest.raises(ValueError, match=r"out of range \[0, 2\)"):
+        emb({"dataset": 2})
+    with pytest.raises(ValueError, match="different batch sizes"):
+        emb({"modality": ["t1n", "t2w"], "dataset": ["brats", "lidc", "lidc"]})
+
+
+def test_attention_block_is_identity_when_fresh_and_processor_is_swappable():
+    block = CrossAttentionBlock(16, CTX, head_dim=8, norm_num_groups=4)
+    x, c = torch.randn(2, 16, 2, 4, 4), torch.randn(2, 3, CTX)
+    assert torch.equal(block(x, c), x)
+    randomise(block, seed=1)
+    calls = []
+
+    def spy(attn: Attention, hidden, context):
+        calls.append(tuple(hidden.shape))
+        return AttnProcessor()(attn, hidden, context)
+
+    expected = block(x, c)
+    block.attn.processor = spy  # assignment goes through set_processor
+    assert torch.equal(block(x, c), expected) and calls == [(2, 32, 16)]
+    assert "processor" not in dict(block.attn.named_children())
+    # the default processor is plain softmax attention
+    attn = block.attn
+    attn.set_processor(AttnProcessor())
+    h = torch.randn(2, 5, 16)
+    q, k, v = attn.to_q(h), attn.to_k(c), attn.to_v(c)
+    heads = [torch.softmax(q[..., i:i + 8] @ k[..., i:i + 8].transpose(1, 2) / 8**0.5, -1) @ v[..., i:i + 8]
+             for i in (0, 8)]
+    assert torch.allclose(attn(h, c), attn.to_out(torch.cat(heads, -1)), atol=1e-5)
