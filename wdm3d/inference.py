@@ -69,6 +69,9 @@ class VolumeGenerator:
         dicom_hu_window: CT only: ``(low, high)`` HU that [0, 1] maps back to (the LIDC prep's clip range); None:
             the datalist's ``hu_clip`` when both its ends are numbers, else the values are written as they are
             (``RescaleType`` US, not HU) with a warning.
+        decoder: latent wavelet diffusion: a :class:`wdm3d.autoencoder.LatentDecoder`. The diffusion then samples
+            latents of ``decoder.latent_shape(image_size)`` (no clip projection: latents have no fixed range) and
+            the decoder turns them into volumes, written with the image geometry as above.
     """
 
     def __init__(
@@ -98,6 +101,7 @@ class VolumeGenerator:
         dicom: bool = False,
         dicom_modality: str = "MR",
         dicom_hu_window: Sequence[float] | None = None,
+        decoder: torch.nn.Module | None = None,
     ) -> None:
         if dicom_modality not in ("MR", "CT"):
             raise ValueError(f"dicom_modality must be 'MR' or 'CT', got {dicom_modality!r}.")
@@ -129,6 +133,10 @@ class VolumeGenerator:
         self.mlflow, self.mlflow_log_volumes = mlflow, mlflow_log_volumes
         self.dicom, self.dicom_modality = bool(dicom), dicom_modality
         self.dicom_hu_window = [float(v) for v in dicom_hu_window] if dicom_hu_window is not None else None
+        self.decoder = decoder
+        if decoder is not None:
+            decoder.latent_shape(self.image_size)  # fail now on a size the autoencoder cannot decode
+            self.clip_projection = False
 
     def _hu_window(self) -> list[float] | None:
         """The HU window for CT DICOM: the argument, else the datalist's numeric ``hu_clip``, else None."""
@@ -190,6 +198,13 @@ class VolumeGenerator:
         weights = load_network_weights(self.network, ckpt_path, keys, checkpoint=ckpt)
         self.network.eval()
         channels = self.network.out_channels // 8 if hasattr(self.network, "out_channels") else 1
+        sample_shape = [channels, *shape]
+        if self.decoder is not None:
+            self.decoder.to(self.device)
+            sample_shape = self.decoder.latent_shape(shape)
+            if sample_shape[0] != channels:
+                raise ValueError(f"the diffusion network makes {channels} latent channels but the autoencoder takes "
+                                 f"{sample_shape[0]}; check network_def's in_channels (8 x latent channels).")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         c_lo, c_hi = self.diffusion.clip_range or (-1.0, 1.0)
         use_autocast = self.autocast is not None and self.device.type == "cuda"
@@ -207,10 +222,12 @@ class VolumeGenerator:
             t0 = time.perf_counter()
             with ctx:
                 vols = self.diffusion.sample(
-                    self.network, (channels, *shape), num_samples=n, sampler=self.sampler, num_steps=self.num_steps,
+                    self.network, sample_shape, num_samples=n, sampler=self.sampler, num_steps=self.num_steps,
                     eta=self.eta, clip_projection=self.clip_projection, seed=seed, device=self.device,
                     progress=self.progress,
                 )
+                if self.decoder is not None:
+                    vols = self.decoder(vols.float())
             seconds = (time.perf_counter() - t0) / n
             # diffusion range -> the training data's intensity range
             vols = (vols.float().clamp(c_lo, c_hi) - c_lo) / (c_hi - c_lo) * (hi - lo) + lo
@@ -250,6 +267,8 @@ class VolumeGenerator:
             "geometry_source": geometry_source,
             "intensity_range": [lo, hi],
             "dicom": {"modality": self.dicom_modality, "hu_window": hu_window} if self.dicom else None,
+            "latent": ({"shape": sample_shape, "chunk": self.decoder.chunk, "autoencoder": self.decoder.info}
+                       if self.decoder is not None else None),
             "device": str(self.device),
             "autocast": self.autocast if use_autocast else None,
             "seconds_total": round(time.perf_counter() - t_start, 3),

@@ -107,7 +107,7 @@ class MLflowTracker:
     - params: ``params`` (flattened), the network / optimizer / diffusion settings, versions of wdm3d, monai, torch
       and mlflow, the git commit, the datalist's digest and size, the command line;
     - metrics: ``loss`` and per-subband ``loss_<SUBBAND>`` (when the output has ``pred``/``label`` with 8C
-      channels), ``lr``, ``grad_norm``, ``throughput_volumes_per_s``, ``peak_gpu_memory_gb`` (CUDA) every
+      channels), the terms of a composite loss as ``loss_<term>`` (``engine.state.loss_terms``), ``lr``, ``grad_norm``, ``throughput_volumes_per_s``, ``peak_gpu_memory_gb`` (CUDA) every
       ``log_every`` iterations; ``engine.state.metrics`` (e.g. validation statistics) every epoch;
     - artifacts: validation previews (via :meth:`log_preview`, given to ``SampleValidator`` as a callback), the
       bundle's config files, and at the end the final checkpoint (``log_checkpoint``) and ``artifacts`` (globs).
@@ -314,6 +314,8 @@ class MLflowTracker:
             if isinstance(pred, torch.Tensor) and isinstance(label, torch.Tensor) and pred.shape == label.shape \
                     and pred.ndim == 5 and pred.shape[1] % 8 == 0:
                 metrics.update({f"loss_{k}": v for k, v in subband_mse(pred, label).items()})
+        # the terms of a composite loss (VAEIteration: recon, wavelet, kl, adv_g, adv_d, ...)
+        metrics.update({f"loss_{k}": float(v) for k, v in (getattr(engine.state, "loss_terms", None) or {}).items()})
         opt = getattr(engine, "optimizer", None)
         if opt is not None:
             metrics["lr"] = opt.param_groups[0]["lr"]

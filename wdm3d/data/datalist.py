@@ -15,7 +15,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["read_datalist", "load_datalist", "datalist_metadata", "intensity_range"]
+__all__ = ["read_datalist", "load_datalist", "datalist_metadata", "intensity_range", "hu_range"]
 
 
 def read_datalist(path: str | os.PathLike) -> dict[str, Any]:
@@ -107,3 +107,17 @@ def intensity_range(path: str | os.PathLike | None, default: Sequence[float] = (
     if not (isinstance(value, (list, tuple)) and len(value) == 2 and float(value[0]) < float(value[1])):
         raise ValueError(f"intensity_range must be [low, high] with low < high, got {value!r} (from {path}).")
     return [float(value[0]), float(value[1])]
+
+
+def hu_range(path: str | os.PathLike | None) -> list[float] | None:
+    """The HU window a CT datalist's [0, 1] intensities map to (its numeric ``hu_clip``), else None (MRI).
+
+    Reconstruction and synthesis metrics use it to report MAE in HU.
+    """
+    if path is None or not Path(path).is_file():
+        return None
+    clip = read_datalist(path).get("hu_clip") or {}
+    low, high = (clip.get("low"), clip.get("high")) if isinstance(clip, dict) else (None, None)
+    if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high:
+        return [float(low), float(high)]
+    return None

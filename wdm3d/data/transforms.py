@@ -8,7 +8,7 @@ from monai import transforms as mt
 
 from .safety import BadInputError, CheckVolumed, GuardedTransform, _first_bad_input
 
-__all__ = ["LoadVolumed", "volume_transforms"]
+__all__ = ["LoadVolumed", "volume_transforms", "latent_transforms"]
 
 
 class LoadVolumed:
@@ -95,6 +95,52 @@ def volume_transforms(
             mt.ScaleIntensityRanged(keys=keys, a_min=a, a_max=b, b_min=lo, b_max=hi, clip=True),
             mt.ResizeWithPadOrCropd(keys=keys, spatial_size=[int(s) for s in image_size], mode="constant",
                                     constant_values=lo),
+        ]
+    )
+    return GuardedTransform(chain) if skip_bad else chain
+
+
+class _ShiftScale:
+    # a picklable ``(z - shift) * scale`` for data-loader workers started with spawn
+    def __init__(self, shift, scale) -> None:
+        self.shift, self.scale = shift, scale
+
+    def __call__(self, z):
+        return (z - self.shift.to(z.device)) * self.scale.to(z.device)
+
+
+def latent_transforms(
+    keys: str | Sequence[str],
+    latent_shift: Sequence[float],
+    latent_scale: Sequence[float],
+    skip_bad: bool = False,
+) -> mt.Compose | GuardedTransform:
+    """Load latents written by :func:`wdm3d.autoencoder.encode_dataset` and normalise them per channel.
+
+    ``z -> (z - latent_shift) * latent_scale`` (the training latents' mean and 1 / std), so the diffusion sees
+    roughly unit-variance channels; :class:`wdm3d.autoencoder.LatentDecoder` undoes it after sampling.
+
+    Args:
+        keys: the latent datalist key (``"latent"``).
+        latent_shift, latent_scale: per-channel values from the latent datalist.
+        skip_bad: as in :func:`volume_transforms`.
+
+    Returns:
+        A ``Compose`` producing ``(Z, d, h, w)`` float32 MetaTensors.
+    """
+    import torch
+
+    if len(latent_shift) != len(latent_scale) or not latent_shift:
+        raise ValueError(f"latent_shift and latent_scale need one value per channel, got {latent_shift} and {latent_scale}.")
+    keys = [keys] if isinstance(keys, str) else list(keys)
+    shift = torch.tensor([float(v) for v in latent_shift]).view(-1, 1, 1, 1)
+    scale = torch.tensor([float(v) for v in latent_scale]).view(-1, 1, 1, 1)
+    chain = _CheckedChain(
+        [
+            LoadVolumed(keys),
+            mt.EnsureTyped(keys=keys, dtype="float32"),
+            CheckVolumed(keys, num_channels=len(latent_shift)),
+            mt.Lambdad(keys=keys, func=_ShiftScale(shift, scale)),
         ]
     )
     return GuardedTransform(chain) if skip_bad else chain

@@ -402,7 +402,7 @@ class TrainingCheckpoints:
     Args:
         directory: checkpoint folder.
         objects: what to save besides the trainer and RNG, e.g. ``{"model": net, "ema": ema_net, "optimizer": opt}``
-            (an LR scheduler too, if any).
+            (an LR scheduler too, if any); entries that are None (a switched-off discriminator) are left out.
         save_interval: save every this many epochs (0: off).
         n_saved: how many epoch and iteration checkpoints (each) to keep (None: all).
         save_final: also save when training completes (``checkpoint_final_iteration=N.pt``).
@@ -432,7 +432,7 @@ class TrainingCheckpoints:
         if n_saved is not None and (not isinstance(n_saved, int) or n_saved < 1):
             raise ValueError(f"n_saved must be a positive integer or None, got {n_saved!r}.")
         self.directory = Path(directory)
-        self.objects = dict(objects)
+        self.objects = {k: v for k, v in objects.items() if v is not None}  # optional parts (a GAN's D) may be off
         self.save_interval, self.n_saved, self.save_final, self.resume = save_interval, n_saved, save_final, resume
         self.save_every_iterations, self.save_on_sigterm = save_every_iterations, save_on_sigterm
         self.resumer: ResumeFromLatest | None = None

@@ -45,6 +45,23 @@ class GuardedIteration:
         self.grad_clip_norm = None if grad_clip_norm is None else float(grad_clip_norm)
         self.max_nonfinite_steps = max_nonfinite_steps
 
+    def forward(self, engine, inputs: Any, targets: Any, args: tuple, kwargs: dict) -> None:
+        """Forward pass and loss: set ``engine.state.output["pred"]`` and ``["loss"]`` (a scalar tensor).
+
+        Subclasses (e.g. :class:`~wdm3d.engine.VAEIteration`) replace this; it runs under autocast with AMP.
+        """
+        from monai.engines.utils import IterationEvents
+        from monai.utils.enums import CommonKeys as Keys
+
+        engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
+        engine.fire_event(IterationEvents.FORWARD_COMPLETED)
+        engine.state.output[Keys.LOSS] = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
+        engine.fire_event(IterationEvents.LOSS_COMPLETED)
+
+    def after_step(self, engine, ok: bool) -> None:
+        """Called after the (possibly skipped) optimizer step, before ``MODEL_COMPLETED``: a second optimiser's
+        step goes here (the VAE's discriminator)."""
+
     def _params(self, engine) -> list[torch.nn.Parameter]:
         return [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
@@ -62,24 +79,17 @@ class GuardedIteration:
             inputs = inputs.as_tensor() if hasattr(inputs, "as_tensor") else inputs
             targets = targets.as_tensor() if hasattr(targets, "as_tensor") else targets
         engine.state.output = {Keys.IMAGE: inputs, Keys.LABEL: targets}
-
-        def forward():
-            engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
-            engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-            engine.state.output[Keys.LOSS] = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
-            engine.fire_event(IterationEvents.LOSS_COMPLETED)
-
         engine.network.train()
         engine.optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         scaler = engine.scaler if engine.amp else None
         if scaler is not None:
             with torch.autocast("cuda", **engine.amp_kwargs):
-                forward()
+                self.forward(engine, inputs, targets, args, kwargs)
             scaler.scale(engine.state.output[Keys.LOSS]).backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
             scaler.unscale_(engine.optimizer)
         else:
-            forward()
+            self.forward(engine, inputs, targets, args, kwargs)
             engine.state.output[Keys.LOSS].backward()
             engine.fire_event(IterationEvents.BACKWARD_COMPLETED)
         params = self._params(engine)
@@ -117,6 +127,7 @@ class GuardedIteration:
                     "rate, set grad_clip_norm, or check the data for NaN/Inf; resume from the last checkpoint."
                 )
         state.step_skipped = not ok
+        self.after_step(engine, ok)
         bad = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "bad_samples", None)
         if bad is not None:  # SkipBadSamples: skipped inputs, for the stats and MLflow handlers
             state.metrics["bad_samples"] = len(bad)

@@ -51,7 +51,8 @@ def save_nifti(
     """Write a 3D volume as NIfTI with the given voxel-to-world (RAS) affine, atomically.
 
     Args:
-        volume: ``(D, H, W)`` array (voxel axes in the order the affine describes) or ``(1, D, H, W)``.
+        volume: ``(D, H, W)`` array (voxel axes in the order the affine describes) or ``(C, D, H, W)`` (several
+            channels, e.g. a latent, are written as a 4D image with the channels last).
         affine: 4x4 voxel-to-world matrix, e.g. the MetaTensor affine of the training data.
         path: output file (``.nii`` or ``.nii.gz``).
         dtype: on-disk data type.
@@ -63,8 +64,10 @@ def save_nifti(
     arr = volume.detach().cpu().numpy() if isinstance(volume, torch.Tensor) else np.asarray(volume)
     if arr.ndim == 4 and arr.shape[0] == 1:
         arr = arr[0]
-    if arr.ndim != 3:
-        raise ValueError(f"volume must be (D, H, W) or (1, D, H, W), got shape {arr.shape} for {path}.")
+    elif arr.ndim == 4:  # (C, D, H, W): channels on the 4th NIfTI axis, which MONAI's loader reads as channels
+        arr = np.moveaxis(arr, 0, -1)
+    if arr.ndim not in (3, 4):
+        raise ValueError(f"volume must be (D, H, W) or (C, D, H, W), got shape {arr.shape} for {path}.")
     aff = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
     aff = aff.astype(np.float64)
     if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
