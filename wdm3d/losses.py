@@ -35,6 +35,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from wdm3d.networks.state import state_mismatch
 from wdm3d.networks.vae_base import LatentDistribution, VAEOutput
 
 __all__ = [
@@ -356,14 +357,11 @@ def load_slice_feature_weights(net: SliceFeatureNet2D, path: str | os.PathLike) 
     else:
         state = {f"features.{k}": v for k, v in obj.items()}
     own = net.state_dict()
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if own[k].shape != state[k].shape)
-    if missing or unexpected or bad:
+    mismatch = state_mismatch(own, state)
+    if mismatch:
         raise ValueError(
-            f"{path} does not fit the 2D feature network (layout with {len(own) // 2} convs): missing {missing[:5]}"
-            f"{'...' if len(missing) > 5 else ''}, unexpected {unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, "
-            f"wrong shapes {bad[:5]}. Check that `layout` matches the file (VGG16_LAYOUT for torchvision's VGG16)."
+            f"{path} does not fit the 2D feature network (layout with {len(own) // 2} convs): {mismatch}. "
+            "Check that `layout` matches the file (VGG16_LAYOUT for torchvision's VGG16)."
         )
     net.load_state_dict(state, strict=True)
     return net

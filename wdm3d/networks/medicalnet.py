@@ -34,6 +34,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from .state import state_mismatch
+
 __all__ = [
     "MEDICALNET_WEIGHTS_FILE",
     "MedicalNetResNet50",
@@ -179,14 +181,11 @@ def load_medicalnet_weights(model: MedicalNetResNet50, path: str | os.PathLike) 
     for key in own:  # checkpoints from PyTorch < 0.4.1 (MedicalNet's era) have no BN step counters; eval mode ignores them
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = own[key]
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = [k for k in set(own) & set(state) if tuple(own[k].shape) != tuple(state[k].shape)]
-    if missing or unexpected or bad:
+    mismatch = state_mismatch(own, state)
+    if mismatch:
         raise ValueError(
             f"{path} does not fit MedicalNet's ResNet-50 (is it {MEDICALNET_WEIGHTS_FILE}, not a ResNet-10/18/34?): "
-            f"missing {missing[:5]}{'...' if len(missing) > 5 else ''}, unexpected "
-            f"{unexpected[:5]}{'...' if len(unexpected) > 5 else ''}, wrong shapes {sorted(bad)[:5]}."
+            f"{mismatch}."
         )
     model.load_state_dict(state, strict=True)
     return model
