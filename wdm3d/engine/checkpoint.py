@@ -366,8 +366,8 @@ class ResumeFromLatest:
         path = latest_checkpoint(self.directory) if self.enabled else None
         if path is None:
             engine.logger.info(
-                "No checkpoint in %s: training starts from scratch." if self.enabled else "Resuming is off.",
-                self.directory,
+                "%s: training starts from scratch.",
+                f"No checkpoint in {self.directory}" if self.enabled else "Resuming is off",
             )
             return
         self.restore(engine, path)
