@@ -81,6 +81,17 @@ def test_installation_leaves_the_base_unchanged(context_dim, projection):
     assert adapter.num_tokens == (4 if projection == "linear" else 16)
 
 
+def test_base_output_does_not_depend_on_being_frozen():
+    # torch.matmul folds a transposed (B, L, C) input into one mm only when the weight needs no gradient; the
+    # attention tokens are contiguous so that the base, frozen by the adapter, computes bit for bit what it did
+    base = tiny_base(CTX)
+    x, t, ctx, _ = inputs()
+    with torch.no_grad():
+        trainable = base(x, t, context=ctx)
+        frozen = base.requires_grad_(False)(x, t, context=ctx)
+    assert torch.equal(trainable, frozen)
+
+
 def test_perturbed_added_blocks_change_the_output_and_remove_restores_the_base():
     base = tiny_base(None)
     x, t, _, ref = inputs()

@@ -227,7 +227,10 @@ class CrossAttentionBlock(nn.Module):
         """The residual branch alone: ``(B, C, D, H, W), (B, N, context_dim) -> (B, C, D, H, W)``."""
         if x.ndim != 5 or x.shape[1] != self.channels:
             raise ValueError(f"x must have shape (B, {self.channels}, D, H, W), got {tuple(x.shape)}.")
-        tokens = self.norm(x).flatten(2).transpose(1, 2)  # (B, D*H*W, C)
+        # (B, D*H*W, C), contiguous: for a transposed input torch.matmul folds the batch into one mm only when
+        # the weight needs no gradient, so the last bits of the result would depend on whether the network is
+        # frozen (an installed IP-Adapter at scale 0 would then not be exactly its base)
+        tokens = self.norm(x).flatten(2).transpose(1, 2).contiguous()
         out = self.attn(tokens, context.to(tokens.dtype))
         return out.transpose(1, 2).reshape(x.shape)
 
