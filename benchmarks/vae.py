@@ -552,7 +552,8 @@ def markdown_memory(rows: list[dict], checks: list[dict], env: dict, args) -> st
         f"{args.dec_chunk} latent slices ({args.dec_chunk * 2 ** LEVELS} output slices). Time: median of up to "
         f"{args.repeats} calls after a first one (sweeps: {args.sweep_repeats}). Peak: {method} (see the script's "
         "docstring), output included, weights and input not. \"slow_conv3d\": share of the convolution time spent "
-        "in PyTorch's im2col fallback instead of oneDNN (CPU only).",
+        "in PyTorch's im2col fallback instead of oneDNN (CPU only). \"RSS growth\": resident-set growth during the "
+        "first call (CPU only; allocator- and OS-dependent, but it also sees memory oneDNN allocates outside PyTorch).",
         "",
     ]
     by = {(r.get("set"), tuple(r.get("shape", ())), r.get("width"), r.get("op"), r.get("mode")): r for r in rows}
@@ -566,8 +567,8 @@ def markdown_memory(rows: list[dict], checks: list[dict], env: dict, args) -> st
         lines += [
             "| size | width (params M) | op | whole s | chunked s | chunked / whole time | whole peak MB "
             "| chunked peak MB | chunked / whole peak | output MB | max abs(chunked - whole) "
-            "| slow_conv3d whole / chunked | status |",
-            "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+            "| slow_conv3d whole / chunked | RSS growth whole / chunked MB | status |",
+            "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
         ]
         for w in cubes:
             c = by.get(("cube", tuple(w["shape"]), w["width"], w["op"], "chunked"), {})
@@ -577,7 +578,9 @@ def markdown_memory(rows: list[dict], checks: list[dict], env: dict, args) -> st
                 f"| {_ratio(c.get('median_s'), w.get('median_s'))} | {fmt(w.get('peak_mb'), '.0f')} "
                 f"| {fmt(c.get('peak_mb'), '.0f')} | {_ratio(c.get('peak_mb'), w.get('peak_mb'))} "
                 f"| {fmt(w.get('output_mb') or c.get('output_mb'), '.1f')} | {fmt(c.get('max_abs_diff'), '.1e')} "
-                f"| {_share(w)} / {_share(c)} | {status(w, c)} |"
+                f"| {_share(w)} / {_share(c)} "
+                f"| {fmt(w.get('rss_peak_mb'), '.0f')} / {fmt(c.get('rss_peak_mb'), '.0f')} "
+                f"| {status(w, c)} |"
             )
         lines.append("")
     sweep = [r for r in rows if r.get("set") == "sweep" and r.get("mode") == "whole" and r.get("op") == "encode"]
