@@ -40,17 +40,19 @@ def standardize_flat(volumes, downsample: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ncc_matrix(a: torch.Tensor, b: torch.Tensor, chunk: int = 64, device: str | torch.device | None = None) -> np.ndarray:
+def ncc_matrix(a: torch.Tensor, b: torch.Tensor, chunk: int = 32, device: str | torch.device | None = None) -> np.ndarray:
     """NCC of every row of ``a`` ``(N, V)`` with every row of ``b`` ``(M, V)`` (both from :func:`standardize_flat`).
 
-    Computed in chunks of ``chunk`` rows on ``device`` (default: CUDA when present); returns float64 ``(N, M)``.
+    Computed in chunks of ``chunk`` rows on ``device`` (default: CUDA when present), accumulated in float64 (a
+    float32 dot product of two 128^3 rows is off by ~1e-5, enough for an exact copy to miss a threshold near
+    1); returns float64 ``(N, M)``.
     """
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
     out = np.zeros((a.shape[0], b.shape[0]))
     for i in range(0, a.shape[0], chunk):
-        ai = a[i:i + chunk].to(device)
+        ai = a[i:i + chunk].to(device, torch.float64)
         for j in range(0, b.shape[0], chunk):
-            out[i:i + chunk, j:j + chunk] = (ai @ b[j:j + chunk].to(device).T).double().cpu().numpy()
+            out[i:i + chunk, j:j + chunk] = (ai @ b[j:j + chunk].to(device, torch.float64).T).cpu().numpy()
     return np.clip(out, -1.0, 1.0)
 
 
@@ -115,7 +117,7 @@ def memorization_audit(
         rule = f"max(min_threshold {min_threshold}, midpoint of the largest real-to-real NN NCC {real_max:.4f} and 1)"
     else:
         rule = "given"
-    tol = 1e-6  # float32 round-off: an exact copy must not miss a threshold of 1
+    tol = 1e-6  # round-off of the unit rows (stored in float32): an exact copy must not miss a threshold of 1
     per_sample = [{"fake": fake_names[i], "nearest_train": train_names[int(idx_f[i])], "ncc": float(ncc_f[i]),
                    "percentile_vs_real_nn": float((ncc_r < ncc_f[i]).mean() * 100)} for i in range(len(ncc_f))]
     if fake_embeddings is not None and train_embeddings is not None:
