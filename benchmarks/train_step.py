@@ -11,7 +11,9 @@ row, not a crash):
   GradScaler then, so it is used here too);
 - bf16 + ``network.to(memory_format=torch.channels_last_3d)``; bf16 + ``torch.backends.cudnn.benchmark``;
 - bf16 + ``torch.compile(network)`` (``SupervisedTrainer(compile=True)``);
-- bf16 + gradient checkpointing (``WDMUNet(use_checkpoint=True)``), alone and with compile (256^3).
+- bf16 + gradient checkpointing (``WDMUNet(use_checkpoint=True)``), alone and with compile (256^3);
+- bf16 with the two 8-channel convolutions in fp32 (``WDMUNet(fp32_io=True)``), alone and with compile: the
+  candidate fix for the slow bf16 cuDNN weight-gradient kernel found by ``--profile``.
 
 Warm-up steps (and compilation) are excluded; then ``--steps`` steps are timed between two ``cuda.synchronize``.
 Peak memory is ``torch.cuda.max_memory_allocated`` over the timed steps (weights, gradients and AdamW state
@@ -55,6 +57,7 @@ class Variant:
     compile: bool = False
     checkpoint: bool = False
     cudnn_benchmark: bool = False
+    fp32_io: bool = False
 
 
 def variants_for(preset: str) -> list[Variant]:
@@ -65,11 +68,13 @@ def variants_for(preset: str) -> list[Variant]:
         Variant("bf16 autocast", amp=True),
         Variant("bf16 + channels_last_3d", amp=True, channels_last=True),
         Variant("bf16 + cudnn.benchmark", amp=True, cudnn_benchmark=True),
+        Variant("bf16 + fp32 in/out convs", amp=True, fp32_io=True),
     ]
     if preset == "wdm_256":
         rows.append(Variant("bf16 + checkpointing", amp=True, checkpoint=True))
     # compiled variants last: they take the longest to prepare, and a timeout then loses the least
     rows.append(Variant("bf16 + compile", amp=True, compile=True))
+    rows.append(Variant("bf16 + fp32 in/out convs + compile", amp=True, fp32_io=True, compile=True))
     if preset == "wdm_256":
         rows.append(Variant("bf16 + checkpointing + compile", amp=True, checkpoint=True, compile=True))
     return rows
@@ -104,11 +109,11 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def build_network(preset: str, tiny: bool, checkpoint: bool) -> WDMUNet:
+def build_network(preset: str, tiny: bool, checkpoint: bool, fp32_io: bool = False) -> WDMUNet:
     if tiny:
         return WDMUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4,
-                       use_checkpoint=checkpoint)
-    return wdm_unet(preset, use_checkpoint=checkpoint)
+                       use_checkpoint=checkpoint, fp32_io=fp32_io)
+    return wdm_unet(preset, use_checkpoint=checkpoint, fp32_io=fp32_io)
 
 
 def run_variant(v: Variant, preset: str, size: int, batch: int, args, device: torch.device, tf32_defaults) -> Result:
@@ -118,7 +123,7 @@ def run_variant(v: Variant, preset: str, size: int, batch: int, args, device: to
         set_tf32(v.tf32, tf32_defaults)
         torch.backends.cudnn.benchmark = v.cudnn_benchmark
         torch.manual_seed(0)
-        model = build_network(preset, args.tiny, v.checkpoint).to(device).train()
+        model = build_network(preset, args.tiny, v.checkpoint, v.fp32_io).to(device).train()
         if v.channels_last:
             model = model.to(memory_format=torch.channels_last_3d)
         res.settings["parameters_M"] = round(count_parameters(model) / 1e6, 2)

@@ -97,8 +97,11 @@ def test_256_variant_is_one_extra_file():
     assert parser["image_size"] == [256] * 3 and parser["batch_size"] == 1 and parser["gradient_checkpointing"]
     with torch.device("meta"):
         net = parser.get_parsed_content("network_def")
-    assert net.channel_mult == (1, 2, 2, 4, 4, 4) and net.use_checkpoint
+    assert net.channel_mult == (1, 2, 2, 4, 4, 4) and net.use_checkpoint and not net.fp32_io
     assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == 83.16
+    parser["fp32_io"] = True  # the bf16 switch reaches the network
+    with torch.device("meta"):
+        assert parser.get_parsed_content("network_def", lazy=False).fp32_io
 
 
 def test_training_writes_checkpoints_with_model_ema_optimizer_and_iteration(dataset, tmp_path):

@@ -219,6 +219,29 @@ def test_bf16_autocast_on_cpu_runs_and_is_close():
     assert WaveletMSELoss()(low, ref.bfloat16()).dtype == torch.float32
 
 
+def test_fp32_io_keeps_the_wavelet_convolutions_in_fp32_under_autocast():
+    net, io = tiny_net().eval(), tiny_net(fp32_io=True).eval()  # the same random weights
+    dtypes = {}
+    for name in ("conv_in", "conv_out"):
+        io.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: dtypes.__setitem__(name, o.dtype))
+    x = torch.randn(2, 8, 8, 8, 8)
+    t = torch.tensor([3, 700])
+    with torch.no_grad():
+        assert torch.equal(io(x, t), net(x, t))  # without autocast the switch changes nothing
+        assert dtypes == {"conv_in": torch.float32, "conv_out": torch.float32}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            mixed, low = io(x, t), net(x, t)
+    # under autocast: the two 8-channel convolutions in fp32, the rest of the network still bf16
+    assert dtypes["conv_in"] == dtypes["conv_out"] == torch.float32 and mixed.dtype == torch.float32
+    assert low.dtype == torch.bfloat16
+    ref = net(x, t).detach()
+    assert ((mixed - ref).norm() / ref.norm()).item() < 0.05
+    # and it trains: gradients reach conv_in through the fp32 island
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        io.train()(x, t).float().pow(2).mean().backward()
+    assert io.conv_in.weight.grad is not None and io.conv_in.weight.grad.abs().sum() > 0
+
+
 def test_supervised_trainer_amp_and_compile_switches_with_our_prepare_batch():
     # the bundle switches: SupervisedTrainer(amp=True, amp_kwargs={"dtype": torch.bfloat16}, compile=True).
     # MONAI 1.6.1 converts MetaTensor inputs to plain tensors for compile; our prepare_batch already returns plain
