@@ -1,8 +1,37 @@
-"""Wavelet-domain diffusion: closed forms (:mod:`.maths`), the process and samplers, MONAI training glue."""
+"""Wavelet-domain diffusion: closed forms (:mod:`.maths`), the process and samplers, MONAI training glue, and
+conditioning (:mod:`.conditioning`: context tokens, IP-Adapter training on a frozen base, concatenation)."""
 
 from . import maths
+from .conditioning import (
+    CONDITIONING_MODES,
+    AdapterSaver,
+    AdapterState,
+    ConditionalDiffusionInferer,
+    ConditionalPrepareBatch,
+    ContextConditionedUNet,
+    build_image_encoder,
+    expand_paired_datalist,
+    load_frozen_base,
+)
 from .guidance import ClassifierFreeGuidance
 from .training import WaveletDiffusionPrepareBatch, WaveletMSELoss, subband_mse
 from .wavelet_diffusion import SAMPLERS, WaveletDiffusion
 
-__all__ = ["maths", "ClassifierFreeGuidance", "SAMPLERS", "WaveletDiffusion", "WaveletDiffusionPrepareBatch", "WaveletMSELoss", "subband_mse"]
+__all__ = [
+    "maths",
+    "AdapterSaver",
+    "AdapterState",
+    "CONDITIONING_MODES",
+    "ClassifierFreeGuidance",
+    "ConditionalDiffusionInferer",
+    "ConditionalPrepareBatch",
+    "ContextConditionedUNet",
+    "SAMPLERS",
+    "WaveletDiffusion",
+    "WaveletDiffusionPrepareBatch",
+    "WaveletMSELoss",
+    "build_image_encoder",
+    "expand_paired_datalist",
+    "load_frozen_base",
+    "subband_mse",
+]
