@@ -203,3 +203,93 @@ def test_the_two_vae_bundles_differ_only_where_the_models_do():
     allowed = {"bundle_root", "experiment_name", "gradient_checkpointing", "prior", "sparsity_weight"}
     assert {k for k in differ if not (k in allowed or k.startswith(("network_def", "loss#extra_weights",
                                                                        "train#handlers#2#params", "run_config")))} == set()
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# wdm3d.autoencoder: what a checkpoint may build, and what an encode folder may reuse
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+def _tiny_autoencoder(latent_channels):
+    from wdm3d.networks import WFVAE3D
+
+    torch.manual_seed(latent_channels)
+    return WFVAE3D(in_channels=1, latent_channels=latent_channels, levels=2, base_channels=8, num_res_blocks=1,
+                   num_mid_blocks=1)
+
+
+def test_build_network_only_builds_network_classes(tmp_path):
+    from wdm3d.autoencoder import build_network
+
+    target = tmp_path / "written_by_the_checkpoint.pt"
+    crafted = tmp_path / "crafted.pt"
+    # a function under an allowed module path: calling it with the checkpoint's arguments would write a file
+    torch.save({"run_config": {"network": {"class": "monai.networks.utils.save_state", "src": {},
+                                           "path": str(target)}}}, crafted)
+    with pytest.raises(ValueError, match=r"crafted\.pt names 'monai\.networks\.utils\.save_state', which is not a network class"):
+        build_network(crafted)
+    assert not target.exists()
+    torch.save({"run_config": {"network": {"class": "wdm3d.networks.NoSuchNet"}}}, crafted)
+    with pytest.raises(ValueError, match=r"crafted\.pt names network class 'wdm3d\.networks\.NoSuchNet', which does not exist"):
+        build_network(crafted)
+    torch.save({"run_config": {"network": {"class": "wdm3d.networks.WFVAE3D", "in_channels": 1,
+                                           "latent_channels": 4, "levels": 0}}}, crafted)
+    with pytest.raises(ValueError, match=r"Cannot rebuild wdm3d\.networks\.WFVAE3D from the settings in .*crafted\.pt"):
+        build_network(crafted)
+
+
+def _encode(network, ckpt, datalist, out, **kw):
+    from wdm3d.autoencoder import encode_dataset
+
+    return json.loads(encode_dataset(network, ckpt, datalist, "t1n", out, SIZE, device="cpu", **kw).read_text())
+
+
+def test_encode_reuses_latents_only_from_the_same_checkpoint(dataset, tmp_path):
+    net = _tiny_autoencoder(1)  # one latent channel: save_nifti writes it as a 3D volume
+    ckpt_a, ckpt_b = tmp_path / "a.pt", tmp_path / "b.pt"
+    torch.save({"model": net.state_dict()}, ckpt_a)
+    torch.save({"model": {k: v + 0.01 if v.is_floating_point() else v for k, v in net.state_dict().items()}}, ckpt_b)
+    out = tmp_path / "latents"
+    first = _encode(net, ckpt_a, dataset / "datalist.json", out)
+    files = sorted((out / "latents").glob("*_latent.nii.gz"))
+    assert len(files) == 5 and nib.load(str(files[0])).ndim == 3
+    stamps = {f: f.stat().st_mtime_ns for f in files}
+    again = _encode(net, ckpt_a, dataset / "datalist.json", out)  # reuses the files, reads them back right
+    assert {f: f.stat().st_mtime_ns for f in files} == stamps
+    assert again["latent_shift"] == pytest.approx(first["latent_shift"], rel=1e-6)
+    assert again["latent_scale"] == pytest.approx(first["latent_scale"], rel=1e-6)
+    # another checkpoint must not adopt these latents under its own checksum
+    with pytest.raises(ValueError, match=r"encoded differently \(sha256: "):
+        _encode(net, ckpt_b, dataset / "datalist.json", out)
+    with pytest.raises(ValueError, match=r"image_size: \[32, 32, 32\] there, \[16, 16, 16\] now"):
+        from wdm3d.autoencoder import encode_dataset
+
+        encode_dataset(net, ckpt_a, dataset / "datalist.json", "t1n", out, [16, 16, 16], device="cpu")
+    redone = _encode(net, ckpt_b, dataset / "datalist.json", out, overwrite=True)
+    assert redone["autoencoder"]["sha256"] != first["autoencoder"]["sha256"]
+    assert redone["latent_shift"] != pytest.approx(first["latent_shift"], rel=1e-6)
+    # latents of unknown origin (no stamp) are not adopted either
+    stray = tmp_path / "stray"
+    (stray / "latents").mkdir(parents=True)
+    (stray / "latents" / "case0_latent.nii.gz").write_bytes(files[0].read_bytes())
+    with pytest.raises(ValueError, match=r"stray/latents holds latents of unknown origin"):
+        _encode(net, ckpt_a, dataset / "datalist.json", stray)
+
+
+def test_cases_that_would_share_an_output_file_are_refused(dataset, tmp_path):
+    from wdm3d.autoencoder import reconstruct_dataset
+
+    for p in ("p0", "p1"):  # same file name in two folders and no 'case' key
+        (tmp_path / p).mkdir()
+        (tmp_path / p / "t1n.nii.gz").write_bytes((dataset / "case0" / "case0-t1n.nii.gz").read_bytes())
+    datalist = tmp_path / "datalist.json"
+    datalist.write_text(json.dumps({"training": [{"t1n": "p0/t1n.nii.gz"}, {"t1n": "p1/t1n.nii.gz"}],
+                                    "validation": [{"t1n": "p0/t1n.nii.gz"}, {"t1n": "p1/t1n.nii.gz"}]}))
+    net = _tiny_autoencoder(4)
+    torch.save({"model": net.state_dict()}, tmp_path / "a.pt")
+    pattern = r"p0/t1n\.nii\.gz and .*p1/t1n\.nii\.gz would both be written as case 't1n'"
+    with pytest.raises(ValueError, match=pattern):
+        _encode(net, tmp_path / "a.pt", datalist, tmp_path / "latents")
+    with pytest.raises(ValueError, match=pattern):
+        reconstruct_dataset(net, tmp_path / "a.pt", datalist, "t1n", tmp_path / "recon", SIZE, device="cpu")
+    assert not (tmp_path / "latents" / "latents").exists() and not (tmp_path / "recon").exists()

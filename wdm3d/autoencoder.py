@@ -118,10 +118,18 @@ def build_network(checkpoint: str | os.PathLike) -> nn.Module:
         raise ValueError(f"Checkpoint {path} names network class {cls_name!r}, outside {_TRUSTED_MODULES}; refusing "
                          "to build it. Pass the network explicitly.")
     module_name, _, attr = cls_name.rpartition(".")
-    cls = getattr(importlib.import_module(module_name), attr)
+    try:
+        cls = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"Checkpoint {path} names network class {cls_name!r}, which does not exist here: {err}") from err
+    # only network classes: a module path alone would also admit functions there (monai.networks.utils.save_state
+    # writes files), which a crafted checkpoint could call with arguments of its choosing
+    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
+        raise ValueError(f"Checkpoint {path} names {cls_name!r}, which is not a network class (torch.nn.Module); "
+                         "refusing to call it. Pass the network explicitly.")
     try:
         return cls(**settings)
-    except TypeError as err:
+    except (TypeError, ValueError) as err:
         raise ValueError(f"Cannot rebuild {cls_name} from the settings in {path} ({settings}): {err}") from err
 
 
@@ -159,6 +167,18 @@ def _case_name(entry: Mapping, key: str) -> str:
         if name.endswith(ext):
             return name[: -len(ext)]
     return name
+
+
+def _check_unique_names(named: Sequence[tuple[str, Mapping]], key: str, datalist: str | os.PathLike) -> None:
+    """Two entries with the same output name would overwrite each other's file: refuse, naming both sources."""
+    seen: dict[str, str] = {}
+    for name, entry in named:
+        src = str(entry.get(key))
+        if seen.setdefault(name, src) != src:
+            raise ValueError(
+                f"{datalist}: {seen[name]} and {src} would both be written as case {name!r} (named after the file "
+                "name); give each entry a unique 'case' (data_prep's datalists do)."
+            )
 
 
 def _entries(datalist: str | os.PathLike, split: str, key: str) -> list[dict]:
@@ -201,13 +221,14 @@ def reconstruct_dataset(
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network, info = load_autoencoder(network, checkpoint, use_ema, device)
     entries = _entries(datalist, split, image_key)[:max_cases]
+    named = [(_case_name(entry, image_key), entry) for entry in entries]
+    _check_unique_names(named, image_key, datalist)
     load = _case_loader(image_key, image_size, intensity_range)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lo, hi = (float(v) for v in intensity_range)
     rows, failures, t0 = [], [], time.perf_counter()
-    for entry in entries:
-        name = _case_name(entry, image_key)
+    for name, entry in named:
         try:
             x = load(dict(entry))[image_key]
             affine = x.affine.numpy() if hasattr(x, "affine") else np.eye(4)
@@ -272,16 +293,22 @@ def encode_dataset(
     factor = int(_unwrap(network).downsample_factor)
     load = _case_loader(image_key, image_size, intensity_range)
     out_dir = Path(output_dir)
+    by_split: dict[str, list[dict]] = {}
+    for split in splits:
+        try:
+            by_split[split] = _entries(datalist, split, image_key)
+        except (KeyError, ValueError) as err:
+            logger.warning("Skipping split %s: %s", split, err)
+    _check_unique_names([(_case_name(e, image_key), e) for rows in by_split.values() for e in rows], image_key,
+                        datalist)
     (out_dir / "latents").mkdir(parents=True, exist_ok=True)
+    _claim_latent_folder(out_dir, {"sha256": info["sha256"], "weights": info["weights"], "image_key": image_key,
+                                   "image_size": [int(v) for v in image_size],
+                                   "intensity_range": [float(v) for v in intensity_range]}, overwrite)
     result: dict[str, Any] = {}
     failures = []
     total, total_sq, count = None, None, 0
-    for split in splits:
-        try:
-            entries = _entries(datalist, split, image_key)
-        except (KeyError, ValueError) as err:
-            logger.warning("Skipping split %s: %s", split, err)
-            continue
+    for split, entries in by_split.items():
         rows = []
         for entry in entries:
             name = _case_name(entry, image_key)
@@ -290,7 +317,12 @@ def encode_dataset(
                 if path.is_file() and not overwrite:
                     import nibabel as nib
 
-                    z = torch.from_numpy(np.moveaxis(np.asarray(nib.load(str(path)).dataobj, dtype=np.float32), -1, 0))
+                    arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
+                    # save_nifti writes (Z, d, h, w) as d x h x w x Z, and a single channel as a 3D volume
+                    z = torch.from_numpy(arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0))
+                    if z.shape[0] != int(_unwrap(network).latent_channels):
+                        raise ValueError(f"existing latent {path} has {z.shape[0]} channels, the autoencoder "
+                                         f"{_unwrap(network).latent_channels}; pass overwrite=True to re-encode")
                 else:
                     x = load(dict(entry))[image_key]
                     affine = x.affine.numpy() if hasattr(x, "affine") else np.eye(4)
@@ -331,6 +363,36 @@ def encode_dataset(
     n = sum(len(result.get(s, [])) for s in splits)
     print(f"Encoded {n} volumes to latents {latent_size} x {net.latent_channels} ({len(failures)} failed) -> {out}")
     return out
+
+
+_STAMP = "encoded_with.json"
+
+
+def _claim_latent_folder(out_dir: Path, stamp: dict[str, Any], overwrite: bool) -> None:
+    """Latents already in ``out_dir`` are reused only if they were encoded with the same checkpoint and settings.
+
+    The stamp (``latents/encoded_with.json``) is written before the first latent, so a folder from an interrupted
+    run is still recognised; a folder of latents without it (or with another stamp) is refused unless
+    ``overwrite``, since reusing them would put one autoencoder's latents under another's checksum.
+    """
+    stamp_file = out_dir / "latents" / _STAMP
+    if not overwrite:
+        old = None
+        if stamp_file.is_file():
+            old = json.loads(stamp_file.read_text())
+        elif (out_dir / "datalist_latents.json").is_file():  # written before the stamp existed
+            data = json.loads((out_dir / "datalist_latents.json").read_text())
+            old = {"sha256": data.get("autoencoder", {}).get("sha256"), "weights": data.get("autoencoder", {}).get(
+                "weights"), "image_key": data.get("image_key"), "image_size": data.get("image_size"),
+                "intensity_range": data.get("intensity_range")}
+        elif any((out_dir / "latents").glob("*_latent.nii.gz")):
+            raise ValueError(f"{out_dir / 'latents'} holds latents of unknown origin (no {_STAMP}); pass "
+                             "overwrite=True to re-encode them or choose another output folder.")
+        if old is not None and old != stamp:
+            diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in stamp.items() if old.get(k) != v)
+            raise ValueError(f"{out_dir} holds latents encoded differently ({diff}); pass overwrite=True to "
+                             "re-encode them or choose another output folder.")
+    atomic_write_text(stamp_file, json.dumps(stamp, indent=2))
 
 
 def read_latent_stats(path: str | os.PathLike) -> dict[str, Any]:
