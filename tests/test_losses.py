@@ -324,3 +324,19 @@ def test_vae_loss_with_perceptual_term(tiny_weights):
     total, logs = VAELoss(perceptual=perceptual, perceptual_weight=0.1)(out, x)
     assert logs["perceptual"] > 0
     assert total.item() == pytest.approx(base.item() + 0.1 * logs["perceptual"].item(), rel=1e-5)
+
+
+def test_kl_of_a_bf16_posterior_is_computed_in_float32():
+    # a posterior close to the prior: var - 1 - logvar ~ logvar^2 / 2 is far below bf16's resolution near 1
+    g = torch.Generator().manual_seed(0)
+    mean = (torch.randn(2, 4, 4, 4, 4, generator=g) * 1e-2).bfloat16()
+    logvar = (torch.randn(2, 4, 4, 4, 4, generator=g) * 1e-2).bfloat16()
+    m, lv = mean.double(), logvar.double()  # the exact KL of the posterior the bf16 values describe
+    exact = (0.5 * (m.square() + lv.exp() - 1 - lv)).flatten(1).sum(1)
+    kl = LatentDistribution(mean, logvar).kl()
+    assert kl.dtype == torch.float32
+    torch.testing.assert_close(kl.double(), exact, rtol=1e-4, atol=1e-7)
+    assert gaussian_kl(LatentDistribution(mean, logvar)).item() == pytest.approx(exact.sum().item() / mean.numel(), rel=1e-4)
+    std = logvar.float().mul(0.5).exp().bfloat16()  # the explicit-std path too
+    ref = 0.5 * (m.square() + std.double().square() - 1 - std.double().square().log())
+    torch.testing.assert_close(LatentDistribution(mean, std=std).kl().double(), ref.flatten(1).sum(1), rtol=1e-4, atol=1e-7)

@@ -6,10 +6,13 @@ scalar for the generator step and a dict of named terms for logging. The GAN ste
 
 Reductions (and what they mean for the weights). WF-VAE sums its terms over pixels (and divides by the batch);
 here every term is a *mean*: the L1 reconstruction over all voxels, the wavelet loss per level over all coefficients
-(then summed over levels), the KL over all latent elements (:func:`gaussian_kl`). Relative to WF-VAE's sums, a KL
-weight ``w`` here equals ``w * N_z / N_x`` there, with ``N_z`` latent and ``N_x`` image elements per sample
-(``N_z / N_x = Z / (C f^3)``, e.g. 8 / 64 for Z=8, C=1, f=4): our default ``kl_weight=1e-6`` is, in WF-VAE's units,
-the weaker ``1.25e-7`` in that example. Retune weights whenever comparing with summed losses.
+(then summed over levels), the KL over all latent elements (:func:`gaussian_kl`). Multiplying our total by ``N_x``
+(image elements per sample) turns the mean L1 into WF-VAE's summed L1 and ``w * KL_mean`` into
+``w * (N_x / N_z) * KL_sum``: a KL weight ``w`` here equals ``w * N_x / N_z`` in WF-VAE's units, with ``N_z`` latent
+elements per sample (``N_x / N_z = C f^3 / Z``, e.g. 64 / 8 = 8 for Z=8, C=1, f=4). Our default ``kl_weight=1e-6``
+is therefore the stronger ``8e-6`` in WF-VAE's units in that example; their ``1e-6`` would be ``1.25e-7`` here. We
+keep 1e-6 (the KL stays a small regulariser either way, and the latents are normalised per channel before
+diffusion); retune the weights whenever comparing with summed losses.
 
 Adversarial part: MONAI's ``PatchDiscriminator`` (3D) with ``PatchAdversarialLoss(criterion="hinge")`` (which passes
 the logits through tanh before the hinge), the VQGAN adaptive weight (ratio of gradient norms at the decoder's last

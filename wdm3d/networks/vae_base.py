@@ -59,10 +59,23 @@ class LatentDistribution:
         return self.mean
 
     def kl(self) -> torch.Tensor:
-        """KL(q || N(0, I)) per sample, summed over latent elements: ``(B,)``."""
-        var = self.stddev.square()
-        logvar = self.logvar if (self.std is None and self.logvar is not None) else torch.log(var.clamp_min(1e-12))
-        kl = 0.5 * (self.mean.square() + var - 1.0 - logvar)
+        """KL(q || N(0, I)) per sample, summed over latent elements: ``(B,)``, in float32 at least.
+
+        Computed in float32 even when the encoder ran under bf16 autocast: ``var - 1 - logvar`` cancels to nearly 0
+        for a posterior close to the prior, which bf16's 8 bits of mantissa cannot resolve, and the sum runs over
+        every latent element.
+        """
+        def wide(t: torch.Tensor) -> torch.Tensor:
+            return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
+
+        mean = wide(self.mean)
+        if self.std is None and self.logvar is not None:
+            logvar = wide(self.logvar)
+            var = logvar.exp()
+        else:
+            var = wide(self.stddev).square()
+            logvar = torch.log(var.clamp_min(1e-12))
+        kl = 0.5 * (mean.square() + var - 1.0 - logvar)
         return kl.flatten(1).sum(1)
 
 
