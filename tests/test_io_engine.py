@@ -32,6 +32,19 @@ def test_save_nifti_keeps_the_affine_and_codes(tmp_path):
     assert os.listdir(tmp_path) == ["a.nii.gz"]
 
 
+def test_save_nifti_writes_a_separate_qform_and_keeps_an_unset_code(tmp_path):
+    sform = np.array([[1.0, 0.2, 0, 3], [0, 1.0, 0, -4], [0, 0, 2.0, 5], [0, 0, 0, 1]])  # sheared: no qform can say it
+    qform = np.array([[1.0, 0, 0, 3], [0, 1.0, 0, -4], [0, 0, 2.0, 5], [0, 0, 0, 1]])
+    img = nib.load(save_nifti(np.zeros((3, 4, 5)), sform, tmp_path / "a.nii.gz", codes=(0, 2), qform=qform))
+    assert (int(img.header["qform_code"]), int(img.header["sform_code"])) == (0, 2)
+    np.testing.assert_allclose(img.header.get_sform(), sform)
+    np.testing.assert_allclose(img.header.get_qform(), qform, atol=1e-6)
+    img = nib.load(save_nifti(np.zeros((3, 4, 5)), qform, tmp_path / "b.nii.gz", codes=(0, 0)))
+    assert (int(img.header["qform_code"]), int(img.header["sform_code"])) == (1, 1)  # geometry always stored
+    with pytest.raises(ValueError, match=r"qform must be a finite, invertible 4x4 matrix.*c\.nii\.gz"):
+        save_nifti(np.zeros((3, 4, 5)), qform, tmp_path / "c.nii.gz", qform=np.zeros((4, 4)))
+
+
 def test_save_nifti_rejects_bad_input_and_leaves_nothing(tmp_path):
     with pytest.raises(ValueError, match="invertible"):
         save_nifti(np.zeros((2, 2, 2)), np.zeros((4, 4)), tmp_path / "x.nii.gz")

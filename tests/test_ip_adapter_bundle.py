@@ -322,3 +322,46 @@ def test_inferer_zeroes_the_image_tokens_of_dropped_samples():
     assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
     with pytest.raises(ValueError, match="IPAdapter"):
         inferer(x0, base, noise, t, context=ctx, image=ref)
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the reference grid: outputs go back to the reference's voxels and header exactly
+# ----------------------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(5, 8, 7), (9, 6, 3), (10, 11, 4)])
+def test_restore_grid_puts_every_voxel_back_in_its_place(shape):
+    # odd differences too: the loading chain's pad puts the odd voxel last, its crop drops it first
+    from monai.transforms import ResizeWithPadOrCrop
+
+    from wdm3d.synthesis import _restore_grid
+
+    image_size = (8, 8, 6)
+    original = torch.arange(1, 1 + np.prod(shape), dtype=torch.float32).reshape(1, *shape)
+    model_grid = torch.as_tensor(ResizeWithPadOrCrop(spatial_size=image_size, mode="constant",
+                                                     constant_values=-1.0)(original))
+    back = _restore_grid(model_grid, shape, fill=-1.0)
+    assert back.shape == original.shape
+    kept = back != -1.0
+    assert torch.equal(back[kept], original[kept])  # no voxel moved
+    assert int(kept.sum()) == np.prod([min(n, m) for n, m in zip(shape, image_size)])  # only cropped voxels lost
+
+
+def test_reference_grid_carries_the_qform_and_sform_separately(tmp_path):
+    from wdm3d.io import save_nifti
+    from wdm3d.synthesis import reference_grid
+
+    sform = np.array([[-2.0, 0.1, 0, 90.0], [0, 2.0, 0, -120.0], [0, 0, 2.5, -70.0], [0, 0, 0, 1]])
+    qform = np.array([[-2.0, 0, 0, 91.0], [0, 2.0, 0, -120.0], [0, 0, 2.5, -70.0], [0, 0, 0, 1]])
+    img = nib.Nifti1Image(np.zeros((6, 5, 4), np.float32), None)
+    img.set_sform(sform, code=2)
+    img.set_qform(qform, code=0)
+    nib.save(img, tmp_path / "ref.nii.gz")
+    grid = reference_grid(tmp_path / "ref.nii.gz")
+    assert grid.shape == (6, 5, 4) and grid.codes == (0, 2)
+    out = nib.load(save_nifti(np.ones(grid.shape), grid.affine, tmp_path / "out.nii.gz", codes=grid.codes,
+                              qform=grid.qform))
+    ref = nib.load(tmp_path / "ref.nii.gz")
+    for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "srow_x", "srow_y",
+                "srow_z"):
+        np.testing.assert_allclose(out.header[key], ref.header[key], err_msg=key)

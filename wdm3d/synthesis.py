@@ -3,8 +3,8 @@
 Two modes of :class:`ConditionalSynthesis`:
 
 - ``"paired"``: for each case of a datalist split, take its reference volume (e.g. T1n) and generate the target
-  modality (e.g. T2w) of the same patient, written as NIfTI on the reference's voxel grid with its affine (and
-  qform/sform codes), a PNG (reference | synthesis | truth), ``manifest.json``, and where the true target exists
+  modality (e.g. T2w) of the same patient, written as NIfTI on the reference's voxel grid with its header
+  geometry (qform and sform, each with its code), a PNG (reference | synthesis | truth), ``manifest.json``, and where the true target exists
   PSNR / SSIM / MAE per case and their mean and standard deviation (``metrics.json``). A failing case is reported
   and the rest continue.
 - ``"reference_guided"``: for each reference, ``num_samples`` new volumes of the reference's modality at each image
@@ -29,7 +29,7 @@ import time
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import torch
@@ -39,7 +39,7 @@ from . import __version__
 from .diffusion import ClassifierFreeGuidance, WaveletDiffusion
 from .io import atomic_write_text, save_montage, save_nifti
 
-__all__ = ["ConditionalSynthesis", "SYNTHESIS_METHODS", "SYNTHESIS_MODES", "reference_grid"]
+__all__ = ["ConditionalSynthesis", "ReferenceGrid", "SYNTHESIS_METHODS", "SYNTHESIS_MODES", "reference_grid"]
 
 logger = logging.getLogger(__name__)
 
@@ -47,8 +47,18 @@ SYNTHESIS_METHODS = ("ip_adapter", "concat", "base")
 SYNTHESIS_MODES = ("paired", "reference_guided")
 
 
-def reference_grid(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int, int], tuple[int, int]]:
-    """The voxel grid of a NIfTI file: ``(affine 4x4, (D, H, W), (qform_code, sform_code))``."""
+class ReferenceGrid(NamedTuple):
+    """The voxel grid and orientation header of a reference NIfTI file (see :func:`reference_grid`)."""
+
+    affine: np.ndarray  # 4x4, what nibabel uses (the sform when its code is set, else the qform)
+    shape: tuple[int, int, int]
+    codes: tuple[int, int]  # (qform_code, sform_code)
+    qform: np.ndarray  # 4x4, the qform's own matrix (may differ from the sform)
+
+
+def reference_grid(path: str | os.PathLike) -> ReferenceGrid:
+    """The voxel grid of a NIfTI file: ``(affine, (D, H, W), (qform_code, sform_code), qform)``, so that an output
+    written with it (:func:`wdm3d.io.save_nifti` with ``codes`` and ``qform``) carries the same header geometry."""
     import nibabel as nib
 
     try:
@@ -57,17 +67,39 @@ def reference_grid(path: str | os.PathLike) -> tuple[np.ndarray, tuple[int, int,
         raise RuntimeError(f"Could not read the reference volume {path}: {type(err).__name__}: {err}") from err
     if len(img.shape) < 3 or any(int(s) != 1 for s in img.shape[3:]):
         raise ValueError(f"The reference volume {path} must be 3D, got shape {img.shape}.")
-    codes = (int(img.get_qform(coded=True)[1] or 0), int(img.get_sform(coded=True)[1] or 0))
-    return np.asarray(img.affine, dtype=np.float64), tuple(int(s) for s in img.shape[:3]), codes
+    hdr = img.header
+    codes = (int(hdr["qform_code"]), int(hdr["sform_code"])) if isinstance(hdr, nib.Nifti1Header) else (0, 0)
+    qform = img.get_qform() if isinstance(hdr, nib.Nifti1Header) else img.affine
+    return ReferenceGrid(np.asarray(img.affine, dtype=np.float64), tuple(int(s) for s in img.shape[:3]), codes,
+                         np.asarray(qform, dtype=np.float64))
+
+
+def _axis_positions(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Where the loading chain's centre pad/crop (``ResizeWithPadOrCrop``, size ``n`` -> ``m`` along one axis) puts
+    the original voxels: ``(positions in the model grid, their positions in the original grid)``.
+
+    Read off the transform itself (applied to an index ramp) rather than restated: its pad puts the odd voxel after
+    the volume and its crop drops it before, so applying the same transform backwards is off by one voxel for odd
+    differences.
+    """
+    from monai.transforms import ResizeWithPadOrCrop
+
+    ramp = torch.arange(1, n + 1, dtype=torch.float32)[None]  # (channel, one spatial axis); 0 marks padding
+    landed = torch.as_tensor(ResizeWithPadOrCrop(spatial_size=[m], mode="constant", constant_values=0)(ramp))[0]
+    model_pos = torch.nonzero(landed > 0)[:, 0]
+    return model_pos, landed[model_pos].round().long() - 1
 
 
 def _restore_grid(volume: torch.Tensor, shape: Sequence[int], fill: float) -> torch.Tensor:
-    """Undo the centre pad/crop of the loading chain: ``(C, D', H', W') -> (C, *shape)`` (``ResizeWithPadOrCrop`` is
-    symmetric, so the inverse pad/crop of the same sizes puts every voxel back where it came from)."""
-    from monai.transforms import ResizeWithPadOrCrop
-
-    out = ResizeWithPadOrCrop(spatial_size=[int(s) for s in shape], mode="constant", constant_values=fill)(volume)
-    return torch.as_tensor(out)
+    """Undo the centre pad/crop of the loading chain exactly: ``(C, D', H', W') -> (C, *shape)``; every voxel that
+    came from the reference grid goes back to its place, voxels cropped away by the chain are ``fill``."""
+    volume = torch.as_tensor(volume)
+    maps = [_axis_positions(int(n), int(m)) for n, m in zip(shape, volume.shape[1:])]
+    out = volume.new_full((volume.shape[0], *(int(n) for n in shape)), float(fill))
+    (m0, o0), (m1, o1), (m2, o2) = maps
+    out[:, o0[:, None, None], o1[None, :, None], o2[None, None, :]] = \
+        volume[:, m0[:, None, None], m1[None, :, None], m2[None, None, :]]
+    return out
 
 
 def _pairwise(metric, vols: Sequence[torch.Tensor]) -> float | None:
@@ -274,9 +306,10 @@ class ConditionalSynthesis:
 
     def _write(self, vol: torch.Tensor, reference_path: str, path: Path, description: str) -> Path:
         """``vol`` ``(C, D, H, W)`` in [-1, 1] -> NIfTI on the reference's grid, affine and codes."""
-        affine, shape, codes = reference_grid(reference_path)
-        data = _restore_grid(self._to_range(vol), shape, self._range[0])
-        return save_nifti(data[0] if data.shape[0] == 1 else data, affine, path, description=description, codes=codes)
+        grid = reference_grid(reference_path)
+        data = _restore_grid(self._to_range(vol), grid.shape, self._range[0])
+        return save_nifti(data[0] if data.shape[0] == 1 else data, grid.affine, path, description=description,
+                          codes=grid.codes, qform=grid.qform)
 
     # -- runs ------------------------------------------------------------------------------------------------------
 

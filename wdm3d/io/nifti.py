@@ -40,6 +40,14 @@ def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
     return atomic_write_bytes(path, text.encode("utf-8"))
 
 
+def _matrix(m: np.ndarray | torch.Tensor, name: str, path: str | os.PathLike) -> np.ndarray:
+    m = m.detach().cpu().numpy() if isinstance(m, torch.Tensor) else np.asarray(m)
+    m = m.astype(np.float64)
+    if m.shape != (4, 4) or not np.isfinite(m).all() or abs(np.linalg.det(m[:3, :3])) < 1e-12:
+        raise ValueError(f"{name} must be a finite, invertible 4x4 matrix, got {m.tolist()} for {path}.")
+    return m
+
+
 def save_nifti(
     volume: np.ndarray | torch.Tensor,
     affine: np.ndarray | torch.Tensor,
@@ -47,6 +55,7 @@ def save_nifti(
     dtype: np.dtype | type = np.float32,
     description: str | None = None,
     codes: tuple[int, int] = (1, 1),
+    qform: np.ndarray | torch.Tensor | None = None,
 ) -> Path:
     """Write a 3D volume as NIfTI with the given voxel-to-world (RAS) affine, atomically.
 
@@ -57,7 +66,10 @@ def save_nifti(
         path: output file (``.nii`` or ``.nii.gz``).
         dtype: on-disk data type.
         description: goes into the header's ``descrip`` field (80 bytes max), e.g. "synthetic (wdm3d)".
-        codes: ``(qform_code, sform_code)``, e.g. the source's to keep them (a code <= 0 becomes 1).
+        codes: ``(qform_code, sform_code)``, e.g. the source's to keep them. A code of 0 (unset) is kept when the
+            other one is set; when both are <= 0 both become 1, so that the geometry is always stored.
+        qform: the qform's own matrix when it differs from ``affine`` (the sform), e.g. copied with the codes from a
+            source file whose qform and sform disagree; None: the qform is ``affine`` too.
 
     Both the sform and the qform are set (code 1, scanner, by default) and units are mm, which is what 3D Slicer reads.
     """
@@ -68,14 +80,14 @@ def save_nifti(
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim not in (3, 4):
         raise ValueError(f"volume must be (D, H, W) or (C, D, H, W), got shape {arr.shape} for {path}.")
-    aff = affine.detach().cpu().numpy() if isinstance(affine, torch.Tensor) else np.asarray(affine)
-    aff = aff.astype(np.float64)
-    if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-12:
-        raise ValueError(f"affine must be a finite, invertible 4x4 matrix, got {aff.tolist()} for {path}.")
+    aff, qaff = (_matrix(m, name, path) for m, name in ((affine, "affine"), (affine if qform is None else qform,
+                                                                             "qform")))
     img = nib.Nifti1Image(arr.astype(dtype), aff)
-    qcode, scode = (int(c) if int(c) > 0 else 1 for c in codes)
+    qcode, scode = (max(int(c), 0) for c in codes)
+    if qcode == scode == 0:
+        qcode = scode = 1
     img.set_sform(aff, code=scode)
-    img.set_qform(aff, code=qcode)
+    img.set_qform(qaff, code=qcode)
     img.header.set_xyzt_units("mm", "sec")
     if description:
         img.header["descrip"] = description.encode("ascii", "replace")[:79]
