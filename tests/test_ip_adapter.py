@@ -15,6 +15,7 @@ from wdm3d.networks.ip_adapter import (
     IPAdapter,
     PerceiverResampler,
     sincos_position_3d,
+    weights_fingerprint,
 )
 
 VOCAB = {"modality": ["t1n", "t2w", "t2f", "t1c"], "dataset": ["brats", "lidc"]}
@@ -201,6 +202,44 @@ def test_checkpointing_base_gives_the_same_adapter_gradients():
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
 
 
+def test_checkpointing_base_clears_the_prompt_after_backward_and_refuses_a_stale_one():
+    base, adapter = mixed_adapter(use_checkpoint=True)
+    randomise(adapter.added_blocks, seed=5)
+    adapter.train()
+    x, t, ctx, ref = inputs()
+    with torch.no_grad():
+        plain = base(x, t, context=ctx)
+    adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean().backward()
+    with torch.no_grad():  # the backward consumed the kept prompt: the base is the base again
+        assert torch.equal(base(x, t, context=ctx), plain)
+    # two forwards, then the first one's backward: its recomputation would see the second's prompt
+    first = adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean()
+    second = adapter(x, t, context=ctx, image=ref.flip(-1), scale=0.7).pow(2).mean()
+    with pytest.raises(RuntimeError, match="another adapter forward ran between this forward and its backward"):
+        first.backward()
+    second.backward()  # the newest forward's backward is fine
+    loss = adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean()
+    loss.backward(retain_graph=True)
+    # a second backward recomputes with the cleared prompt: refused (here torch's checkpoint already notices the
+    # blocks saved fewer tensors without the image branch; the adapter's own check covers the cases it does not)
+    with pytest.raises(RuntimeError, match="this backward already ran once|different number of tensors"):
+        loss.backward()
+
+
+def test_one_forward_at_a_time_and_copies_get_their_own_prompt():
+    base, adapter = mixed_adapter()
+    x, t, ctx, ref = inputs()
+    prompt = adapter.__dict__["_prompt"]
+    with prompt.lock:  # as if another thread were inside a forward of this adapter
+        with pytest.raises(RuntimeError, match="already running a forward"):
+            adapter(x, t, context=ctx, image=ref)
+    twin = copy.deepcopy(adapter)
+    assert twin.__dict__["_prompt"] is not prompt
+    assert all(p.__dict__["prompt"] is twin.__dict__["_prompt"] for p in twin.ip_layers.values())
+    with torch.no_grad():
+        assert torch.equal(twin(x, t, context=ctx, image=ref, scale=0.6), adapter(x, t, context=ctx, image=ref, scale=0.6))
+
+
 # --- saving and loading ---------------------------------------------------------------------------------------------
 
 
@@ -214,7 +253,9 @@ def test_saved_adapter_reproduces_outputs_on_a_fresh_base(tmp_path):
     path = adapter.save_adapter(tmp_path / "adapters" / "ip.pt")
     assert path.is_file() and [p.name for p in path.parent.iterdir()] == ["ip.pt"]  # no temporary file left
     saved = torch.load(path, weights_only=True)
-    assert set(saved) == {"image_proj", "ip_adapter"}
+    assert set(saved) == {"image_proj", "ip_adapter", "meta"}
+    assert saved["meta"]["image_encoder"] == weights_fingerprint(tiny_encoder())  # what the weights only fit
+    assert saved["meta"]["base"] == weights_fingerprint(tiny_base(CTX, seed=0)) != weights_fingerprint(tiny_base(CTX, seed=1))
     assert {"down.3.attn.to_k_ip.weight", "middle.1.attn.to_v_ip.weight", "down.0.ip_block.attn.to_q.weight",
             "up.3.0.ip_block.norm.weight"} <= set(saved["ip_adapter"])
     assert all(v.device.type == "cpu" for v in saved["ip_adapter"].values())
@@ -252,6 +293,29 @@ def test_wrong_base_gives_an_error_naming_the_key(tmp_path):
         no_added.load_adapter_state_dict({"ip_adapter": {}})
     with pytest.raises(FileNotFoundError):
         no_added.load_adapter(tmp_path / "missing.pt")
+
+
+def test_an_adapter_file_is_refused_with_another_image_encoder(tmp_path):
+    base, adapter = mixed_adapter()
+    randomise(adapter.image_proj, seed=3)
+    path = adapter.save_adapter(tmp_path / "ip.pt")
+    other_encoder = randomise(tiny_encoder(), seed=9)  # same architecture, other weights
+    other = IPAdapter(tiny_base(CTX, seed=0), other_encoder, feature_dim=8, added_levels=[0])
+    before = copy.deepcopy(other.adapter_state_dict())
+    with pytest.raises(ValueError, match=r"ip\.pt was trained with another image encoder \(Sequential with weights"):
+        other.load_adapter(path)
+    assert all(torch.equal(v, before["image_proj"][k]) for k, v in other.adapter_state_dict()["image_proj"].items())
+    other.load_adapter(path, check_encoder=False)  # on purpose
+    assert torch.equal(other.adapter_state_dict()["image_proj"]["proj.weight"],
+                       adapter.adapter_state_dict()["image_proj"]["proj.weight"])
+    # another base (e.g. fine-tuned): loads, with a warning
+    on_other_base = IPAdapter(tiny_base(CTX, seed=1), tiny_encoder(), feature_dim=8, added_levels=[0])
+    with pytest.warns(UserWarning, match="trained on a base with other weights"):
+        on_other_base.load_adapter(path)
+    # files written before the metadata existed still load
+    legacy = {k: v for k, v in torch.load(path, weights_only=True).items() if k != "meta"}
+    torch.save(legacy, tmp_path / "legacy.pt")
+    other.load_adapter(tmp_path / "legacy.pt")
 
 
 # --- condition dropout and guidance ---------------------------------------------------------------------------------

@@ -25,9 +25,13 @@ model, in training and in the unconditional branch of classifier-free guidance.
 
 from __future__ import annotations
 
+import functools
+import hashlib
 import io
 import math
 import os
+import threading
+import warnings
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, NamedTuple
@@ -47,6 +51,7 @@ __all__ = [
     "ConditionDropout",
     "DroppedConditions",
     "sincos_position_3d",
+    "weights_fingerprint",
 ]
 
 PROJECTIONS = ("linear", "perceiver")
@@ -116,6 +121,27 @@ class FrozenImageEncoder(nn.Module):
                 f"the image encoder returned {out.shape[1]} features, expected feature_dim={self.feature_dim}."
             )
         return out
+
+
+def weights_fingerprint(module: nn.Module | None) -> str | None:
+    """SHA-256 of a module's state (names, dtypes, shapes and values, in name order); None for no module or no state.
+
+    Identifies the exact frozen encoder / base an adapter was trained with, whatever file they came from.
+    """
+    if not isinstance(module, nn.Module):
+        return None
+    state = module.state_dict()
+    if not state:
+        return None
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        value = state[name]
+        if not isinstance(value, torch.Tensor):
+            continue
+        t = value.detach().cpu().contiguous()
+        digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
+        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return digest.hexdigest()
 
 
 def _check_features(features: torch.Tensor, feature_dim: int) -> None:
@@ -266,11 +292,25 @@ class PerceiverResampler(nn.Module):
 
 
 class _ImagePrompt:
-    """What the installed processors and hooks read during a forward of the base (set by ``IPAdapter.forward``)."""
+    """What the installed processors and hooks read during a forward of the base (set by ``IPAdapter.forward``).
+
+    ``generation`` counts the adapter's forwards, so that a backward can tell whether the prompt it recomputes
+    checkpointed blocks with is still its own; ``lock`` is held during a forward (one adapter, one forward at a
+    time: the state is shared by every thread, as it must be, since autograd may recompute on another thread).
+    """
 
     def __init__(self) -> None:
         self.tokens: torch.Tensor | None = None
         self.scale: float = 0.0
+        self.generation = 0
+        self.lock = threading.Lock()
+
+    def __getstate__(self) -> dict[str, Any]:  # copy.deepcopy / pickle of an adapter: a fresh, empty prompt
+        return {"tokens": None, "scale": 0.0, "generation": 0}
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        self.__dict__.update(state)
+        self.lock = threading.Lock()
 
     @property
     def active(self) -> bool:
@@ -329,6 +369,20 @@ class _AddedBlockHook:
         return output + self.prompt.scale * self.block.branch(output, self.prompt.tokens)
 
 
+def _prompt_consumed(prompt: _ImagePrompt, generation: int, grad: torch.Tensor) -> None:
+    """Hook on the image tokens of a forward through a checkpointing base: runs when their gradient is complete,
+    i.e. after every recomputed block used them. Checks that the recomputation saw this forward's prompt, then
+    clears it (the base alone is the base again)."""
+    if prompt.generation != generation or prompt.tokens is None:
+        why = "another adapter forward ran" if prompt.generation != generation else "this backward already ran once"
+        raise RuntimeError(
+            f"IP-Adapter with a gradient-checkpointing base: {why} between this forward and its backward, so the "
+            "recomputed blocks did not see this forward's image prompt and the gradients are wrong. Run backward "
+            "once after each adapter forward (or turn checkpointing off)."
+        )
+    prompt.clear()
+
+
 def _key(path: str) -> str:  # ModuleDict keys cannot hold "."
     return path.replace(".", ":")
 
@@ -384,8 +438,11 @@ class IPAdapter(nn.Module):
     Notes:
         The base's own ``forward`` runs unmodified; the image prompt reaches the installed processors and hooks
         through state set for the duration of ``adapter(...)``. With the base's gradient checkpointing, that
-        state is kept until the next call so that the backward pass recomputes with the same prompt: run
-        ``backward`` before the next adapter forward (the usual training loop does).
+        state is kept until the backward pass has recomputed the blocks with it (then cleared): run ``backward``
+        once before the next adapter forward (the usual training loop does); a backward that would recompute with
+        another forward's prompt raises instead of returning wrong gradients. Until that backward, calling the
+        base directly still sees the prompt. One forward at a time per adapter: a concurrent call from another
+        thread raises.
     """
 
     def __init__(
@@ -592,14 +649,26 @@ class IPAdapter(nn.Module):
                 )
             tokens = tokens.expand(x.shape[0], -1, -1)
         prompt = self.__dict__["_prompt"]
-        prompt.tokens, prompt.scale = tokens, scale
-        # a checkpointing base recomputes blocks in backward, reading the prompt then: keep it until the next call
+        if not prompt.lock.acquire(blocking=False):
+            raise RuntimeError("this IPAdapter is already running a forward (in another thread): its image prompt is "
+                               "shared state, so use one adapter per thread (or DistributedDataParallel, not "
+                               "DataParallel).")
+        # a checkpointing base recomputes blocks in backward, reading the prompt then: keep it until that backward
         keep = getattr(self.base, "use_checkpoint", False) and self.base.training and torch.is_grad_enabled()
         try:
-            return self.base(x, timesteps, context=context)
+            prompt.generation += 1
+            prompt.tokens, prompt.scale = tokens, scale
+            out = self.base(x, timesteps, context=context)
+        except BaseException:
+            prompt.clear()
+            raise
         finally:
             if not keep:
                 prompt.clear()
+            prompt.lock.release()
+        if keep and tokens is not None and tokens.requires_grad:
+            tokens.register_hook(functools.partial(_prompt_consumed, prompt, prompt.generation))
+        return out
 
     def remove(self) -> nn.Module:
         """Uninstall: restore the base's processors, remove the hooks; returns the (still frozen) base."""
@@ -631,7 +700,7 @@ class IPAdapter(nn.Module):
 
     def check_adapter_state(self, state: Mapping[str, Mapping[str, torch.Tensor]], source: str = "the file") -> None:
         """Raise ``ValueError`` naming the first key that is missing, unexpected or of another shape."""
-        if not isinstance(state, Mapping) or set(state) != {"image_proj", "ip_adapter"}:
+        if not isinstance(state, Mapping) or set(state) - {"meta"} != {"image_proj", "ip_adapter"}:
             found = sorted(state) if isinstance(state, Mapping) else type(state).__name__
             raise ValueError(
                 f"{source} is not IP-Adapter weights: expected keys 'image_proj' and 'ip_adapter', got {found}."
@@ -669,16 +738,33 @@ class IPAdapter(nn.Module):
             for key, value in own.items():
                 value.copy_(state[section][key])
 
+    def provenance(self) -> dict[str, Any]:
+        """What the adapter's weights only make sense with: the fingerprints (:func:`weights_fingerprint`) of the
+        frozen image encoder and base, and the feature / token widths. Saved under ``"meta"`` by
+        :meth:`save_adapter` and checked by :meth:`load_adapter`."""
+        encoder = getattr(self.image_encoder, "encoder", None) if self.image_encoder is not None else None
+        return {"image_encoder": weights_fingerprint(encoder), "image_encoder_class": type(encoder).__name__
+                if encoder is not None else None, "base": weights_fingerprint(self.base),
+                "feature_dim": int(self.feature_dim), "token_dim": int(self.token_dim)}
+
     def save_adapter(self, path: str | os.PathLike) -> Path:
-        """Write :meth:`adapter_state_dict` (CPU tensors) to ``path`` atomically (temporary file + rename)."""
+        """Write :meth:`adapter_state_dict` (CPU tensors) and :meth:`provenance` (``"meta"``) to ``path`` atomically
+        (temporary file + rename)."""
         from ..io import atomic_write_bytes
 
         buffer = io.BytesIO()
-        torch.save({sec: {k: v.cpu() for k, v in d.items()} for sec, d in self.adapter_state_dict().items()}, buffer)
+        state: dict[str, Any] = {sec: {k: v.cpu() for k, v in d.items()} for sec, d in self.adapter_state_dict().items()}
+        state["meta"] = self.provenance()
+        torch.save(state, buffer)
         return atomic_write_bytes(path, buffer.getvalue())
 
-    def load_adapter(self, path: str | os.PathLike) -> None:
-        """Load weights written by :meth:`save_adapter` (``torch.load(weights_only=True)``) onto this base."""
+    def load_adapter(self, path: str | os.PathLike, check_encoder: bool = True) -> None:
+        """Load weights written by :meth:`save_adapter` (``torch.load(weights_only=True)``) onto this base.
+
+        A file that records its image encoder (``"meta"``) is refused when this adapter's encoder has other weights
+        (the projection learnt that encoder's features; ``check_encoder=False`` skips the check); a base with other
+        weights only warns (IP-Adapters are meant to carry over to fine-tuned versions of their base).
+        """
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"IP-Adapter weights {path} do not exist.")
@@ -688,6 +774,21 @@ class IPAdapter(nn.Module):
             raise RuntimeError(
                 f"Could not load IP-Adapter weights {path} with weights_only=True ({type(err).__name__}: {err})."
             ) from err
+        self.check_adapter_state(state, source=str(path))
+        meta = state.get("meta")
+        if isinstance(meta, Mapping):
+            own = self.provenance()
+            if check_encoder and meta.get("image_encoder") and meta.get("image_encoder") != own["image_encoder"]:
+                raise ValueError(
+                    f"{path} was trained with another image encoder ({meta.get('image_encoder_class')} with weights "
+                    f"{str(meta['image_encoder'])[:12]}..., this adapter's is {own['image_encoder_class']} with "
+                    f"{str(own['image_encoder'])[:12]}...); use the encoder it was trained with (--image_encoder_*) "
+                    "or pass check_encoder=False."
+                )
+            if meta.get("base") and meta.get("base") != own["base"]:
+                warnings.warn(f"{path} was trained on a base with other weights ({str(meta['base'])[:12]}..., this "
+                              f"base: {str(own['base'])[:12]}...); fine for a fine-tuned version of that base, "
+                              "wrong for an unrelated one.", stacklevel=2)
         self.load_adapter_state_dict(state, source=str(path))
 
 
