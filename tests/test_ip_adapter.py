@@ -291,6 +291,11 @@ def test_wrong_base_gives_an_error_naming_the_key(tmp_path):
         with_added.load_adapter(path_without)
     with pytest.raises(ValueError, match="expected keys 'image_proj' and 'ip_adapter'"):
         no_added.load_adapter_state_dict({"ip_adapter": {}})
+    broken = no_added.adapter_state_dict()
+    broken["image_proj"]["proj.weight"] = [0.0]
+    torch.save(broken, tmp_path / "broken.pt")
+    with pytest.raises(ValueError, match=r"image_proj: 'proj.weight' in .*broken\.pt is a list, not a tensor"):
+        no_added.load_adapter(tmp_path / "broken.pt")
     with pytest.raises(FileNotFoundError):
         no_added.load_adapter(tmp_path / "missing.pt")
 

@@ -187,6 +187,21 @@ def test_checkpoints_carry_format_and_training_config_and_refuse_other_architect
         load_checkpoint(tmp_path / "future.pt")
 
 
+def test_a_checkpoint_entry_that_does_not_restore_names_the_file_and_entry(tmp_path):
+    from ignite.engine import Engine
+
+    from wdm3d.engine.checkpoint import ResumeFromLatest
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    state = opt.state_dict()
+    state["param_groups"][0]["params"] = [0]  # one parameter where the optimizer has two
+    torch.save({"model": net.state_dict(), "optimizer": state}, tmp_path / "ckpt_1.pt")
+    resume = ResumeFromLatest(tmp_path, {"model": net, "optimizer": opt})
+    with pytest.raises(ValueError, match=r"Checkpoint .*ckpt_1\.pt: cannot restore 'optimizer' \(AdamW\): .*size"):
+        resume.restore(Engine(lambda e, b: None), tmp_path / "ckpt_1.pt")
+
+
 def test_rng_state_round_trips_with_weights_only(tmp_path):
     import random
 

@@ -43,6 +43,15 @@ def _progress(path: Path) -> tuple[int, int, float]:
     return found.get("epoch", -1), found.get("iteration", -1), path.stat().st_mtime
 
 
+def _named(err: Exception, context: str) -> Exception:
+    """``err`` with ``context`` (which file, which entry) in front of its message, of the same type where possible."""
+    message = f"{context}: {err}"
+    try:
+        return type(err)(message)
+    except Exception:
+        return RuntimeError(f"{context}: {type(err).__name__}: {err}")
+
+
 def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Path | None:
     """The newest checkpoint in ``directory`` (None if there is none or the folder does not exist).
 
@@ -308,8 +317,6 @@ class ResumeFromLatest:
 
     def restore(self, engine, path: Path) -> None:
         """Load checkpoint ``path`` into ``load_dict`` (and ``engine``'s data position)."""
-        from ignite.engine import Engine
-
         ckpt = load_checkpoint(path, self.map_location)
         missing = [k for k in self.load_dict if k not in ckpt and k not in _OPTIONAL]
         if missing:
@@ -324,10 +331,11 @@ class ResumeFromLatest:
                 target = _unwrap(obj)
                 check_state_fits(target, ckpt[name], f"Checkpoint {path} ({name})")
                 target.load_state_dict(ckpt[name])
-            elif isinstance(obj, Engine):
-                obj.load_state_dict(ckpt[name])
-            else:
-                obj.load_state_dict(ckpt[name])
+            else:  # optimizer, scheduler, scaler, trainer, EMA, adapter, RNG: their errors name neither file nor entry
+                try:
+                    obj.load_state_dict(ckpt[name])
+                except Exception as err:
+                    raise _named(err, f"Checkpoint {path}: cannot restore {name!r} ({type(obj).__name__})") from err
         if prior_max_epochs is not None:
             if engine.state.epoch > prior_max_epochs:
                 raise ValueError(f"Checkpoint {path} is at epoch {engine.state.epoch}, beyond max_epochs="

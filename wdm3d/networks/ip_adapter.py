@@ -716,6 +716,8 @@ class IPAdapter(nn.Module):
                         f"{section}: {key!r} (shape {_shape(value)}) of {where} is missing in {source}; it was "
                         "saved from an adapter of another configuration (sites, projection) or for another base."
                     )
+                if not isinstance(theirs[key], torch.Tensor):
+                    raise ValueError(f"{section}: {key!r} in {source} is a {type(theirs[key]).__name__}, not a tensor.")
                 if _shape(theirs[key]) != _shape(value):
                     raise ValueError(
                         f"{section}: {key!r} has shape {_shape(theirs[key])} in {source} but {_shape(value)} in "
