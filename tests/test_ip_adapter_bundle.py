@@ -20,6 +20,7 @@ from wdm3d.diffusion.conditioning import (
 )
 from wdm3d.engine import latest_checkpoint, load_checkpoint
 from wdm3d.networks import ConditionDropout, IPAdapter, RandomConv3dFeatures, WDMUNet
+from wdm3d.networks.ip_adapter import weights_fingerprint
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "ip_adapter_brats" / "configs"
@@ -131,13 +132,15 @@ def test_adapter_training_keeps_the_base_and_saves_the_adapter_alone(trained, da
     assert not torch.equal(proc.to_k_ip.weight, attn.to_k.weight)
 
     saved = torch.load(out / "adapter" / "ip_adapter.pt", weights_only=True)
-    assert set(saved) == {"image_proj", "ip_adapter"}
+    assert set(saved) == {"image_proj", "ip_adapter", "meta"}
+    assert saved["meta"]["image_encoder"] == weights_fingerprint(RandomConv3dFeatures(seed=0))
     assert all(k.endswith(("to_k_ip.weight", "to_v_ip.weight")) for k in saved["ip_adapter"])
     # it loads onto a freshly built base of the same architecture and reproduces the trained adapter's output
     fresh = ContextConditionedUNet(
         WDMUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4, context_dim=16), VOCAB
     )
     fresh.load_state_dict(ema)
+    assert saved["meta"]["base"] == weights_fingerprint(fresh)  # the frozen base it was trained on
     loaded = IPAdapter(fresh, RandomConv3dFeatures(seed=0))
     loaded.load_adapter(out / "adapter" / "ip_adapter.pt")
     x, ref = torch.randn(1, 8, 8, 8, 8), torch.rand(1, 1, 16, 16, 16) * 2 - 1
