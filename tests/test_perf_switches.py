@@ -14,6 +14,7 @@ import sys
 import warnings
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -327,6 +328,39 @@ def test_sampling_benchmark_tiny_cpu(tmp_path):
     assert all(r.status == "ok" and r.s_per_step > 0 for r in results), [r.status for r in results]
     ddpm = results[0]
     assert ddpm.extrapolated and ddpm.s_per_volume == pytest.approx(ddpm.s_per_step * 1000)
+
+
+def test_sampler_quality_verdicts():
+    bench = _load_benchmark("sampler_quality")
+    ref = {"fid": 10.0, "ms_ssim": 0.5, "wasserstein": 0.02, "mmd_features": 0.4, "mmd_voxels": 0.1}
+    # distances: better (lower) always passes, up to 10% worse passes, more does not
+    assert bench.compare({**ref, "fid": 5.0}, ref, 0.10)["fid"]["within"]
+    assert bench.compare({**ref, "fid": 10.9}, ref, 0.10)["all_within"]
+    worse = bench.compare({**ref, "fid": 11.2}, ref, 0.10)
+    assert not worse["fid"]["within"] and not worse["all_within"] and worse["fid"]["ratio"] == pytest.approx(1.12)
+    # MS-SSIM is a diversity level, not a distance: 10% either way
+    assert not bench.compare({**ref, "ms_ssim": 0.44}, ref, 0.10)["ms_ssim"]["within"]
+    assert not bench.compare({**ref, "ms_ssim": 0.56}, ref, 0.10)["ms_ssim"]["within"]
+    assert bench.compare({**ref, "ms_ssim": 0.54}, ref, 0.10)["ms_ssim"]["within"]
+
+
+def test_sampler_quality_benchmark_tiny_cpu(tmp_path):
+    # the whole chain on the demo data: bundle training, the samplers, wdm3d.evaluate against the real set
+    bench = _load_benchmark("sampler_quality")
+    result = bench.main([str(tmp_path), "--num-cases", "4", "--iterations", "2", "--num-samples", "2",
+                         "--sample-batch", "2", "--ddpm-steps", "4", "--ddim-steps", "2", "--no-rflow", "--pairs", "1",
+                         "--device", "cpu"])
+    sets = result["sets"]
+    assert [(s["sampler"], s["steps"], s["seed"]) for s in sets] == [("ddpm", 4, 1), ("ddpm", 4, 2), ("ddim", 2, 1)]
+    assert all(s["metrics"]["n_fake"] == 2 and s["metrics"]["n_real"] == 4 for s in sets)
+    assert all(s["comparison"][k]["ratio"] == 1.0 for k in bench.METRICS for s in sets[:1])
+    # the noise-floor set really is another draw: its samples differ from the reference's
+    import nibabel as nib
+    a, b = (sorted((tmp_path / "work" / "samples" / s["name"]).glob("*.nii.gz"))[0] for s in sets[:2])
+    assert not np.array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
+    table = (tmp_path / "results.md").read_text()
+    assert "| DDPM-4 (seed 1) | ddpm | reference |" in table and "| DDIM-2 (seed 1) |" in table
+    assert json.loads((tmp_path / "results.json").read_text())["sets"][2]["name"] == "ddim2"
 
 
 # ----------------------------------------------------------------------------------------------------------------------
