@@ -4,8 +4,8 @@
 #   OUT=gpu_results bash benchmarks/run_gpu.sh            # all of it (about 15 minutes on an H100)
 #   OUT=gpu_results STAGES="train256 sampling_compile" bash benchmarks/run_gpu.sh
 #
-# Stages: env wavelets tests train128 train256 sampling sampling_compile profile. Limits (seconds) can be changed with T_<STAGE>=..., the
-# benchmark arguments with TRAIN_ARGS / SAMPLING_ARGS. On a machine without a package index, wheels of the missing
+# Stages: env wavelets tests train128 train256 sampling sampling_compile profile quality. Limits (seconds) can be changed with T_<STAGE>=..., the
+# benchmark arguments with TRAIN_ARGS / SAMPLING_ARGS / QUALITY_ARGS. On a machine without a package index, wheels of the missing
 # pure-Python dependencies (monai, pytorch-ignite) can be put in .whl/ and are installed to /tmp/site.
 set -u
 OUT=${OUT:-gpu_results}
@@ -15,6 +15,7 @@ PY=${PY:-python3}
 STAGES=${STAGES:-"env wavelets tests train128 train256 sampling sampling_compile"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--steps 6 --warmup 2"}
 SAMPLING_ARGS=${SAMPLING_ARGS:-"--ddpm-steps 20"}
+QUALITY_ARGS=${QUALITY_ARGS:-"--size 32 --iterations 3000"}
 log() { echo "== $(date +%T) $*"; }
 want() { [[ " $STAGES " == *" $1 "* ]]; }
 
@@ -67,6 +68,13 @@ if want sampling_compile; then
   log sampling_compile
   timeout "${T_SAMPLING_COMPILE:-240}" "$PY" benchmarks/sampling.py --device cuda --sizes ${COMPILE_SIZES:-256 128} --compile-only \
     --markdown "$OUT/sampling_compile.md" --json "$OUT/sampling_compile.json" 2>&1 | grep -v Warning | tail -n 20
+fi
+if want quality; then
+  log quality
+  # the few-step samplers against DDPM-1000 on a demo-data model (not in the default stages: several minutes);
+  # a rerun reuses the finished models and sample sets under $OUT/quality/work; needs nilearn (the demo data)
+  timeout "${T_QUALITY:-580}" "$PY" benchmarks/sampler_quality.py "$OUT/quality" --device cuda \
+    $QUALITY_ARGS 2>&1 | grep -v -e Warning -e "INFO" | tail -n 20
 fi
 if want profile; then
   log profile
