@@ -300,6 +300,17 @@ def test_wrong_base_gives_an_error_naming_the_key(tmp_path):
         no_added.load_adapter(tmp_path / "missing.pt")
 
 
+def test_weights_fingerprint_sees_every_value_and_takes_any_buffer():
+    net = nn.Sequential(nn.Conv3d(1, 2, 1), nn.BatchNorm3d(2))  # 0-d int64 buffer num_batches_tracked
+    fp = weights_fingerprint(net)
+    assert fp == weights_fingerprint(copy.deepcopy(net)) and len(fp) == 64
+    with torch.no_grad():
+        net[0].weight[0, 0, 0, 0, 0] += 1e-7
+    assert weights_fingerprint(net) != fp
+    assert weights_fingerprint(net.bfloat16()) != weights_fingerprint(net.float())
+    assert weights_fingerprint(nn.SiLU()) is None and weights_fingerprint(None) is None
+
+
 def test_an_adapter_file_is_refused_with_another_image_encoder(tmp_path):
     base, adapter = mixed_adapter()
     randomise(adapter.image_proj, seed=3)

@@ -138,9 +138,10 @@ def weights_fingerprint(module: nn.Module | None) -> str | None:
         value = state[name]
         if not isinstance(value, torch.Tensor):
             continue
-        t = value.detach().cpu().contiguous()
+        t = value.detach().cpu()
         digest.update(f"{name}:{t.dtype}:{tuple(t.shape)};".encode())
-        digest.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+        if t.numel():  # raw bytes, whatever the dtype (bf16 and bool included; 0-d buffers such as BatchNorm's too)
+            digest.update(t.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return digest.hexdigest()
 
 
