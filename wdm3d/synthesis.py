@@ -3,10 +3,10 @@
 Two modes of :class:`ConditionalSynthesis`:
 
 - ``"paired"``: for each case of a datalist split, take its reference volume (e.g. T1n) and generate the target
-  modality (e.g. T2w) of the same patient, written as NIfTI on the reference's voxel grid with its header
-  geometry (qform and sform, each with its code), a PNG (reference | synthesis | truth), ``manifest.json``, and where the true target exists
-  PSNR / SSIM / MAE per case and their mean and standard deviation (``metrics.json``). A failing case is reported
-  and the rest continue.
+  modality (e.g. T2w) of the same patient, written as NIfTI on the reference's voxel grid with its header geometry
+  (qform and sform, each with its code), a PNG (reference | synthesis | truth), ``manifest.json``, and where the
+  true target exists PSNR / SSIM / MAE per case and their mean and standard deviation (``metrics.json``). A failing
+  case is reported and the rest continue.
 - ``"reference_guided"``: for each reference, ``num_samples`` new volumes of the reference's modality at each image
   prompt strength lambda in ``ip_scales``, with the same seeds at every lambda (lambda = 0 is the base model: the
   unconditional samples of the comparison). Reported: SSIM / PSNR of each sample to its reference, to the other
