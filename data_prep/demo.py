@@ -319,6 +319,21 @@ def _prepare_folder(folder: Path, keep: set[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
+def _claim_prepared(prepared: Path, raw: Path) -> None:
+    """Mark a non-empty ``prepared`` folder as the demo's if an earlier demo wrote it (before the marker existed,
+    its ``prepare_summary.json`` names this demo's raw folder as the source); anything else stays unmarked, and
+    :func:`_prepare_folder` refuses it."""
+    summary = prepared / "prepare_summary.json"
+    if (prepared / _MARKER).is_file() or not summary.is_file():
+        return
+    try:
+        src = json.loads(summary.read_text()).get("src")
+    except (OSError, ValueError):
+        return
+    if src and Path(src).resolve() == Path(raw).resolve():
+        (prepared / _MARKER).write_text(json.dumps({"prepared_from": str(Path(raw).resolve())}, indent=2) + "\n")
+
+
 def make_demo_raw(
     dst: str | os.PathLike,
     num_cases: int = 16,
@@ -396,11 +411,11 @@ def make_demo_dataset(
     raw = make_demo_raw(root / "raw", num_cases=num_cases, seed=seed, lesions=lesions, resolution=resolution,
                         progress=progress)
     prepared = root / "prepared"
-    if prepared.is_dir():  # drop cases an earlier, larger demo left behind (only demo-named folders)
-        keep = {demo_case_id(i) for i in range(num_cases)}
-        for child in prepared.iterdir():
-            if child.is_dir() and _CASE_RE.match(child.name) and child.name not in keep:
-                shutil.rmtree(child)
+    # drop cases an earlier, larger demo left behind, but only in a folder the demo wrote: real data prepared
+    # there has the same case names and would otherwise be deleted or overwritten
+    _claim_prepared(prepared, raw)
+    _prepare_folder(prepared, {demo_case_id(i) for i in range(num_cases)})
+    (prepared / _MARKER).write_text(json.dumps({"prepared_from": str(Path(raw).resolve())}, indent=2) + "\n")
     summary = prepare_brats(raw, prepared, preset="wdm", spatial_size=(size,) * 3, pool=pool, seed=seed,
                             progress=progress)
     return Path(summary["datalist"])

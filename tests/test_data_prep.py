@@ -435,6 +435,32 @@ def demo_dataset(tmp_path_factory):
     return root, make_demo_dataset(root, num_cases=4, seed=0, resolution=4, progress=False)
 
 
+def test_demo_never_deletes_or_overwrites_real_prepared_data(demo_dataset, tmp_path):
+    import shutil
+
+    from data_prep.demo import make_demo_dataset
+
+    root, _ = demo_dataset
+    # real BraTS data prepared into DST/prepared: same case-name pattern, no demo marker
+    real = tmp_path / "prepared"
+    shutil.copytree(root / "prepared", real)
+    (real / "demo_info.json").unlink()
+    summary = json.loads((real / "prepare_summary.json").read_text())
+    summary["src"] = "/data/BraTS2023-GLI"
+    (real / "prepare_summary.json").write_text(json.dumps(summary))
+    before = {p: p.read_bytes() for p in real.rglob("*") if p.is_file()}
+    with pytest.raises(ValueError, match=r"prepared' is not empty and was not written by data_prep\.demo"):
+        make_demo_dataset(tmp_path, num_cases=2, seed=1, resolution=4, progress=False)
+    assert {p: p.read_bytes() for p in real.rglob("*") if p.is_file()} == before
+    # the demo's own folder is reused, smaller demos drop its extra cases; one written before the marker existed
+    # (its summary names the demo's raw folder) is recognised too
+    (root / "prepared" / "demo_info.json").unlink()
+    make_demo_dataset(root, num_cases=3, seed=0, resolution=4, progress=False)
+    assert sorted(p.name for p in (root / "prepared").iterdir() if p.is_dir()) == [
+        f"BraTS-GLI-0000{i}-000" for i in range(3)]
+    make_demo_dataset(root, num_cases=4, seed=0, resolution=4, progress=False)  # back to the fixture's state
+
+
 def test_demo_dataset_prepared_images(demo_dataset):
     root, datalist_path = demo_dataset
     assert datalist_path == root / "prepared" / "datalist.json"
