@@ -131,6 +131,18 @@ SERIES_RULES: dict[str, str] = {
     "thinnest": "the CT series with the smallest slice spacing (ties: most slices, then series UID)",
 }
 _PATIENT_DIR = re.compile(r"^LIDC-[A-Za-z]+-\d+$")
+_SAFE_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")  # one path component, no "..", no separators
+
+
+def _case_id(patient_id: str | None, folder: Path) -> str:
+    """The case id (output folder and file names): the DICOM PatientID when it is a safe file name, else the
+    patient's folder name. A PatientID is free text: "../x" or "a/b" would write outside the output folder."""
+    if patient_id and _SAFE_ID.match(patient_id) and ".." not in patient_id:
+        return patient_id
+    if patient_id:
+        logger.warning("PatientID %r under %s is not a safe file name; the case is named after its folder %r.",
+                       patient_id, folder, folder.name)
+    return folder.name
 _HEADER_TAGS = ["PatientID", "SeriesInstanceUID", "Modality", "ImageType", "ImagePositionPatient",
                 "ImageOrientationPatient", "SliceThickness", "Rows", "Columns"]
 
@@ -284,7 +296,7 @@ def find_cases(src: str | os.PathLike, workers: int = 1, progress: bool = False)
             case = cases.setdefault(folder.name, LidcCase(folder.name, folder=str(folder)))
             case.unreadable.append((path, h["error"]))
             continue
-        pid = h["patient"] or folder.name
+        pid = _case_id(h["patient"], folder)
         case = cases.setdefault(pid, LidcCase(pid, folder=str(folder)))
         series = case.series.setdefault(h["series"], DicomSeries(h["series"], h["modality"]))
         series.files.append(Path(path))

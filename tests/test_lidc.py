@@ -284,6 +284,26 @@ def test_each_bad_input_fails_alone_and_the_exit_status_says_so(tmp_path):
         prepare_lidc(src / phantom_case_id(1), tmp_path / "none", **TINY_PREP)
 
 
+def test_a_patient_id_that_is_not_a_file_name_cannot_write_outside_the_output(tmp_path):
+    from pydicom.uid import generate_uid
+
+    from data_prep.ct_phantom import write_series
+
+    hu = np.full((16, 16, 12), -1000.0)
+    hu[4:12, 4:12, 3:9] = 40
+    write_series(hu, tmp_path / "src" / "LIDC-IDRI-0001" / "st" / "se", (0, 0, 0), (2, 2, 2), "LIDC-IDRI-0001",
+                 generate_uid(), generate_uid())
+    # PatientID is free text (VR LO): a path in it must not become an output path
+    write_series(hu, tmp_path / "src" / "LIDC-IDRI-0002" / "st" / "se", (0, 0, 0), (2, 2, 2), "../../escaped",
+                 generate_uid(), generate_uid())
+    summary = prepare_lidc(tmp_path / "src", tmp_path / "work" / "out", spacing=2, spatial_size=(16, 16, 16),
+                           min_slices=2, progress=False)
+    assert sorted(c["case"] for c in summary["cases"]) == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]  # the folder's name
+    assert summary["counts"]["done"] == 2
+    written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.nii.gz") if "src" not in p.parts)
+    assert all(p.parts[:2] == ("work", "out") for p in written) and len(written) == 2
+
+
 def test_bad_arguments_fail_clearly(raw, tmp_path):
     root, _ = raw
     with pytest.raises(ValueError, match="overlap"):
