@@ -72,6 +72,7 @@ import tempfile
 import time
 from collections.abc import Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -656,7 +657,9 @@ def run_cases(
     """Run ``fn(*args)`` for every ``(key, args)`` job, in ``workers`` processes, with a tqdm bar.
 
     ``fn`` must return a record and never raise for a bad case; a worker that crashes anyway is turned into a
-    record by ``crashed(key, error)``, so one case never stops the batch. Returns ``{key: record}``.
+    record by ``crashed(key, error)``, so one case never stops the batch. A worker process that dies (killed, e.g.
+    by the out-of-memory killer) breaks the pool and with it every unfinished case: those are run again, each in a
+    pool of its own, and only a case whose worker dies again is failed. Returns ``{key: record}``.
     """
     records: dict[str, dict[str, Any]] = {}
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
@@ -669,15 +672,30 @@ def run_cases(
                     records[key] = crashed(key, err)
                 bar.update()
         else:
+            broken = []
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool_exec:
                 futures = {pool_exec.submit(fn, *args): key for key, args in jobs}
                 for fut in as_completed(futures):
                     key = futures[fut]
                     try:
                         records[key] = fut.result()
+                    except BrokenProcessPool:
+                        broken.append(key)  # this case, or another one in the pool, killed a worker
+                        continue
                     except Exception as err:  # noqa: BLE001 - a crashed worker is reported like a failed case
                         records[key] = crashed(key, err)
                     bar.update()
+            args_of = dict(jobs)
+            for key in broken:
+                with ProcessPoolExecutor(max_workers=1) as alone:
+                    try:
+                        records[key] = alone.submit(fn, *args_of[key]).result()
+                    except BrokenProcessPool:
+                        records[key] = crashed(key, RuntimeError(
+                            "its worker process died (killed, e.g. by the out-of-memory killer; try fewer workers)"))
+                    except Exception as err:  # noqa: BLE001
+                        records[key] = crashed(key, err)
+                bar.update()
     finally:
         bar.close()
     return records
@@ -929,7 +947,12 @@ def prepare_brats(
     records: dict[str, dict[str, Any]] = {}
     jobs = []
     for case in cases:
-        fingerprint = input_fingerprint(case.files.values()) if case.files else ""
+        try:
+            fingerprint = input_fingerprint(case.files.values()) if case.files else ""
+        except OSError as err:  # e.g. a dangling symlink: this case fails, the others go on
+            records[case.case_id] = {"case": case.case_id, "patient": case.patient_id, "status": "failed",
+                                     "file": str(err.filename or ""), "reason": f"cannot read the file: {err}"}
+            continue
         previous = None if overwrite or not fingerprint else read_case_record(
             dst_path / case.case_id, fingerprint, case_settings)
         if previous is not None:

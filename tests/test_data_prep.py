@@ -317,6 +317,35 @@ def test_corrupt_file_is_reported_others_written_source_untouched(tmp_path):
     assert sorted(listed) == summary["done"]
 
 
+def test_a_dangling_symlink_fails_its_case_only(tmp_path):
+    rng = np.random.default_rng(3)
+    src = tmp_path / "raw"
+    for i in range(3):
+        _case_2023(src, f"BraTS-GLI-{i:05d}-000", rng, mods=("t1n", "t2w", "seg"))
+    link = src / "BraTS-GLI-00001-000" / "BraTS-GLI-00001-000-t2w.nii.gz"
+    link.unlink()
+    link.symlink_to(tmp_path / "gone.nii.gz")  # e.g. a dataset linked from a disk that is not mounted
+    summary = prepare_brats(src, tmp_path / "out", **SMALL)
+    assert summary["counts"]["done"] == 2 and summary["counts"]["failed"] == 1
+    (failed,) = summary["failed"]
+    assert failed["case"] == "BraTS-GLI-00001-000" and "gone.nii.gz" in failed["file"] + failed["reason"]
+
+
+def _dies_on_zero(i):  # module level: picklable for the worker processes
+    if i == 0:
+        os._exit(137)  # as the out-of-memory killer would end it
+    return {"case": i, "status": "done"}
+
+
+def test_a_worker_that_dies_fails_only_its_own_case():
+    jobs = [(i, (i,)) for i in range(6)]
+    records = brats.run_cases(_dies_on_zero, jobs, workers=2, desc="x", progress=False,
+                              crashed=lambda key, err: {"case": key, "status": "failed", "reason": str(err)})
+    assert sorted(records) == list(range(6))
+    assert [records[i]["status"] for i in range(6)] == ["failed"] + ["done"] * 5
+    assert "worker process died" in records[0]["reason"]
+
+
 def test_datalist_resolves_with_monai_and_has_metadata(tmp_path):
     from monai.data import load_decathlon_datalist
 
