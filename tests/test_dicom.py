@@ -229,6 +229,19 @@ def test_cli_exports_good_files_and_names_the_bad_one(tmp_path, capsys):
     assert "missing.nii.gz" in capsys.readouterr().err
     assert cli(["export-dicom", str(tmp_path / "a.nii.gz"), "--out", str(out), "--modality", "MR",
                 "--hu", "0", "1"]) == 2
+    # two runs' samples with one file name would share a series folder: refused before anything is written
+    for run in ("runA", "runB"):
+        (tmp_path / run).mkdir()
+        write_training_nifti(tmp_path / run / "sample_0000.nii.gz", good, PERMUTED)
+    both = [str(tmp_path / "runA" / "sample_0000.nii.gz"), str(tmp_path / "runB" / "sample_0000.nii.gz")]
+    capsys.readouterr()
+    assert cli(["export-dicom", *both, "--out", str(tmp_path / "out2"), "--modality", "MR", "--overwrite"]) == 2
+    err = capsys.readouterr().err
+    assert "runA/sample_0000.nii.gz and " in err and "runB/sample_0000.nii.gz would both be written" in err
+    assert not (tmp_path / "out2").exists()
+    # the same file named twice is exported once
+    assert cli(["export-dicom", both[0], both[0], "--out", str(tmp_path / "out3"), "--modality", "MR"]) == 0
+    assert "Wrote 1 of 1" in capsys.readouterr().out
 
 
 def test_inference_option_writes_a_series_per_sample(tmp_path):

@@ -98,11 +98,20 @@ def _export_dicom(args: argparse.Namespace) -> int:
         print("wdm3d export-dicom: --intensity-range is for --modality MR (CT stores HU; see --hu).", file=sys.stderr)
         return 2
     out = Path(args.out)
+
+    def series_dir(name: str) -> Path:
+        return out / f"{Path(name).name.removesuffix('.gz').removesuffix('.nii')}_dicom"
+
+    claimed: dict[Path, str] = {}
+    for name in args.inputs:  # two inputs with one file name would write one series folder (--overwrite: silently)
+        first = claimed.setdefault(series_dir(name), name)
+        if Path(first).resolve() != Path(name).resolve():
+            print(f"wdm3d export-dicom: {first} and {name} would both be written to {series_dir(name)}; export them "
+                  "to different --out folders (nothing was written).", file=sys.stderr)
+            return 2
     failed = []
-    for name in args.inputs:
-        src = Path(name)
-        stem = src.name.removesuffix(".gz").removesuffix(".nii")
-        dst = out / f"{stem}_dicom"
+    for name in dict.fromkeys(args.inputs):
+        src, dst = Path(name), series_dir(name)
         try:
             if not src.is_file():
                 raise FileNotFoundError("no such file")
@@ -120,8 +129,8 @@ def _export_dicom(args: argparse.Namespace) -> int:
             continue
         print(f"{name} -> {info['dir']} ({info['num_slices']} slices, {args.modality}, "
               f"rescale {info['rescale_slope']:g} x + {info['rescale_intercept']:g} {info['rescale_type']})")
-    done = len(args.inputs) - len(failed)
-    print(f"Wrote {done} of {len(args.inputs)} DICOM series to {out.resolve()}"
+    total = len(dict.fromkeys(args.inputs))
+    print(f"Wrote {total - len(failed)} of {total} DICOM series to {out.resolve()}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
 
