@@ -570,8 +570,9 @@ def split_patients(
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _read(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
-    """Read a NIfTI volume fully (so truncated files fail here): ``(data as stored, affine, (qform, sform) codes)``."""
+def _read(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int], np.ndarray]:
+    """Read a NIfTI volume fully (so truncated files fail here): ``(data as stored, affine, (qform, sform) codes,
+    qform matrix)``; the qform is kept apart because it may differ from the sform (``affine``)."""
     img = nib.load(str(path))
     data = np.asanyarray(img.dataobj)
     if data.ndim == 4 and data.shape[3] == 1:
@@ -579,13 +580,16 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
     if data.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {data.shape}")
     hdr = img.header
-    codes = (int(hdr["qform_code"]), int(hdr["sform_code"])) if isinstance(hdr, nib.Nifti1Header) else (0, 0)
-    return data, np.asarray(img.affine, dtype=np.float64), codes
+    nifti = isinstance(hdr, nib.Nifti1Header)
+    codes = (int(hdr["qform_code"]), int(hdr["sform_code"])) if nifti else (0, 0)
+    affine = np.asarray(img.affine, dtype=np.float64)
+    return data, affine, codes, np.asarray(img.get_qform(), dtype=np.float64) if nifti else affine
 
 
-def _write_nifti(data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1)) -> None:
-    """Write ``data`` atomically, keeping its dtype and the given (qform, sform) codes."""
-    save_nifti(data, affine, path, dtype=data.dtype, codes=codes)
+def _write_nifti(data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1),
+                 qform: np.ndarray | None = None) -> None:
+    """Write ``data`` atomically, keeping its dtype and the given (qform, sform) codes (and qform matrix)."""
+    save_nifti(data, affine, path, dtype=data.dtype, codes=codes, qform=qform)
 
 
 def _write_json(obj: Any, path: Path) -> None:
@@ -753,18 +757,18 @@ def _process_case(
         return record | {"status": "failed", "file": folder, "reason": f"missing modalities {missing}"}
 
     # read and check every file before anything is written, so a corrupt file leaves no half-written case
-    volumes: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int]]] = {}
+    volumes: dict[str, tuple[np.ndarray, np.ndarray, tuple[int, int], np.ndarray]] = {}
     for mod in modalities:
         path = case.files[mod]
         try:
-            data, affine, codes = _read(path)
-            volumes[mod] = (data if mod == SEG else data.astype(np.float32, copy=False), affine, codes)
+            data, affine, codes, qform = _read(path)
+            volumes[mod] = (data if mod == SEG else data.astype(np.float32, copy=False), affine, codes, qform)
         except Exception as err:  # noqa: BLE001 - any reader error is reported per file
             return record | {"status": "failed", "file": str(path), "reason": f"{type(err).__name__}: {err}"}
     ref_mod = modalities[0]
     ref_shape, ref_affine = volumes[ref_mod][0].shape, volumes[ref_mod][1]
     for mod in modalities[1:]:
-        data, affine, _ = volumes[mod]
+        data, affine, _, _ = volumes[mod]
         if data.shape != ref_shape or not np.allclose(affine, ref_affine, atol=1e-3):
             return record | {
                 "status": "failed",
@@ -786,7 +790,7 @@ def _process_case(
     try:
         for mod in modalities:
             current = str(case.files[mod])
-            data, affine, codes = volumes.pop(mod)
+            data, affine, codes, qform = volumes.pop(mod)
             if mod == SEG:
                 out, out_affine = preprocess_label(
                     data, affine, settings["spatial_size"], settings["pool"], settings["seg_pool"], label_map
@@ -798,7 +802,8 @@ def _process_case(
                 )
             del data
             path = out_dir / f"{case.case_id}-{mod}.nii.gz"
-            _write_nifti(out, out_affine, path, codes)
+            # every step moves the affine by a right factor (affine @ M), so the qform moves by the same M
+            _write_nifti(out, out_affine, path, codes, qform @ np.linalg.solve(affine, out_affine))
             written.append(path)
             outputs[mod] = f"{case.case_id}/{path.name}"
         result = {"status": "done", "outputs": outputs, "shape": list(out.shape), "spacing": _spacing(out_affine)}

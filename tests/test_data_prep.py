@@ -205,6 +205,27 @@ def test_bright_voxel_keeps_its_world_position(tmp_path, point):
     np.testing.assert_allclose(img.header.get_zooms(), [2.4, 1.8, 4.0], atol=1e-5)
 
 
+def test_a_qform_that_differs_from_the_sform_moves_with_the_volume(tmp_path):
+    x = np.random.default_rng(2).uniform(0, 1, size=(11, 14, 9)).astype(np.float32)
+    sform = _oblique_affine()
+    qform = np.diag([1.1, 1.2, 1.3, 1.0])
+    qform[:3, 3] = [100.0, 120.0, -50.0]
+    img = nib.Nifti1Image(x, None)
+    img.set_sform(sform, code=2)
+    img.set_qform(qform, code=1)
+    src = tmp_path / "raw" / "BraTS-GLI-00000-000"
+    src.mkdir(parents=True)
+    nib.save(img, src / "BraTS-GLI-00000-000-t1n.nii.gz")
+    prepare_brats(tmp_path / "raw", tmp_path / "out", percentiles=(0, 100), spatial_size=(12, 10, 12), pool=2,
+                  progress=False)
+    out = nib.load(str(tmp_path / "out" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t1n.nii.gz"))
+    shift = np.array([[1, 0, 0, 0], [0, 1, 0, 2], [0, 0, 1, -1], [0, 0, 0, 1]], dtype=float)  # as above
+    pool = np.array([[2, 0, 0, 0.5], [0, 2, 0, 0.5], [0, 0, 2, 0.5], [0, 0, 0, 1]])
+    assert (int(out.header["qform_code"]), int(out.header["sform_code"])) == (1, 2)
+    np.testing.assert_allclose(out.header.get_sform(), sform @ shift @ pool, atol=1e-4)
+    np.testing.assert_allclose(out.header.get_qform(), qform @ shift @ pool, atol=1e-4)
+
+
 def test_seg_pooling_keeps_integer_labels():
     seg = _seg(np.random.default_rng(4), (8, 8, 8))
     for mode in brats.SEG_POOL_MODES:
