@@ -7,7 +7,9 @@ Case discovery (any depth below ``--src``; hidden files are ignored):
 - BraTS 2021 and earlier: ``BraTS2021_00000/BraTS2021_00000_{t1,t1ce,t2,flair,seg}.nii.gz``
   (also ``BraTS20_Training_001_t1.nii.gz`` and the like);
 - BraTS 2023 and later: ``BraTS-GLI-00000-000/BraTS-GLI-00000-000-{t1n,t1c,t2w,t2f,seg}.nii.gz``, any sub-challenge
-  prefix (``BraTS-MEN-``, ``BraTS-PED-``, ``BraTS-SSA-``, ``BraTS-MET-``, ...).
+  prefix (``BraTS-MEN-``, ``BraTS-PED-``, ``BraTS-SSA-``, ``BraTS-MET-``, ...). The datalist names the label values
+  (``labels``) only for glioma data (GLI, 2021); other sub-challenges use the same values for other regions, so
+  their ``labels`` stay empty and ``label_convention`` says where they are defined (``subchallenges`` lists them).
 
 ``.nii`` and ``.nii.gz`` are both accepted. Modalities are renamed to the 2023 names: ``t1 -> t1n``, ``t1ce -> t1c``,
 ``t2 -> t2w``, ``flair -> t2f``; the label map keeps the key ``seg``.
@@ -94,6 +96,7 @@ __all__ = [
     "BratsCase",
     "find_cases",
     "patient_id",
+    "subchallenge",
     "normalize_modalities",
     "normalize_intensity",
     "pad_or_crop",
@@ -146,6 +149,22 @@ BRATS_LABELS: dict[str, str] = {
     "2": "peritumoral oedema (ED)",
     "3": "enhancing tumour (ET)",
 }
+
+def subchallenge(case_id: str) -> str:
+    """``BraTS-PED-00001-000 -> "PED"``; BraTS 2021 ids (``BraTS2021_00000``) are the glioma challenge, ``"GLI"``."""
+    m = re.match(r"^BraTS-([A-Za-z]+)-", case_id)
+    return m.group(1).upper() if m else "GLI"
+
+
+def _labels(challenges: Sequence[str], harmonize_labels: bool) -> tuple[dict[str, str], str]:
+    """The datalist's label table and convention: the glioma table for GLI data; for other sub-challenges (whose
+    values name other regions: e.g. the paediatric set has a label 4) no guessed names, only where to look."""
+    if list(challenges) in ([], ["GLI"]):
+        table = BRATS_LABELS if harmonize_labels else BRATS_LABELS | {"4": "enhancing tumour (ET), BraTS 2021 label"}
+        return table, "BraTS glioma (2023 values)"
+    return {}, (f"as defined by BraTS {'/'.join(challenges)}, not the glioma table; see that sub-challenge's "
+                "documentation (data_prep keeps the values as they are)")
+
 
 _SCHEME_2021 = re.compile(r"^(?P<case>BraTS\d*_[A-Za-z0-9_]+?)_(?P<mod>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$")
 _SCHEME_2023 = re.compile(r"^(?P<case>BraTS-[A-Za-z]+-\d+-\d+)-(?P<mod>t1n|t1c|t2w|t2f|seg)\.nii(?:\.gz)?$")
@@ -1013,6 +1032,10 @@ def prepare_brats(
         entries[split_of[r["patient"]]].append({"case": r["case"], "patient": r["patient"], **r["outputs"]})
     images = [m for m in wanted if m != SEG]
     has_seg = SEG in wanted
+    challenges = sorted({subchallenge(r["case"]) for r in current})
+    if has_seg and len(challenges) > 1:
+        logger.warning("the datalist mixes BraTS sub-challenges %s, whose label maps use the same values for "
+                       "different regions; the datalist's 'labels' cannot describe them.", challenges)
     shape = _same_or_none([r["shape"] for r in current], tol=0)  # None when cases differ (a -1 in spatial_size)
     datalist: dict[str, Any] = {
         "name": "BraTS (prepared by data_prep.brats)",
@@ -1024,9 +1047,9 @@ def prepare_brats(
         "intensity_range": [0.0, 1.0],
         "modalities": images,
         "label_key": SEG if has_seg else None,
-        "labels": (
-            BRATS_LABELS if harmonize_labels else BRATS_LABELS | {"4": "enhancing tumour (ET), BraTS 2021 label"}
-        ) if has_seg else {},
+        "labels": _labels(challenges, harmonize_labels)[0] if has_seg else {},
+        "label_convention": _labels(challenges, harmonize_labels)[1] if has_seg else None,
+        "subchallenges": challenges,
         "percentiles": settings["percentiles"],
         "pool": settings["pool"],
         "split": settings["split"],

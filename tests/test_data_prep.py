@@ -338,6 +338,17 @@ def test_corrupt_file_is_reported_others_written_source_untouched(tmp_path):
     assert sorted(listed) == summary["done"]
 
 
+def test_labels_are_only_named_for_the_glioma_convention(tmp_path):
+    rng = np.random.default_rng(6)
+    _case_2023(tmp_path / "gli", "BraTS-GLI-00000-000", rng, mods=("t1n", "seg"))
+    _case_2023(tmp_path / "ped", "BraTS-PED-00001-000", rng, mods=("t1n", "seg"))  # PED labels are not GLI's
+    gli = json.loads(Path(prepare_brats(tmp_path / "gli", tmp_path / "o1", **SMALL)["datalist"]).read_text())
+    assert gli["labels"] == brats.BRATS_LABELS and gli["subchallenges"] == ["GLI"]
+    ped = json.loads(Path(prepare_brats(tmp_path / "ped", tmp_path / "o2", **SMALL)["datalist"]).read_text())
+    assert ped["labels"] == {} and ped["subchallenges"] == ["PED"] and "BraTS PED" in ped["label_convention"]
+    assert brats.subchallenge("BraTS2021_00001") == "GLI" and brats.subchallenge("BraTS-men-00001-000") == "MEN"
+
+
 def test_a_dangling_symlink_fails_its_case_only(tmp_path):
     rng = np.random.default_rng(3)
     src = tmp_path / "raw"
