@@ -15,6 +15,7 @@ from PIL import Image
 
 from wdm3d.demo import phantom_volumes
 from wdm3d.engine import latest_checkpoint, load_checkpoint
+from wdm3d.networks import WDMUNet
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "wdm3d_brats" / "configs"
@@ -156,7 +157,9 @@ def test_inference_writes_nifti_with_the_dataset_geometry(dataset, tmp_path):
     wf.run()
     out = tmp_path / "samples"
     manifest = json.loads((out / "manifest.json").read_text())
-    assert [s["seed"] for s in manifest["samples"]] == [7, 8, 9]
+    from wdm3d.inference import batch_seed
+
+    assert [s["seed"] for s in manifest["samples"]] == [batch_seed(7, i) for i in range(3)]
     assert manifest["sampler"] == "ddim" and manifest["num_steps"] == 3 and manifest["weights"] == "ema"
     assert manifest["checkpoint"].endswith(".pt") and manifest["intensity_range"] == [0.0, 1.0]
     for s in manifest["samples"]:
@@ -234,3 +237,65 @@ def test_multi_gpu_overlay_trains_with_two_processes_on_gloo_and_resumes(dataset
     resumed = load_checkpoint(tmp_path / "models" / "checkpoint_iteration=3.pt")
     assert resumed["trainer"]["iteration"] == 3 and resumed["trainer"]["epoch_length"] == 1
     assert resumed["optimizer"]["state"][0]["step"].item() == 3  # AdamW continued from step 2
+
+
+def test_batch_seeds_of_nearby_run_seeds_are_unrelated():
+    from wdm3d.inference import batch_seed
+
+    runs = [{batch_seed(seed, i) for i in range(200)} for seed in range(4)]
+    assert all(len(r) == 200 for r in runs)  # no repeats within a run
+    assert all(not (runs[a] & runs[b]) for a in range(4) for b in range(a + 1, 4))  # seed 0 and 1 share no sample
+    assert batch_seed(7, 3) == batch_seed(7, 3) and all(0 <= s < 2**63 for r in runs for s in r)
+    torch.Generator().manual_seed(max(max(r) for r in runs))  # a valid torch seed
+
+
+def _generator(tmp_path, out, num_samples, channels=1, **kw):
+    from wdm3d.diffusion import WaveletDiffusion
+    from wdm3d.inference import VolumeGenerator
+
+    torch.manual_seed(0)
+    net = WDMUNet(in_channels=8 * channels, out_channels=8 * channels, base_channels=8, channel_mult=(1, 2),
+                  num_res_blocks=1, norm_num_groups=4)
+    with torch.no_grad():  # "trained": the zero-initialised output layer would make every voxel the same
+        for p in net.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    geometry = {"affine": torch.as_tensor(AFFINE), "shape": torch.tensor([16, 16, 16]),
+                "intensity_range": torch.tensor([-1000.0, 1000.0], dtype=torch.float64)}
+    torch.save({"model": net.state_dict(), "geometry": geometry}, tmp_path / "net.pt")
+    ref = tmp_path / "ref.nii.gz"
+    if not ref.exists():
+        nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), AFFINE), ref)
+    return VolumeGenerator(net, WaveletDiffusion(), tmp_path / "net.pt", out, image_size=(16, 16, 16),
+                           num_samples=num_samples, sampler="ddim", num_steps=2, reference_image=ref,
+                           device="cpu", progress=False, mlflow=False, **{"intensity_range": (0.0, 1.0), **kw})
+
+
+def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_no_manifest(tmp_path):
+    out = tmp_path / "samples"
+    _generator(tmp_path, out, 3).run()
+    (out / "notes.txt").write_text("mine")  # not a sample: left alone
+    manifest = _generator(tmp_path, out, 2, seed=5).run()
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "notes.txt", "sample_0000.nii.gz", "sample_0000.png", "sample_0001.nii.gz", "sample_0001.png"]
+    assert len(manifest["samples"]) == 2
+    broken = _generator(tmp_path, out, 2, seed=6)
+    broken.diffusion.sample = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory"))
+    with pytest.raises(RuntimeError, match="out of memory"):
+        broken.run()
+    assert not (out / "manifest.json").exists()  # no manifest naming files this run did not write
+
+
+def test_every_channel_of_a_multi_channel_model_is_written(tmp_path):
+    manifest = _generator(tmp_path, tmp_path / "samples", 1, channels=2).run()
+    img = nib.load(tmp_path / "samples" / manifest["samples"][0]["nifti"])
+    assert img.shape == (16, 16, 16, 2)
+    np.testing.assert_allclose(img.affine, AFFINE)
+    data = img.get_fdata()
+    assert not np.allclose(data[..., 0], data[..., 1])
+
+
+def test_a_missing_datalist_does_not_override_the_checkpoint_intensity_range(tmp_path):
+    # the bundles always pass a datalist path; when it is not there the checkpoint's range ([-1000, 1000]) holds
+    gen = _generator(tmp_path, tmp_path / "samples", 1, intensity_range=None, datalist=tmp_path / "gone.json")
+    manifest = gen.run()
+    assert manifest["intensity_range"] == [-1000.0, 1000.0]

@@ -64,6 +64,18 @@ def test_cli_end_to_end_writes_json_markdown_and_png(folders, tmp_path, capsys):
         assert f"({res['files'][name]})" in report
 
 
+def test_a_sample_folder_is_read_as_its_manifest_lists_it(tmp_path):
+    vols = [((v[0].numpy() + 1) / 2) for v in phantom_volumes(4, 16, seed=5)]
+    paths = write(tmp_path / "samples", vols, "sample")
+    listed = [{"nifti": p.name} for p in paths[:2]]  # the last run wrote two; two are an earlier run's leftovers
+    (tmp_path / "samples" / "manifest.json").write_text(json.dumps({"samples": listed}))
+    volumes, names, _ = load_volumes(tmp_path / "samples")
+    assert names == ["sample_00.nii.gz", "sample_01.nii.gz"] and volumes.shape[0] == 2
+    paths[1].unlink()  # a manifest naming a file that is not there: say so, do not read the others instead
+    with pytest.raises(FileNotFoundError, match=r"manifest\.json lists 1 volume\(s\) that are not in .*sample_01"):
+        load_volumes(tmp_path / "samples")
+
+
 def test_shape_mismatch_names_the_file(folders, tmp_path, capsys):
     fake = tmp_path / "fake"
     write(fake, [np.zeros((16, 16, 16)), np.zeros((16, 16, 12))], "s")

@@ -49,6 +49,21 @@ _NOT_COMPARABLE = "random_conv3d features: NOT comparable with published 3D FIDs
 
 
 def _volume_files(folder: Path) -> list[Path]:
+    """The NIfTI volumes of a folder; for a folder of wdm3d samples (a ``manifest.json`` listing them), exactly the
+    volumes of that run, so that files of another run in the folder are not mixed in."""
+    manifest = folder / "manifest.json"
+    if manifest.is_file():
+        try:
+            listed = [s["nifti"] for s in json.loads(manifest.read_text())["samples"]]
+        except (ValueError, KeyError, TypeError):
+            listed = None  # not a wdm3d sample manifest: read the folder
+        if listed is not None:
+            missing = [name for name in listed if not (folder / name).is_file()]
+            if missing:
+                raise FileNotFoundError(f"{manifest} lists {len(missing)} volume(s) that are not in {folder}, e.g. "
+                                        f"{missing[0]}; the run that wrote it did not finish or files were moved.")
+            if listed:
+                return [folder / name for name in listed]
     files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
                    and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")))
     if not files:

@@ -6,6 +6,8 @@ import json
 import logging
 import os
 import platform
+import re
+import shutil
 import time
 from collections.abc import Sequence
 from contextlib import nullcontext
@@ -21,10 +23,33 @@ from .engine.checkpoint import latest_checkpoint, load_checkpoint, load_network_
 from .engine.geometry import DataGeometry, reference_geometry
 from .io import atomic_write_text, save_montage, save_nifti, write_dicom_series
 
-__all__ = ["VolumeGenerator", "AUTOCAST_DTYPES"]
+__all__ = ["VolumeGenerator", "AUTOCAST_DTYPES", "batch_seed"]
 
 logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def batch_seed(seed: int, first: int) -> int:
+    """The generator seed of the batch that starts at sample ``first`` of a run with ``seed`` (a 63-bit hash of the
+    pair: nearby seeds give unrelated streams)."""
+    words = np.random.SeedSequence([int(seed) % 2**63, int(first)]).generate_state(2, dtype=np.uint32)
+    return int((int(words[0]) << 31) ^ int(words[1]))
+
+
+_SAMPLE_FILE = re.compile(r"^sample_(\d{4,})(?:\.nii\.gz|\.png|_dicom)$")
+
+
+def _clear_previous_run(folder: Path, keep: int) -> None:
+    """Remove an earlier run's manifest and its samples with index >= ``keep`` (this run overwrites the others)."""
+    (folder / "manifest.json").unlink(missing_ok=True)
+    stale = [p for p in folder.iterdir() if (m := _SAMPLE_FILE.match(p.name)) and int(m.group(1)) >= keep]
+    for p in stale:
+        if p.is_dir():
+            shutil.rmtree(p)
+        else:
+            p.unlink()
+    if stale:
+        logger.warning("Removed %d file(s) of an earlier, larger run from %s.", len(stale), folder)
 
 
 class VolumeGenerator:
@@ -36,8 +61,14 @@ class VolumeGenerator:
     and one ``manifest.json`` (checkpoint, weights used, sampler, steps, seeds, geometry, timings, versions).
 
     Geometry, in order of preference: ``reference_image``; the first training volume of ``datalist`` (read through
-    the training transforms); the geometry stored in the checkpoint. Sample ``i`` uses seed ``seed + i`` when
-    ``batch_size`` is 1 (the default), so any single sample can be regenerated on its own.
+    the training transforms); the geometry stored in the checkpoint. Each batch's random generator is seeded with
+    :func:`batch_seed` ``(seed, index of its first sample)``: independent streams for different run seeds (runs with
+    seeds 0, 1, 2, ... share no sample, as they would with ``seed + i``), recorded per sample in the manifest; with
+    ``batch_size`` 1 (the default) any single sample can be regenerated on its own.
+
+    A run replaces the samples of an earlier run in ``output_dir``: its ``manifest.json`` is removed first (so a
+    run that fails leaves no manifest describing other files) and so are its ``sample_XXXX`` files beyond this
+    run's count. Multi-channel networks write ``(C, D, H, W)`` volumes (4D NIfTI, channels last).
 
     Args:
         network: the network to load the weights into (built from the bundle's ``network_def``).
@@ -165,11 +196,12 @@ class VolumeGenerator:
         stored = DataGeometry()
         stored.load_state_dict(ckpt.get("geometry", {}))
         irange = list(self.intensity_range) if self.intensity_range is not None else None
-        if self.reference_image is not None or (self.datalist is not None and Path(self.datalist).is_file()):
+        has_datalist = self.datalist is not None and Path(self.datalist).is_file()
+        if self.reference_image is not None or has_datalist:
             from .data import intensity_range as datalist_range
 
-            if irange is None:
-                irange = datalist_range(self.datalist) if self.datalist is not None else stored.intensity_range
+            if irange is None:  # a datalist that is not there says nothing: the checkpoint's range, then [0, 1]
+                irange = datalist_range(self.datalist) if has_datalist else stored.intensity_range
             affine, shape = reference_geometry(self.reference_image, self.datalist, self.image_key, self.image_size, irange)
             source = str(self.reference_image or self.datalist)
         elif stored.affine is not None:
@@ -206,6 +238,7 @@ class VolumeGenerator:
                 raise ValueError(f"the diffusion network makes {channels} latent channels but the autoencoder takes "
                                  f"{sample_shape[0]}; check network_def's in_channels (8 x latent channels).")
         self.output_dir.mkdir(parents=True, exist_ok=True)
+        _clear_previous_run(self.output_dir, self.num_samples)
         c_lo, c_hi = self.diffusion.clip_range or (-1.0, 1.0)
         use_autocast = self.autocast is not None and self.device.type == "cuda"
         ctx = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]) if use_autocast else nullcontext()
@@ -218,7 +251,7 @@ class VolumeGenerator:
         samples, t_start = [], time.perf_counter()
         for first in range(0, self.num_samples, self.batch_size):
             n = min(self.batch_size, self.num_samples - first)
-            seed = self.seed + first
+            seed = batch_seed(self.seed, first)
             t0 = time.perf_counter()
             with ctx:
                 vols = self.diffusion.sample(
@@ -233,8 +266,9 @@ class VolumeGenerator:
             vols = (vols.float().clamp(c_lo, c_hi) - c_lo) / (c_hi - c_lo) * (hi - lo) + lo
             for j in range(n):
                 i = first + j
-                vol = vols[j, 0].cpu().numpy()
-                nii = save_nifti(vol, affine, self.output_dir / f"sample_{i:04d}.nii.gz", description="synthetic (wdm3d)")
+                vol = vols[j, 0].cpu().numpy()  # the first channel: previews and DICOM
+                data = vols[j].cpu().numpy() if vols.shape[1] > 1 else vol  # NIfTI: every channel
+                nii = save_nifti(data, affine, self.output_dir / f"sample_{i:04d}.nii.gz", description="synthetic (wdm3d)")
                 png = save_montage(self.output_dir / f"sample_{i:04d}.png", [vol], affine=affine, value_range=(lo, hi))
                 entry = {"index": i, "seed": seed, "batch_position": j, "nifti": nii.name, "png": png.name,
                          "seconds": round(seconds, 3)}
