@@ -18,6 +18,7 @@ from wdm3d.metrics import (
     ms_ssim_min_size,
     ms_ssim_settings,
     normalize_volumes,
+    pair_bootstrap_ci,
     sample_pairs,
 )
 from wdm3d.metrics.diversity import pairwise_ms_ssim
@@ -232,9 +233,50 @@ def test_wasserstein_and_mmd_are_zero_for_identical_sets_and_grow_with_a_shift()
     shifted = intensity_wasserstein(vols, vols + 0.25, (-1, 2), bins=300)
     assert shifted["wasserstein"] == pytest.approx(0.25, abs=0.011)  # a pure shift moves every voxel by 0.25
     flat = vols.reshape(5, -1)
-    assert mmd_rbf(flat, flat.copy())["mmd2"] == pytest.approx(0.0, abs=1e-10)
-    m1, m2 = mmd_rbf(flat, flat + 0.05)["mmd"], mmd_rbf(flat, flat + 0.2, bandwidth=mmd_rbf(flat, flat + 0.05)["bandwidth"])["mmd"]
-    assert 0 < m1 < m2
+    twin = mmd_rbf(flat, flat.copy())
+    assert twin["mmd"] == 0.0 and twin["mmd2"] <= 0 and twin["mmd2_biased"] == pytest.approx(0.0, abs=1e-10)
+    sigma = mmd_rbf(flat, flat + 0.05)["bandwidth"]
+    m0, m1, m2 = (mmd_rbf(flat, flat + d, bandwidth=sigma)["mmd2"] for d in (0.0, 0.05, 0.2))
+    assert m0 < m1 < m2 and m2 > 0
+
+
+def test_pairwise_ci_resamples_volumes_and_covers_the_mean():
+    # pair values that share a volume are correlated (v_ij = a_i + a_j + noise): the CI must account for it
+    rng = np.random.default_rng(0)
+    n, hits, reps = 10, 0, 300
+    pairs = np.array([(i, j) for i in range(n) for j in range(i + 1, n)])
+    for _ in range(reps):
+        a = rng.normal(0, 1, n)
+        values = a[pairs[:, 0]] + a[pairs[:, 1]] + rng.normal(0, 0.2, len(pairs))
+        lo, hi = pair_bootstrap_ci(values, pairs, n, n_boot=500, seed=int(rng.integers(1 << 30)))
+        hits += lo <= 0.0 <= hi  # the true mean of the pair statistic is 0
+    assert hits / reps >= 0.85  # resampling pairs instead covered ~50% here
+    assert pair_bootstrap_ci(np.array([0.5] * 45), pairs, n) == (0.5, 0.5)
+    with pytest.raises(ValueError, match="one pair per value"):
+        pair_bootstrap_ci(np.ones(3), pairs, n)
+
+
+def test_mmd_is_unbiased_whatever_the_sample_sizes_and_tests_sameness():
+    rng = np.random.default_rng(1)
+    for n in (5, 10, 50):  # the biased estimate was ~0.5 / 0.36 / 0.16 here: it measured n, not a difference
+        same = [mmd_rbf(rng.normal(size=(n, 64)), rng.normal(size=(n, 64)), permutations=0)["mmd2"] for _ in range(40)]
+        assert abs(np.mean(same)) < 0.02
+    x, y = rng.normal(size=(40, 16)), rng.normal(size=(40, 16))
+    same = mmd_rbf(x, y, permutations=200)
+    shifted = mmd_rbf(x, y + 0.5, permutations=200)
+    assert same["p_value"] > 0.05 and shifted["p_value"] < 0.01 and shifted["mmd"] > same["mmd"]
+    assert shifted["mmd2_biased"] >= shifted["mmd2"]
+    with pytest.raises(ValueError, match="N, M >= 2"):
+        mmd_rbf(x[:1], y)
+
+
+def test_wasserstein_sees_a_shift_smaller_than_a_coarse_bin():
+    vols = np.zeros((2, 8, 8, 8), np.float32)
+    vols[:, 2:6, 2:6, 2:6] = 0.8
+    moved = vols.copy()
+    moved[vols == 0] = 0.003  # the background lifted by less than 1/256 of [0, 1]
+    exact = 0.003 * (vols == 0).mean()
+    assert intensity_wasserstein(vols, moved, (0, 1))["wasserstein"] == pytest.approx(exact, rel=0.1)
 
 
 # --- memorization -----------------------------------------------------------------------------------------------------
