@@ -202,21 +202,15 @@ def test_inference_without_a_checkpoint_says_so(dataset, tmp_path):
     assert "No checkpoint" in str(root_cause(err.value)) and "train first" in str(root_cause(err.value))
 
 
-def _free_port():
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def _torchrun(dataset, out, **extra):
     overrides = []
     for k, v in {**TINY_TRAIN, "dataset_dir": str(dataset), "output_dir": str(out), **extra}.items():
         overrides += [f"--{k}", json.dumps(v) if not isinstance(v, str) else v]
     configs = str([str(CONFIGS / "train.json"), str(CONFIGS / "multi_gpu_train.json")])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", f"--master_port={_free_port()}",
+    # --standalone: torchrun picks a free rendezvous port itself (a port probed here first could be taken by another
+    # process before torchrun binds it)
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            "-m", "monai.bundle", "run", "training", "--config_file", configs, *overrides]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
