@@ -266,7 +266,8 @@ def _generator(tmp_path, out, num_samples, channels=1, **kw):
 
 def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_no_manifest(tmp_path):
     out = tmp_path / "samples"
-    _generator(tmp_path, out, 3).run()
+    _generator(tmp_path, out, 3, dicom=True).run()
+    assert (out / "sample_0000_dicom").is_dir()
     (out / "notes.txt").write_text("mine")  # not a sample: left alone
     manifest = _generator(tmp_path, out, 2, seed=5).run()
     assert sorted(p.name for p in out.iterdir()) == [

@@ -39,17 +39,19 @@ def batch_seed(seed: int, first: int) -> int:
 _SAMPLE_FILE = re.compile(r"^sample_(\d{4,})(?:\.nii\.gz|\.png|_dicom)$")
 
 
-def _clear_previous_run(folder: Path, keep: int) -> None:
-    """Remove an earlier run's manifest and its samples with index >= ``keep`` (this run overwrites the others)."""
+def _clear_previous_run(folder: Path, keep: int, dicom: bool) -> None:
+    """Remove an earlier run's manifest and the sample files this run will not overwrite: those with index >= ``keep``
+    and, for a run without DICOM, the earlier DICOM series."""
     (folder / "manifest.json").unlink(missing_ok=True)
-    stale = [p for p in folder.iterdir() if (m := _SAMPLE_FILE.match(p.name)) and int(m.group(1)) >= keep]
+    stale = [p for p in folder.iterdir() if (m := _SAMPLE_FILE.match(p.name))
+             and (int(m.group(1)) >= keep or (not dicom and p.name.endswith("_dicom")))]
     for p in stale:
         if p.is_dir():
             shutil.rmtree(p)
         else:
             p.unlink()
     if stale:
-        logger.warning("Removed %d file(s) of an earlier, larger run from %s.", len(stale), folder)
+        logger.warning("Removed %d file(s) of an earlier run from %s.", len(stale), folder)
 
 
 class VolumeGenerator:
@@ -67,8 +69,8 @@ class VolumeGenerator:
     ``batch_size`` 1 (the default) any single sample can be regenerated on its own.
 
     A run replaces the samples of an earlier run in ``output_dir``: its ``manifest.json`` is removed first (so a
-    run that fails leaves no manifest describing other files) and so are its ``sample_XXXX`` files beyond this
-    run's count. Multi-channel networks write ``(C, D, H, W)`` volumes (4D NIfTI, channels last).
+    run that fails leaves no manifest describing other files) and so are its ``sample_XXXX`` files this run does
+    not overwrite (beyond its count; its DICOM series when this run writes none). Multi-channel networks write ``(C, D, H, W)`` volumes (4D NIfTI, channels last).
 
     Args:
         network: the network to load the weights into (built from the bundle's ``network_def``).
@@ -238,7 +240,7 @@ class VolumeGenerator:
                 raise ValueError(f"the diffusion network makes {channels} latent channels but the autoencoder takes "
                                  f"{sample_shape[0]}; check network_def's in_channels (8 x latent channels).")
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        _clear_previous_run(self.output_dir, self.num_samples)
+        _clear_previous_run(self.output_dir, self.num_samples, self.dicom)
         c_lo, c_hi = self.diffusion.clip_range or (-1.0, 1.0)
         use_autocast = self.autocast is not None and self.device.type == "cuda"
         ctx = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]) if use_autocast else nullcontext()
