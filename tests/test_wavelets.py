@@ -77,6 +77,43 @@ def test_dtypes_are_kept_and_inverse_holds(dtype, tol):
     assert ((r.double() - x.double()).abs().max() / x.double().abs().max()).item() <= tol
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_types_are_computed_in_float32_and_rounded_once(dtype):
+    # smooth data: a ~ b in every butterfly, where a - b computed in the half type lost most of its digits
+    g = torch.linspace(0, 1, 32)
+    x = (torch.sin(3 * g)[:, None, None] + torch.cos(2 * g)[None, :, None] + g[None, None, :] ** 2)[None, None]
+    xh = x.to(dtype)
+    exact = dwt3d(xh.double())
+    y = dwt3d(xh)
+    assert y.dtype == dtype
+    hhh = subband(exact, "HHH")
+    assert (subband(y, "HHH").double() - hhh).abs().max() <= 2 ** -8 * hhh.abs().max() + 1e-6  # one rounding
+    detail = exact[:, 1:]
+    rel = ((y[:, 1:].double() - detail).square().mean() / detail.square().mean()).sqrt()
+    assert rel < 0.01  # was ~0.1 with the butterflies in the half type
+    back = idwt3d(exact.to(dtype))
+    assert ((back.double() - idwt3d(exact)).abs().max() / x.abs().max()).item() < 2 ** -7
+
+
+def test_fused_kernel_is_not_used_beyond_int32_indexing(monkeypatch):
+    # the Triton kernel indexes in int32: a tensor of 2^31 elements must take the torch path (meta: no memory)
+    monkeypatch.setattr(wv, "fused_haar_available", lambda x=None: True)
+    monkeypatch.setitem(wv._fused_haar, "failed", None)  # restored after the test
+    launched = []
+
+    def launch(x, inverse, kernel=None):
+        launched.append(tuple(x.shape))
+        raise RuntimeError("no GPU here")  # _haar falls back to the torch path (and warns)
+
+    monkeypatch.setattr(wv, "_fused_haar_launch", launch)
+    big = torch.empty((1, 2, 1024, 1024, 1024), device="meta")
+    assert wv._haar(big, inverse=False).shape == (1, 16, 512, 512, 512)
+    assert launched == []
+    with pytest.warns(RuntimeWarning, match="fused Triton Haar kernel failed"):
+        wv._haar(torch.empty((1, 1, 4, 4, 4), device="meta"), inverse=False)
+    assert launched == [(1, 1, 4, 4, 4)]  # below the limit the kernel is tried
+
+
 def test_parseval_energy_preserved():
     x = torch.randn(2, 3, 16, 8, 12, dtype=torch.float64)
     y = dwt3d(x)

@@ -12,7 +12,7 @@ transform is orthonormal: the inverse is the transpose, energy is preserved (Par
 ``LLL = 2*sqrt(2) * mean`` of each 2x2x2 block. On CUDA tensors (float32/bfloat16/float16) the same transform runs
 as one fused Triton kernel (one read and one write of each voxel) when Triton imports; see :func:`set_fused_haar` and
 :func:`fused_haar_available`. Both paths give the same coefficients (float32: to the last bit or two; half types:
-the fused kernel computes in float32 and rounds once, so it is the more accurate of the two).
+both compute in float32 and round once).
 
 Other wavelets (``db2``, ``sym4``, ``coif1``, ... anything PyWavelets knows) are applied separably with
 pytorch_wavelets' 1D transforms. Their boundary handling is the ``mode`` argument: the default ``"periodization"``
@@ -141,6 +141,20 @@ def _butterfly_(t: torch.Tensor, dim: int) -> None:
     torch.sub(a, b, alpha=2, out=b)
 
 
+def _half_in_float32(kernel):
+    # the butterflies compute a - b as (a + b) - 2b: exact in float32/64, but in bf16/fp16 the detail bands of smooth
+    # data (a ~ b) lose most of their digits (10% error); compute half types in float32 and round once, like the
+    # fused kernel
+    def run(t: torch.Tensor) -> torch.Tensor:
+        if t.dtype in (torch.float16, torch.bfloat16):
+            return kernel(t.float()).to(t.dtype)
+        return kernel(t)
+
+    run.__name__ = kernel.__name__
+    return run
+
+
+@_half_in_float32
 def _haar_forward_kernel(x: torch.Tensor) -> torch.Tensor:
     # (B, C, D, H, W) -> (B, 8C, D/2, H/2, W/2). One allocation: a scaled gather into (B, 2, 2, 2, C, d, h, w),
     # then butterflies over the three contiguous size-2 axes. MONAI/torch have no 3D Haar; conv3d was slower here.
@@ -155,6 +169,7 @@ def _haar_forward_kernel(x: torch.Tensor) -> torch.Tensor:
     return out.view(b, 8 * c, d, h, w)
 
 
+@_half_in_float32
 def _haar_inverse_kernel(y: torch.Tensor) -> torch.Tensor:
     # (B, 8C, d, h, w) -> (B, C, 2d, 2h, 2w). One allocation: a scaled scatter into the interleaved layout
     # (B, C, d, 2, h, 2, w, 2), then butterflies over its size-2 axes (the Haar matrix is its own inverse).
@@ -393,7 +408,8 @@ def _fused_haar_launch(src: torch.Tensor, inverse: bool, kernel=None) -> torch.T
 
 def _haar(x: torch.Tensor, inverse: bool) -> torch.Tensor:
     """The Haar transform of ``x`` by the fused kernel where it applies, else by the torch path."""
-    if fused_haar_available(x):
+    # the kernel indexes in int32: tensors of 2^31 elements or more (e.g. (1, 3, 1024, 1024, 1024)) take the torch path
+    if fused_haar_available(x) and x.numel() < 2**31:
         try:
             return _fused_haar_launch(x, inverse)
         except Exception as err:  # a Triton build/launch failure: fall back for good, say so once
