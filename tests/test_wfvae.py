@@ -166,6 +166,38 @@ def test_checkpointing_gives_the_same_gradients() -> None:
     assert torch.allclose(grads[0], grads[1], atol=1e-6)
 
 
+def test_slab_by_slab_gradients_equal_whole_volume_ones_with_checkpointing() -> None:
+    # training slab by slab under the causal cache: checkpointing must not recompute a block with a later slab's cache
+    torch.manual_seed(0)
+    vae = WFVAE3D(latent_channels=4, levels=2, base_channels=8, num_res_blocks=1, num_mid_blocks=1).double()
+    with torch.no_grad():
+        for p in vae.parameters():
+            p.add_(torch.randn_like(p) * 0.1)
+    x = torch.randn(1, 1, 16, 8, 8, dtype=torch.float64)
+
+    def grads(checkpointing: bool, slabs: bool) -> list[torch.Tensor]:
+        vae.encoder.use_checkpoint = checkpointing
+        vae.zero_grad()
+        if slabs:
+            with causal_cache(vae.encoder):
+                sum(vae.encoder(x[:, :, s:s + 8])[0].square().sum() for s in (0, 8)).backward()
+        else:
+            vae.encoder(x)[0].square().sum().backward()
+        return [p.grad.clone() for p in vae.encoder.parameters() if p.grad is not None]
+
+    whole = grads(False, slabs=False)
+    for checkpointing in (False, True):
+        for a, b in zip(grads(checkpointing, slabs=True), whole):
+            torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10)
+
+
+def test_channel_norm_keeps_float64() -> None:
+    norm = ChannelRMSNorm(3).double()
+    x = torch.randn(2, 3, 4, 4, 4, dtype=torch.float64)
+    expected = x / torch.sqrt(x.square().mean(dim=1, keepdim=True) + norm.eps)
+    torch.testing.assert_close(norm(x), expected, rtol=1e-14, atol=1e-14)
+
+
 def test_energy_flow_path_matters() -> None:
     model = tiny(2)
     x = torch.randn(1, 1, 16, 8, 8)

@@ -170,9 +170,9 @@ class ChannelRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x32 = x.float()
-        x32 = x32 * torch.rsqrt(x32.square().mean(dim=1, keepdim=True) + self.eps)
-        return x32.to(x.dtype) * self.weight.to(x.dtype).view(1, -1, 1, 1, 1)
+        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # half types in float32; float64 kept
+        wide = wide * torch.rsqrt(wide.square().mean(dim=1, keepdim=True) + self.eps)
+        return wide.to(x.dtype) * self.weight.to(x.dtype).view(1, -1, 1, 1, 1)
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"

@@ -62,10 +62,15 @@ _LEVELS = (1, 2, 3)
 
 
 def _run(block: nn.Module, h: torch.Tensor, use_checkpoint: bool) -> torch.Tensor:
-    # recompute in backward only when a graph is being built (never while the causal cache is on: that is no_grad)
-    if use_checkpoint and torch.is_grad_enabled() and h.requires_grad:
+    # recompute in backward only when a graph is being built, and never while the causal cache is on: the
+    # recomputation would read the cache as it is at backward time (a later slab's), not as this forward saw it
+    if use_checkpoint and torch.is_grad_enabled() and h.requires_grad and not _streaming(block):
         return checkpoint(block, h, use_reentrant=False)
     return block(h)
+
+
+def _streaming(block: nn.Module) -> bool:
+    return any(getattr(m, "_streaming", False) for m in block.modules() if isinstance(m, CausalConv3d))
 
 
 class WFEncoder3D(nn.Module):
