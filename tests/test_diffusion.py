@@ -319,3 +319,22 @@ def test_wavelet_mse_loss_and_subband_weights():
     assert math.isclose(sum(per.values()) / 8, F.mse_loss(pred, target).item(), rel_tol=1e-6)
     with pytest.raises(ValueError, match="8 non-negative"):
         WaveletMSELoss([1, 2, 3])
+
+
+def test_config_records_the_noise_schedule_and_resuming_warns_on_a_change(caplog):
+    from wdm3d.engine.checkpoint import RunConfig
+
+    linear, cosine, steep = (WaveletDiffusion(**kw) for kw in ({}, {"schedule": "cosine"}, {"beta_end": 0.035}))
+    assert len({str(d.config()) for d in (linear, cosine, steep)}) == 3  # three processes, three configs
+    assert linear.config()["schedule"] == "linear_beta" and steep.config()["beta_end"] == 0.035
+    assert WaveletDiffusion(process="rflow").config()["rflow_sample_method"] == "uniform"
+    saved = RunConfig(diffusion=linear).state_dict()
+    with caplog.at_level("WARNING", logger="wdm3d.engine.checkpoint"):
+        RunConfig(diffusion=steep).load_state_dict(saved)
+    assert "Resuming with different diffusion settings" in caplog.text and "beta_end" in caplog.text
+    caplog.clear()
+    older = {**saved, "diffusion": {k: v for k, v in saved["diffusion"].items() if k not in ("schedule", "beta_start",
+                                                                                             "beta_end")}}
+    with caplog.at_level("WARNING", logger="wdm3d.engine.checkpoint"):
+        RunConfig(diffusion=linear).load_state_dict(older)  # a checkpoint from before these were recorded
+    assert "Resuming with different" not in caplog.text

@@ -87,6 +87,10 @@ class WaveletDiffusion:
         self.prediction_type = prediction_type
         self.clip_range = clip_range
         self.ddpm_variance = ddpm_variance
+        self.schedule = {"schedule": schedule, "beta_start": float(beta_start), "beta_end": float(beta_end)}
+        if schedule == "cosine":
+            self.schedule = {"schedule": schedule}  # the betas do not apply
+        self.rflow_sample_method = rflow_sample_method
         self.space = WaveletSpace(lll_scale=lll_scale, wavelet=wavelet)
         if process == "ddpm":
             schedule_args = {} if schedule == "cosine" else {"beta_start": beta_start, "beta_end": beta_end}
@@ -293,4 +297,7 @@ class WaveletDiffusion:
         }
         if self.process == "ddpm":
             out["ddpm_variance"] = self.ddpm_variance
+            out.update(self.schedule)  # the noise schedule (two schedules otherwise looked like one process)
+        else:
+            out["rflow_sample_method"] = self.rflow_sample_method
         return out

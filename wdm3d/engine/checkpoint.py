@@ -274,8 +274,11 @@ class RunConfig:
         self.loaded = dict(state)
         now = self.state_dict()
         for part in ("network", "diffusion"):
-            if state.get(part) and now[part] and state[part] != now[part]:
-                logger.warning("Resuming with different %s settings: checkpoint %s, now %s.", part, state[part], now[part])
+            old, new = state.get(part) or {}, now[part] or {}
+            # settings both record (a checkpoint of an older wdm3d may lack settings recorded since)
+            changed = {k: (old[k], new[k]) for k in old if k in new and old[k] != new[k]}
+            if changed:
+                logger.warning("Resuming with different %s settings (checkpoint, now): %s.", part, changed)
 
 
 class ResumeFromLatest:
