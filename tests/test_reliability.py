@@ -150,10 +150,38 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(dataset, tmp_path):
     ckpt = load_checkpoint(tmp_path / "models" / "checkpoint_interrupted_iteration=3.pt")
     assert ckpt["trainer"]["iteration"] == 3
     assert signal.getsignal(signal.SIGTERM) is previous  # our handler is gone again
+    # an interrupted run is not a completed one: no final checkpoint, no end-of-training validation or upload
+    assert trainer.state.stopped_by_signal and not list((tmp_path / "models").glob("checkpoint_final_*"))
     # and the next run continues from there (3 % 4: mid-epoch)
     wf = workflow(dataset, tmp_path, batch_size=1, max_epochs=1, save_every_iterations=0)
     wf.run()
     assert wf.parser.get_parsed_content("train#trainer").state.iteration == 4
+
+
+def test_a_run_stopped_by_sigterm_is_marked_killed_not_finished():
+    from types import SimpleNamespace
+
+    from wdm3d.tracking import MLflowTracker
+
+    ended = []
+    tracker = MLflowTracker.__new__(MLflowTracker)
+    tracker._end = ended.append
+    tracker._on_terminate(SimpleNamespace(state=SimpleNamespace(stopped_by_signal=True)))
+    tracker._on_terminate(SimpleNamespace(state=SimpleNamespace()))  # another terminate(): COMPLETED follows
+    assert ended == ["KILLED"]
+
+
+def test_a_fresh_run_keeps_its_own_checkpoints_beside_an_older_longer_run(dataset, tmp_path):
+    workflow(dataset, tmp_path, batch_size=2, max_epochs=4, save_interval=1, n_saved=2).run()
+    assert sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*")) == [
+        "checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"]
+    wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=1, save_interval=1, n_saved=2, resume=False,
+                  save_final=False)
+    wf.run()  # a new run in the same folder: its epoch-1 checkpoint is the newest and must survive
+    kept = sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*"))
+    assert "checkpoint_epoch=1.pt" in kept and len(kept) == 2
+    newest = load_checkpoint(latest_checkpoint(tmp_path / "models"))
+    assert newest["trainer"]["iteration"] == 2  # a resume continues the new run (4 cases, batch 2), not the old one
 
 
 # --- safe loading --------------------------------------------------------------------------------------------------

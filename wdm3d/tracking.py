@@ -276,6 +276,7 @@ class MLflowTracker:
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self._on_iteration)
         engine.add_event_handler(Events.COMPLETED, self._on_completed)
+        engine.add_event_handler(Events.TERMINATE, self._on_terminate)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
     def _on_started(self, engine) -> None:
@@ -365,6 +366,11 @@ class MLflowTracker:
                 if path.is_file():
                     self.log_artifact(path, str(path.parent.relative_to(self.output_dir)))
         self._end("FINISHED")
+
+    def _on_terminate(self, engine) -> None:
+        # stopped by SIGTERM (pre-emption): the run is not finished; a resumed launch sets it RUNNING again
+        if getattr(engine.state, "stopped_by_signal", False):
+            self._end("KILLED")
 
     def _on_exception(self, engine, err: BaseException) -> None:
         self._end("FAILED" if not isinstance(err, KeyboardInterrupt) else "KILLED")

@@ -389,12 +389,14 @@ class ResumeFromLatest:
 
 
 def _prune(directory: Path, prefix: str, keep: int | None) -> None:
-    # keep the newest ``keep`` files of one kind across restarts (ignite only prunes what its process wrote)
+    # keep the newest ``keep`` files of one kind across restarts (ignite only prunes what its process wrote).
+    # Newest = written last, not highest-numbered: a fresh run (resume off) in a folder holding a longer earlier
+    # run's files would otherwise delete each of its own checkpoints right after writing it
     if keep is None:
         return
     pat = re.compile(rf"^{re.escape(prefix)}=(\d+)\.pt$")
-    found = sorted((int(m.group(1)), p) for p in directory.iterdir() if (m := pat.match(p.name)))
-    for _, p in found[:-keep] if keep > 0 else found:
+    found = sorted((p.stat().st_mtime, int(m.group(1)), p) for p in directory.iterdir() if (m := pat.match(p.name)))
+    for *_, p in found[:-keep] if keep > 0 else found:
         p.unlink(missing_ok=True)
 
 
@@ -536,4 +538,7 @@ class TrainingCheckpoints:
         if self._stop_everywhere():
             self._signal_ckpt(engine)
             engine.logger.info("Stopped on SIGTERM at iteration %d; checkpoint saved in %s.", it, self.directory)
-            engine.terminate()
+            # not COMPLETED: that would write a final checkpoint, run a validation round and upload, all inside the
+            # pre-emption grace period, and mark an interrupted run as finished
+            engine.state.stopped_by_signal = True
+            engine.terminate(skip_completed=True)
