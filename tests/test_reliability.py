@@ -184,6 +184,14 @@ def test_a_fresh_run_keeps_its_own_checkpoints_beside_an_older_longer_run(datase
     assert newest["trainer"]["iteration"] == 2  # a resume continues the new run (4 cases, batch 2), not the old one
 
 
+def test_resuming_keeps_the_validation_history(dataset, tmp_path):
+    workflow(dataset, tmp_path, batch_size=2, max_epochs=2, val_interval=1).run()
+    history = tmp_path / "validation" / "history.json"
+    assert [r["epoch"] for r in json.loads(history.read_text())] == [1, 2]
+    workflow(dataset, tmp_path, batch_size=2, max_epochs=3, val_interval=1).run()  # resumes at epoch 2
+    assert [r["epoch"] for r in json.loads(history.read_text())] == [1, 2, 3]
+
+
 # --- safe loading --------------------------------------------------------------------------------------------------
 
 

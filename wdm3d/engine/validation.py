@@ -19,6 +19,21 @@ __all__ = ["SampleValidator"]
 logger = logging.getLogger(__name__)
 
 
+
+def _append_history(path: Path, history: list[dict], record: dict) -> list[dict]:
+    """``history`` + ``record``, written to ``path`` atomically. The first round of a resumed run starts from the
+    file's earlier rounds (those before ``record``'s epoch), so resuming does not wipe the history."""
+    if not history and path.is_file():
+        try:
+            earlier = json.loads(path.read_text())
+        except (OSError, ValueError):
+            earlier = []
+        history = [r for r in earlier if isinstance(r, dict) and isinstance(r.get("epoch"), int)
+                   and r["epoch"] < record["epoch"]] if isinstance(earlier, list) else []
+    history = [*history, record]
+    atomic_write_text(path, json.dumps(history, indent=2))
+    return history
+
 class SampleValidator:
     """Every ``interval`` epochs, sample ``num_samples`` volumes with ``network`` and save a PNG montage.
 
@@ -118,8 +133,7 @@ class SampleValidator:
             "mean": v.mean().item(), "std": v.std().item(), "min": v.min().item(), "max": v.max().item(),
             "file": png.name,
         }
-        self.history.append(record)
-        atomic_write_text(self.output_dir / "history.json", json.dumps(self.history, indent=2))
+        self.history = _append_history(self.output_dir / "history.json", self.history, record)
         engine.state.metrics["val_sample_mean"] = record["mean"]
         engine.state.metrics["val_sample_std"] = record["std"]
         engine.logger.info(
@@ -225,8 +239,7 @@ class ReconstructionValidator:
                            value_range=self.value_range)
         record = {"epoch": epoch, "iteration": engine.state.iteration,
                   "seconds": round(time.perf_counter() - t0, 3), **summary, "file": png.name}
-        self.history.append(record)
-        atomic_write_text(self.output_dir / "history.json", json.dumps(self.history, indent=2))
+        self.history = _append_history(self.output_dir / "history.json", self.history, record)
         for key in ("psnr", "ssim", "mae", "mae_hu"):
             if f"{key}_mean" in summary:
                 engine.state.metrics[f"val_{key}"] = summary[f"{key}_mean"]
