@@ -184,6 +184,14 @@ def test_a_fresh_run_keeps_its_own_checkpoints_beside_an_older_longer_run(datase
     assert newest["trainer"]["iteration"] == 2  # a resume continues the new run (4 cases, batch 2), not the old one
 
 
+def test_resuming_with_another_batch_size_keeps_an_epoch_one_pass_over_the_data(dataset, tmp_path):
+    workflow(dataset, tmp_path, batch_size=2, max_epochs=1).run()  # 4 cases: 2 iterations per epoch
+    wf = workflow(dataset, tmp_path, batch_size=1, max_epochs=2)
+    wf.run()
+    state = wf.parser.get_parsed_content("train#trainer").state
+    assert state.epoch_length == 4 and state.epoch == 2 and state.iteration == 8  # epoch 2: all 4 cases, batch 1
+
+
 def test_resuming_keeps_the_validation_history(dataset, tmp_path):
     workflow(dataset, tmp_path, batch_size=2, max_epochs=2, val_interval=1).run()
     history = tmp_path / "validation" / "history.json"

@@ -355,11 +355,20 @@ class ResumeFromLatest:
         if loader is None or not length:
             return
         try:
-            if len(loader) != length:
-                logger.warning("Checkpoint %s has %d iterations per epoch, the data now %d: the data order is not "
-                               "continued exactly.", path, length, len(loader))
-                return
+            now = len(loader)
         except TypeError:
+            return
+        if now != length:
+            # another batch size, world size or dataset: keep "an epoch is one pass over the data" (which max_epochs,
+            # save_interval and val_interval count) by going on at the last completed epoch with the new length
+            epoch = engine.state.iteration // length
+            logger.warning(
+                "Checkpoint %s has %d iterations per epoch, the data now %d (batch size, number of processes or "
+                "dataset changed): continuing after epoch %d with %d iterations per epoch%s; the data order is not "
+                "continued exactly.", path, length, now, epoch, now,
+                f" (the {engine.state.iteration % length} iteration(s) of the unfinished epoch are redone)"
+                if engine.state.iteration % length else "")
+            engine.state.epoch_length, engine.state.epoch, engine.state.iteration = now, epoch, epoch * now
             return
         done = engine.state.iteration % length
         if not done:
