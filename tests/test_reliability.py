@@ -1,6 +1,7 @@
 """Reliability: exact resume after SIGKILL, SIGTERM checkpoints, safe loading, numerical guards, bad inputs."""
 
 import json
+import random
 import os
 import signal
 import subprocess
@@ -244,6 +245,23 @@ def test_a_checkpoint_entry_that_does_not_restore_names_the_file_and_entry(tmp_p
     resume = ResumeFromLatest(tmp_path, {"model": net, "optimizer": opt})
     with pytest.raises(ValueError, match=r"Checkpoint .*ckpt_1\.pt: cannot restore 'optimizer' \(AdamW\): .*size"):
         resume.restore(Engine(lambda e, b: None), tmp_path / "ckpt_1.pt")
+
+
+def test_after_a_ddp_resume_the_ranks_draw_different_noise(monkeypatch):
+    from wdm3d.engine.checkpoint import RNGState
+
+    torch.manual_seed(0)
+    state = RNGState().state_dict()  # what rank 0 saved
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    draws = {}
+    for rank in (0, 1, 2):
+        monkeypatch.setattr(torch.distributed, "get_rank", lambda r=rank: r)
+        RNGState().load_state_dict(state)
+        draws[rank] = (torch.randn(4), np.random.rand(), random.random())
+    torch.manual_seed(0)
+    assert torch.equal(draws[0][0], torch.randn(4))  # rank 0: exactly the saved state (exact single-process resume)
+    assert not torch.equal(draws[1][0], draws[0][0]) and not torch.equal(draws[2][0], draws[1][0])
+    assert len({d[1] for d in draws.values()}) == 3 and len({d[2] for d in draws.values()}) == 3
 
 
 def test_rng_state_round_trips_with_weights_only(tmp_path):

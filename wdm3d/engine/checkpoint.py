@@ -203,6 +203,24 @@ class RNGState:
             else:
                 logger.warning("Checkpoint has CUDA RNG states of %d device(s), this machine has %d: not restored.",
                                len(cuda), torch.cuda.device_count())
+        _separate_ranks()
+
+
+def _separate_ranks() -> None:
+    """Under DDP only rank 0's RNG states are saved, so after a resume every rank holds them: ranks > 0 then draw a
+    seed from them and mix in their rank, so the ranks' diffusion noise and timesteps differ again (rank 0 keeps the
+    exact restored state; the single-process resume stays exact)."""
+    if not (torch.distributed.is_available() and torch.distributed.is_initialized()):
+        return
+    rank = torch.distributed.get_rank()
+    if rank == 0:
+        return
+    base = int(torch.randint(0, 2**62, (1,)).item())
+    words = np.random.SeedSequence([base, rank]).generate_state(2, dtype=np.uint32)
+    seed = (int(words[0]) << 32) | int(words[1])
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)  # CPU and every CUDA device
 
 
 def _plain(value: Any) -> Any:
