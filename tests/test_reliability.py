@@ -157,6 +157,10 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(dataset, tmp_path):
     wf = workflow(dataset, tmp_path, batch_size=1, max_epochs=1, save_every_iterations=0)
     wf.run()
     assert wf.parser.get_parsed_content("train#trainer").state.iteration == 4
+    # final and interrupted checkpoints do not pile up across launches: one of each kind
+    workflow(dataset, tmp_path, batch_size=1, max_epochs=2, save_every_iterations=0).run()
+    assert sorted(p.name for p in (tmp_path / "models").glob("checkpoint_*_iteration=*")) == [
+        "checkpoint_final_iteration=8.pt", "checkpoint_interrupted_iteration=3.pt"]
 
 
 def test_a_run_stopped_by_sigterm_is_marked_killed_not_finished():

@@ -506,17 +506,18 @@ class TrainingCheckpoints:
         if self._epoch_ckpt is not None:
             engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._save,
                                      self._epoch_ckpt, "checkpoint_epoch")
-        if self.save_final:
-            engine.add_event_handler(Events.COMPLETED, checkpoint("checkpoint_final", "iteration", 1))
+        if self.save_final:  # one final and one interrupted checkpoint, across launches too
+            engine.add_event_handler(Events.COMPLETED, lambda e, c=checkpoint("checkpoint_final", "iteration", 1):
+                                     self._save(e, c, "checkpoint_final_iteration", 1))
         engine.add_event_handler(Events.STARTED, self._on_started)
         for event in (Events.COMPLETED, Events.TERMINATE):
             engine.add_event_handler(event, self._restore_signal_handler)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
-    def _save(self, engine, ckpt, prefix: str) -> None:
+    def _save(self, engine, ckpt, prefix: str, keep: int | None | str = "n_saved") -> None:
         ckpt(engine)
         if int(os.environ.get("RANK", "0")) == 0:
-            _prune(self.directory, prefix, self.n_saved)
+            _prune(self.directory, prefix, self.n_saved if keep == "n_saved" else keep)
 
     def _on_started(self, engine) -> None:
         from ignite.engine import Events
@@ -563,7 +564,7 @@ class TrainingCheckpoints:
         if self._iter_ckpt is not None and it % self.save_every_iterations == 0:
             self._save(engine, self._iter_ckpt, "checkpoint_iteration")
         if self._stop_everywhere():
-            self._signal_ckpt(engine)
+            self._save(engine, self._signal_ckpt, "checkpoint_interrupted_iteration", 1)
             engine.logger.info("Stopped on SIGTERM at iteration %d; checkpoint saved in %s.", it, self.directory)
             # not COMPLETED: that would write a final checkpoint, run a validation round and upload, all inside the
             # pre-emption grace period, and mark an interrupted run as finished
