@@ -212,6 +212,9 @@ def test_reference_guided_generation_reports_similarity_per_lambda(trained, data
     b = nib.load(folder / "case3" / "lambda_0" / "sample_00.nii.gz").get_fdata()
     c = nib.load(folder / "case2" / "lambda_1" / "sample_00.nii.gz").get_fdata()
     assert np.array_equal(a, b) and not np.array_equal(a, c)
+    from wdm3d.inference import batch_seed  # sample j's generator seed, recorded (runs with seeds 0 and 1 share none)
+
+    assert {(r["sample"], r["seed"]) for r in metrics["samples"]} == {(j, batch_seed(0, j)) for j in range(2)}
 
 
 def test_a_missing_base_checkpoint_says_so(dataset, tmp_path):

@@ -37,6 +37,7 @@ from torch import nn
 
 from . import __version__
 from .diffusion import ClassifierFreeGuidance, WaveletDiffusion
+from .inference import batch_seed
 from .io import atomic_write_text, save_montage, save_nifti
 
 __all__ = ["ConditionalSynthesis", "ReferenceGrid", "SYNTHESIS_METHODS", "SYNTHESIS_MODES", "reference_grid"]
@@ -136,8 +137,9 @@ class ConditionalSynthesis:
             on the context.
         num_samples: volumes per reference and lambda (reference-guided mode).
         sampler, num_steps, eta, clip_projection: the sampler (see :meth:`WaveletDiffusion.sample`).
-        seed: case ``i`` (paired) or sample ``j`` (reference-guided, every reference and lambda) uses ``seed + i``
-            / ``seed + j``.
+        seed: case ``i`` (paired) or sample ``j`` (reference-guided, the same for every reference and lambda) uses
+            the generator seed :func:`wdm3d.inference.batch_seed` ``(seed, i)`` / ``(seed, j)`` (recorded per row):
+            runs with nearby seeds give unrelated samples.
         use_ema: prefer the checkpoint's EMA weights.
         max_cases: only the first cases of the split.
         device: where to sample.
@@ -383,11 +385,11 @@ class ConditionalSynthesis:
                     raise KeyError(f"case {name} has no reference {self.reference_modality!r} (keys {sorted(entry)}).")
                 reference = self._load_volume(ref_path)
                 t_case = time.perf_counter()
-                synth = self.generate(reference, tgt, self.seed + i)[0]
+                synth = self.generate(reference, tgt, batch_seed(self.seed, i))[0]
                 seconds = time.perf_counter() - t_case
                 nii = self._write(synth, ref_path, self.output_dir / f"{name}_{tgt}.nii.gz",
                                   f"synthetic {tgt} from {self.reference_modality} (wdm3d {self.method})")
-                row: dict[str, Any] = {"case": name, "index": i, "seed": self.seed + i, "reference": ref_path,
+                row: dict[str, Any] = {"case": name, "index": i, "seed": batch_seed(self.seed, i), "reference": ref_path,
                                        "nifti": nii.name, "seconds": round(seconds, 2)}
                 shown = [reference[0, 0], synth[0]]
                 truth_path = entry.get(tgt)
@@ -458,7 +460,7 @@ class ConditionalSynthesis:
                     if key in cache:
                         vols = cache[key]
                     else:
-                        vols = torch.cat([self.generate(ref.to(self.device), mod, self.seed + j, scale).cpu()
+                        vols = torch.cat([self.generate(ref.to(self.device), mod, batch_seed(self.seed, j), scale).cpu()
                                           for j in range(self.num_samples)])
                         if key is not None:
                             cache[key] = vols
@@ -470,7 +472,7 @@ class ConditionalSynthesis:
                                           f"reference-guided {mod} lambda {scale:g} (wdm3d)")
                         files.append(nii)
                         rows.append({
-                            "case": name, "ip_scale": scale, "sample": j, "seed": self.seed + j,
+                            "case": name, "ip_scale": scale, "sample": j, "seed": batch_seed(self.seed, j),
                             "nifti": str(nii.relative_to(self.output_dir)),
                             "ssim_to_reference": ssim(v, ref), "psnr_to_reference": psnr_(v, ref),
                             "ssim_to_others": float(np.mean([ssim(v, o) for o in others])) if others else None,
