@@ -298,7 +298,7 @@ def run_config(cfg: dict, subprocess_timeout: float) -> dict:
 def _max_diff(a: str, b: str) -> float | None:
     if not (os.path.isfile(a) and os.path.isfile(b)):
         return None
-    return float((torch.load(a) - torch.load(b)).abs().max())
+    return float((torch.load(a, weights_only=True) - torch.load(b, weights_only=True)).abs().max())
 
 
 def run_jobs(jobs: list[dict], args, tmp: str) -> list[dict]:

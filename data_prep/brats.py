@@ -83,7 +83,7 @@ import nibabel as nib
 import numpy as np
 from tqdm.auto import tqdm
 
-from wdm3d.io.nifti import atomic_write_text, save_nifti
+from wdm3d.io.nifti import atomic_write_text, nifti_geometry, save_nifti
 
 __all__ = [
     "MODALITIES",
@@ -598,11 +598,8 @@ def _read(path: Path) -> tuple[np.ndarray, np.ndarray, tuple[int, int], np.ndarr
         data = data[..., 0]
     if data.ndim != 3:
         raise ValueError(f"expected a 3D volume, got shape {data.shape}")
-    hdr = img.header
-    nifti = isinstance(hdr, nib.Nifti1Header)
-    codes = (int(hdr["qform_code"]), int(hdr["sform_code"])) if nifti else (0, 0)
-    affine = np.asarray(img.affine, dtype=np.float64)
-    return data, affine, codes, np.asarray(img.get_qform(), dtype=np.float64) if nifti else affine
+    affine, codes, qform = nifti_geometry(img)
+    return data, affine, codes, qform
 
 
 def _write_nifti(data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1),
@@ -1033,6 +1030,7 @@ def prepare_brats(
     images = [m for m in wanted if m != SEG]
     has_seg = SEG in wanted
     challenges = sorted({subchallenge(r["case"]) for r in current})
+    labels, convention = _labels(challenges, harmonize_labels) if has_seg else ({}, None)
     if has_seg and len(challenges) > 1:
         logger.warning("the datalist mixes BraTS sub-challenges %s, whose label maps use the same values for "
                        "different regions; the datalist's 'labels' cannot describe them.", challenges)
@@ -1047,8 +1045,8 @@ def prepare_brats(
         "intensity_range": [0.0, 1.0],
         "modalities": images,
         "label_key": SEG if has_seg else None,
-        "labels": _labels(challenges, harmonize_labels)[0] if has_seg else {},
-        "label_convention": _labels(challenges, harmonize_labels)[1] if has_seg else None,
+        "labels": labels,
+        "label_convention": convention,
         "subchallenges": challenges,
         "percentiles": settings["percentiles"],
         "pool": settings["pool"],

@@ -319,19 +319,17 @@ def _prepare_folder(folder: Path, keep: set[str]) -> None:
     folder.mkdir(parents=True, exist_ok=True)
 
 
-def _claim_prepared(prepared: Path, raw: Path) -> None:
-    """Mark a non-empty ``prepared`` folder as the demo's if an earlier demo wrote it (before the marker existed,
-    its ``prepare_summary.json`` names this demo's raw folder as the source); anything else stays unmarked, and
-    :func:`_prepare_folder` refuses it."""
+def _prepared_before_the_marker(prepared: Path, raw: Path) -> bool:
+    """Whether ``prepared`` is an earlier demo's output written before the marker existed: its
+    ``prepare_summary.json`` names this demo's raw folder as the source."""
     summary = prepared / "prepare_summary.json"
     if (prepared / _MARKER).is_file() or not summary.is_file():
-        return
+        return False
     try:
         src = json.loads(summary.read_text()).get("src")
     except (OSError, ValueError):
-        return
-    if src and Path(src).resolve() == Path(raw).resolve():
-        (prepared / _MARKER).write_text(json.dumps({"prepared_from": str(Path(raw).resolve())}, indent=2) + "\n")
+        return False
+    return bool(src) and Path(src).resolve() == Path(raw).resolve()
 
 
 def make_demo_raw(
@@ -413,9 +411,11 @@ def make_demo_dataset(
     prepared = root / "prepared"
     # drop cases an earlier, larger demo left behind, but only in a folder the demo wrote: real data prepared
     # there has the same case names and would otherwise be deleted or overwritten
-    _claim_prepared(prepared, raw)
+    marker = json.dumps({"prepared_from": str(Path(raw).resolve())}, indent=2) + "\n"
+    if _prepared_before_the_marker(prepared, raw):
+        (prepared / _MARKER).write_text(marker)  # adopt it, so that _prepare_folder accepts it
     _prepare_folder(prepared, {demo_case_id(i) for i in range(num_cases)})
-    (prepared / _MARKER).write_text(json.dumps({"prepared_from": str(Path(raw).resolve())}, indent=2) + "\n")
+    (prepared / _MARKER).write_text(marker)
     summary = prepare_brats(raw, prepared, preset="wdm", spatial_size=(size,) * 3, pool=pool, seed=seed,
                             progress=progress)
     return Path(summary["datalist"])

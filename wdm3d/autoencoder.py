@@ -382,9 +382,8 @@ def _claim_latent_folder(out_dir: Path, stamp: dict[str, Any], overwrite: bool) 
             old = json.loads(stamp_file.read_text())
         elif (out_dir / "datalist_latents.json").is_file():  # written before the stamp existed
             data = json.loads((out_dir / "datalist_latents.json").read_text())
-            old = {"sha256": data.get("autoencoder", {}).get("sha256"), "weights": data.get("autoencoder", {}).get(
-                "weights"), "image_key": data.get("image_key"), "image_size": data.get("image_size"),
-                "intensity_range": data.get("intensity_range")}
+            old = {**{k: data.get(k) for k in ("image_key", "image_size", "intensity_range")},
+                   **{k: (data.get("autoencoder") or {}).get(k) for k in ("sha256", "weights")}}
         elif any((out_dir / "latents").glob("*_latent.nii.gz")):
             raise ValueError(f"{out_dir / 'latents'} holds latents of unknown origin (no {_STAMP}); pass "
                              "overwrite=True to re-encode them or choose another output folder.")

@@ -69,8 +69,9 @@ class VolumeGenerator:
     ``batch_size`` 1 (the default) any single sample can be regenerated on its own.
 
     A run replaces the samples of an earlier run in ``output_dir``: its ``manifest.json`` is removed first (so a
-    run that fails leaves no manifest describing other files) and so are its ``sample_XXXX`` files this run does
-    not overwrite (beyond its count; its DICOM series when this run writes none). Multi-channel networks write ``(C, D, H, W)`` volumes (4D NIfTI, channels last).
+    run that fails leaves no manifest describing other files) and so are its ``sample_NNNN`` files this run does
+    not overwrite (beyond its count; its DICOM series when this run writes none). Multi-channel networks write
+    ``(C, D, H, W)`` volumes (4D NIfTI, channels last).
 
     Args:
         network: the network to load the weights into (built from the bundle's ``network_def``).

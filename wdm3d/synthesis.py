@@ -38,7 +38,7 @@ from torch import nn
 from . import __version__
 from .diffusion import ClassifierFreeGuidance, WaveletDiffusion
 from .inference import batch_seed
-from .io import atomic_write_text, save_montage, save_nifti
+from .io import atomic_write_text, nifti_geometry, save_montage, save_nifti
 
 __all__ = ["ConditionalSynthesis", "ReferenceGrid", "SYNTHESIS_METHODS", "SYNTHESIS_MODES", "reference_grid"]
 
@@ -68,11 +68,8 @@ def reference_grid(path: str | os.PathLike) -> ReferenceGrid:
         raise RuntimeError(f"Could not read the reference volume {path}: {type(err).__name__}: {err}") from err
     if len(img.shape) < 3 or any(int(s) != 1 for s in img.shape[3:]):
         raise ValueError(f"The reference volume {path} must be 3D, got shape {img.shape}.")
-    hdr = img.header
-    codes = (int(hdr["qform_code"]), int(hdr["sform_code"])) if isinstance(hdr, nib.Nifti1Header) else (0, 0)
-    qform = img.get_qform() if isinstance(hdr, nib.Nifti1Header) else img.affine
-    return ReferenceGrid(np.asarray(img.affine, dtype=np.float64), tuple(int(s) for s in img.shape[:3]), codes,
-                         np.asarray(qform, dtype=np.float64))
+    affine, codes, qform = nifti_geometry(img)
+    return ReferenceGrid(affine, tuple(int(s) for s in img.shape[:3]), codes, qform)
 
 
 def _axis_positions(n: int, m: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -145,12 +145,12 @@ def _half_in_float32(kernel):
     # the butterflies compute a - b as (a + b) - 2b: exact in float32/64, but in bf16/fp16 the detail bands of smooth
     # data (a ~ b) lose most of their digits (10% error); compute half types in float32 and round once, like the
     # fused kernel
+    @functools.wraps(kernel)
     def run(t: torch.Tensor) -> torch.Tensor:
         if t.dtype in (torch.float16, torch.bfloat16):
             return kernel(t.float()).to(t.dtype)
         return kernel(t)
 
-    run.__name__ = kernel.__name__
     return run
 
 

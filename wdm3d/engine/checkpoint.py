@@ -514,10 +514,11 @@ class TrainingCheckpoints:
             engine.add_event_handler(event, self._restore_signal_handler)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
-    def _save(self, engine, ckpt, prefix: str, keep: int | None | str = "n_saved") -> None:
+    def _save(self, engine, ckpt, prefix: str, keep: int | None = None) -> None:
+        # keep: files of this kind to keep (None: n_saved)
         ckpt(engine)
         if int(os.environ.get("RANK", "0")) == 0:
-            _prune(self.directory, prefix, self.n_saved if keep == "n_saved" else keep)
+            _prune(self.directory, prefix, self.n_saved if keep is None else keep)
 
     def _on_started(self, engine) -> None:
         from ignite.engine import Events

@@ -10,7 +10,7 @@ import nibabel as nib
 import numpy as np
 import torch
 
-__all__ = ["save_nifti", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["save_nifti", "nifti_geometry", "atomic_write_bytes", "atomic_write_text"]
 
 
 def _atomic(path: Path, write) -> Path:
@@ -48,6 +48,17 @@ def _matrix(m: np.ndarray | torch.Tensor, name: str, path: str | os.PathLike) ->
     return m
 
 
+def nifti_geometry(img: nib.spatialimages.SpatialImage) -> tuple[np.ndarray, tuple[int, int], np.ndarray]:
+    """The header geometry of a loaded image: ``(affine, (qform_code, sform_code), qform)``, so that an output written
+    with :func:`save_nifti` (``codes``, ``qform``) keeps it. ``affine`` is nibabel's (the sform when its code is set,
+    else the qform); the qform may differ from it. Non-NIfTI images give codes ``(0, 0)`` and their affine."""
+    affine = np.asarray(img.affine, dtype=np.float64)
+    if not isinstance(img.header, nib.Nifti1Header):
+        return affine, (0, 0), affine
+    hdr = img.header
+    return affine, (int(hdr["qform_code"]), int(hdr["sform_code"])), np.asarray(img.get_qform(), dtype=np.float64)
+
+
 def save_nifti(
     volume: np.ndarray | torch.Tensor,
     affine: np.ndarray | torch.Tensor,
@@ -80,8 +91,8 @@ def save_nifti(
         arr = np.moveaxis(arr, 0, -1)
     if arr.ndim not in (3, 4):
         raise ValueError(f"volume must be (D, H, W) or (C, D, H, W), got shape {arr.shape} for {path}.")
-    aff, qaff = (_matrix(m, name, path) for m, name in ((affine, "affine"), (affine if qform is None else qform,
-                                                                             "qform")))
+    aff = _matrix(affine, "affine", path)
+    qaff = aff if qform is None else _matrix(qform, "qform", path)
     img = nib.Nifti1Image(arr.astype(dtype), aff)
     qcode, scode = (max(int(c), 0) for c in codes)
     if qcode == scode == 0:

@@ -658,17 +658,18 @@ class IPAdapter(nn.Module):
         keep = getattr(self.base, "use_checkpoint", False) and self.base.training and torch.is_grad_enabled()
         try:
             prompt.generation += 1
+            generation = prompt.generation
             prompt.tokens, prompt.scale = tokens, scale
             out = self.base(x, timesteps, context=context)
         except BaseException:
-            prompt.clear()
+            keep = False  # no backward will follow
             raise
         finally:
             if not keep:
                 prompt.clear()
             prompt.lock.release()
         if keep and tokens is not None and tokens.requires_grad:
-            tokens.register_hook(functools.partial(_prompt_consumed, prompt, prompt.generation))
+            tokens.register_hook(functools.partial(_prompt_consumed, prompt, generation))
         return out
 
     def remove(self) -> nn.Module:
