@@ -431,6 +431,33 @@ def test_misspelt_key_stops_a_monai_bundle_run(tmp_path):
     assert not (tmp_path / "models").exists()  # stopped before training
 
 
+class _SomeBad(torch.utils.data.Dataset):
+    # items 2, 5 and 7 of 10 fail; module level so that spawned DataLoader workers can unpickle it
+    def __len__(self):
+        return 10
+
+    def __getitem__(self, i):
+        if i in (2, 5, 7):
+            raise ValueError(f"item {i} is broken")
+        return torch.tensor([i])
+
+
+@pytest.mark.parametrize("context", ["fork", "spawn"])
+def test_bad_samples_found_by_dataloader_workers_are_counted_in_the_main_process(context):
+    ds = SkipBadSamples(_SomeBad(), max_bad_samples=3)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, multiprocessing_context=context)
+    seen = sorted(int(b) for b in loader)
+    assert seen == [0, 1, 3, 3, 4, 6, 6, 8, 8, 9]  # each bad item replaced by the next good one
+    assert ds.bad_samples == {}  # the main process met none itself
+    assert ds.num_bad == 3  # but counts what its workers found (it read 0 before)
+    # the limit covers the workers together: worker 0 meets item 2, worker 1 items 5 and 7 (round-robin batches),
+    # so neither alone exceeds 2, all three do
+    ds = SkipBadSamples(_SomeBad(), max_bad_samples=2)
+    loader = torch.utils.data.DataLoader(ds, batch_size=1, num_workers=2, multiprocessing_context=context)
+    with pytest.raises(RuntimeError, match="3 bad training samples, more than max_bad_samples=2"):
+        list(loader)
+
+
 def test_a_bad_sample_is_skipped_and_counted_during_training(dataset, tmp_path):
     data = json.loads((dataset / "datalist.json").read_text())
     nan = np.full((16, 16, 16), 0.5)
@@ -446,6 +473,9 @@ def test_a_bad_sample_is_skipped_and_counted_during_training(dataset, tmp_path):
     assert trainer.state.iteration == 5  # the bad case was replaced, not dropped or fatal
     assert list(ds.bad_samples) == [4] and "NaN/Inf" in ds.bad_samples[4] and "bad/t1n.nii.gz" in ds.bad_samples[4]
     assert trainer.state.metrics["bad_samples"] == 1
+    wf = workflow(tmp_path, tmp_path / "out2", batch_size=1, max_epochs=1, num_workers=2)
+    wf.run()  # the workers meet the bad case; the main process's metric counts it
+    assert wf.parser.get_parsed_content("train#trainer").state.metrics["bad_samples"] == 1
     wf = workflow(tmp_path, tmp_path / "out0", batch_size=1, max_epochs=1, max_bad_samples=0)
     with pytest.raises(Exception) as err:
         wf.run()

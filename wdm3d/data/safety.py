@@ -145,11 +145,13 @@ class GuardedTransform:
 
 
 class SkipBadSamples(Dataset):
-    """Skip items that fail to load (and log them), up to ``max_bad_samples`` per process; then stop with an error.
+    """Skip items that fail to load (and log them), up to ``max_bad_samples``; then stop with an error.
 
     A bad item (an exception, or a :class:`BadSample` from :class:`GuardedTransform`) is replaced by the next good
-    item of the dataset. ``bad_samples`` maps each bad index to its error; it is counted once however often the
-    item comes round. With DataLoader workers each worker counts its own.
+    item of the dataset. An item is counted once however often it comes round. The count is shared by the process
+    and its DataLoader workers (a flag per item in shared memory), so :attr:`num_bad` read in the main process
+    and the ``max_bad_samples`` limit cover what every worker found. ``bad_samples`` maps each bad index this
+    process (or worker) met to its error; the workers log theirs.
 
     Args:
         dataset: the dataset to wrap (e.g. a ``CacheDataset`` whose transform is a :class:`GuardedTransform`).
@@ -164,6 +166,13 @@ class SkipBadSamples(Dataset):
             raise ValueError("The training dataset is empty: check the datalist's 'training' split.")
         self.dataset, self.max_bad_samples = dataset, max_bad_samples
         self.bad_samples: dict[int, str] = {}
+        # one flag per item, in shared memory: DataLoader workers (fork or spawn) set the same flags
+        self._bad_flags = torch.zeros(len(dataset), dtype=torch.uint8).share_memory_()
+
+    @property
+    def num_bad(self) -> int:
+        """Distinct bad items found so far, by this process and its DataLoader workers together."""
+        return int(self._bad_flags.sum())
 
     def __len__(self) -> int:
         return len(self.dataset)
@@ -186,11 +195,12 @@ class SkipBadSamples(Dataset):
                 return item
             if i not in self.bad_samples:
                 self.bad_samples[i] = error
+                self._bad_flags[i] = 1
                 logger.warning("Skipping bad training sample %d (%d bad so far, limit %d): %s",
-                               i, len(self.bad_samples), self.max_bad_samples, error)
-            if len(self.bad_samples) > self.max_bad_samples:
+                               i, self.num_bad, self.max_bad_samples, error)
+            if self.num_bad > self.max_bad_samples:
                 raise RuntimeError(
-                    f"{len(self.bad_samples)} bad training samples, more than max_bad_samples={self.max_bad_samples}; "
+                    f"{self.num_bad} bad training samples, more than max_bad_samples={self.max_bad_samples}; "
                     f"the last: sample {i}: {error}"
                 )
         raise RuntimeError(f"Every one of the {n} training samples failed to load; the last: {error}")

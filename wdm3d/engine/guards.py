@@ -128,9 +128,9 @@ class GuardedIteration:
                 )
         state.step_skipped = not ok
         self.after_step(engine, ok)
-        bad = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "bad_samples", None)
-        if bad is not None:  # SkipBadSamples: skipped inputs, for the stats and MLflow handlers
-            state.metrics["bad_samples"] = len(bad)
+        bad = getattr(getattr(getattr(engine, "data_loader", None), "dataset", None), "num_bad", None)
+        if bad is not None:  # SkipBadSamples: skipped inputs (the workers' too), for the stats and MLflow handlers
+            state.metrics["bad_samples"] = bad
         state.metrics["nonfinite_steps"] = getattr(state, "nonfinite_steps", 0)
         state.metrics["grad_norm_total"] = float(norm) if ok else float("nan")
         engine.fire_event(IterationEvents.MODEL_COMPLETED)
