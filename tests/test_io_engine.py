@@ -154,6 +154,24 @@ def test_latest_checkpoint_is_the_newest_file(tmp_path):
     assert latest_checkpoint(tmp_path).name == "checkpoint_final_iteration=7.pt"
 
 
+def test_latest_checkpoint_follows_the_save_log_then_files_added_after_it(tmp_path, caplog):
+    for i, name in enumerate(["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt", "old.pt"]):
+        torch.save({"i": torch.tensor(i)}, tmp_path / name)
+        os.utime(tmp_path / name, (1e9 + 10 * (3 - i), 1e9 + 10 * (3 - i)))  # mtimes say epoch 1 is the newest
+    log = tmp_path / "checkpoints.json"
+    log.write_text(json.dumps({"saved": [{"file": "checkpoint_epoch=1.pt"}, {"file": "gone.pt"},
+                                         {"file": "checkpoint_epoch=2.pt"}]}))
+    os.utime(log, (1e9 + 100, 1e9 + 100))
+    assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=2.pt"  # the log's last existing entry
+    torch.save({}, tmp_path / "dropped_in.pt")  # not in the log, and newer than it: someone put it there to resume
+    assert latest_checkpoint(tmp_path).name == "dropped_in.pt"
+    (tmp_path / "dropped_in.pt").unlink()
+    log.write_text("{not json")
+    with caplog.at_level("WARNING"):
+        assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=1.pt"  # unreadable log: modification time
+    assert "checkpoints.json is unreadable" in caplog.text
+
+
 class _Evil:
     def __reduce__(self):
         return (os.system, ("echo pwned",))

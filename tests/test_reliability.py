@@ -3,6 +3,7 @@
 import json
 import random
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -180,13 +181,24 @@ def test_a_fresh_run_keeps_its_own_checkpoints_beside_an_older_longer_run(datase
     workflow(dataset, tmp_path, batch_size=2, max_epochs=4, save_interval=1, n_saved=2).run()
     assert sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*")) == [
         "checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"]
-    wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=1, save_interval=1, n_saved=2, resume=False,
-                  save_final=False)
+    wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=1, save_interval=1, n_saved=2, resume=False)
     wf.run()  # a new run in the same folder: its epoch-1 checkpoint is the newest and must survive
     kept = sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*"))
     assert "checkpoint_epoch=1.pt" in kept and len(kept) == 2
     newest = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     assert newest["trainer"]["iteration"] == 2  # a resume continues the new run (4 cases, batch 2), not the old one
+    # the same after a copy that does not keep modification times (cp -r): the save log, not mtime, says which
+    # file is newest; here the copy made the old run's files look newer
+    copy = tmp_path / "copy"
+    shutil.copytree(tmp_path / "models", copy, copy_function=shutil.copyfile)
+    for i, name in enumerate(["checkpoints.json", "checkpoint_final_iteration=2.pt", "checkpoint_epoch=1.pt",
+                              "checkpoint_epoch=4.pt"]):
+        os.utime(copy / name, (1e9 + i, 1e9 + i))
+    assert latest_checkpoint(copy).name == "checkpoint_final_iteration=2.pt"
+    wf = workflow(dataset, copy.parent, batch_size=2, max_epochs=2, save_interval=1, n_saved=2, ckpt_dir=str(copy))
+    wf.run()  # resumes the new run's epoch 1 and prunes by the log: epoch 4 (older, by the log) goes, 1 and 2 stay
+    assert wf.parser.get_parsed_content("train#trainer").state.iteration == 4
+    assert sorted(p.name for p in copy.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
 
 
 def test_resuming_with_another_batch_size_keeps_an_epoch_one_pass_over_the_data(dataset, tmp_path):

@@ -2,13 +2,15 @@
 
 :class:`TrainingCheckpoints` writes ``checkpoint_epoch=N.pt`` every N epochs, ``checkpoint_iteration=N.pt`` every N
 iterations, ``checkpoint_interrupted_iteration=N.pt`` on SIGTERM and ``checkpoint_final_iteration=N.pt`` at the end
-(atomically: temp file + rename), and resumes from the newest one. What MONAI's ``CheckpointSaver``/``Loader`` lack:
-atomic writes, "resume from the newest file in this folder, if there is one", mid-epoch resume (data position and
-RNG states), a signal-triggered save, and errors that name the mismatching weight.
+(atomically: temp file + rename), logs each save in ``checkpoints.json`` and resumes from the newest one. What
+MONAI's ``CheckpointSaver``/``Loader`` lack: atomic writes, "resume from the newest file in this folder, if there is
+one", mid-epoch resume (data position and RNG states), a signal-triggered save, and errors that name the mismatching
+weight.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FORMAT_VERSION", "latest_checkpoint", "load_checkpoint", "load_network_weights", "check_state_fits",
+    "FORMAT_VERSION", "SAVE_LOG", "latest_checkpoint", "load_checkpoint", "load_network_weights", "check_state_fits",
     "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest", "TrainingCheckpoints",
 ]
 
@@ -52,11 +54,56 @@ def _named(err: Exception, context: str) -> Exception:
         return RuntimeError(f"{context}: {type(err).__name__}: {err}")
 
 
+#: the save log a :class:`TrainingCheckpoints` folder keeps: the checkpoints it wrote, oldest first. It makes "newest"
+#: independent of modification times, which a copy (``cp -r``, most object stores) does not keep.
+SAVE_LOG = "checkpoints.json"
+
+
+def _save_log(directory: Path) -> list[dict]:
+    # the save log's entries ({"file", "epoch", "iteration"}), oldest first; [] when there is none or it is unreadable
+    path = directory / SAVE_LOG
+    if not path.is_file():
+        return []
+    try:
+        saved = json.loads(path.read_text())["saved"]
+        if not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in saved):
+            raise ValueError("an entry has no file name")
+        return list(saved)
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        logger.warning("Checkpoint save log %s is unreadable (%s): ignored, the newest checkpoint is chosen by "
+                       "modification time.", path, err)
+        return []
+
+
+def _record_save(directory: Path, name: str, epoch: int, iteration: int) -> None:
+    # append ``name`` to the save log (atomically: temp file + rename), dropping entries whose file is gone
+    saved = [e for e in _save_log(directory) if e["file"] != name and (directory / e["file"]).is_file()]
+    saved.append({"file": name, "epoch": int(epoch), "iteration": int(iteration)})
+    tmp = directory / f".{SAVE_LOG}.{os.getpid()}.tmp"
+    tmp.write_text(json.dumps({"saved": saved}, indent=1))
+    os.replace(tmp, directory / SAVE_LOG)
+
+
+def _by_age(directory: Path, files: list[Path]) -> list[Path]:
+    # ``files`` oldest first: those the save log lists in its order, after the others (by modification time); a file
+    # the log does not list but that is newer than the log itself (dropped in after the last save) counts as newest
+    logged = [e["file"] for e in _save_log(directory)]
+    if not logged:
+        return sorted(files, key=lambda p: (p.stat().st_mtime, _progress(p)[:2]))
+    order = {name: i for i, name in enumerate(logged)}
+    log_time = (directory / SAVE_LOG).stat().st_mtime
+    unlisted = sorted((p for p in files if p.name not in order), key=lambda p: (p.stat().st_mtime, _progress(p)[:2]))
+    listed = sorted((p for p in files if p.name in order), key=lambda p: order[p.name])
+    return ([p for p in unlisted if p.stat().st_mtime <= log_time] + listed
+            + [p for p in unlisted if p.stat().st_mtime > log_time])
+
+
 def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Path | None:
     """The newest checkpoint in ``directory`` (None if there is none or the folder does not exist).
 
-    "Newest" is the file written last (modification time); names are only a tie-break, as epoch- and
-    iteration-numbered files are not comparable.
+    "Newest" is the file saved last: the last one the folder's save log (``checkpoints.json``, written by
+    :class:`TrainingCheckpoints`) lists, unless a file it does not list is newer than the log; without a log, the
+    file modified last. Names are only a tie-break, as epoch- and iteration-numbered files are not comparable.
     """
     directory = Path(directory)
     if not directory.is_dir():
@@ -64,7 +111,7 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Pa
     files = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
     if not files:
         return None
-    return max(files, key=lambda p: (p.stat().st_mtime, _progress(p)[:2]))
+    return _by_age(directory, files)[-1]
 
 
 def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
@@ -417,13 +464,14 @@ class ResumeFromLatest:
 
 def _prune(directory: Path, prefix: str, keep: int | None) -> None:
     # keep the newest ``keep`` files of one kind across restarts (ignite only prunes what its process wrote).
-    # Newest = written last, not highest-numbered: a fresh run (resume off) in a folder holding a longer earlier
-    # run's files would otherwise delete each of its own checkpoints right after writing it
+    # Newest = saved last (save log, else modification time), not highest-numbered: a fresh run (resume off) in a
+    # folder holding a longer earlier run's files would otherwise delete each of its own checkpoints right after
+    # writing it
     if keep is None:
         return
     pat = re.compile(rf"^{re.escape(prefix)}=(\d+)\.pt$")
-    found = sorted((p.stat().st_mtime, int(m.group(1)), p) for p in directory.iterdir() if (m := pat.match(p.name)))
-    for *_, p in found[:-keep] if keep > 0 else found:
+    found = _by_age(directory, [p for p in directory.iterdir() if pat.match(p.name) and p.is_file()])
+    for p in found[:-keep] if keep > 0 else found:
         p.unlink(missing_ok=True)
 
 
@@ -518,6 +566,9 @@ class TrainingCheckpoints:
         # keep: files of this kind to keep (None: n_saved)
         ckpt(engine)
         if int(os.environ.get("RANK", "0")) == 0:
+            if ckpt.last_checkpoint is not None and Path(ckpt.last_checkpoint).is_file():
+                _record_save(self.directory, Path(ckpt.last_checkpoint).name, engine.state.epoch,
+                             engine.state.iteration)
             _prune(self.directory, prefix, self.n_saved if keep is None else keep)
 
     def _on_started(self, engine) -> None:
