@@ -284,6 +284,8 @@ def test_expansion_gives_one_sample_per_target_modality(dataset):
         expand_paired_datalist(datalist, "training", ["t1c"])
     with pytest.raises(KeyError, match="'nope'"):
         expand_paired_datalist(datalist, "nope")
+    with pytest.raises(ValueError, match="only target modality is the reference 't1n' and self_pairs is off"):
+        expand_paired_datalist(datalist, "training", ["t1n"], reference="t1n", self_pairs=False)
 
 
 @pytest.mark.parametrize("mode", ["ip_adapter", "context"])

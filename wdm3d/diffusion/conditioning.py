@@ -146,6 +146,11 @@ def expand_paired_datalist(
             samples.append(sample)
     if skipped:
         logger.warning("Datalist %s (%s): %d case(s) without the reference %r skipped.", path, split, skipped, reference)
+    if not samples and reference is not None and not self_pairs and set(targets) == {reference}:
+        raise ValueError(
+            f"Datalist {path}: the only target modality is the reference {reference!r} and self_pairs is off, so "
+            "there is no pair to train on. Add target modalities, or turn self_pairs on."
+        )
     if not samples:
         found = sorted({k for e in data[split] if isinstance(e, dict) for k in e})
         need = f" with the reference {reference!r}" if reference is not None else ""
