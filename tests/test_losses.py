@@ -15,6 +15,7 @@ from wdm3d.losses import (
     generator_adversarial_loss,
     load_slice_feature_weights,
     patch_discriminator,
+    perceptual_loss,
     wavelet_pyramid_loss,
 )
 from wdm3d.networks.vae_base import LatentDistribution, VAEOutput
@@ -340,3 +341,41 @@ def test_kl_of_a_bf16_posterior_is_computed_in_float32():
     std = logvar.float().mul(0.5).exp().bfloat16()  # the explicit-std path too
     ref = 0.5 * (m.square() + std.double().square() - 1 - std.double().square().log())
     torch.testing.assert_close(LatentDistribution(mean, std=std).kl().double(), ref.flatten(1).sum(1), rtol=1e-4, atol=1e-7)
+
+
+def test_perceptual_settings_that_would_silently_do_something_else_are_refused(tiny_weights):
+    assert perceptual_loss(None, 0.0) is None
+    with pytest.raises(ValueError, match=r"perceptual_weight=0.1 needs perceptual_weights"):
+        perceptual_loss(None, 0.1)  # would train without the term while the run records 0.1
+    with pytest.raises(ValueError, match=r"tiny_features.pt.*perceptual_weight=0.0.*not trained on"):
+        perceptual_loss(tiny_weights, 0.0)  # would run VGG every step and multiply it by 0
+
+
+@pytest.mark.parametrize("bundle", ["wfvae", "wavelet_vae"])
+def test_vae_bundles_weigh_the_perceptual_term_when_a_weights_file_is_given(bundle):
+    from pathlib import Path
+
+    from monai.bundle import ConfigParser
+
+    parser = ConfigParser()
+    parser.read_config(str(Path(__file__).resolve().parents[1] / "bundles" / bundle / "configs" / "train.json"))
+    assert parser.get_parsed_content("perceptual_weight") == 0.0
+    parser["perceptual_weights"] = "/some/vgg16.pt"
+    parser.parse()
+    assert parser.get_parsed_content("perceptual_weight") == 0.1
+
+
+def test_wavelet_term_of_a_bf16_pyramid_is_a_float32_scalar():
+    g = torch.Generator().manual_seed(0)
+    enc = [torch.randn(1, 8, 4, 4, 4, generator=g).bfloat16(), torch.randn(1, 8, 2, 2, 2, generator=g).bfloat16()]
+    dec = [e + 0.01 * torch.randn(e.shape, generator=g).bfloat16() for e in enc]
+    exact = sum((e.double() - d.double()).abs().mean() for e, d in zip(enc, dec))
+    loss = wavelet_pyramid_loss(enc, dec)
+    assert loss.dtype == torch.float32
+    assert loss.item() == pytest.approx(exact.item(), rel=1e-3)  # (the bf16 differences themselves are rounded)
+
+
+def test_a_non_scalar_extra_loss_is_refused_naming_it():
+    x = torch.rand(2, 1, 8, 8, 8)
+    with pytest.raises(ValueError, match=r"extra loss 'sparsity' must be a scalar tensor.*\(2,\)"):
+        VAELoss()(_output(x, {"sparsity": torch.ones(2)}), x)

@@ -93,6 +93,18 @@ def test_gan_starts_after_discriminator_start_and_its_terms_are_logged(dataset, 
     assert any("val_psnr" in r for r in rows)
 
 
+def test_a_discriminator_too_deep_for_the_volume_fails_at_the_first_step_not_when_the_gan_starts(dataset, tmp_path):
+    wf = workflow("wfvae", ["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path),
+                  max_epochs=1, **{**TRAIN, "discriminator_start": 5000, "num_layers_d": 4}, **TINY_WF)
+    with pytest.raises(Exception) as err:  # 4 strided layers need 48 voxels per axis; the data are 32^3
+        wf.run()
+    cause = err.value
+    while cause.__cause__ is not None and not isinstance(cause, ValueError):
+        cause = cause.__cause__
+    assert "cannot take volumes of (32, 32, 32) with num_layers_d=4" in str(cause)
+    assert not list((tmp_path / "models").glob("*.pt"))  # stopped at iteration 1
+
+
 def test_reconstruct_reports_metrics_and_writes_volumes_with_the_data_geometry(dataset, trained_wfvae, tmp_path):
     out, _, _ = trained_wfvae
     wf = workflow("wfvae", ["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(out),

@@ -45,6 +45,7 @@ __all__ = [
     "LOSS_NAMES",
     "VGG16_LAYOUT",
     "Perceptual25DLoss",
+    "perceptual_loss",
     "SliceFeatureNet2D",
     "VAELoss",
     "adaptive_gan_weight",
@@ -97,7 +98,9 @@ def wavelet_pyramid_loss(enc_coeffs: Sequence[torch.Tensor], dec_coeffs: Sequenc
                 f"wavelet level {lvl} (0 = finest): encoder coefficients {tuple(e.shape)} vs decoder coefficients "
                 f"{tuple(d.shape)}; the shapes must match."
             )
-        term = (e - d).abs().mean()
+        diff = (e - d).abs()
+        # half types (bf16 autocast) are averaged into float32: a bf16 scalar keeps about 3 significant digits
+        term = diff.mean(dtype=torch.float32) if diff.dtype in (torch.bfloat16, torch.float16) else diff.mean()
         total = term if total is None else total + term
     return total
 
@@ -175,7 +178,8 @@ def patch_discriminator(
     """MONAI's 3D ``PatchDiscriminator`` with MAISI-like small defaults (32 channels, 3 layers, instance norm).
 
     With kernel 4 the patch map shrinks about ``2**num_layers_d`` per axis, minus 2: volumes need at least
-    ``8 * 2**(num_layers_d - 1)`` voxels per axis (32 with the defaults); use ``num_layers_d=2`` for 16^3.
+    ``6 * 2**(num_layers_d - 1)`` voxels per axis (24 with the defaults, for a single patch) or instance norm fails;
+    use ``num_layers_d=2`` for 16^3. :class:`wdm3d.engine.VAEIteration` checks this on its first step.
 
     Args:
         in_channels: image channels.
@@ -504,6 +508,35 @@ class Perceptual25DLoss(nn.Module):
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def perceptual_loss(
+    weights_path: str | os.PathLike | None, weight: float, device: str | torch.device = "cpu"
+) -> Perceptual25DLoss | None:
+    """The bundles' perceptual term: a :class:`Perceptual25DLoss` from ``weights_path``, or None when it is off.
+
+    Refuses the two settings that silently do something else: a weight > 0 without a weights file (no perceptual
+    term would be trained, yet the run would record the weight) and a weights file with weight 0 (the VGG passes
+    would run every step and be multiplied by 0).
+
+    Example:
+        >>> perceptual_loss(None, 0.0) is None
+        True
+    """
+    if weights_path:
+        if not weight > 0:
+            raise ValueError(
+                f"perceptual_weights={str(weights_path)!r} is set but perceptual_weight={weight!r}: the perceptual loss "
+                "would be computed every step and not trained on. Set perceptual_weight > 0 (WF-VAE: 0.1), or drop "
+                "perceptual_weights."
+            )
+        return Perceptual25DLoss(weights_path).to(device)
+    if weight > 0:
+        raise ValueError(
+            f"perceptual_weight={weight!r} needs perceptual_weights, the path of a VGG16 state dict (nothing is "
+            "downloaded); without it there is no perceptual term to weigh."
+        )
+    return None
+
+
 class VAELoss(nn.Module):
     """Generator-side loss of a wdm3d autoencoder (the GAN terms are the engine's, see below).
 
@@ -597,7 +630,8 @@ class VAELoss(nn.Module):
         zero = rec.new_zeros(())
         terms: dict[str, torch.Tensor] = {}
         terms["recon"] = (rec - x).abs().mean()
-        terms["wavelet"] = wavelet_pyramid_loss(output.enc_coeffs, output.dec_coeffs).to(rec)
+        # half-type pyramids give a float32 loss; .to(rec) would round it back to bf16 under autocast
+        terms["wavelet"] = wavelet_pyramid_loss(output.enc_coeffs, output.dec_coeffs).to(device=rec.device)
         use_kl = self.use_gaussian_kl
         if use_kl is None:
             use_kl = bool(getattr(model, "use_gaussian_kl", True)) if model is not None else True
@@ -610,6 +644,9 @@ class VAELoss(nn.Module):
         for name, value in output.extra_losses.items():
             if name in LOSS_NAMES and name != "sparsity":
                 raise ValueError(f"extra loss name {name!r} clashes with a VAELoss term; rename it in the model.")
+            if not isinstance(value, torch.Tensor) or value.ndim != 0:
+                shape = tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+                raise ValueError(f"extra loss {name!r} must be a scalar tensor (reduce it in the model), got {shape}.")
             terms[name] = value
             total = total + self.extra_weights.get(name, 1.0) * value
         nll = self.recon_weight * terms["recon"]

@@ -92,6 +92,27 @@ class VAEIteration(GuardedIteration):
         self.adversarial_weight = float(adversarial_weight)
         self.discriminator_start = discriminator_start
         self.adaptive_weight = adaptive_weight
+        self._probed = False
+
+    def _probe_discriminator(self, x: torch.Tensor) -> None:
+        # run (a copy of) the discriminator on one volume at the first step, so a volume too small for it fails now
+        # and says why, not at iteration discriminator_start + 1 with instance norm's "more than 1 spatial element"
+        import copy
+
+        self._probed = True
+        probe = copy.deepcopy(_unwrap(self.discriminator)).train()  # train mode: instance norm's check; a copy: BN stats
+        try:
+            with torch.no_grad():
+                probe(x[:1].detach().float().contiguous())
+        except (RuntimeError, ValueError) as err:
+            layers = getattr(probe, "num_layers_d", None)
+            raise ValueError(
+                f"The discriminator cannot take volumes of {tuple(x.shape[2:])}"
+                f"{f' with num_layers_d={layers}' if layers else ''}: {err}. Use fewer discriminator layers "
+                "(num_layers_d; 3 needs >= 24 voxels per axis, 2 needs >= 12) or larger volumes."
+            ) from err
+        finally:
+            del probe
 
     def gan_active(self, engine) -> bool:
         return self.discriminator is not None and self.adversarial_weight > 0 and \
@@ -103,6 +124,8 @@ class VAEIteration(GuardedIteration):
 
         from ..losses import adaptive_gan_weight, generator_adversarial_loss
 
+        if self.discriminator is not None and self.adversarial_weight > 0 and not self._probed:
+            self._probe_discriminator(inputs)
         output = engine.network(inputs)
         engine.state.output[Keys.PRED] = output.reconstruction
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
