@@ -201,6 +201,37 @@ def test_a_fresh_run_keeps_its_own_checkpoints_beside_an_older_longer_run(datase
     assert sorted(p.name for p in copy.glob("checkpoint_epoch=*")) == ["checkpoint_epoch=1.pt", "checkpoint_epoch=2.pt"]
 
 
+def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused(dataset, tmp_path):
+    models = tmp_path / "models"
+    models.mkdir()
+    holder = subprocess.Popen(  # another process (the first run) holding the folder's lock
+        [sys.executable, "-c", textwrap.dedent(f"""
+            import fcntl, os, sys, time
+            fd = os.open({str(models / ".lock")!r}, os.O_RDWR | os.O_CREAT)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.write(fd, b'{{"pid": 4242, "host": "node7"}}')
+            print("locked", flush=True)
+            time.sleep(120)
+        """)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=1)
+        with pytest.raises(Exception) as err:
+            wf.run()
+        assert "Another training run is writing checkpoints to" in str(root_cause(err.value))
+        assert "node7" in str(root_cause(err.value))
+        assert not list(models.glob("*.pt"))
+    finally:
+        holder.kill()
+        holder.wait()
+    wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=1)
+    wf.run()  # the holder died: the kernel released its lock, nothing stale is left
+    assert latest_checkpoint(models).name == "checkpoint_final_iteration=2.pt"
+    wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=2)
+    wf.run()  # a run that ended released its lock (same process)
+    assert latest_checkpoint(models).name == "checkpoint_final_iteration=4.pt"
+
+
 def test_resuming_with_another_batch_size_keeps_an_epoch_one_pass_over_the_data(dataset, tmp_path):
     workflow(dataset, tmp_path, batch_size=2, max_epochs=1).run()  # 4 cases: 2 iterations per epoch
     wf = workflow(dataset, tmp_path, batch_size=1, max_epochs=2)

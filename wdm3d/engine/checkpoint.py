@@ -16,7 +16,9 @@ import os
 import random
 import re
 import signal
+import socket
 import threading
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -57,6 +59,8 @@ def _named(err: Exception, context: str) -> Exception:
 #: the save log a :class:`TrainingCheckpoints` folder keeps: the checkpoints it wrote, oldest first. It makes "newest"
 #: independent of modification times, which a copy (``cp -r``, most object stores) does not keep.
 SAVE_LOG = "checkpoints.json"
+#: the lock a running :class:`TrainingCheckpoints` holds in its folder (an ``flock``; the file itself stays)
+LOCK_FILE = ".lock"
 
 
 def _save_log(directory: Path) -> list[dict]:
@@ -462,6 +466,13 @@ class ResumeFromLatest:
         )
 
 
+def _is_writer() -> bool:
+    # rank 0 writes the checkpoints (the process group's rank, else torchrun's RANK)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        return torch.distributed.get_rank() == 0
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def _prune(directory: Path, prefix: str, keep: int | None) -> None:
     # keep the newest ``keep`` files of one kind across restarts (ignite only prunes what its process wrote).
     # Newest = saved last (save log, else modification time), not highest-numbered: a fresh run (resume off) in a
@@ -486,6 +497,9 @@ class TrainingCheckpoints:
 
     On SIGTERM (e.g. a cluster pre-empting the job) the run saves ``checkpoint_interrupted_iteration=N.pt`` at the
     end of the current iteration and stops cleanly; the previous signal handler is restored when training ends.
+
+    While training, rank 0 holds an ``flock`` on ``directory/.lock``: a second run started on the same folder stops
+    at once with an error naming the first (its pid, host and start time) instead of mixing checkpoints with it.
 
     Args:
         directory: checkpoint folder.
@@ -527,6 +541,7 @@ class TrainingCheckpoints:
         self.stop_requested = False
         self._previous_handler: Any = None
         self._late_attached = False
+        self._lock_fd: int | None = None
 
     def attach(self, engine) -> None:
         # ignite's Checkpoint + an atomic DiskSaver (temp file + rename): MONAI's CheckpointSaver writes in place,
@@ -537,6 +552,7 @@ class TrainingCheckpoints:
         objects = {**self.objects, "trainer": engine, "rng": RNGState()}
         if getattr(engine, "scaler", None) is not None and "scaler" not in objects:  # AMP's GradScaler (its scale)
             objects["scaler"] = engine.scaler
+        engine.add_event_handler(Events.STARTED, self._lock)  # before the resume reads the folder
         self.resumer = ResumeFromLatest(self.directory, objects, enabled=self.resume)
         self.resumer.attach(engine)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -560,16 +576,60 @@ class TrainingCheckpoints:
         engine.add_event_handler(Events.STARTED, self._on_started)
         for event in (Events.COMPLETED, Events.TERMINATE):
             engine.add_event_handler(event, self._restore_signal_handler)
+            engine.add_event_handler(event, self._unlock)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
     def _save(self, engine, ckpt, prefix: str, keep: int | None = None) -> None:
         # keep: files of this kind to keep (None: n_saved)
         ckpt(engine)
-        if int(os.environ.get("RANK", "0")) == 0:
+        if _is_writer():
             if ckpt.last_checkpoint is not None and Path(ckpt.last_checkpoint).is_file():
                 _record_save(self.directory, Path(ckpt.last_checkpoint).name, engine.state.epoch,
                              engine.state.iteration)
             _prune(self.directory, prefix, self.n_saved if keep is None else keep)
+
+    def _lock(self, engine=None) -> None:
+        # one writer per checkpoint folder: a second run (a requeued job while the first still runs, a resubmission)
+        # would interleave its checkpoints with the first's and prune them. An flock is released by the kernel when
+        # its process dies, so a crash leaves no stale lock. Rank 0 (the writer) only; skipped where there is no flock
+        if self._lock_fd is not None or not _is_writer():
+            return
+        try:
+            import fcntl
+        except ImportError:  # not POSIX
+            return
+        self.directory.mkdir(parents=True, exist_ok=True)
+        path = self.directory / LOCK_FILE
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.read(fd, 4096).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise RuntimeError(
+                f"Another training run is writing checkpoints to {self.directory} (lock {path}: {holder}). Two runs in "
+                "one folder would overwrite and prune each other's checkpoints: stop that run, or give this one "
+                "another output_dir."
+            ) from None
+        except OSError as err:  # a filesystem without flock (some network mounts): go on unguarded
+            os.close(fd)
+            logger.warning("Cannot lock %s (%s): a second run in this folder would not be detected.", path, err)
+            return
+        os.ftruncate(fd, 0)
+        os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
+                                 "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+        self._lock_fd = fd
+
+    def _unlock(self, engine=None) -> None:
+        if self._lock_fd is None:
+            return
+        import fcntl
+
+        fd, self._lock_fd = self._lock_fd, None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+        finally:
+            os.close(fd)
 
     def _on_started(self, engine) -> None:
         from ignite.engine import Events
@@ -596,6 +656,7 @@ class TrainingCheckpoints:
         from ignite.engine import Events
 
         self._restore_signal_handler()
+        self._unlock()
         handlers = engine._event_handlers.get(Events.EXCEPTION_RAISED, [])
         if not handlers or getattr(handlers[-1][0], "__self__", None) is self:
             raise err
