@@ -501,6 +501,22 @@ def test_bad_samples_found_by_dataloader_workers_are_counted_in_the_main_process
         list(loader)
 
 
+def test_lowercase_false_on_the_bundle_command_line_means_false(dataset, tmp_path):
+    # monai.bundle run hands "false" over as text, which counts as true: --mlflow false used to log to MLflow and
+    # --resume false to resume
+    tiny = [f"--{k}={v!r}" if isinstance(v, (list, bool)) else f"--{k}={v}" for k, v in TINY.items() if k != "mlflow"]
+    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
+           "--meta_file", str(CONFIGS / "metadata.json"), "--dataset_dir", str(dataset), "--output_dir",
+           str(tmp_path), "--max_epochs", "1", "--batch_size", "2", *tiny, "--mlflow", "false", "--resume=false"]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-3000:]
+    assert "Read --mlflow false as False" in out and "Resuming is off" in out
+    assert not (tmp_path / "mlruns.db").exists() and not (tmp_path / "mlflow_run.json").exists()
+    assert (tmp_path / "models" / "checkpoint_final_iteration=2.pt").is_file()
+
+
 def test_a_bad_sample_is_skipped_and_counted_during_training(dataset, tmp_path):
     data = json.loads((dataset / "datalist.json").read_text())
     nan = np.full((16, 16, 16), 0.5)

@@ -2,7 +2,8 @@
 
 ``monai.bundle run ... --bacth_size 2`` silently adds a new key ``bacth_size`` and trains with the default batch
 size; :func:`check_cli_overrides` (called from a bundle's ``initialize``) stops such a run, naming the unknown key
-and the closest known one.
+and the closest known one. It also reads ``--mlflow false`` as ``False``: the bundle runner passes lowercase
+``false`` / ``true`` / ``null`` on as text, and the text ``"false"`` counts as true.
 """
 
 from __future__ import annotations
@@ -131,6 +132,9 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     Does nothing (returns False) in any other process (e.g. a ``ConfigWorkflow`` built in Python, where the
     caller's own command line is not a bundle's). Overrides from ``--args_file`` are checked too.
 
+    Lowercase ``true`` / ``false`` / ``null`` / ``none`` values are set to ``True`` / ``False`` / ``None`` in the
+    running config (except for keys whose default is plain text).
+
     Raises:
         KeyError: an override key that no config file defines, naming the closest known key.
     """
@@ -151,7 +155,70 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     if args_file:
         keys += list(json.loads(Path(args_file).read_text()))
     check_override_keys(config, keys)
+    _fix_lowercase_literals(argv[1:], config)
     return True
+
+
+_LITERALS = {"true": True, "false": False, "null": None, "none": None}
+
+
+def _cli_values(argv: Sequence[str]) -> list[tuple[str, str]]:
+    # (key, text) of every ``--key value`` / ``--key=value`` pair
+    pairs = []
+    for i, arg in enumerate(argv):
+        if not arg.startswith("--") or len(arg) <= 2:
+            continue
+        key, eq, value = arg[2:].partition("=")
+        if eq:
+            pairs.append((key, value))
+        elif i + 1 < len(argv) and not argv[i + 1].startswith("--"):
+            pairs.append((key, argv[i + 1]))
+    return pairs
+
+
+def _running_parser() -> Any:
+    # the ConfigParser that is evaluating this call (the bundle's "initialize" expression), found on the call stack
+    import inspect
+
+    from monai.bundle import ConfigParser
+
+    frame = inspect.currentframe()
+    try:
+        while frame is not None:
+            owner = frame.f_locals.get("self")
+            if isinstance(owner, ConfigParser):
+                return owner
+            frame = frame.f_back
+    finally:
+        del frame
+    return None
+
+
+def _fix_lowercase_literals(argv: Sequence[str], config: Mapping[str, Any]) -> None:
+    """Read ``--mlflow false`` / ``--autocast null`` as False / None, as JSON and YAML users expect.
+
+    ``monai.bundle run`` parses values with ``fire``, which knows only Python's ``False``, ``True`` and ``None``: the
+    lowercase words arrive as text, and the text ``"false"`` counts as true. Keys whose config default is plain text
+    (not an expression) keep the text.
+    """
+    import logging
+
+    parser = None
+    for key, text in _cli_values(argv):
+        if key in _RUN_ARGS or text.lower() not in _LITERALS or text in ("True", "False", "None"):
+            continue
+        default = _node(config, key)
+        if isinstance(default, str) and not default.startswith("$"):
+            continue  # a text setting: "none" may be a legitimate value
+        parser = parser or _running_parser()
+        if parser is None:
+            raise ValueError(
+                f"--{key} {text}: monai.bundle run passes lowercase {text!r} on as text (the text 'false' counts as "
+                f"true); write --{key} {_LITERALS[text.lower()]!r}."
+            )
+        if parser.get(key) == text:
+            parser[key] = _LITERALS[text.lower()]
+            logging.getLogger(__name__).info("Read --%s %s as %r.", key, text, _LITERALS[text.lower()])
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:
