@@ -194,6 +194,22 @@ def test_inference_rejects_a_size_the_model_was_not_trained_on(dataset, tmp_path
     assert "image_size [32, 32, 32] differs" in str(root_cause(err.value))
 
 
+def test_inference_refuses_another_diffusion_process_than_the_checkpoint_was_trained_with(dataset, tmp_path):
+    train(dataset, tmp_path, max_epochs=1)  # ddpm
+    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path),
+                  num_samples=1, num_steps=2, **{**TINY, "diffusion#process": "rflow"})
+    assert wf.parser.get_parsed_content("sampler") == "rflow"  # the default sampler follows the process
+    trainer = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path / "rf"),
+                       **{**TINY_TRAIN, "diffusion#process": "rflow"})
+    assert trainer.parser.get_parsed_content("val_sampler") == "rflow"  # (was ddim: the run stopped at start)
+    with pytest.raises(Exception) as err:
+        wf.run()  # used to sample an x0-trained ddpm network as a rectified flow, without an error
+    msg = str(root_cause(err.value))
+    assert isinstance(root_cause(err.value), ValueError)
+    assert "'process': ('ddpm', 'rflow')" in msg and '--diffusion#process "ddpm"' in msg
+    assert not (tmp_path / "samples" / "sample_0000.nii.gz").exists()
+
+
 def test_inference_without_a_checkpoint_says_so(dataset, tmp_path):
     wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY)
     with pytest.raises(Exception) as err:

@@ -221,3 +221,19 @@ def _roundtrip(obj):
     torch.save(obj, buf)
     buf.seek(0)
     return buf
+
+
+def test_sampling_with_other_diffusion_settings_than_trained_is_refused():
+    from wdm3d.diffusion import WaveletDiffusion
+    from wdm3d.engine.checkpoint import check_diffusion_matches
+
+    trained = {"run_config": {"diffusion": WaveletDiffusion().config()}}
+    check_diffusion_matches(trained, WaveletDiffusion(), "a.pt")  # the same process
+    check_diffusion_matches({"model": {}}, WaveletDiffusion(process="rflow"), "old.pt")  # nothing recorded: no check
+    with pytest.raises(ValueError, match=r"a\.pt .*'prediction_type': \('sample', 'epsilon'\).*--diffusion#prediction_type \"sample\""):
+        check_diffusion_matches(trained, WaveletDiffusion(prediction_type="epsilon"), "a.pt")
+    with pytest.raises(ValueError, match=r"'lll_scale': \(3\.0, 1\.0\)"):
+        check_diffusion_matches(trained, WaveletDiffusion(lll_scale=1.0), "a.pt")
+    flow = {"run_config": {"diffusion": WaveletDiffusion(process="rflow").config()}}
+    with pytest.raises(ValueError, match=r"--diffusion#process \"rflow\".*--sampler rflow"):
+        check_diffusion_matches(flow, WaveletDiffusion(), "f.pt")

@@ -19,7 +19,7 @@ import torch
 
 from . import __version__
 from .diffusion import WaveletDiffusion
-from .engine.checkpoint import latest_checkpoint, load_checkpoint, load_network_weights
+from .engine.checkpoint import check_diffusion_matches, latest_checkpoint, load_checkpoint, load_network_weights
 from .engine.geometry import DataGeometry, reference_geometry
 from .io import atomic_write_text, save_montage, save_nifti, write_dicom_series
 
@@ -227,6 +227,7 @@ class VolumeGenerator:
         """Generate, write, and return the manifest (also written to ``output_dir/manifest.json``)."""
         ckpt_path = self._resolve_checkpoint()
         ckpt = load_checkpoint(ckpt_path)
+        check_diffusion_matches(ckpt, self.diffusion, ckpt_path)
         affine, shape, (lo, hi), geometry_source = self._geometry(ckpt)
         keys = ("ema", "model", "network") if self.use_ema else ("model", "network", "ema")
         self.network.to(self.device)

@@ -233,7 +233,7 @@ class ConditionalSynthesis:
         hint = ("train it first (train_base.json for 'base' / 'ip_adapter', train_base.json + concat.json for "
                 "'concat') or set checkpoint.")
         try:
-            load_frozen_base(self.network, self.checkpoint, self.use_ema, self.device)
+            load_frozen_base(self.network, self.checkpoint, self.use_ema, self.device, diffusion=self.diffusion)
         except FileNotFoundError as err:
             raise FileNotFoundError(f"{err} ({self.method}: {hint})") from None
         self._weights = {"checkpoint": self.network.base_checkpoint}

@@ -518,7 +518,8 @@ def _checkpoint_file(checkpoint: str | os.PathLike, what: str, hint: str) -> Pat
 
 
 def load_frozen_base(
-    network: nn.Module, checkpoint: str | os.PathLike, use_ema: bool = True, device: str | torch.device | None = None
+    network: nn.Module, checkpoint: str | os.PathLike, use_ema: bool = True, device: str | torch.device | None = None,
+    diffusion: Any = None,
 ) -> nn.Module:
     """Load a trained base into ``network`` (EMA weights first), freeze it (``requires_grad=False``), eval mode.
 
@@ -527,19 +528,25 @@ def load_frozen_base(
         checkpoint: a checkpoint file, or a folder (its newest ``*.pt``), e.g. ``output/models/base``.
         use_ema: prefer the ``"ema"`` weights over ``"model"``.
         device: move it there.
+        diffusion: the process that will sample or train on it; refused when the base was trained with another
+            (:func:`~wdm3d.engine.checkpoint.check_diffusion_matches`).
 
     Raises:
         FileNotFoundError: no such checkpoint (the message says to train the base first).
         RuntimeError: the checkpoint does not fit ``network`` (names the first mismatching weight).
+        ValueError: ``diffusion`` differs from the one the base was trained with.
     """
-    from ..engine.checkpoint import load_network_weights
+    from ..engine.checkpoint import check_diffusion_matches, load_checkpoint, load_network_weights
 
     path = _checkpoint_file(
         checkpoint, "base model",
         "train the context-conditioned base first (train_base.json writes output/models/base) or set base_checkpoint.",
     )
     keys = ("ema", "model", "network") if use_ema else ("model", "network", "ema")
-    used = load_network_weights(network, path, keys)
+    ckpt = load_checkpoint(path)
+    if diffusion is not None:
+        check_diffusion_matches(ckpt, diffusion, path)
+    used = load_network_weights(network, path, keys, checkpoint=ckpt)
     if device is not None:
         network.to(device)
     network.eval().requires_grad_(False)

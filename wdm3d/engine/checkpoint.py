@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FORMAT_VERSION", "SAVE_LOG", "latest_checkpoint", "load_checkpoint", "load_network_weights", "check_state_fits",
+    "FORMAT_VERSION", "SAVE_LOG", "check_diffusion_matches", "latest_checkpoint", "load_checkpoint", "load_network_weights", "check_state_fits",
     "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest", "TrainingCheckpoints",
 ]
 
@@ -219,6 +219,36 @@ def load_network_weights(
     if key is not None and key != keys[0]:
         logger.warning("Checkpoint %s has no %r weights; loaded %r instead.", path, keys[0], key)
     return key or "state_dict"
+
+
+def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path: str | os.PathLike) -> None:
+    """Refuse to sample a checkpoint with another diffusion process than it was trained with.
+
+    The network learnt one process (ddpm or rectified flow, its prediction type, schedule, wavelet scaling); another
+    one samples without an error but gives wrong volumes. Compares the settings the checkpoint's ``run_config``
+    recorded (nothing to compare for checkpoints without it) with ``diffusion.config()``.
+
+    Raises:
+        ValueError: naming each differing setting and the overrides that select the trained process.
+    """
+    run_config = checkpoint.get("run_config")
+    trained = run_config.get("diffusion") if isinstance(run_config, Mapping) else None
+    if not isinstance(trained, Mapping) or not trained or not hasattr(diffusion, "config"):
+        return
+    now = _plain(diffusion.config())
+    changed = {k: (trained[k], now[k]) for k in trained if k in now and _plain(trained[k]) != now[k]}
+    if not changed:
+        return
+    import inspect
+
+    params = inspect.signature(type(diffusion)).parameters
+    fix = " ".join(f"--diffusion#{k} {json.dumps(trained[k])}" for k in changed if k in params)
+    sampler = " and a sampler for it (--sampler rflow)" if changed.get("process", (None,))[0] == "rflow" else ""
+    raise ValueError(
+        f"Checkpoint {path} was trained with other diffusion settings than this config samples with (trained, now): "
+        f"{changed}. Sampling would run without an error and give wrong volumes. Set the trained ones"
+        f"{f' ({fix})' if fix else ''}{sampler}."
+    )
 
 
 class RNGState:
