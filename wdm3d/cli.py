@@ -179,7 +179,7 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("--threads", type=int, default=None, help="CPU threads for MS-SSIM pairs (default: cores)")
     ev.add_argument("--seed", type=int, default=0)
     ev.add_argument("--mlflow-run-id", default=None, help="MLflow run to log to (default: the manifest's mlflow_run_id)")
-    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: from mlflow_run.json)")
+    ev.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: $MLFLOW_TRACKING_URI, else the training run's mlflow_run.json)")
     ev.add_argument("--no-mlflow", action="store_true", help="do not log to MLflow")
     ev.set_defaults(func=_evaluate)
     dc = sub.add_parser(

@@ -51,7 +51,8 @@ def ms_ssim_settings(shape: Sequence[int], kernel_size: int = 7, weights: Sequen
         raise ValueError(
             f"MS-SSIM with {len(weights)} scales and kernel_size {kernel_size} needs every side >= "
             f"{ms_ssim_min_size(kernel_size, len(weights))} voxels; these volumes are {tuple(shape)}. Use larger volumes, "
-            "or adapt=True (--ms-ssim-adapt) to use fewer scales / a smaller kernel (then not comparable with papers)."
+            "or adapt=True (the default of `wdm3d evaluate` without --no-ms-ssim-adapt; bundle key ms_ssim_adapt) to use "
+            "fewer scales / a smaller kernel (then not comparable with papers)."
         )
     for n in range(len(weights) - 1, 0, -1):
         if side >= ms_ssim_min_size(kernel_size, n):
