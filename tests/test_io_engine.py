@@ -229,6 +229,7 @@ def test_sampling_with_other_diffusion_settings_than_trained_is_refused():
 
     trained = {"run_config": {"diffusion": WaveletDiffusion().config()}}
     check_diffusion_matches(trained, WaveletDiffusion(), "a.pt")  # the same process
+    check_diffusion_matches(trained, WaveletDiffusion(ddpm_variance="fixed_small"), "a.pt")  # a sampling choice
     check_diffusion_matches({"model": {}}, WaveletDiffusion(process="rflow"), "old.pt")  # nothing recorded: no check
     with pytest.raises(ValueError, match=r"a\.pt .*'prediction_type': \('sample', 'epsilon'\).*--diffusion#prediction_type \"sample\""):
         check_diffusion_matches(trained, WaveletDiffusion(prediction_type="epsilon"), "a.pt")

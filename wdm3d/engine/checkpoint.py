@@ -27,8 +27,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FORMAT_VERSION", "SAVE_LOG", "check_diffusion_matches", "latest_checkpoint", "load_checkpoint", "load_network_weights", "check_state_fits",
-    "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest", "TrainingCheckpoints",
+    "FORMAT_VERSION", "SAVE_LOG", "check_diffusion_matches", "latest_checkpoint", "load_checkpoint",
+    "load_network_weights", "check_state_fits", "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest",
+    "TrainingCheckpoints",
 ]
 
 logger = logging.getLogger(__name__)
@@ -221,6 +222,10 @@ def load_network_weights(
     return key or "state_dict"
 
 
+# diffusion settings a sampler may choose freely: the DDPM posterior variance, and how training drew rflow timesteps
+_FREE_AT_SAMPLING = ("ddpm_variance", "rflow_sample_method")
+
+
 def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path: str | os.PathLike) -> None:
     """Refuse to sample a checkpoint with another diffusion process than it was trained with.
 
@@ -236,7 +241,8 @@ def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path:
     if not isinstance(trained, Mapping) or not trained or not hasattr(diffusion, "config"):
         return
     now = _plain(diffusion.config())
-    changed = {k: (trained[k], now[k]) for k in trained if k in now and _plain(trained[k]) != now[k]}
+    changed = {k: (trained[k], now[k]) for k in trained
+               if k in now and k not in _FREE_AT_SAMPLING and _plain(trained[k]) != now[k]}
     if not changed:
         return
     import inspect
