@@ -223,17 +223,19 @@ def test_bf16_autocast_on_cpu_runs_and_is_close():
 def test_fp32_io_keeps_the_wavelet_convolutions_in_fp32_under_autocast():
     net, io = tiny_net().eval(), tiny_net(fp32_io=True).eval()  # the same random weights
     dtypes = {}
-    for name in ("conv_in", "conv_out"):
+    for name in ("conv_in", "conv_out", "down.0"):
         io.get_submodule(name).register_forward_hook(lambda m, a, o, name=name: dtypes.__setitem__(name, o.dtype))
     x = torch.randn(2, 8, 8, 8, 8)
     t = torch.tensor([3, 700])
     with torch.no_grad():
         assert torch.equal(io(x, t), net(x, t))  # without autocast the switch changes nothing
-        assert dtypes == {"conv_in": torch.float32, "conv_out": torch.float32}
+        assert dtypes == {"conv_in": torch.float32, "conv_out": torch.float32, "down.0": torch.float32}
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed, low = io(x, t), net(x, t)
-    # under autocast: the two 8-channel convolutions in fp32, the rest of the network still bf16
+    # under autocast: the two 8-channel convolutions in fp32, the rest of the network still bf16 (conv_in's fp32
+    # output used to promote the whole full-resolution level, its residual stream and skips, to fp32)
     assert dtypes["conv_in"] == dtypes["conv_out"] == torch.float32 and mixed.dtype == torch.float32
+    assert dtypes["down.0"] == torch.bfloat16
     assert low.dtype == torch.bfloat16
     ref = net(x, t).detach()
     assert ((mixed - ref).norm() / ref.norm()).item() < 0.05
@@ -241,6 +243,12 @@ def test_fp32_io_keeps_the_wavelet_convolutions_in_fp32_under_autocast():
     with torch.autocast("cpu", dtype=torch.bfloat16):
         io.train()(x, t).float().pow(2).mean().backward()
     assert io.conv_in.weight.grad is not None and io.conv_in.weight.grad.abs().sum() > 0
+    assert io.conv_in.weight.grad.dtype == torch.float32
+    # a model cast to bf16 has no fp32 weights to keep: the switch steps aside (it raised a dtype mismatch). (The
+    # whole bf16 model cannot run under CPU autocast, GroupNorm refuses bf16 parameters there: the layer alone.)
+    half = tiny_net(fp32_io=True).bfloat16().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert half._io(half.conv_in, x.bfloat16(), back_to_autocast=True).dtype == torch.bfloat16
 
 
 def test_supervised_trainer_amp_and_compile_switches_with_our_prepare_batch():

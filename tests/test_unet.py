@@ -156,3 +156,18 @@ def test_gradient_checkpointing_with_context_gives_identical_gradients():
         net(x, t, context=c).pow(2).mean().backward()
         grads.append(torch.cat([p.grad.flatten() for p in net.parameters()]))
     assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-6)
+
+
+def test_timesteps_must_match_the_batch_and_inputs_must_be_float():
+    net = WDMUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4).eval()
+    x = torch.randn(2, 8, 8, 8, 8)
+    with torch.no_grad():
+        ref = net(x, torch.tensor([7, 7]))
+        assert torch.equal(net(x, torch.tensor(7)), ref) and torch.equal(net(x, torch.tensor([7])), ref)
+        # a batch-1 x with 3 timesteps broadcast into 3 outputs without an error
+        with pytest.raises(ValueError, match=r"timesteps must be a scalar or have shape \(1,\).*got \(3,\)"):
+            net(x[:1], torch.tensor([1, 500, 999]))
+        with pytest.raises(ValueError, match=r"got \(2, 1\)"):
+            net(x, torch.tensor([[1], [2]]))
+        with pytest.raises(TypeError, match="floating-point"):
+            net(torch.zeros(2, 8, 8, 8, 8, dtype=torch.int64), torch.tensor([1, 2]))

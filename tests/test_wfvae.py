@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 
@@ -317,3 +319,34 @@ def test_losses_finite_and_decreasing_under_adam() -> None:
     assert last["total"] < 0.6 * first["total"]
     assert last["recon"] < first["recon"] and last["wavelet"] < first["wavelet"]
     assert first["kl"] > 0  # the KL term is live
+
+
+def test_kl_of_a_tiny_std_keeps_growing_and_pulls_the_std_up():
+    # a floor on var (1e-12) froze the KL below std 1e-6 and turned its gradient positive
+    for value in (2e-6, 5e-7, 1e-9):
+        std = torch.full((1, 1, 1, 1, 1), value, dtype=torch.float64, requires_grad=True)
+        kl = LatentDistribution(mean=torch.zeros(1, 1, 1, 1, 1, dtype=torch.float64), std=std).kl().sum()
+        exact = 0.5 * (value**2 - 1 - 2 * math.log(value))
+        assert kl.item() == pytest.approx(exact, rel=1e-9)
+        kl.backward()
+        assert std.grad.item() == pytest.approx(value - 1 / value, rel=1e-9) and std.grad.item() < 0
+
+
+def test_use_checkpoint_set_at_run_time_reaches_the_encoder_and_decoder():
+    model = WFVAE3D(base_channels=8, latent_channels=4, num_res_blocks=1, num_mid_blocks=1)
+    assert not model.encoder.use_checkpoint and not model.decoder.use_checkpoint
+    model.use_checkpoint = True
+    assert model.use_checkpoint and model.encoder.use_checkpoint and model.decoder.use_checkpoint
+
+
+def test_channel_rms_norm_rounds_a_bf16_result_once():
+    norm = ChannelRMSNorm(16)
+    with torch.no_grad():
+        norm.weight.copy_(torch.linspace(0.3, 3.0, 16))
+    x = torch.randn(2, 16, 4, 4, 4, generator=torch.Generator().manual_seed(0))
+    exact = norm(x.double())
+    half = norm(x.bfloat16())
+    assert half.dtype == torch.bfloat16
+    # the normalised value times the weight, rounded once to bf16 (it was rounded, then multiplied in bf16)
+    rel = ((half.double() - exact).abs() / exact.abs().clamp_min(1e-6)).mean().item()
+    assert rel < 2.2e-3  # one rounding: ~1.7e-3 (two: ~2.8e-3)

@@ -172,7 +172,7 @@ class ChannelRMSNorm(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # half types in float32; float64 kept
         wide = wide * torch.rsqrt(wide.square().mean(dim=1, keepdim=True) + self.eps)
-        return wide.to(x.dtype) * self.weight.to(x.dtype).view(1, -1, 1, 1, 1)
+        return (wide * self.weight.to(wide.dtype).view(1, -1, 1, 1, 1)).to(x.dtype)  # one rounding to x's dtype
 
     def extra_repr(self) -> str:
         return f"{self.weight.numel()}, eps={self.eps}"

@@ -158,7 +158,8 @@ class WDMUNet(nn.Module):
         fp32_io: run ``conv_in`` and ``conv_out`` (the convolutions on the 8 wavelet channels) in fp32 even under
             autocast. A performance switch for bf16 training: on an H100, cuDNN's bf16 weight-gradient kernel for
             one 8-channel convolution took 142 ms of a 374 ms step (see BENCHMARKS.md); the rest of the network
-            keeps bf16. Without autocast it changes nothing.
+            keeps bf16 (``conv_in``'s output is cast back). Without autocast, or on a model cast to bf16, it changes
+            nothing.
 
     Example:
         >>> net = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4)
@@ -312,11 +313,15 @@ class WDMUNet(nn.Module):
             if (a.level is None and middle) or (a.level is not None and (levels is None or a.level in levels))
         ]
 
-    def _io(self, conv: nn.Conv3d, h: torch.Tensor) -> torch.Tensor:
-        # the input/output convolution, in fp32 outside autocast when fp32_io asks for it
-        if self.fp32_io and torch.is_autocast_enabled(h.device.type):
-            with torch.autocast(h.device.type, enabled=False):
-                return conv(h.float())
+    def _io(self, conv: nn.Conv3d, h: torch.Tensor, back_to_autocast: bool = False) -> torch.Tensor:
+        # the input/output convolution, in fp32 outside autocast when fp32_io asks for it (an fp32 model only: a model
+        # cast to bf16 has bf16 weights). ``back_to_autocast``: return the autocast dtype, so that the fp32 output of
+        # conv_in does not promote the full-resolution level (its residual stream and skips) to fp32 as well
+        device = h.device.type
+        if self.fp32_io and conv.weight.dtype == torch.float32 and torch.is_autocast_enabled(device):
+            with torch.autocast(device, enabled=False):
+                out = conv(h.float())
+            return out.to(torch.get_autocast_dtype(device)) if back_to_autocast else out
         return conv(h)
 
     def _run(self, blk: nn.Module, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
@@ -359,18 +364,24 @@ class WDMUNet(nn.Module):
             raise ValueError(
                 f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}."
             )
-        if any(s % self._factor for s in x.shape[2:]):
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}.")
+        if any(s < 1 or s % self._factor for s in x.shape[2:]):
             raise ValueError(
                 f"spatial sizes must be divisible by {self._factor} for {len(self.channel_mult)} levels, "
                 f"got {tuple(x.shape[2:])}."
             )
         context = self._check_context(context, x)
         timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0:
-            timesteps = timesteps.expand(x.shape[0])
+        if timesteps.ndim == 0 or timesteps.shape == (1,):
+            timesteps = timesteps.reshape(()).expand(x.shape[0])
+        if timesteps.shape != (x.shape[0],):
+            # (a batch-1 x with B timesteps would otherwise broadcast into a batch of B outputs without an error)
+            raise ValueError(f"timesteps must be a scalar or have shape ({x.shape[0]},) (the batch of x), got "
+                             f"{tuple(timesteps.shape)}.")
         emb = self.time_embed(get_timestep_embedding(timesteps, self.base_channels).to(x.dtype))
 
-        h = self._io(self.conv_in, x)
+        h = self._io(self.conv_in, x, back_to_autocast=True)
         skips = [h]
         for blk in self.down:
             if isinstance(blk, CrossAttentionBlock):

@@ -73,8 +73,11 @@ class LatentDistribution:
             logvar = wide(self.logvar)
             var = logvar.exp()
         else:
-            var = wide(self.stddev).square()
-            logvar = torch.log(var.clamp_min(1e-12))
+            std = wide(self.stddev)
+            var = std.square()
+            # log of the std itself, floored only at float32's smallest normal (~1e-38): a floor on var (1e-12 was
+            # used) stops the KL growing below std 1e-6 and flips its gradient, so the prior pushed the std down
+            logvar = 2.0 * torch.log(std.clamp_min(torch.finfo(torch.float32).tiny))
         kl = 0.5 * (mean.square() + var - 1.0 - logvar)
         return kl.flatten(1).sum(1)
 

@@ -344,6 +344,19 @@ class WFVAE3D(nn.Module):
             self._built_energy_flow, use_checkpoint, eps,
         )
 
+    @property
+    def use_checkpoint(self) -> bool:
+        """Gradient checkpointing of the encoder's and decoder's blocks; settable at run time (both follow)."""
+        return self._use_checkpoint
+
+    @use_checkpoint.setter
+    def use_checkpoint(self, value: bool) -> None:
+        self._use_checkpoint = bool(value)
+        for part in ("encoder", "decoder"):
+            module = self._modules.get(part)
+            if module is not None:
+                module.use_checkpoint = self._use_checkpoint
+
     # ---------------------------------------------------------------------------------------------------------------
     # checks
     # ---------------------------------------------------------------------------------------------------------------
