@@ -539,3 +539,25 @@ def test_a_bad_sample_is_skipped_and_counted_during_training(dataset, tmp_path):
     with pytest.raises(Exception) as err:
         wf.run()
     assert "max_bad_samples=0" in str(root_cause(err.value)) and "bad/t1n.nii.gz" in str(root_cause(err.value))
+
+
+def test_a_failed_validation_round_is_reported_and_training_goes_on(tmp_path):
+    from types import SimpleNamespace
+
+    from wdm3d.diffusion import WaveletDiffusion
+    from wdm3d.engine import SampleValidator
+
+    class OutOfMemory(torch.nn.Module):  # sampling fails the way a CUDA OOM does
+        def forward(self, *args, **kwargs):
+            raise RuntimeError("CUDA out of memory (simulated)")
+
+    logger = __import__("logging").getLogger("test_validation_round")
+    engine = SimpleNamespace(state=SimpleNamespace(epoch=2, iteration=40, metrics={}), logger=logger)
+    validator = SampleValidator(WaveletDiffusion(), OutOfMemory(), (1, 8, 8, 8), tmp_path, num_steps=2)
+    validator(engine)  # used to raise into the engine and end the run at every val_interval
+    history = json.loads((tmp_path / "history.json").read_text())
+    assert history == [{"epoch": 2, "iteration": 40, "error": "RuntimeError: CUDA out of memory (simulated)"}]
+    assert engine.state.metrics["val_failures"] == 1 and not hasattr(engine.state, "val_round")
+    engine.state.epoch = 3
+    with pytest.raises(RuntimeError, match="simulated"):
+        SampleValidator(WaveletDiffusion(), OutOfMemory(), (1, 8, 8, 8), tmp_path, num_steps=2, strict=True)(engine)

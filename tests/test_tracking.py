@@ -179,3 +179,103 @@ def test_a_killed_then_resumed_training_keeps_its_run(dataset, tmp_path):
     assert {2 * epoch + 1, 2 * epoch + 2} <= after and before <= after
     exp = client.get_experiment_by_name("wdm3d_brats").experiment_id
     assert len(client.search_runs([exp])) == 1
+
+
+def _tracker(wf):
+    from wdm3d.tracking import MLflowTracker
+
+    tracker = wf.parser.get_parsed_content("train#handlers#2")
+    assert isinstance(tracker, MLflowTracker)
+    return tracker
+
+
+@pytest.mark.parametrize(("retry_after", "outage"), [(0.0, 2), (1000.0, 1)])
+def test_an_mlflow_blip_loses_no_metric_and_the_run_still_ends(dataset, tmp_path, retry_after, outage):
+    # one failed call used to switch MLflow off for the rest of the launch: later metrics were never sent and the
+    # run stayed RUNNING. Now: a cool-down, the metrics kept, sent when MLflow answers (at the latest at the end)
+    from ignite.engine import Events
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path / "out"),
+                  max_epochs=3, tracking_uri=uri, **TRACKED)
+    trainer, tracker = wf.parser.get_parsed_content("train#trainer"), _tracker(wf)
+    tracker.retry_after = retry_after
+    failures = []
+
+    def flaky(engine):
+        real = tracker._client.log_batch
+
+        def log_batch(*args, **kwargs):
+            if len(failures) < outage:  # calls that fail; with a long cool-down the end of training retries
+                failures.append(engine.state.iteration)
+                raise ConnectionError("simulated outage")
+            return real(*args, **kwargs)
+
+        tracker._client.log_batch = log_batch
+
+    trainer.add_event_handler(Events.ITERATION_STARTED(once=2), flaky)
+    with warnings.catch_warnings(record=True):
+        warnings.simplefilter("always")
+        wf.run()
+    assert failures  # the outage happened
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_of(tmp_path / "out")["run_id"])
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "loss")) == [1, 2, 3, 4, 5, 6]
+
+
+def test_a_resume_whose_run_is_gone_starts_a_tagged_run_and_changed_settings_are_recorded(dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    out = tmp_path / "out"
+    train(dataset, out, max_epochs=1, tracking_uri=uri)
+    first = run_of(out)["run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    train(dataset, out, max_epochs=2, tracking_uri=uri, grad_clip_norm=1.0)  # the same run, a changed setting
+    assert run_of(out)["run_id"] == first
+    run = client.get_run(first)
+    assert run.data.params["grad_clip_norm"] == "null" and run.data.tags["wdm3d.resume1.grad_clip_norm"] == "1.0"
+    client.delete_run(first)  # (or the output folder moved away from its store, or another tracking URI)
+    train(dataset, out, max_epochs=3, tracking_uri=uri, grad_clip_norm=1.0)
+    second = run_of(out)["run_id"]
+    assert second != first  # used to stay untracked for the whole launch
+    run = client.get_run(second)
+    assert run.data.tags["wdm3d.resumed_from"].startswith(first) and run.data.params["grad_clip_norm"] == "1.0"
+    assert run.info.status == "FINISHED"
+    assert sorted(m.step for m in client.get_metric_history(second, "loss")) == [5, 6]
+
+
+def test_validation_metrics_are_logged_once_per_round_and_the_final_round_too(dataset, tmp_path):
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    out = tmp_path / "out"
+    train(dataset, out, max_epochs=3, tracking_uri=uri, val_interval=2, **{"train#handlers#4#on_completed": True})
+    history = json.loads((out / "validation" / "history.json").read_text())
+    assert [(r["epoch"], r["iteration"]) for r in history] == [(2, 4), (3, 6)]
+    client = MlflowClient(tracking_uri=uri)
+    logged = [(m.step, m.value) for m in client.get_metric_history(run_of(out)["run_id"], "val_sample_std")]
+    # epoch 2's round at step 4, the final round at step 6 with its own value (a stale copy of epoch 2's was
+    # logged at step 6 and the final round's was lost: the run had ended before it)
+    assert sorted(logged) == [(4, pytest.approx(history[0]["std"])), (6, pytest.approx(history[1]["std"]))]
+
+
+def test_non_finite_metrics_reach_mlflow_and_metrics_jsonl_as_null(tmp_path):
+    from wdm3d.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    tracker = MLflowTracker(tmp_path, tracking_uri=uri, experiment_name="nan")
+    tracker._start()
+    tracker._log_metrics({"loss": float("nan"), "lr": 1e-4}, 1)
+    tracker._log_metrics({"loss": 0.5}, 2)
+    values = [m.value for m in MlflowClient(tracking_uri=uri).get_metric_history(tracker.run_id, "loss")]
+    assert len(values) == 2 and np.isnan(values[0]) and values[1] == 0.5  # the NaN step used to vanish
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[0]["loss"] is None and rows[0]["lr"] == 1e-4
+
+
+def test_log_to_run_does_not_create_a_missing_sqlite_store(tmp_path):
+    from wdm3d.tracking import log_to_run
+
+    gone = tmp_path / "old_cluster" / "scratch" / "mlruns.db"
+    (tmp_path / "f.txt").write_text("x")
+    with pytest.warns(RuntimeWarning, match="does not exist here"):
+        assert not log_to_run({"run_id": "abc", "tracking_uri": f"sqlite:///{gone}"}, [tmp_path / "f.txt"], "x")
+    assert not (tmp_path / "old_cluster").exists()

@@ -4,8 +4,9 @@ Why not MONAI's ``MLFlowHandler``: with no run name a new launch attaches to any
 the experiment, a crashed run is never marked FAILED, a resumed training cannot continue its own run, file stores
 are rejected with mlflow >= 3, and an unreachable server stops training. :class:`MLflowTracker` gives every launch a
 unique run, marks a run that raised as FAILED, saves its run id in the checkpoints (``state_dict``) so that a
-resumed training continues the same run, and keeps training going (with one warning) when the server is down,
-while every metric also goes to ``output_dir/metrics.jsonl`` so nothing is lost locally.
+resumed training continues the same run, and keeps training going when the server is down: a failed call pauses
+MLflow for a cool-down (1 min, doubling up to 30 min), the metrics that could not be sent are kept and sent when it
+answers again, and every metric also goes to ``output_dir/metrics.jsonl`` so nothing is lost locally.
 
 Tracking URI, in order: the ``tracking_uri`` argument, ``MLFLOW_TRACKING_URI``, an SQLite store in the output folder
 (``sqlite:///<output_dir>/mlruns.db``, artifacts beside it in ``mlartifacts/``). Open it with
@@ -33,6 +34,9 @@ __all__ = ["MLflowTracker", "flatten_params", "default_tracking_uri", "log_to_ru
 
 logger = logging.getLogger(__name__)
 _MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
+_MAX_TAG_LEN = 5000  # ... and on a tag value
+_MAX_PENDING = 100_000  # metric values kept for a server that is down (the oldest go first; metrics.jsonl has all)
+_BATCH = 1000  # MLflow's limit of metrics per log_batch
 
 
 def default_tracking_uri(output_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
@@ -127,6 +131,8 @@ class MLflowTracker:
         checkpoint_dir: where the checkpoints are.
         enabled: False turns tracking off entirely (e.g. ranks > 0).
         tags: extra run tags.
+        retry_after: seconds MLflow is left alone after a failed call (doubling on each further failure, up to 30
+            min); the metrics of that time are sent when it answers again.
     """
 
     def __init__(
@@ -147,6 +153,7 @@ class MLflowTracker:
         checkpoint_dir: str | os.PathLike | None = None,
         enabled: bool = True,
         tags: Mapping[str, str] | None = None,
+        retry_after: float = 60.0,
     ) -> None:
         if not isinstance(log_every, int) or log_every < 1:
             raise ValueError(f"log_every must be a positive number of iterations, got {log_every!r}.")
@@ -166,8 +173,17 @@ class MLflowTracker:
         self.tags = dict(tags or {})
         self.run_id: str | None = None
         self.resumed = False
+        self.retry_after = float(retry_after)
         self._client = None
-        self._remote_ok = True
+        self._started = False  # the run exists (created or continued) and has its params
+        self._down_until = 0.0  # time.monotonic() before which MLflow is not called
+        self._backoff = 0.0
+        self._failures = 0
+        self._pending: list[Any] = []  # mlflow Metric objects not sent yet
+        self._dropped = 0
+        self._local_failed = False
+        self._restored_uri: str | None = None
+        self._val_round_logged = 0
         self._last_time: float | None = None
         self._last_iter = 0
 
@@ -179,34 +195,59 @@ class MLflowTracker:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if state.get("run_id"):
             self.run_id = str(state["run_id"])
+            self._restored_uri = str(state.get("tracking_uri") or "")
             self.resumed = True
 
-    # -- MLflow calls, each guarded: a failing server warns once and is then left alone -----------------------------
+    # -- MLflow calls, each guarded: a failure pauses MLflow for a cool-down, training goes on ----------------------
+
+    @property
+    def remote_available(self) -> bool:
+        """False while MLflow is paused after a failed call."""
+        return time.monotonic() >= self._down_until
 
     @contextmanager
-    def _remote(self, what: str):
-        if not self._remote_ok:
+    def _remote(self, what: str, force: bool = False, pause: bool = True):
+        # force: call even during a cool-down (the run's final status, once). pause: a failure pauses MLflow (False
+        # for uploads: an artifact store that refuses a file says nothing about the metrics)
+        if not force and not self.remote_available:
             yield False
             return
         try:
             yield True
         except Exception as err:  # network errors, server errors, mlflow exceptions
-            self._remote_ok = False
-            warnings.warn(
-                f"MLflow at {self.tracking_uri} failed while {what} ({type(err).__name__}: {err}); training goes on "
-                f"without MLflow; metrics keep going to {self.output_dir / 'metrics.jsonl'}.",
-                RuntimeWarning,
-                stacklevel=2,
-            )
-            logger.warning("MLflow disabled for this run after an error while %s: %s", what, err)
+            if not pause:
+                logger.warning("MLflow at %s failed while %s (%s: %s); training goes on.", self.tracking_uri, what,
+                               type(err).__name__, err)
+                return
+            self._failures += 1
+            self._backoff = min(max(2 * self._backoff, self.retry_after), 1800.0)
+            self._down_until = time.monotonic() + self._backoff
+            message = (f"MLflow at {self.tracking_uri} failed while {what} ({type(err).__name__}: {err}); training goes "
+                       f"on, MLflow is retried in {self._backoff:.0f} s and the metrics meanwhile are kept for it; "
+                       f"all of them also go to {self.output_dir / 'metrics.jsonl'}.")
+            if self._failures == 1:
+                warnings.warn(message, RuntimeWarning, stacklevel=3)
+            logger.warning(message)
+        else:
+            if self._backoff:
+                logger.info("MLflow at %s answers again (%s).", self.tracking_uri, what)
+            self._backoff = 0.0
 
     def _local(self, record: dict) -> None:
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        with open(self.output_dir / "metrics.jsonl", "a") as fh:
-            fh.write(json.dumps(record) + "\n")
+        # metrics.jsonl: a full or read-only disk warns once and does not stop training (the checkpoints will say so)
+        try:
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            with open(self.output_dir / "metrics.jsonl", "a") as fh:
+                fh.write(json.dumps(record) + "\n")
+        except OSError as err:
+            if not self._local_failed:
+                self._local_failed = True
+                logger.warning("Cannot write %s (%s): local metric records stop; MLflow goes on.",
+                               self.output_dir / "metrics.jsonl", err)
 
     def _start(self) -> None:
         import mlflow
+        from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
         # keep a dead server from stalling training for minutes of retries (the user's settings win)
@@ -217,10 +258,26 @@ class MLflowTracker:
                 return
             self._client = MlflowClient(tracking_uri=self.tracking_uri)
             if self.run_id:
-                run = self._client.get_run(self.run_id)
-                self._client.update_run(self.run_id, status="RUNNING")
-                logger.info("MLflow: continuing run %s (%s)", run.info.run_name, self.run_id)
-                return
+                try:
+                    run = self._client.get_run(self.run_id)
+                    gone = run.info.lifecycle_stage == "deleted"
+                except MlflowException as err:
+                    if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                        raise
+                    run, gone = None, True
+                if not gone:
+                    self._client.update_run(self.run_id, status="RUNNING")
+                    self._log_changed_params(run)
+                    self._started = True
+                    logger.info("MLflow: continuing run %s (%s)", run.info.run_name, self.run_id)
+                    return
+                where = f"{self.run_id}@{self._restored_uri or 'unknown'}"
+                logger.warning(
+                    "MLflow run %s from the checkpoint is not in %s (the output folder moved, another tracking URI, "
+                    "or the run was deleted): a new run is started, tagged wdm3d.resumed_from=%s.",
+                    self.run_id, self.tracking_uri, where)
+                self.tags["wdm3d.resumed_from"] = where
+                self.run_id = None
             exp = self._client.get_experiment_by_name(self.experiment_name)
             if exp is None:
                 location = None
@@ -233,14 +290,38 @@ class MLflowTracker:
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
             self._client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in self._all_params().items()])
-            if self.config_dir and self.config_dir.is_dir():
-                for cfg in sorted(self.config_dir.glob("*.json")):
-                    self._client.log_artifact(self.run_id, str(cfg), "config")
+            self._started = True
             logger.info("MLflow: run %s (%s) at %s", self.run_name, self.run_id, self.tracking_uri)
-        (self.output_dir / "mlflow_run.json").write_text(
-            json.dumps({"run_id": self.run_id, "run_name": self.run_name, "tracking_uri": self.tracking_uri,
-                        "experiment_name": self.experiment_name}, indent=2)
-        )
+        if self._started and self.run_id and self.config_dir and self.config_dir.is_dir():
+            for cfg in sorted(self.config_dir.glob("*.json")):
+                self.log_artifact(cfg, "config")
+        if self.run_id:
+            try:
+                self.output_dir.mkdir(parents=True, exist_ok=True)
+                (self.output_dir / "mlflow_run.json").write_text(
+                    json.dumps({"run_id": self.run_id, "run_name": self.run_name, "tracking_uri": self.tracking_uri,
+                                "experiment_name": self.experiment_name}, indent=2)
+                )
+            except OSError as err:
+                logger.warning("Cannot write %s (%s).", self.output_dir / "mlflow_run.json", err)
+
+    def _log_changed_params(self, run) -> None:
+        # a resumed launch: MLflow refuses to change a param, so new settings become params and changed ones tags
+        import mlflow
+
+        old = run.data.params
+        now = self._all_params()
+        new = {k: v for k, v in now.items() if k not in old}
+        changed = {k: v for k, v in now.items() if k in old and old[k] != v and k not in ("command", "git_commit")}
+        if new:
+            self._client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in new.items()])
+        if changed:
+            n = sum(1 for k in run.data.tags if k.startswith("wdm3d.resume")) + 1
+            self._client.log_batch(self.run_id, tags=[
+                mlflow.entities.RunTag(f"wdm3d.resume{n}.{k}"[:250], v[:_MAX_TAG_LEN]) for k, v in changed.items()])
+            logger.warning("Resumed with changed settings (the run's params keep the first launch's values; the new "
+                           "ones are tags wdm3d.resume%d.*): %s", n,
+                           {k: (old[k], v) for k, v in changed.items()})
 
     def _all_params(self) -> dict[str, str]:
         import mlflow
@@ -275,33 +356,57 @@ class MLflowTracker:
             return
         engine.add_event_handler(Events.STARTED, self._on_started)
         engine.add_event_handler(Events.ITERATION_COMPLETED(every=self.log_every), self._on_iteration)
-        engine.add_event_handler(Events.COMPLETED, self._on_completed)
         engine.add_event_handler(Events.TERMINATE, self._on_terminate)
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
     def _on_started(self, engine) -> None:
         from ignite.engine import Events
 
-        # registered now, after every handler has attached, so that it runs last at each epoch's end and logs the
-        # metrics other handlers (validation) computed for that epoch rather than the previous one
+        # registered now, after every handler has attached, so that they run last at each epoch's end and at the end
+        # of training, and log what other handlers (validation) computed then rather than before
         if not engine.has_event_handler(self._on_epoch, Events.EPOCH_COMPLETED):
             engine.add_event_handler(Events.EPOCH_COMPLETED, self._on_epoch)
+        if not engine.has_event_handler(self._on_completed, Events.COMPLETED):
+            engine.add_event_handler(Events.COMPLETED, self._on_completed)
         self._start()
         self._last_time, self._last_iter = time.perf_counter(), engine.state.iteration
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
-        metrics = {k: float(v) for k, v in metrics.items() if v is not None and math.isfinite(float(v))}
-        self._local({"step": step, "time": time.time(), **metrics})
-        if self.run_id is None:
-            return
-        with self._remote("logging metrics") as ok:
-            if ok:
-                from mlflow.entities import Metric
+        from mlflow.entities import Metric
 
-                now = int(time.time() * 1000)
-                self._client.log_batch(self.run_id, metrics=[Metric(k, v, now, step) for k, v in metrics.items()])
+        metrics = {k: float(v) for k, v in metrics.items() if v is not None}
+        # non-finite values are kept (a diverging loss is worth seeing): null in the JSON lines, as they are in MLflow
+        self._local({"step": step, "time": time.time(),
+                     **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}})
+        now = int(time.time() * 1000)
+        self._pending += [Metric(k, v, now, step) for k, v in metrics.items()]
+        if len(self._pending) > _MAX_PENDING:
+            self._dropped += len(self._pending) - _MAX_PENDING
+            del self._pending[: len(self._pending) - _MAX_PENDING]
+        self._flush()
+
+    def _flush(self, force: bool = False) -> None:
+        # send the pending metrics, oldest first; (re)start the run first if that failed before. force: try even
+        # during a cool-down (once, at the end of training)
+        if not force and not self.remote_available:
+            return
+        if not self._started:
+            if force:
+                self._down_until = 0.0
+            self._start()
+            if not self._started:
+                return
+        with self._remote("logging metrics", force=force) as ok:
+            while ok and self._pending:
+                chunk = self._pending[:_BATCH]
+                self._client.log_batch(self.run_id, metrics=chunk)
+                del self._pending[: len(chunk)]
+        if self._dropped and not self._pending:
+            logger.warning("MLflow was down long enough that the oldest %d metric values were not kept for it; "
+                           "they are in %s.", self._dropped, self.output_dir / "metrics.jsonl")
+            self._dropped = 0
 
     def _on_iteration(self, engine) -> None:
         from .diffusion.training import subband_mse
@@ -338,8 +443,16 @@ class MLflowTracker:
             metrics["peak_gpu_memory_gb"] = torch.cuda.max_memory_allocated() / 2**30
         self._log_metrics(metrics, engine.state.iteration)
 
+    def _state_metrics(self, engine) -> dict[str, float]:
+        # engine.state.metrics; the validators' val_* only from a round not logged yet (they stay in the state after
+        # their round and were logged again every epoch, as if new)
+        fresh = getattr(engine.state, "val_round", 0) > self._val_round_logged
+        self._val_round_logged = getattr(engine.state, "val_round", 0)
+        return {k: v for k, v in engine.state.metrics.items()
+                if isinstance(v, (int, float)) and (fresh or not k.startswith("val_"))}
+
     def _on_epoch(self, engine) -> None:
-        metrics = {k: v for k, v in engine.state.metrics.items() if isinstance(v, (int, float))}
+        metrics = self._state_metrics(engine)
         metrics["epoch"] = engine.state.epoch
         self._log_metrics(metrics, engine.state.iteration)
 
@@ -348,13 +461,17 @@ class MLflowTracker:
         self.log_artifact(png, "validation")
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
-        if self.run_id is None or not self.enabled:
+        if self.run_id is None or not self.enabled or not self._started:
             return
-        with self._remote(f"uploading {path}") as ok:
+        with self._remote(f"uploading {path}", pause=False) as ok:
             if ok:
                 self._client.log_artifact(self.run_id, str(path), artifact_path)
 
     def _on_completed(self, engine) -> None:
+        # registered at STARTED, so it runs after the other COMPLETED handlers (the final validation round)
+        fresh = {k: v for k, v in self._state_metrics(engine).items() if k.startswith("val_")}
+        if fresh:
+            self._log_metrics(fresh, engine.state.iteration)
         if self.log_checkpoint and self.checkpoint_dir is not None:
             from .engine.checkpoint import latest_checkpoint
 
@@ -377,12 +494,21 @@ class MLflowTracker:
         raise err
 
     def _end(self, status: str) -> None:
+        # tried once whatever the cool-down (a run left RUNNING looks alive forever), after a last flush
         if self.run_id is None:
             return
-        with self._remote("ending the run") as ok:
+        self._flush(force=True)
+        with self._remote("ending the run", force=True) as ok:
             if ok:
+                if self._client is None:  # failed before the tracker started (a handler before it raised)
+                    from mlflow.tracking import MlflowClient
+
+                    self._client = MlflowClient(tracking_uri=self.tracking_uri)
                 self._client.set_terminated(self.run_id, status=status)
                 logger.info("MLflow: run %s ended as %s", self.run_id, status)
+        if self._pending:
+            logger.warning("%d metric values could not be sent to MLflow; they are in %s.", len(self._pending),
+                           self.output_dir / "metrics.jsonl")
 
 
 def log_to_run(
@@ -409,7 +535,12 @@ def log_to_run(
         from mlflow.tracking import MlflowClient
 
         os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        client = MlflowClient(tracking_uri=run_info.get("tracking_uri"))
+        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        uri = run_info.get("tracking_uri")
+        if isinstance(uri, str) and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+            # (a client on a missing SQLite file would create it, and its folders, as a new empty store)
+            raise FileNotFoundError(f"the run's SQLite store {uri[len('sqlite:///'):]} does not exist here")
+        client = MlflowClient(tracking_uri=uri)
         for f in files:
             client.log_artifact(run_info["run_id"], str(f), artifact_path)
         for k, v in (metrics or {}).items():

@@ -20,6 +20,46 @@ logger = logging.getLogger(__name__)
 
 
 
+class _Rounds:
+    """A validator's round, run so that a failure (an OOM, a NaN volume, a full disk) is reported, not fatal.
+
+    A failed round logs the error with its traceback, writes ``{"epoch", "iteration", "error"}`` to the history and
+    counts ``val_failures`` in the engine's metrics; training goes on. ``strict=True`` re-raises instead (tests).
+    A round that succeeds bumps ``engine.state.val_round``, which tells the MLflow tracker its ``val_*`` are new.
+    """
+
+    output_dir: Path
+    history: list[dict]
+    strict: bool = False
+    _last_epoch: int = -1
+
+    def _round(self, engine) -> None:
+        raise NotImplementedError
+
+    def __call__(self, engine) -> None:
+        epoch = engine.state.epoch
+        if epoch == self._last_epoch:  # COMPLETED right after an interval epoch: already done
+            return
+        self._last_epoch = epoch
+        try:
+            self._round(engine)
+        except Exception as err:
+            if self.strict:
+                raise
+            engine.logger.error("%s at epoch %d failed; training goes on: %s: %s", type(self).__name__, epoch,
+                                type(err).__name__, err, exc_info=True)
+            engine.state.metrics["val_failures"] = engine.state.metrics.get("val_failures", 0) + 1
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            try:
+                record = {"epoch": epoch, "iteration": engine.state.iteration, "error": f"{type(err).__name__}: {err}"}
+                self.history = _append_history(self.output_dir / "history.json", self.history, record)
+            except OSError:
+                pass
+            return
+        engine.state.val_round = getattr(engine.state, "val_round", 0) + 1
+
+
 def _append_history(path: Path, history: list[dict], record: dict) -> list[dict]:
     """``history`` + ``record``, written to ``path`` atomically. The first round of a resumed run starts from the
     file's earlier rounds (those before ``record``'s epoch), so resuming does not wipe the history."""
@@ -34,7 +74,7 @@ def _append_history(path: Path, history: list[dict], record: dict) -> list[dict]
     atomic_write_text(path, json.dumps(history, indent=2))
     return history
 
-class SampleValidator:
+class SampleValidator(_Rounds):
     """Every ``interval`` epochs, sample ``num_samples`` volumes with ``network`` and save a PNG montage.
 
     The montage (one row of axial / coronal / sagittal mid-slices per sample) goes to
@@ -59,6 +99,7 @@ class SampleValidator:
         callbacks: functions called as ``f(engine, png_path, volumes)`` after each round (e.g. MLflow logging).
         decoder: latent diffusion: a :class:`wdm3d.autoencoder.LatentDecoder` turning the sampled latents into the
             volumes shown (``image_shape`` is then the latent's shape, and the clip projection is off).
+        strict: re-raise a failed round (default: report it and let training go on).
     """
 
     def __init__(
@@ -77,6 +118,7 @@ class SampleValidator:
         on_completed: bool = True,
         callbacks: Sequence[Callable] = (),
         decoder: Callable | None = None,
+        strict: bool = False,
     ) -> None:
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive number of epochs, got {interval!r}.")
@@ -92,6 +134,7 @@ class SampleValidator:
         self.enabled, self.on_completed = enabled, on_completed
         self.callbacks = list(callbacks)
         self.decoder = decoder
+        self.strict = strict
         self.history: list[dict] = []
         self._last_epoch = -1
 
@@ -104,11 +147,8 @@ class SampleValidator:
         if self.on_completed:
             engine.add_event_handler(Events.COMPLETED, self)
 
-    def __call__(self, engine) -> None:
+    def _round(self, engine) -> None:
         epoch = engine.state.epoch
-        if epoch == self._last_epoch:  # COMPLETED right after an interval epoch: already done
-            return
-        self._last_epoch = epoch
         net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
         was_training = net.training
         net.eval()
@@ -144,7 +184,7 @@ class SampleValidator:
             fn(engine, png, volumes)
 
 
-class ReconstructionValidator:
+class ReconstructionValidator(_Rounds):
     """Every ``interval`` epochs, reconstruct a validation set with an autoencoder and report PSNR / SSIM / MAE.
 
     The autoencoder runs in eval mode on the posterior mean (``model.encode(x).mean`` then ``model.decode``).
@@ -166,6 +206,7 @@ class ReconstructionValidator:
         affine: voxel-to-world matrix (or a callable returning it) for oriented previews.
         enabled: False turns it off (ranks > 0).
         callbacks: ``f(engine, png_path, volumes)`` after each round (MLflow).
+        strict: re-raise a failed round (default: report it and let training go on).
     """
 
     def __init__(
@@ -182,9 +223,11 @@ class ReconstructionValidator:
         affine=None,
         enabled: bool = True,
         callbacks: Sequence[Callable] = (),
+        strict: bool = False,
     ) -> None:
         if not isinstance(interval, int) or interval < 1:
             raise ValueError(f"interval must be a positive number of epochs, got {interval!r}.")
+        self.strict = strict
         self.network, self.data_loader, self.image_key = network, data_loader, image_key
         self.output_dir = Path(output_dir)
         self.interval = interval
@@ -205,15 +248,12 @@ class ReconstructionValidator:
         engine.add_event_handler(Events.COMPLETED, self)
 
     @torch.no_grad()
-    def __call__(self, engine) -> None:
+    def _round(self, engine) -> None:
         from ..autoencoder import reconstruct
 
         from ..metrics import reconstruction_metrics, summarize_cases
 
         epoch = engine.state.epoch
-        if epoch == self._last_epoch:
-            return
-        self._last_epoch = epoch
         net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
         device = next(net.parameters()).device
         was_training = net.training
@@ -245,7 +285,7 @@ class ReconstructionValidator:
                 engine.state.metrics[f"val_{key}"] = summary[f"{key}_mean"]
         engine.logger.info(
             "Validation reconstruction (epoch %d, %d cases): PSNR %.2f dB, SSIM %.4f, MAE %.4f -> %s",
-            epoch, len(rows), summary["psnr_mean"], summary["ssim_mean"], summary["mae_mean"], png,
+            epoch, len(rows), *(summary.get(f"{k}_mean", float("nan")) for k in ("psnr", "ssim", "mae")), png,
         )
         for fn in self.callbacks:
             fn(engine, png, None)
