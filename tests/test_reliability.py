@@ -232,6 +232,25 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused(dataset, tmp_path
     assert latest_checkpoint(models).name == "checkpoint_final_iteration=4.pt"
 
 
+def test_a_resumed_run_takes_the_configured_learning_rate(dataset, tmp_path):
+    import logging
+
+    workflow(dataset, tmp_path, batch_size=2, max_epochs=1, learning_rate=1e-3).run()
+    wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=2, learning_rate=2e-4)
+    seen = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = lambda record: seen.append(record.getMessage())
+    logging.getLogger("wdm3d.engine.checkpoint").addHandler(handler)  # (the bundle's logging.conf replaces caplog's)
+    try:
+        wf.run()  # the optimizer state restored the checkpoint's lr: --learning_rate on a resume was ignored
+    finally:
+        logging.getLogger("wdm3d.engine.checkpoint").removeHandler(handler)
+    optimizer = wf.parser.get_parsed_content("optimizer")
+    assert optimizer.param_groups[0]["lr"] == 2e-4
+    assert any("'optimizer[0].lr': (0.001, 0.0002)" in m for m in seen)
+    assert any(s.get("step") for s in optimizer.state.values())  # the moments and step counts were restored
+
+
 def test_resuming_with_another_batch_size_keeps_an_epoch_one_pass_over_the_data(dataset, tmp_path):
     workflow(dataset, tmp_path, batch_size=2, max_epochs=1).run()  # 4 cases: 2 iterations per epoch
     wf = workflow(dataset, tmp_path, batch_size=1, max_epochs=2)

@@ -431,9 +431,13 @@ class ResumeFromLatest:
             raise KeyError(f"Checkpoint {path} has no {missing} (it has {sorted(ckpt)}); it was not written by this "
                            "training configuration.")
         prior_max_epochs = engine.state.max_epochs
+        schedulers = any(isinstance(o, torch.optim.lr_scheduler.LRScheduler) for o in self.load_dict.values())
         for name, obj in self.load_dict.items():
             if name not in ckpt:
                 logger.warning("Checkpoint %s has no %r: not restored.", path, name)
+                continue
+            if isinstance(obj, torch.optim.Optimizer) and not schedulers:
+                self._load_optimizer(obj, ckpt[name], name, path)
                 continue
             if isinstance(obj, torch.nn.Module):
                 target = _unwrap(obj)
@@ -450,6 +454,26 @@ class ResumeFromLatest:
                                  f"{prior_max_epochs}: raise max_epochs to continue training.")
             engine.state.max_epochs = prior_max_epochs
         self._continue_data(engine, path)
+
+    @staticmethod
+    def _load_optimizer(optimizer: torch.optim.Optimizer, state: Any, name: str, path: Path) -> None:
+        # the optimizer's state (moments, step counts) from the checkpoint, but the configured lr and weight decay: an
+        # optimizer state dict carries its hyperparameters, so --learning_rate on a resumed run was silently ignored
+        # (without an LR scheduler, which would own the lr)
+        configured = [{k: g[k] for k in ("lr", "weight_decay") if k in g} for g in optimizer.param_groups]
+        try:
+            optimizer.load_state_dict(state)
+        except Exception as err:
+            raise _named(err, f"Checkpoint {path}: cannot restore {name!r} ({type(optimizer).__name__})") from err
+        changed = {}
+        for i, (group, wanted) in enumerate(zip(optimizer.param_groups, configured)):
+            for key, value in wanted.items():
+                if group[key] != value:
+                    changed[f"{name}[{i}].{key}"] = (group[key], value)
+                    group[key] = value
+        if changed:
+            logger.warning("Resuming with the configured optimizer settings, not the checkpoint's (checkpoint, now): "
+                           "%s.", changed)
 
     @staticmethod
     def _continue_data(engine, path: Path) -> None:
