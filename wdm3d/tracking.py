@@ -306,7 +306,14 @@ class MLflowTracker:
                 logger.warning("Cannot write %s (%s).", self.output_dir / "mlflow_run.json", err)
 
     def _log_changed_params(self, run) -> None:
-        # a resumed launch: MLflow refuses to change a param, so new settings become params and changed ones tags
+        # a resumed launch: MLflow refuses to change a param, so new settings become params and changed ones tags.
+        # Best effort: a failure here must not keep the run from being continued (and its metrics from being sent)
+        try:
+            self._record_changed_params(run)
+        except Exception as err:
+            logger.warning("MLflow: could not record the settings changed on resume (%s: %s).", type(err).__name__, err)
+
+    def _record_changed_params(self, run) -> None:
         import mlflow
 
         old = run.data.params
