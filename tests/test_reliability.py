@@ -576,7 +576,7 @@ def test_a_failed_validation_round_is_reported_and_training_goes_on(tmp_path):
     validator(engine)  # used to raise into the engine and end the run at every val_interval
     history = json.loads((tmp_path / "history.json").read_text())
     assert history == [{"epoch": 2, "iteration": 40, "error": "RuntimeError: CUDA out of memory (simulated)"}]
-    assert engine.state.metrics["val_failures"] == 1 and not hasattr(engine.state, "val_round")
+    assert engine.state.metrics["validation_failures"] == 1 and not hasattr(engine.state, "val_round")
     engine.state.epoch = 3
     with pytest.raises(RuntimeError, match="simulated"):
         SampleValidator(WaveletDiffusion(), OutOfMemory(), (1, 8, 8, 8), tmp_path, num_steps=2, strict=True)(engine)

@@ -24,8 +24,9 @@ class _Rounds:
     """A validator's round, run so that a failure (an OOM, a NaN volume, a full disk) is reported, not fatal.
 
     A failed round logs the error with its traceback, writes ``{"epoch", "iteration", "error"}`` to the history and
-    counts ``val_failures`` in the engine's metrics; training goes on. ``strict=True`` re-raises instead (tests).
-    A round that succeeds bumps ``engine.state.val_round``, which tells the MLflow tracker its ``val_*`` are new.
+    counts ``validation_failures`` in the engine's metrics (logged every epoch, unlike the ``val_*`` of a round);
+    training goes on. ``strict=True`` re-raises instead (tests). A round that succeeds bumps
+    ``engine.state.val_round``, which tells the MLflow tracker its ``val_*`` are new.
     """
 
     output_dir: Path
@@ -48,7 +49,7 @@ class _Rounds:
                 raise
             engine.logger.error("%s at epoch %d failed; training goes on: %s: %s", type(self).__name__, epoch,
                                 type(err).__name__, err, exc_info=True)
-            engine.state.metrics["val_failures"] = engine.state.metrics.get("val_failures", 0) + 1
+            engine.state.metrics["validation_failures"] = engine.state.metrics.get("validation_failures", 0) + 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
             try:
