@@ -382,11 +382,12 @@ class ConditionalSynthesis:
                     raise KeyError(f"case {name} has no reference {self.reference_modality!r} (keys {sorted(entry)}).")
                 reference = self._load_volume(ref_path)
                 t_case = time.perf_counter()
-                synth = self.generate(reference, tgt, batch_seed(self.seed, i))[0]
+                seed = batch_seed(self.seed, i)
+                synth = self.generate(reference, tgt, seed)[0]
                 seconds = time.perf_counter() - t_case
                 nii = self._write(synth, ref_path, self.output_dir / f"{name}_{tgt}.nii.gz",
                                   f"synthetic {tgt} from {self.reference_modality} (wdm3d {self.method})")
-                row: dict[str, Any] = {"case": name, "index": i, "seed": batch_seed(self.seed, i), "reference": ref_path,
+                row: dict[str, Any] = {"case": name, "index": i, "seed": seed, "reference": ref_path,
                                        "nifti": nii.name, "seconds": round(seconds, 2)}
                 shown = [reference[0, 0], synth[0]]
                 truth_path = entry.get(tgt)
@@ -447,6 +448,7 @@ class ConditionalSynthesis:
         def psnr_(a, b):
             return float(psnr(a, b, 2.0)[0])
 
+        seeds = [batch_seed(self.seed, j) for j in range(self.num_samples)]  # sample j: one seed for every reference
         rows, files, cache = [], [], {}
         for name, (path, ref) in refs.items():
             others = [v for n, (_, v) in refs.items() if n != name]
@@ -457,7 +459,7 @@ class ConditionalSynthesis:
                     if key in cache:
                         vols = cache[key]
                     else:
-                        vols = torch.cat([self.generate(ref.to(self.device), mod, batch_seed(self.seed, j), scale).cpu()
+                        vols = torch.cat([self.generate(ref.to(self.device), mod, seeds[j], scale).cpu()
                                           for j in range(self.num_samples)])
                         if key is not None:
                             cache[key] = vols
@@ -469,7 +471,7 @@ class ConditionalSynthesis:
                                           f"reference-guided {mod} lambda {scale:g} (wdm3d)")
                         files.append(nii)
                         rows.append({
-                            "case": name, "ip_scale": scale, "sample": j, "seed": batch_seed(self.seed, j),
+                            "case": name, "ip_scale": scale, "sample": j, "seed": seeds[j],
                             "nifti": str(nii.relative_to(self.output_dir)),
                             "ssim_to_reference": ssim(v, ref), "psnr_to_reference": psnr_(v, ref),
                             "ssim_to_others": float(np.mean([ssim(v, o) for o in others])) if others else None,

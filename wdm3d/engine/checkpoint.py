@@ -84,23 +84,22 @@ def _record_save(directory: Path, name: str, epoch: int, iteration: int) -> None
     # append ``name`` to the save log (atomically: temp file + rename), dropping entries whose file is gone
     saved = [e for e in _save_log(directory) if e["file"] != name and (directory / e["file"]).is_file()]
     saved.append({"file": name, "epoch": int(epoch), "iteration": int(iteration)})
-    tmp = directory / f".{SAVE_LOG}.{os.getpid()}.tmp"
-    tmp.write_text(json.dumps({"saved": saved}, indent=1))
-    os.replace(tmp, directory / SAVE_LOG)
+    from ..io import atomic_write_text
+
+    atomic_write_text(directory / SAVE_LOG, json.dumps({"saved": saved}, indent=1))
 
 
 def _by_age(directory: Path, files: list[Path]) -> list[Path]:
     # ``files`` oldest first: those the save log lists in its order, after the others (by modification time); a file
     # the log does not list but that is newer than the log itself (dropped in after the last save) counts as newest
-    logged = [e["file"] for e in _save_log(directory)]
-    if not logged:
-        return sorted(files, key=lambda p: (p.stat().st_mtime, _progress(p)[:2]))
-    order = {name: i for i, name in enumerate(logged)}
+    mtime = {p: p.stat().st_mtime for p in files}
+    order = {e["file"]: i for i, e in enumerate(_save_log(directory))}
+    unlisted = sorted((p for p in files if p.name not in order), key=lambda p: (mtime[p], _progress(p)[:2]))
+    if not order:
+        return unlisted
     log_time = (directory / SAVE_LOG).stat().st_mtime
-    unlisted = sorted((p for p in files if p.name not in order), key=lambda p: (p.stat().st_mtime, _progress(p)[:2]))
     listed = sorted((p for p in files if p.name in order), key=lambda p: order[p.name])
-    return ([p for p in unlisted if p.stat().st_mtime <= log_time] + listed
-            + [p for p in unlisted if p.stat().st_mtime > log_time])
+    return [p for p in unlisted if mtime[p] <= log_time] + listed + [p for p in unlisted if mtime[p] > log_time]
 
 
 def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Path | None:

@@ -111,8 +111,6 @@ class VAEIteration(GuardedIteration):
                 f"{f' with num_layers_d={layers}' if layers else ''}: {err}. Use fewer discriminator layers "
                 "(num_layers_d; 3 needs >= 24 voxels per axis, 2 needs >= 12) or larger volumes."
             ) from err
-        finally:
-            del probe
 
     def gan_active(self, engine) -> bool:
         return self.discriminator is not None and self.adversarial_weight > 0 and \

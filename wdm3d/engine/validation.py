@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import abc
 import json
 import logging
 import os
@@ -20,7 +21,7 @@ logger = logging.getLogger(__name__)
 
 
 
-class _Rounds:
+class _Rounds(abc.ABC):
     """A validator's round, run so that a failure (an OOM, a NaN volume, a full disk) is reported, not fatal.
 
     A failed round logs the error with its traceback, writes ``{"epoch", "iteration", "error"}`` to the history and
@@ -34,8 +35,9 @@ class _Rounds:
     strict: bool = False
     _last_epoch: int = -1
 
+    @abc.abstractmethod
     def _round(self, engine) -> None:
-        raise NotImplementedError
+        """One validation round (the subclass's work)."""
 
     def __call__(self, engine) -> None:
         epoch = engine.state.epoch
@@ -52,11 +54,12 @@ class _Rounds:
             engine.state.metrics["validation_failures"] = engine.state.metrics.get("validation_failures", 0) + 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
+            record = {"epoch": epoch, "iteration": engine.state.iteration, "error": f"{type(err).__name__}: {err}"}
             try:
-                record = {"epoch": epoch, "iteration": engine.state.iteration, "error": f"{type(err).__name__}: {err}"}
                 self.history = _append_history(self.output_dir / "history.json", self.history, record)
-            except OSError:
-                pass
+            except OSError as write_err:  # (a full disk may be why the round failed)
+                engine.logger.warning("Cannot record the failed round in %s: %s", self.output_dir / "history.json",
+                                      write_err)
             return
         engine.state.val_round = getattr(engine.state, "val_round", 0) + 1
 
