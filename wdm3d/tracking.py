@@ -416,17 +416,18 @@ class MLflowTracker:
             self._dropped = 0
 
     def _on_iteration(self, engine) -> None:
-        from .diffusion.training import subband_mse
+        from .diffusion.training import subband_mse, target_tensor
 
         out = engine.state.output
         metrics: dict[str, float] = {}
         if isinstance(out, Mapping):
             if "loss" in out:
                 metrics["loss"] = float(torch.as_tensor(out["loss"]).detach().float().mean())
-            pred, label = out.get("pred"), out.get("label")
+            pred, label = out.get("pred"), target_tensor(out.get("label"))
+            levels = getattr(self.diffusion, "levels", 1)
             if isinstance(pred, torch.Tensor) and isinstance(label, torch.Tensor) and pred.shape == label.shape \
-                    and pred.ndim == 5 and pred.shape[1] % 8 == 0:
-                metrics.update({f"loss_{k}": v for k, v in subband_mse(pred, label).items()})
+                    and pred.ndim == 5 and pred.shape[1] % 8**levels == 0:
+                metrics.update({f"loss_{k}": v for k, v in subband_mse(pred, label, levels).items()})
         # the terms of a composite loss (VAEIteration: recon, wavelet, kl, adv_g, adv_d, ...)
         metrics.update({f"loss_{k}": float(v) for k, v in (getattr(engine.state, "loss_terms", None) or {}).items()})
         opt = getattr(engine, "optimizer", None)

@@ -14,7 +14,7 @@ from .conditioning import (
     load_frozen_base,
 )
 from .guidance import ClassifierFreeGuidance
-from .training import WaveletDiffusionPrepareBatch, WaveletMSELoss, subband_mse
+from .training import DiffusionTarget, WaveletDiffusionPrepareBatch, WaveletMSELoss, subband_mse, target_tensor
 from .wavelet_diffusion import SAMPLERS, WaveletDiffusion
 
 __all__ = [
@@ -34,4 +34,6 @@ __all__ = [
     "expand_paired_datalist",
     "load_frozen_base",
     "subband_mse",
+    "DiffusionTarget",
+    "target_tensor",
 ]

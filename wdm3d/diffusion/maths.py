@@ -33,10 +33,18 @@ __all__ = [
     "rflow_target",
     "rflow_x0_from_output",
     "rflow_step",
+    "LOSS_WEIGHTINGS",
+    "ddpm_snr",
+    "rflow_snr",
+    "target_error_ratio",
+    "min_snr_weight",
+    "velocity_loss_weight",
 ]
 
 PREDICTION_TYPES: tuple[str, ...] = ("sample", "epsilon", "v_prediction")
 PROCESSES: tuple[str, ...] = ("ddpm", "rflow")
+#: Per-sample loss weightings: ``"none"`` (WDM), ``"min_snr"`` (Hang et al. 2023), ``"velocity"`` (JiT).
+LOSS_WEIGHTINGS: tuple[str, ...] = ("none", "min_snr", "velocity")
 
 
 def expand_to(values: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
@@ -176,3 +184,64 @@ def rflow_step(x_s: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, s_next: tor
     The velocity implied by ``x0`` is ``(x0 - x_s) / s``; the step lands on ``x0`` exactly when ``s_next = 0``.
     """
     return x_s + (x0 - x_s) * ((s - s_next) / s)
+
+
+# --- loss weighting -------------------------------------------------------------------------------------------------
+#
+# Every weighting below is stated as a weight on the squared error of the network's own target, per sample. The
+# common currency is the x0 error: for a fixed x_t, each target's error is a multiple of the x0 error,
+# ``|target_hat - target|^2 = r(t) |x0_hat - x0|^2`` (:func:`target_error_ratio`), so a weighting defined on the x0
+# error (min-SNR-gamma's ``min(SNR, gamma)``) becomes ``min(SNR, gamma) / r(t)`` on the target.
+
+
+def ddpm_snr(ab: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of the variance-preserving process: ``SNR = ab / (1 - ab)`` (Kingma et al. 2021)."""
+    return ab / (1 - ab)
+
+
+def rflow_snr(s: torch.Tensor) -> torch.Tensor:
+    """Signal-to-noise ratio of ``x_s = (1 - s) x0 + s eps``: ``((1 - s) / s)^2`` (infinite at ``s = 0``)."""
+    return ((1 - s) / s) ** 2
+
+
+def target_error_ratio(process: str, prediction_type: str, ab_or_s: torch.Tensor) -> torch.Tensor:
+    """``r(t) = |target_hat - target|^2 / |x0_hat - x0|^2`` at a fixed ``x_t``.
+
+    ddpm (``ab``): sample 1, epsilon ``SNR``, v_prediction ``SNR + 1`` (since ``v = (sqrt(ab) x_t - x0) /
+    sqrt(1 - ab)``). rflow (``s``): sample 1, v_prediction ``1 / s^2`` (since ``x0 = x_s + s v``).
+    """
+    if prediction_type == "sample":
+        return torch.ones_like(ab_or_s)
+    if process == "ddpm":
+        snr = ddpm_snr(ab_or_s)
+        if prediction_type == "epsilon":
+            return snr
+        if prediction_type == "v_prediction":
+            return snr + 1
+    elif process == "rflow" and prediction_type == "v_prediction":
+        return 1 / ab_or_s**2
+    raise ValueError(f"no error ratio for process {process!r} with prediction_type {prediction_type!r}.")
+
+
+def min_snr_weight(snr: torch.Tensor, ratio: torch.Tensor, gamma: float = 5.0) -> torch.Tensor:
+    """Min-SNR-gamma loss weight on the target's squared error (Hang et al. 2023, arXiv 2303.09556, eq. 11).
+
+    The x0 error is weighted by ``min(SNR, gamma)``; on the target that is ``min(SNR, gamma) / ratio`` with
+    ``ratio`` from :func:`target_error_ratio`: ``min(SNR, gamma) / SNR`` for epsilon, ``min(SNR, gamma) /
+    (SNR + 1)`` for v, ``min(SNR, gamma)`` for x0 prediction. An infinite SNR (rflow at ``s = 0``) gives ``gamma``.
+    """
+    if not gamma > 0:
+        raise ValueError(f"min-SNR gamma must be > 0, got {gamma}.")
+    return snr.clamp(max=gamma) / ratio
+
+
+def velocity_loss_weight(s: torch.Tensor, s_min: float = 0.05) -> torch.Tensor:
+    """Weight that turns an x0 squared error into the velocity's: ``1 / max(s, s_min)^2``.
+
+    JiT (Li & He 2025, arXiv 2511.13720): the network predicts x0 but the loss is taken on the velocity it
+    implies, ``v_hat = (x0_hat - x_s) / s`` against ``v = x0 - eps``, so ``|v_hat - v|^2 = |x0_hat - x0|^2 / s^2``.
+    ``s`` is floored at ``s_min`` (the weight would be unbounded near clean data).
+    """
+    if not 0 < s_min <= 1:
+        raise ValueError(f"s_min must be in (0, 1], got {s_min}.")
+    return 1 / s.clamp(min=s_min) ** 2

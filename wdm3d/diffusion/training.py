@@ -19,7 +19,7 @@ arguments, the contract of MONAI's ``DiffusionPrepareBatch``. MONAI's own ``Diff
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from monai.engines.utils import PrepareBatch, default_prepare_batch
@@ -28,11 +28,31 @@ from torch import nn
 from ..wavelets import SUBBANDS
 from .wavelet_diffusion import WaveletDiffusion
 
-__all__ = ["WaveletDiffusionPrepareBatch", "WaveletMSELoss", "subband_mse"]
+__all__ = ["DiffusionTarget", "WaveletDiffusionPrepareBatch", "WaveletMSELoss", "subband_mse", "target_tensor"]
+
+
+class DiffusionTarget(NamedTuple):
+    """A training target with per-sample loss weights, for a process with ``loss_weighting`` other than "none".
+
+    Attributes:
+        target: what the network should output, ``(B, C, ...)``.
+        weight: ``(B,)`` weights on each sample's squared error (:meth:`WaveletDiffusion.loss_weight`).
+    """
+
+    target: torch.Tensor
+    weight: torch.Tensor
+
+
+def target_tensor(target: torch.Tensor | DiffusionTarget) -> torch.Tensor:
+    """The target tensor of a plain or weighted target (for logging per-subband errors)."""
+    return target.target if isinstance(target, DiffusionTarget) else target
 
 
 class WaveletDiffusionPrepareBatch(PrepareBatch):
     """Turn an image batch into a wavelet diffusion training example for ``SupervisedTrainer``.
+
+    The target is a tensor, or a :class:`DiffusionTarget` (target and per-sample weights) when the process has a
+    ``loss_weighting``; :class:`WaveletMSELoss` takes both.
 
     Args:
         diffusion: the :class:`WaveletDiffusion` that defines the wavelet space, timesteps and target.
@@ -80,6 +100,8 @@ class WaveletDiffusionPrepareBatch(PrepareBatch):
         noise = torch.randn_like(x0)
         timesteps = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
         target = self.diffusion.target(x0, noise, timesteps)
+        if self.diffusion.loss_weighting != "none":
+            target = DiffusionTarget(target, self.diffusion.loss_weight(timesteps))
         infer_kwargs: dict[str, Any] = {"noise": noise, "timesteps": timesteps}
         if self.condition_key is not None:
             if not isinstance(batchdata, Mapping) or self.condition_key not in batchdata:
@@ -91,45 +113,83 @@ class WaveletDiffusionPrepareBatch(PrepareBatch):
         return x0, target, (), infer_kwargs
 
 
-def _channel_weights(weights: Sequence[float], channels: int, like: torch.Tensor) -> torch.Tensor:
-    if len(weights) != 8:
-        raise ValueError(f"subband_weights needs 8 values (one per subband {SUBBANDS}), got {len(weights)}.")
-    if channels % 8:
-        raise ValueError(f"wavelet tensors must have 8*C channels, got {channels}.")
-    w = torch.as_tensor(list(weights), dtype=like.dtype, device=like.device).repeat_interleave(channels // 8)
+def _group_weights(weights: torch.Tensor, channels: int, like: torch.Tensor) -> torch.Tensor:
+    """``(G,)`` weights of channel groups -> ``(1, channels, 1, 1, 1)`` (each group is ``channels // G`` channels)."""
+    groups = weights.numel()
+    if channels % groups:
+        raise ValueError(f"{groups} subband weights do not divide {channels} wavelet channels.")
+    w = weights.to(dtype=like.dtype, device=like.device).repeat_interleave(channels // groups)
     return w.reshape(1, channels, *([1] * (like.ndim - 2)))
 
 
-def subband_mse(pred: torch.Tensor, target: torch.Tensor) -> dict[str, float]:
-    """Mean squared error of each subband, ``{"LLL": ..., ..., "HHH": ...}`` (for logging)."""
+def subband_mse(pred: torch.Tensor, target: torch.Tensor | DiffusionTarget, levels: int = 1) -> dict[str, float]:
+    """Mean squared error of each subband, ``{"LLL": ..., ..., "HHH": ...}`` (for logging).
+
+    With ``levels=2`` (``64C`` channels) each name is a level-1 subband and covers the 8 level-2 bands computed from
+    it: channel ``j`` belongs to level-1 subband ``(j % 8C) // C``.
+    """
+    target = target_tensor(target)
     if pred.shape != target.shape:
         raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape.")
-    c = pred.shape[1] // 8
-    err = (pred.detach().float() - target.detach().float()).pow(2)
-    return {name: err[:, k * c : (k + 1) * c].mean().item() for k, name in enumerate(SUBBANDS)}
+    factor = 8**levels
+    if pred.shape[1] % factor:
+        raise ValueError(f"{levels}-level wavelet tensors have a multiple of {factor} channels, got {pred.shape[1]}.")
+    err = (pred.detach().float() - target.detach().float()).pow(2).mean(dim=tuple(range(2, pred.ndim)))
+    groups = err.reshape(err.shape[0], factor // 8, 8, pred.shape[1] // factor).mean(dim=(0, 1, 3))
+    return {name: groups[k].item() for k, name in enumerate(SUBBANDS)}
 
 
 class WaveletMSELoss(nn.Module):
     """MSE in the wavelet domain, optionally weighted per subband (WDM: plain MSE, all weights 1).
 
     Args:
-        subband_weights: 8 weights in :data:`wdm3d.wavelets.SUBBANDS` order, or None for equal weights.
-            The weighted loss is ``sum_k w_k * mse_k / sum_k w_k`` so its scale does not depend on the weights.
+        subband_weights: one weight per channel group, in channel order: 8 for one level (:data:`SUBBANDS`
+            order), 64 for a two-level packet; None for equal weights. The weighted loss is
+            ``sum_k w_k * mse_k / mean_k w_k / G`` so its scale does not depend on the weights.
+        learned: learn one log-variance ``s_k`` per subband (heteroscedastic loss, Kendall & Gal 2017, as
+            WaveDiT weights its subbands): ``loss = mean_k (exp(-s_k) mse_k + s_k)``. At the optimum
+            ``exp(s_k) = mse_k``, so each subband's error is balanced by its own size. The ``s_k`` are parameters
+            of this module: give them to the optimiser (``list(net.parameters()) + list(loss.parameters())``).
+            Multiplies the fixed ``subband_weights`` if both are given.
+        num_subbands: the number of groups with ``learned`` (8 for one level, 64 for two).
+
+    The target may be a :class:`DiffusionTarget`; its per-sample weights multiply each sample's error.
     """
 
-    def __init__(self, subband_weights: Sequence[float] | None = None) -> None:
+    def __init__(
+        self, subband_weights: Sequence[float] | None = None, learned: bool = False, num_subbands: int = 8
+    ) -> None:
         super().__init__()
         if subband_weights is not None:
             subband_weights = [float(w) for w in subband_weights]
-            if len(subband_weights) != 8 or any(w < 0 for w in subband_weights) or sum(subband_weights) <= 0:
-                raise ValueError(f"subband_weights must be 8 non-negative numbers, not all 0; got {subband_weights}.")
+            if len(subband_weights) not in (8, 64) or any(w < 0 for w in subband_weights) or sum(subband_weights) <= 0:
+                raise ValueError(
+                    f"subband_weights must be 8 (one level) or 64 (two levels) non-negative numbers, not all 0; "
+                    f"got {subband_weights}."
+                )
+        if learned and num_subbands not in (8, 64):
+            raise ValueError(f"num_subbands must be 8 (one level) or 64 (two levels), got {num_subbands}.")
         self.subband_weights = subband_weights
+        self.learned = bool(learned)
+        self.log_variance = nn.Parameter(torch.zeros(num_subbands)) if learned else None
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor, target: torch.Tensor | DiffusionTarget) -> torch.Tensor:
+        weight = target.weight if isinstance(target, DiffusionTarget) else None
+        target = target_tensor(target)
         if pred.shape != target.shape:
             raise ValueError(f"pred {tuple(pred.shape)} and target {tuple(target.shape)} must have the same shape.")
         err = (pred.float() - target.float()).pow(2)
-        if self.subband_weights is None:
+        if weight is not None:
+            if weight.shape != (pred.shape[0],):
+                raise ValueError(f"per-sample weights must have shape ({pred.shape[0]},), got {tuple(weight.shape)}.")
+            err = err * weight.to(err).reshape(-1, *([1] * (err.ndim - 1)))
+        if self.subband_weights is not None:
+            w = torch.tensor(self.subband_weights)
+            err = err * _group_weights(w / w.mean(), pred.shape[1], err)
+        if not self.learned:
             return err.mean()
-        w = _channel_weights(self.subband_weights, pred.shape[1], err)
-        return (err * w).mean() * 8 / sum(self.subband_weights)
+        groups = self.log_variance.numel()
+        per_band = err.mean(dim=tuple(range(2, err.ndim))).mean(0)  # (channels,)
+        per_band = per_band.reshape(groups, -1).mean(1)
+        s = self.log_variance.float()
+        return (torch.exp(-s) * per_band + s).mean()

@@ -45,7 +45,14 @@ class WaveletDiffusion:
         wavelet: ``"haar"`` (WDM) or a PyWavelets name.
         clip_range: valid image intensity range, used by the clip projection (WDM: (-1, 1)).
         ddpm_variance: ``"fixed_large"`` (beta_t, WDM) or ``"fixed_small"`` (posterior variance).
-        rflow_sample_method: training time distribution for rflow: ``"uniform"`` or ``"logit-normal"``.
+        rflow_sample_method: training time distribution for rflow: ``"uniform"`` or ``"logit-normal"`` (SD3:
+            ``s = sigmoid(n)``, ``n ~ N(0, 1)``).
+        levels: wavelet levels: 1 (WDM: 8 subbands at half resolution) or 2 (a two-level Haar packet: 64 channels
+            at a quarter of the resolution); see :class:`wdm3d.wavelets.WaveletSpace`.
+        loss_weighting: per-sample weight on the target's squared error: ``"none"`` (WDM), ``"min_snr"``
+            (min-SNR-gamma, Hang et al. 2023; any process and prediction type) or ``"velocity"`` (JiT: rflow with
+            ``prediction_type="sample"``, the loss taken on the implied velocity). See :meth:`loss_weight`.
+        min_snr_gamma: gamma of ``"min_snr"`` (5 in the paper).
 
     Example:
         >>> diffusion = WaveletDiffusion()  # WDM: T=1000, linear betas, x0 prediction, LLL / 3
@@ -67,6 +74,9 @@ class WaveletDiffusion:
         clip_range: Sequence[float] | None = (-1.0, 1.0),
         ddpm_variance: str = "fixed_large",
         rflow_sample_method: str = "uniform",
+        levels: int = 1,
+        loss_weighting: str = "none",
+        min_snr_gamma: float = 5.0,
     ) -> None:
         if process not in maths.PROCESSES:
             raise ValueError(f"process must be one of {maths.PROCESSES}, got {process!r}.")
@@ -82,7 +92,18 @@ class WaveletDiffusion:
             if not lo < hi:
                 raise ValueError(f"clip_range must be (low, high) with low < high, got {clip_range!r}.")
             clip_range = (lo, hi)
+        if loss_weighting not in maths.LOSS_WEIGHTINGS:
+            raise ValueError(f"loss_weighting must be one of {maths.LOSS_WEIGHTINGS}, got {loss_weighting!r}.")
+        if loss_weighting == "velocity" and (process, prediction_type) != ("rflow", "sample"):
+            raise ValueError(
+                "loss_weighting 'velocity' (JiT: x prediction, velocity loss) needs process 'rflow' with "
+                f"prediction_type 'sample', got {process!r} / {prediction_type!r}."
+            )
+        if not (isinstance(min_snr_gamma, (int, float)) and min_snr_gamma > 0):
+            raise ValueError(f"min_snr_gamma must be a positive number, got {min_snr_gamma!r}.")
         self.process = process
+        self.loss_weighting = loss_weighting
+        self.min_snr_gamma = float(min_snr_gamma)
         self.num_train_timesteps = num_train_timesteps
         self.prediction_type = prediction_type
         self.clip_range = clip_range
@@ -91,7 +112,7 @@ class WaveletDiffusion:
         if schedule == "cosine":
             self.schedule = {"schedule": schedule}  # the betas do not apply
         self.rflow_sample_method = rflow_sample_method
-        self.space = WaveletSpace(lll_scale=lll_scale, wavelet=wavelet)
+        self.space = WaveletSpace(lll_scale=lll_scale, wavelet=wavelet, levels=levels)
         if process == "ddpm":
             schedule_args = {} if schedule == "cosine" else {"beta_start": beta_start, "beta_end": beta_end}
             self.scheduler = DDPMScheduler(
@@ -122,8 +143,17 @@ class WaveletDiffusion:
     def lll_scale(self) -> float:
         return self.space.lll_scale
 
+    @property
+    def levels(self) -> int:
+        return self.space.levels
+
+    @property
+    def channel_factor(self) -> int:
+        """Wavelet channels per image channel (8 for one level, 64 for two)."""
+        return self.space.channel_factor
+
     def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """Images ``(B, C, D, H, W)`` -> wavelet space ``(B, 8C, D/2, H/2, W/2)``."""
+        """Images ``(B, C, D, H, W)`` -> wavelet space ``(B, 8C, D/2, H/2, W/2)`` (``8**L C`` at ``1/2**L``)."""
         return self.space.encode(images)
 
     def decode(self, coeffs: torch.Tensor) -> torch.Tensor:
@@ -162,6 +192,28 @@ class WaveletDiffusion:
         if self.process == "ddpm":
             return maths.ddpm_target(x0, noise, self._ab(timesteps, x0), self.prediction_type)
         return maths.rflow_target(x0, noise, self.prediction_type)
+
+    def loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
+        """Per-sample weights ``(B,)`` (float32) on the squared error of the training target at ``timesteps``.
+
+        ``"none"``: 1. ``"min_snr"``: :func:`~wdm3d.diffusion.maths.min_snr_weight` of the process's SNR
+        (``ab / (1 - ab)`` for ddpm, ``((1 - s) / s)^2`` for rflow) for this prediction type. ``"velocity"``:
+        :func:`~wdm3d.diffusion.maths.velocity_loss_weight` ``1 / max(s, 0.05)^2``.
+        """
+        if self.process == "ddpm":
+            level = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
+            snr = maths.ddpm_snr(level)
+        else:
+            level = timesteps.double() / self.num_train_timesteps
+            snr = maths.rflow_snr(level)
+        if self.loss_weighting == "none":
+            weight = torch.ones_like(level)
+        elif self.loss_weighting == "min_snr":
+            ratio = maths.target_error_ratio(self.process, self.prediction_type, level)
+            weight = maths.min_snr_weight(snr, ratio, self.min_snr_gamma)
+        else:
+            weight = maths.velocity_loss_weight(level)
+        return weight.float()
 
     def predict_x0(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
         """The x0 implied by a network ``output`` at ``x_t`` and ``timesteps``."""
@@ -238,8 +290,12 @@ class WaveletDiffusion:
         if len(image_shape) != 4:
             raise ValueError(f"image_shape must be (C, D, H, W), got {tuple(image_shape)}.")
         c, d, h, w = (int(v) for v in image_shape)
-        if any(v % 2 for v in (d, h, w)):
-            raise ValueError(f"image_shape {tuple(image_shape)} must have even spatial sizes for the wavelet transform.")
+        f = 2**self.levels
+        if any(v % f for v in (d, h, w)):
+            raise ValueError(
+                f"image_shape {tuple(image_shape)} must have spatial sizes divisible by {f} for a {self.levels}-level "
+                "wavelet transform (even sizes for one level, multiples of 4 for two)."
+            )
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
         if eta < 0:
@@ -258,7 +314,7 @@ class WaveletDiffusion:
                 )
             cond = self.encode(concat.to(device))
 
-        shape = (num_samples, 8 * c, d // 2, h // 2, w // 2)
+        shape = (num_samples, self.channel_factor * c, d // f, h // f, w // f)
         x = torch.randn(shape, generator=generator, device=device)
         steps = list(zip(timesteps[:-1], timesteps[1:]))
         for t, t_next in tqdm(steps, desc=f"{sampler} sampling", disable=not progress, leave=False):
@@ -294,7 +350,11 @@ class WaveletDiffusion:
             "lll_scale": self.lll_scale,
             "wavelet": self.space.dwt.wavelet,
             "clip_range": list(self.clip_range) if self.clip_range else None,
+            "levels": self.levels,
+            "loss_weighting": self.loss_weighting,
         }
+        if self.loss_weighting == "min_snr":
+            out["min_snr_gamma"] = self.min_snr_gamma
         if self.process == "ddpm":
             out["ddpm_variance"] = self.ddpm_variance
             out.update(self.schedule)  # the noise schedule (two schedules otherwise looked like one process)

@@ -39,7 +39,7 @@ _NUM = re.compile(r"(epoch|iteration)=(\d+)")
 #: before versioning, treated as 0).
 FORMAT_VERSION = 1
 # saved objects a checkpoint may lack (older files, or runs without them): resuming warns instead of failing
-_OPTIONAL = ("rng", "run_config", "mlflow", "geometry", "scaler")
+_OPTIONAL = ("rng", "run_config", "mlflow", "geometry", "scaler", "loss")
 
 
 def _progress(path: Path) -> tuple[int, int, float]:
@@ -222,7 +222,7 @@ def load_network_weights(
 
 
 # diffusion settings a sampler may choose freely: the DDPM posterior variance, and how training drew rflow timesteps
-_FREE_AT_SAMPLING = ("ddpm_variance", "rflow_sample_method")
+_FREE_AT_SAMPLING = ("ddpm_variance", "rflow_sample_method", "loss_weighting", "min_snr_gamma")
 
 
 def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path: str | os.PathLike) -> None:

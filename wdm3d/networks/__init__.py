@@ -3,6 +3,7 @@
 
 from .attention import Attention, AttnProcessor, ContextEmbedding, CrossAttentionBlock
 from .causal import CausalConv3d, CausalDownsample3d, CausalResBlock3d, CausalUpsample3d, ChannelRMSNorm, causal_cache
+from .dit import DiT3D, DiTBlock, dit3d
 from .ip_adapter import (
     ConditionDropout,
     DroppedConditions,
@@ -31,5 +32,5 @@ __all__ = [
     "DroppedConditions", "CausalConv3d", "CausalDownsample3d", "CausalResBlock3d", "CausalUpsample3d",
     "ChannelRMSNorm", "causal_cache", "LatentDistribution", "MonaiKLAdapter", "VAEOutput", "WFVAE3D", "WFEncoder3D",
     "WFDecoder3D", "WaveletVAE3D", "PRIORS", "haar_gain", "MEDICALNET_WEIGHTS_FILE", "MedicalNetResNet50", "RandomConv3dFeatures", "load_medicalnet_weights",
-    "medicalnet_resnet50",
+    "medicalnet_resnet50", "DiT3D", "DiTBlock", "dit3d",
 ]
