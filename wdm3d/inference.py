@@ -233,14 +233,15 @@ class VolumeGenerator:
         self.network.to(self.device)
         weights = load_network_weights(self.network, ckpt_path, keys, checkpoint=ckpt)
         self.network.eval()
-        channels = self.network.out_channels // 8 if hasattr(self.network, "out_channels") else 1
+        factor = getattr(self.diffusion, "channel_factor", 8)  # 8 wavelet channels per image channel per level
+        channels = self.network.out_channels // factor if hasattr(self.network, "out_channels") else 1
         sample_shape = [channels, *shape]
         if self.decoder is not None:
             self.decoder.to(self.device)
             sample_shape = self.decoder.latent_shape(shape)
             if sample_shape[0] != channels:
                 raise ValueError(f"the diffusion network makes {channels} latent channels but the autoencoder takes "
-                                 f"{sample_shape[0]}; check network_def's in_channels (8 x latent channels).")
+                                 f"{sample_shape[0]}; check network_def's in_channels (8 per level x latent channels).")
         self.output_dir.mkdir(parents=True, exist_ok=True)
         _clear_previous_run(self.output_dir, self.num_samples, self.dicom)
         c_lo, c_hi = self.diffusion.clip_range or (-1.0, 1.0)

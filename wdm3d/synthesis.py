@@ -292,7 +292,7 @@ class ConditionalSynthesis:
             model = ClassifierFreeGuidance(net, self.guidance_scale, null_context=null, drop=("context",))
             if self.method == "concat":
                 concat = reference.expand(num, -1, -1, -1, -1)
-        channels = net.out_channels // 8
+        channels = net.out_channels // self.diffusion.channel_factor
         return self.diffusion.sample(
             model, [channels, *self.image_size], num_samples=num, sampler=self.sampler, num_steps=self.num_steps,
             eta=self.eta, clip_projection=self.clip_projection, seed=seed, context=context, concat=concat,
