@@ -1,0 +1,453 @@
+"""Learning-efficiency benchmark (issue 19): which diffusion recipe generates best at an equal training budget?
+
+Every candidate trains the same number of optimizer steps (same batch size, AdamW settings, EMA, data and seeds;
+parameter counts within about 15% of each other, reported with the wall-clock), then samples ``--num-samples``
+volumes, which are scored against a reference set the model never saw:
+
+- **known truth** (``shapes32`` / ``shapes64``, :mod:`data_prep.known_truth`): each generating parameter (organ
+  radius: long-tailed, intensity: bimodal, position, lesion count, texture, thin-rod length) is re-measured from the
+  samples the way the data were made and compared with the same measurement of 256 fresh draws of the law:
+  Kolmogorov-Smirnov statistic and Wasserstein-1 distance in units of the reference's standard deviation
+  (``param_w1``, the mean over parameters, is the headline figure); ``spread_*`` is the samples' standard deviation
+  over the reference's (1.0 is right; below 1 the samples are less diverse than the data); ``valid`` the share of
+  samples with one intact organ;
+- **demo** (``demo32``: the embedded MNI152-based brain data at 32^3): the distribution metrics only;
+- for both: FID on random-weight MedicalNet ResNet-50 features and on random conv3d features (comparable only within
+  this benchmark), RBF MMD^2 on the conv3d features, |MS-SSIM diversity - real's|, the memorization audit's copy
+  fraction (against the training set), and the per-subband energy error (mean |log| ratio of each Haar subband's
+  energy, samples against reference).
+
+Candidates are config switches of :class:`wdm3d.diffusion.WaveletDiffusion`, :class:`wdm3d.diffusion.WaveletMSELoss`
+and the backbone (``CANDIDATES`` below). Results go to ``OUT/runs/<dataset>/<candidate>/seed<k>.json`` (a finished
+run is skipped when re-run, so the study resumes); ``report`` aggregates them (mean and 95% t-interval over seeds),
+picks a winner per dataset and writes ``benchmarks/results/quality.json`` and the table in BENCHMARKS.md.
+
+    python benchmarks/quality.py run /tmp/quality --dataset shapes32 --seeds 0 1 2     # CPU, 2 threads
+    python benchmarks/quality.py report /tmp/quality --write
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import math
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from data_prep.known_truth import PARAMETERS, make_volumes, measure_many  # noqa: E402
+from wdm3d.diffusion import WaveletDiffusion, WaveletDiffusionPrepareBatch, WaveletMSELoss  # noqa: E402
+from wdm3d.networks import DiT3D, count_parameters, wdm_unet  # noqa: E402
+
+RESULTS_JSON = REPO / "benchmarks" / "results" / "quality.json"
+BENCHMARKS_MD = REPO / "BENCHMARKS.md"
+MARK_BEGIN, MARK_END = "<!-- quality:begin -->", "<!-- quality:end -->"
+
+UNET = {"kind": "unet", "base_channels": 16, "channel_mult": (1, 2, 2), "num_res_blocks": 1, "norm_num_groups": 8}
+UNET_2LEVEL = {"kind": "unet", "base_channels": 20, "channel_mult": (1, 2), "num_res_blocks": 1, "norm_num_groups": 4}
+DIT = {"kind": "dit", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads": 4}
+WDM = {"process": "ddpm", "prediction_type": "sample"}
+RFLOW = {"process": "rflow", "prediction_type": "v_prediction", "rflow_sample_method": "logit-normal"}
+
+#: name -> (diffusion settings, network, loss settings, sampler, steps, what it is)
+CANDIDATES: dict[str, dict] = {
+    "wdm": dict(diffusion=WDM, net=UNET, loss={}, sampler="ddpm", steps=1000,
+                note="WDM's recipe: DDPM, x0 prediction, linear betas, 1000 ancestral steps"),
+    "wdm_ddim50": dict(diffusion=WDM, net=UNET, loss={}, sampler="ddim", steps=50,
+                       note="WDM's training, DDIM-50 sampling (today's bundle default)"),
+    "eps_minsnr": dict(diffusion={"process": "ddpm", "prediction_type": "epsilon", "loss_weighting": "min_snr"},
+                       net=UNET, loss={}, sampler="ddim", steps=50, note="DDPM, epsilon, min-SNR-5, DDIM-50"),
+    "v_minsnr": dict(diffusion={"process": "ddpm", "prediction_type": "v_prediction", "loss_weighting": "min_snr"},
+                     net=UNET, loss={}, sampler="ddim", steps=50, note="DDPM, v, min-SNR-5, DDIM-50"),
+    "rflow_v": dict(diffusion=RFLOW, net=UNET, loss={}, sampler="rflow", steps=50,
+                    note="rectified flow, velocity, logit-normal t (SD3), 50 Euler steps"),
+    "rflow_x_vloss": dict(diffusion={**RFLOW, "prediction_type": "sample", "loss_weighting": "velocity"}, net=UNET,
+                          loss={}, sampler="rflow", steps=50, note="rectified flow, x prediction, velocity loss (JiT)"),
+    "rflow_v_fixedsub": dict(diffusion=RFLOW, net=UNET, loss={"subband_weights": "inverse_variance"},
+                             sampler="rflow", steps=50,
+                             note="rflow_v + fixed per-subband weights (inverse of each subband's data variance)"),
+    "rflow_v_learnedsub": dict(diffusion=RFLOW, net=UNET, loss={"learned": True}, sampler="rflow", steps=50,
+                               note="rflow_v + learned heteroscedastic per-subband weights (WaveDiT)"),
+    "rflow_v_2level": dict(diffusion={**RFLOW, "levels": 2}, net=UNET_2LEVEL, loss={}, sampler="rflow", steps=50,
+                           note="rflow_v on two Haar levels (64 channels at 1/4 resolution)"),
+    "rflow_v_dit": dict(diffusion=RFLOW, net=DIT, loss={}, sampler="rflow", steps=50,
+                        note="rflow_v with a DiT (AdaLN-Zero, 2^3 patches) instead of the U-Net"),
+}
+
+#: metric -> lower is better
+METRICS = {"param_w1": True, "param_ks": True, "valid": False, "fid_medicalnet_random": True, "fid_conv3d": True,
+           "mmd2": True, "ms_ssim_gap": True, "copy_fraction": True, "subband_energy_error": True}
+PRIMARY = {"shapes32": "param_w1", "shapes64": "param_w1", "demo32": "fid_medicalnet_random"}
+
+
+def log(msg: str) -> None:
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
+
+
+# -- data ----------------------------------------------------------------------------------------------------------
+
+
+def load_dataset(name: str, work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """(training volumes, reference volumes), ``(N, n, n, n)`` in [0, 1]; cached under ``work``."""
+    cache = work / f"{name}.npz"
+    if cache.is_file():
+        data = np.load(cache)
+        return data["train"], data["reference"]
+    if name.startswith("shapes"):
+        size = int(name[len("shapes"):])
+        train, _ = make_volumes(256, size, seed=1000)
+        reference, _ = make_volumes(256, size, seed=2000)
+    elif name == "demo32":
+        train, reference = _demo_volumes(work)
+    else:
+        raise ValueError(f"unknown dataset {name!r}: shapes32, shapes64 or demo32.")
+    work.mkdir(parents=True, exist_ok=True)
+    np.savez(cache, train=train, reference=reference)
+    return train, reference
+
+
+def _demo_volumes(work: Path) -> tuple[np.ndarray, np.ndarray]:
+    """The demo brain data at 32^3 (8 mm voxels): the training split trains, all cases are the reference."""
+    import nibabel as nib
+
+    from data_prep.demo import make_demo_dataset
+
+    dst = work / "demo32_data"
+    datalist = dst / "prepared" / "datalist.json"
+    if not datalist.is_file():
+        make_demo_dataset(dst, num_cases=48, seed=0, resolution=4, pool=2, progress=False)
+    data = json.loads(datalist.read_text())
+
+    def vols(entries):
+        return np.stack([np.asarray(nib.load(datalist.parent / e["t1n"]).dataobj, np.float32) for e in entries])
+
+    train = vols(data["training"])
+    everything = vols([e for split in ("training", "validation", "test") for e in data.get(split, [])])
+    return np.clip(train, 0, 1), np.clip(everything, 0, 1)
+
+
+# -- one run ---------------------------------------------------------------------------------------------------------
+
+
+def build_network(spec: dict, channels: int) -> torch.nn.Module:
+    spec = dict(spec)
+    kind = spec.pop("kind")
+    if kind == "unet":
+        return wdm_unet("wdm_128", in_channels=channels, **spec)
+    return DiT3D(in_channels=channels, **spec)
+
+
+def subband_inverse_variance(diffusion: WaveletDiffusion, train: np.ndarray) -> list[float]:
+    """Fixed per-subband weights: 1 / variance of each subband's coefficients over the training data."""
+    y = diffusion.encode(torch.from_numpy(train[:64, None]) * 2 - 1)
+    groups = y.shape[1]
+    var = y.transpose(0, 1).reshape(groups, -1).var(dim=1).double()
+    per_band = var.reshape(-1, 8 if diffusion.levels == 1 else 64).mean(0) if groups > 64 else var
+    return (1 / per_band.clamp(min=1e-6)).tolist()
+
+
+def train_and_sample(cand: dict, train: np.ndarray, seed: int, iterations: int, batch_size: int,
+                     num_samples: int, lr: float, ema_decay: float) -> tuple[np.ndarray, dict]:
+    torch.manual_seed(seed)
+    diffusion = WaveletDiffusion(**cand["diffusion"])
+    size = train.shape[-1]
+    net = build_network(cand["net"], diffusion.channel_factor)
+    loss_args = dict(cand["loss"])
+    if loss_args.get("subband_weights") == "inverse_variance":
+        loss_args["subband_weights"] = subband_inverse_variance(diffusion, train)
+    if loss_args.get("learned"):
+        loss_args["num_subbands"] = diffusion.channel_factor
+    loss_fn = WaveletMSELoss(**loss_args)
+    params = list(net.parameters()) + list(loss_fn.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
+    ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
+    prepare = WaveletDiffusionPrepareBatch(diffusion)
+    rng = np.random.default_rng(seed)
+    data = torch.from_numpy(train)[:, None] * 2 - 1  # [0, 1] -> [-1, 1], as the bundles' transforms
+    t0 = time.time()
+    losses = []
+    for _ in range(iterations):
+        idx = torch.from_numpy(rng.choice(len(data), batch_size, replace=False))
+        x0, target, _, kw = prepare({"image": data[idx]})
+        noisy = diffusion.add_noise(x0, kw["noise"], kw["timesteps"]).float()
+        loss = loss_fn(net(noisy, kw["timesteps"]), target)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        ema.update_parameters(net)
+        losses.append(loss.item())
+    train_s = time.time() - t0
+    t0 = time.time()
+    samples = diffusion.sample(ema.module.eval(), (1, size, size, size), num_samples=num_samples,
+                               sampler=cand["sampler"], num_steps=cand["steps"], seed=10_000 + seed, progress=False)
+    sample_s = time.time() - t0
+    info = {"parameters": count_parameters(net), "train_seconds": round(train_s, 1),
+            "sample_seconds": round(sample_s, 1), "nfe": cand["steps"],
+            "final_loss": float(np.mean(losses[-50:])), "diffusion": diffusion.config()}
+    return ((samples[:, 0].clamp(-1, 1) + 1) / 2).numpy(), info
+
+
+# -- metrics ---------------------------------------------------------------------------------------------------------
+
+
+def _ks(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import ks_2samp
+
+    return float(ks_2samp(a, b).statistic)
+
+
+def _w1(a: np.ndarray, b: np.ndarray) -> float:
+    from scipy.stats import wasserstein_distance
+
+    return float(wasserstein_distance(a, b))
+
+
+class Scorer:
+    """Metrics of a sample set against one dataset's reference (reference-side features computed once)."""
+
+    def __init__(self, train: np.ndarray, reference: np.ndarray, known_truth: bool) -> None:
+        from wdm3d.metrics import ms_ssim_diversity
+        from wdm3d.networks import MedicalNetResNet50, RandomConv3dFeatures
+
+        self.train, self.reference, self.known_truth = train, reference, known_truth
+        torch.manual_seed(0)
+        self.extractors = {"medicalnet_random": MedicalNetResNet50().eval(), "conv3d": RandomConv3dFeatures(seed=0).eval()}
+        self.ref_features = {k: self._features(e, reference) for k, e in self.extractors.items()}
+        self.ref_ms_ssim = ms_ssim_diversity(torch.from_numpy(reference[:64, None]), pairs=100, n_boot=0)["mean"]
+        self.ref_energy = self._energy(reference)
+        self.ref_params = measure_many(reference) if known_truth else None
+
+    @staticmethod
+    @torch.no_grad()
+    def _features(extractor, vols: np.ndarray) -> np.ndarray:
+        from wdm3d.metrics import extract_features
+
+        return extract_features(extractor, vols, (0.0, 1.0), batch_size=16, device="cpu")
+
+    @staticmethod
+    def _energy(vols: np.ndarray) -> np.ndarray:
+        from wdm3d.wavelets import dwt3d
+
+        y = dwt3d(torch.from_numpy(np.ascontiguousarray(vols[:, None])).double())
+        return y.pow(2).mean(dim=(0, 2, 3, 4)).numpy()
+
+    def __call__(self, fake: np.ndarray) -> dict:
+        from wdm3d.metrics import fid_from_features, memorization_audit, mmd_rbf, ms_ssim_diversity
+
+        out: dict = {}
+        for name, extractor in self.extractors.items():
+            feats = self._features(extractor, fake)
+            out[f"fid_{name}"] = fid_from_features(self.ref_features[name], feats)["fid"]
+            if name == "conv3d":
+                out["mmd2"] = mmd_rbf(self.ref_features[name], feats, permutations=0)["mmd2"]
+        out["ms_ssim"] = ms_ssim_diversity(torch.from_numpy(fake[:, None]), pairs=100, n_boot=0)["mean"]
+        out["ms_ssim_real"] = self.ref_ms_ssim
+        out["ms_ssim_gap"] = abs(out["ms_ssim"] - self.ref_ms_ssim)
+        audit = memorization_audit(fake, self.train, downsample=1)
+        out["copy_fraction"] = audit["copy_fraction"]
+        energy = self._energy(fake)
+        out["subband_energy"] = (energy / self.ref_energy).tolist()
+        out["subband_energy_error"] = float(np.mean(np.abs(np.log(energy / self.ref_energy))))
+        out["background_mean"] = float(fake[:, :3, :3, -3:].mean())
+        out["max_intensity"] = float(fake.reshape(len(fake), -1).max(1).mean())
+        if self.known_truth:
+            got = measure_many(fake)
+            out["valid"] = float(got["valid"].mean())
+            ks, w1 = [], []
+            for p in PARAMETERS:
+                a, b = self.ref_params[p], got[p][np.isfinite(got[p])]
+                if len(b) < 2:
+                    out[f"ks_{p}"], out[f"w1_{p}"] = 1.0, math.inf
+                else:
+                    out[f"ks_{p}"] = _ks(a, b)
+                    out[f"w1_{p}"] = _w1(a, b) / float(np.std(a))
+                    out[f"spread_{p}"] = float(np.std(b) / np.std(a))
+                    out[f"mean_{p}"] = float(np.mean(b))
+                    out[f"ref_mean_{p}"] = float(np.mean(a))
+                ks.append(out[f"ks_{p}"])
+                w1.append(out[f"w1_{p}"])
+            out["param_ks"], out["param_w1"] = float(np.mean(ks)), float(np.mean(w1))
+        return out
+
+
+# -- study -----------------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    import monai
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": None, "python": platform.python_version(),
+            "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
+
+
+def run(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    torch.set_num_threads(args.threads)
+    names = list(CANDIDATES) if args.candidates == ["all"] else args.candidates
+    unknown = set(names) - set(CANDIDATES)
+    if unknown:
+        raise SystemExit(f"unknown candidates {sorted(unknown)}; choose from {list(CANDIDATES)}")
+    for dataset in args.dataset:
+        train, reference = load_dataset(dataset, out / "data")
+        scorer = None
+        for seed in args.seeds:
+            for name in names:
+                path = out / "runs" / dataset / name / f"seed{seed}.json"
+                if path.is_file():
+                    continue
+                scorer = scorer or Scorer(train, reference, dataset.startswith("shapes"))
+                log(f"{dataset} {name} seed {seed}: training {args.iterations} iterations")
+                fake, info = train_and_sample(CANDIDATES[name], train, seed, args.iterations, args.batch_size,
+                                              args.num_samples, args.lr, args.ema_decay)
+                metrics = scorer(fake)
+                record = {"candidate": name, "dataset": dataset, "seed": seed, "iterations": args.iterations,
+                          "batch_size": args.batch_size, "num_samples": args.num_samples, "lr": args.lr,
+                          "ema_decay": args.ema_decay, "sampler": CANDIDATES[name]["sampler"], **info,
+                          "metrics": metrics, "machine": machine(),
+                          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                path.parent.mkdir(parents=True, exist_ok=True)
+                tmp = path.with_suffix(".tmp")
+                tmp.write_text(json.dumps(record, indent=1, default=float))
+                os.replace(tmp, path)
+                np.save(path.with_suffix(".npy"), fake[:8].astype(np.float16))
+                log(f"  {name} seed {seed}: " + ", ".join(
+                    f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics) + f" ({info['train_seconds']} s)")
+
+
+def t_interval(values: list[float]) -> tuple[float, float, float]:
+    """Mean and 95% Student-t interval."""
+    from scipy.stats import t as student_t
+
+    v = np.asarray(values, np.float64)
+    m = float(v.mean())
+    if len(v) < 2:
+        return m, math.nan, math.nan
+    half = float(student_t.ppf(0.975, len(v) - 1) * v.std(ddof=1) / math.sqrt(len(v)))
+    return m, m - half, m + half
+
+
+def summarize(records: list[dict]) -> dict:
+    """Per dataset and candidate: mean and CI of each metric; the winner per dataset."""
+    out: dict = {}
+    for dataset in sorted({r["dataset"] for r in records}):
+        rows = [r for r in records if r["dataset"] == dataset]
+        table = {}
+        for name in CANDIDATES:
+            mine = [r for r in rows if r["candidate"] == name]
+            if not mine:
+                continue
+            entry = {"seeds": sorted(r["seed"] for r in mine), "nfe": mine[0]["nfe"],
+                     "parameters": mine[0]["parameters"],
+                     "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
+                     "sample_seconds": float(np.mean([r["sample_seconds"] for r in mine]))}
+            for metric in {**METRICS, **{f"spread_{p}": True for p in PARAMETERS}}:
+                vals = [r["metrics"][metric] for r in mine if metric in r["metrics"]]
+                if vals and all(math.isfinite(v) for v in vals):
+                    entry[metric] = dict(zip(("mean", "ci_low", "ci_high"), t_interval(vals)))
+            table[name] = entry
+        primary = PRIMARY[dataset]
+        scored = {k: v for k, v in table.items() if primary in v and len(v["seeds"]) >= 3}
+        winner = None
+        if scored:
+            best = min(scored, key=lambda k: scored[k][primary]["mean"])
+            # candidates whose interval overlaps the best's are not distinguishable from it: the cheapest sampler wins
+            tied = [k for k, v in scored.items() if v[primary]["ci_low"] <= scored[best][primary]["ci_high"]]
+            winner = min(tied, key=lambda k: (scored[k]["nfe"], scored[k][primary]["mean"]))
+            out[dataset] = {"primary": primary, "best_mean": best, "tied_with_best": sorted(tied),
+                            "winner": winner, "candidates": table}
+        else:
+            out[dataset] = {"primary": primary, "winner": None, "candidates": table}
+    return out
+
+
+def markdown(summary: dict) -> str:
+    lines = []
+    for dataset, res in summary.items():
+        primary = res["primary"]
+        lines.append(f"**{dataset}** (headline: `{primary}`, lower is better; winner: "
+                     f"`{res.get('winner')}`; indistinguishable from the best mean: {res.get('tied_with_best', [])})")
+        lines.append("")
+        cols = ["param_w1", "valid", "spread_radius", "spread_intensity", "fid_medicalnet_random", "fid_conv3d",
+                "mmd2", "ms_ssim_gap", "copy_fraction", "subband_energy_error"]
+        cols = [c for c in cols if any(c in v for v in res["candidates"].values())]
+        lines.append("| candidate | params | NFE | train s | seeds | " + " | ".join(cols) + " |")
+        lines.append("|---" * (5 + len(cols)) + "|")
+        for name, v in res["candidates"].items():
+            cells = []
+            for c in cols:
+                m = v.get(c)
+                cells.append("" if m is None else f"{m['mean']:.3g} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]")
+            lines.append(f"| `{name}` | {v['parameters'] / 1e6:.2f}M | {v['nfe']} | {v['train_seconds']:.0f} | "
+                         f"{len(v['seeds'])} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
+
+
+def report(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*.json"))]
+    if not records:
+        raise SystemExit(f"no finished runs under {out / 'runs'}")
+    summary = summarize(records)
+    table = markdown(summary)
+    print(table)
+    if not args.write:
+        return
+    doc = {"benchmark": "benchmarks/quality.py", "machine": records[-1]["machine"],
+           "command": "python benchmarks/quality.py run OUT " + (args.command or ""),
+           "candidates": {k: {**v, "net": {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v["net"].items()}}
+                          for k, v in CANDIDATES.items()},
+           "summary": summary, "records": records,
+           "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
+    RESULTS_JSON.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    text = BENCHMARKS_MD.read_text()
+    if MARK_BEGIN in text and MARK_END in text:
+        head, rest = text.split(MARK_BEGIN, 1)
+        _, tail = rest.split(MARK_END, 1)
+        BENCHMARKS_MD.write_text(f"{head}{MARK_BEGIN}\n{table}\n{MARK_END}{tail}")
+    print(f"wrote {RESULTS_JSON}" + (" and the table in BENCHMARKS.md" if MARK_BEGIN in text else ""))
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    sub = parser.add_subparsers(dest="cmd", required=True)
+    r = sub.add_parser("run", help="train, sample and score (finished runs are skipped)")
+    r.add_argument("out")
+    r.add_argument("--dataset", nargs="+", default=["shapes32"], choices=["shapes32", "shapes64", "demo32"])
+    r.add_argument("--candidates", nargs="+", default=["all"])
+    r.add_argument("--seeds", nargs="+", type=int, default=[0, 1, 2])
+    r.add_argument("--iterations", type=int, default=600)
+    r.add_argument("--batch-size", type=int, default=8)
+    r.add_argument("--num-samples", type=int, default=32)
+    r.add_argument("--lr", type=float, default=2e-4)
+    r.add_argument("--ema-decay", type=float, default=0.995)
+    r.add_argument("--threads", type=int, default=2)
+    p = sub.add_parser("report", help="aggregate finished runs")
+    p.add_argument("out")
+    p.add_argument("--write", action="store_true", help="write benchmarks/results/quality.json and BENCHMARKS.md")
+    p.add_argument("--command", default="", help="the run arguments, recorded in the JSON")
+    args = parser.parse_args(argv)
+    (run if args.cmd == "run" else report)(args)
+
+
+if __name__ == "__main__":
+    main()
