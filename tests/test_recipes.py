@@ -113,7 +113,7 @@ def test_velocity_weighting_needs_rflow_with_x_prediction():
 
 
 def test_unweighted_process_keeps_a_plain_target():
-    x0, target, _, _ = WaveletDiffusionPrepareBatch(WaveletDiffusion())({"image": torch.rand(2, 1, 8, 8, 8)})
+    _, target, _, _ = WaveletDiffusionPrepareBatch(WaveletDiffusion())({"image": torch.rand(2, 1, 8, 8, 8)})
     assert isinstance(target, torch.Tensor) and not isinstance(target, DiffusionTarget)
 
 
