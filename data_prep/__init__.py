@@ -19,5 +19,6 @@
 Both preparation tools only read their source, write every file atomically, run cases in parallel (``--workers``)
 with a progress bar, skip cases whose outputs are up to date (``--overwrite`` to redo), list every case as done /
 skipped / failed with the reason in ``OUT/prepare_summary.json`` and ``OUT/prepare_report.csv``, and exit with 1 when
-any case failed. The submodules are not imported here, so ``import data_prep`` stays cheap.
+any case failed, 2 when the output cannot be written (an unwritable ``--dst``, a full disk: the batch stops). Their
+shared output-error helpers are in :mod:`data_prep.common`. The submodules are not imported here, so ``import data_prep`` stays cheap.
 """

@@ -31,9 +31,16 @@ first voxel centre by ``(f - 1) / 2`` input voxels. Orientation is kept as in th
 Outputs: ``OUT/<case>/<case>-<mod>.nii.gz`` (float32 images in [0, 1], uint8 label map), each written to a temporary
 file in the same folder and moved into place with ``os.replace``, so a file that exists is complete. The source
 folder is only read. A case that is missing a requested modality, an empty case folder, and a case with an
-unreadable or inconsistent file are *failed* (file name and reason recorded) and the others go on; a case with two
-files for one modality is *skipped*. ``OUT/prepare_summary.json`` (JSON) and ``OUT/prepare_report.csv`` list every
-case as done / skipped (why) / failed (why); the command exits with 1 when any case failed.
+unreadable or inconsistent file (a dangling or self-referencing symlink included) are *failed* (file name and reason
+recorded) and the others go on; a case with two files for one modality is *skipped*. ``OUT/prepare_summary.json``
+(JSON) and ``OUT/prepare_report.csv`` list every case as done / skipped (why) / failed (why); the command exits with 1
+when any case failed.
+
+The output side is checked first: an ``--dst`` that cannot be created or written is one error line naming the path and
+the errno (``Permission denied (EACCES)``), exit status 2, before any work and with nothing left behind. A write that
+fails later names the output file and the errno, not the source being read, and removes the case's partial outputs.
+A full disk (``No space left on device (ENOSPC)``, or a quota) stops the batch with exit status 2: the cases not
+started are listed as skipped, no datalist is written, and a re-run after freeing space finishes the rest.
 
 Re-runs: each finished case gets ``OUT/<case>/prepare_record.json`` (written after its volumes) with a fingerprint
 of its input files (paths, sizes, modification times) and the per-case settings. A later run skips a case whose
@@ -65,14 +72,14 @@ returns ``[]`` for an empty split.
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
 import re
 import sys
-import tempfile
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import dataclass, field
@@ -84,6 +91,18 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from wdm3d.io.nifti import atomic_write_text, nifti_geometry, save_nifti
+
+from .common import (
+    NOT_STARTED,
+    OutputError,
+    check_output_dir,
+    make_output_dir,
+    not_started,
+    os_error_text,
+    stops_batch,
+    write_failure,
+    writing_output,
+)
 
 __all__ = [
     "MODALITIES",
@@ -636,11 +655,23 @@ def input_fingerprint(paths: Iterable[str | os.PathLike]) -> str:
 
     Re-running a preparation compares it with the one recorded beside the outputs: any file added, removed, replaced
     or touched changes it, and the case is prepared again.
+
+    Args:
+        paths: the input files of one case.
+
+    Raises:
+        OSError: a file cannot be stat'ed (missing, a dangling symlink, a symlink loop: ``ELOOP``), with its path.
     """
     import hashlib
 
     h = hashlib.sha256()
-    for path in sorted(str(Path(p).resolve()) for p in paths):
+    resolved = []
+    for p in paths:
+        try:
+            resolved.append(str(Path(p).resolve()))
+        except RuntimeError:  # Python < 3.13 reports a symlink loop so; make it the OSError of any unreadable file
+            raise OSError(errno.ELOOP, os.strerror(errno.ELOOP), str(p)) from None
+    for path in sorted(resolved):
         st = os.stat(path)
         h.update(f"{path}\0{st.st_size}\0{st.st_mtime_ns}\n".encode())
     return h.hexdigest()
@@ -672,16 +703,42 @@ def write_case_record(out_dir: Path, record: dict[str, Any]) -> None:
 
 
 def run_cases(
-    fn: Any, jobs: Sequence[tuple[str, tuple]], workers: int, desc: str, progress: bool, crashed: Any
+    fn: Any,
+    jobs: Sequence[tuple[str, tuple]],
+    workers: int,
+    desc: str,
+    progress: bool,
+    crashed: Any,
+    stop: Callable[[dict[str, Any]], bool] | None = None,
 ) -> dict[str, dict[str, Any]]:
     """Run ``fn(*args)`` for every ``(key, args)`` job, in ``workers`` processes, with a tqdm bar.
 
     ``fn`` must return a record and never raise for a bad case; a worker that crashes anyway is turned into a
     record by ``crashed(key, error)``, so one case never stops the batch. A worker process that dies (killed, e.g.
     by the out-of-memory killer) breaks the pool and with it every unfinished case: those are run again, each in a
-    pool of its own, and only a case whose worker dies again is failed. Returns ``{key: record}``.
+    pool of its own, and only a case whose worker dies again is failed.
+
+    Args:
+        fn: the per-case function (module level, so worker processes can pickle it).
+        jobs: ``(key, args)`` per case.
+        workers: processes (1: in this process).
+        desc: label of the progress bar.
+        progress: show the progress bar.
+        crashed: ``crashed(key, error) -> record`` for a case whose ``fn`` raised or whose worker died twice.
+        stop: ``stop(record) -> True`` ends the batch after that case (e.g. a full disk, see
+            :func:`data_prep.common.stops_batch`): no further case is started; cases already running finish.
+
+    Returns:
+        ``{key: record}`` for every case that ran; after a ``stop``, the cases never started are absent.
     """
     records: dict[str, dict[str, Any]] = {}
+    stopped = False
+
+    def finished(key: str) -> bool:
+        nonlocal stopped
+        stopped = stopped or (stop is not None and bool(stop(records[key])))
+        return stopped
+
     bar = tqdm(total=len(jobs), desc=desc, unit="case", disable=not progress)
     try:
         if workers == 1 or len(jobs) <= 1:
@@ -691,12 +748,16 @@ def run_cases(
                 except Exception as err:  # noqa: BLE001 - reported like a failed case
                     records[key] = crashed(key, err)
                 bar.update()
+                if finished(key):
+                    break
         else:
             broken = []
             with ProcessPoolExecutor(max_workers=min(workers, len(jobs))) as pool_exec:
                 futures = {pool_exec.submit(fn, *args): key for key, args in jobs}
                 for fut in as_completed(futures):
                     key = futures[fut]
+                    if fut.cancelled():
+                        continue
                     try:
                         records[key] = fut.result()
                     except BrokenProcessPool:
@@ -705,8 +766,13 @@ def run_cases(
                     except Exception as err:  # noqa: BLE001 - a crashed worker is reported like a failed case
                         records[key] = crashed(key, err)
                     bar.update()
+                    if finished(key):
+                        for other in futures:
+                            other.cancel()  # only cases not yet handed to a worker can be cancelled
             args_of = dict(jobs)
             for key in broken:
+                if stopped:
+                    break
                 with ProcessPoolExecutor(max_workers=1) as alone:
                     try:
                         records[key] = alone.submit(fn, *args_of[key]).result()
@@ -716,6 +782,7 @@ def run_cases(
                     except Exception as err:  # noqa: BLE001
                         records[key] = crashed(key, err)
                 bar.update()
+                finished(key)
     finally:
         bar.close()
     return records
@@ -736,16 +803,7 @@ def write_report(rows: Sequence[dict[str, Any]], dst: Path) -> Path:
             "reason": r.get("reason", ""), "file": r.get("file", ""),
             "outputs": ";".join(f"{k}={v}" for k, v in outputs.items()),
         })
-    path = dst / REPORT_CSV_NAME
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=dst)
-    try:
-        with os.fdopen(fd, "w", newline="") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-    return path
+    return atomic_write_text(dst / REPORT_CSV_NAME, buf.getvalue())
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -758,7 +816,16 @@ def _process_case(
 ) -> dict[str, Any]:
     """Prepare one case; never raises for a bad case: returns a record with status done / skipped / failed.
 
-    A done case gets ``OUT/<case>/prepare_record.json`` (input ``fingerprint``, settings, outputs), written last.
+    A done case gets ``OUT/<case>/prepare_record.json`` (input ``fingerprint``, settings, outputs), written last. A
+    failed write (full disk, permissions) names the output path and the errno (:func:`data_prep.common.write_failure`),
+    not the source being read; the case's outputs written so far are removed.
+
+    Args:
+        case: the case as found by :func:`find_cases`.
+        modalities: the modalities to prepare (normalised names).
+        dst: the output folder.
+        settings: the per-case settings (preset values, ``seg_pool``, ``harmonize_labels``).
+        fingerprint: :func:`input_fingerprint` of the case's files, stored in its record.
     """
     record: dict[str, Any] = {"case": case.case_id, "patient": case.patient_id}
     dups = {m: p for m, p in case.duplicates.items() if m in modalities}
@@ -797,13 +864,17 @@ def _process_case(
             }
 
     out_dir = Path(dst) / case.case_id
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / RECORD_NAME).unlink(missing_ok=True)  # the case is incomplete until the record is written again
     label_map = {4: 3} if (case.scheme == "2021" and settings["harmonize_labels"]) else None
     written: list[Path] = []
     outputs: dict[str, str] = {}
     current = ""
+    writing: Path | None = None  # the output being written: an OSError while it is set is the destination's fault
     try:
+        writing = out_dir
+        out_dir.mkdir(parents=True, exist_ok=True)
+        writing = out_dir / RECORD_NAME
+        writing.unlink(missing_ok=True)  # the case is incomplete until the record is written again
+        writing = None
         for mod in modalities:
             current = str(case.files[mod])
             data, affine, codes, qform = volumes.pop(mod)
@@ -819,18 +890,36 @@ def _process_case(
             del data
             path = out_dir / f"{case.case_id}-{mod}.nii.gz"
             # every step moves the affine by a right factor (affine @ M), so the qform moves by the same M
-            _write_nifti(out, out_affine, path, codes, qform @ np.linalg.solve(affine, out_affine))
+            qform_out = qform @ np.linalg.solve(affine, out_affine)
+            writing = path
+            _write_nifti(out, out_affine, path, codes, qform_out)
+            writing = None
             written.append(path)
             outputs[mod] = f"{case.case_id}/{path.name}"
         result = {"status": "done", "outputs": outputs, "shape": list(out.shape), "spacing": _spacing(out_affine)}
+        writing = out_dir / RECORD_NAME
         write_case_record(out_dir, record | result | {"fingerprint": fingerprint, "settings": settings})
     except Exception as err:  # noqa: BLE001 - report, remove this case's partial outputs, go on with the others
-        for path in written:
-            path.unlink(missing_ok=True)
-        if not any(out_dir.iterdir()):
-            out_dir.rmdir()
+        _remove_partial(out_dir, written)
+        if writing is not None and isinstance(err, OSError):
+            return write_failure(record, writing, err)
         return record | {"status": "failed", "file": current, "reason": f"{type(err).__name__}: {err}"}
     return record | result
+
+
+def _remove_partial(out_dir: Path, written: Sequence[Path]) -> None:
+    """Remove a failed case's outputs and its folder if that is then empty; best effort, as the failure being
+    reported (e.g. a permission error) may also prevent the clean-up."""
+    for path in written:
+        try:
+            path.unlink(missing_ok=True)
+        except OSError as err:
+            logger.warning("could not remove the partial output %s: %s", path, os_error_text(err))
+    try:
+        if out_dir.is_dir() and not any(out_dir.iterdir()):
+            out_dir.rmdir()
+    except OSError:
+        pass
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -845,6 +934,35 @@ def _same_or_none(values: list[list[float]], tol: float = 1e-3) -> list[float] |
     if all(np.allclose(np.asarray(v, dtype=np.float64), first, atol=tol) for v in values):
         return [float(v) for v in values[0]]
     return None
+
+
+def _stopped_by_full_disk(
+    full: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict[str, Any]], dst: Path, noun: str,
+    waiting: int,
+) -> OutputError:
+    """Write the report and summary of a batch stopped by a full disk (if they still fit) and return the error to
+    raise. No datalist is written: the batch is incomplete, and the next run writes it.
+
+    Args:
+        full: the record of the case whose write ran out of space (:func:`data_prep.common.write_failure`).
+        summary: the run summary so far.
+        rows: every case's record, for the CSV report.
+        dst: the output folder.
+        noun: what a case is called in the message (``"cases"``, ``"patients"``).
+        waiting: how many cases were not started.
+    """
+    done = summary["counts"]["done"]
+    try:
+        write_report(rows, dst)
+        _write_json(summary, dst / SUMMARY_NAME)
+        also = f"; see {dst / SUMMARY_NAME}"
+    except OSError as err:
+        also = f"; the report could not be written either ({os_error_text(err)})"
+    return OutputError(
+        f"{full['reason']}; the batch stopped there ({done} {noun} done, {waiting} not started): free space and run "
+        f"again, finished {noun} are kept and skipped as up to date{also}",
+        getattr(errno, full.get("errno") or "", None),
+    )
 
 
 def _is_within(path: Path, parent: Path) -> bool:
@@ -905,6 +1023,9 @@ def prepare_brats(
     Raises:
         FileNotFoundError: ``src`` is not a folder, or holds no BraTS-named files.
         ValueError: an argument is invalid, or ``dst`` overlaps ``src``.
+        OutputError: ``dst`` cannot be written (checked before any work), a report cannot be written, or the disk
+            filled up (ENOSPC / EDQUOT): the batch then stops after that case, the summary lists the cases not started,
+            and no datalist is written. The message names the path and the errno.
         RuntimeError: cases were found but none could be prepared (the summary is still written).
     """
     start = time.perf_counter()
@@ -941,6 +1062,7 @@ def prepare_brats(
             f"dst {str(dst_path)!r} and src {str(src_path)!r} overlap; write the prepared data to a folder outside "
             "the raw download (the source is never modified)."
         )
+    check_output_dir(dst_path)  # before any work: an unwritable dst is one clear error, not a failure per case
     cases = find_cases(src_path)
     if not cases:
         raise FileNotFoundError(
@@ -962,7 +1084,7 @@ def prepare_brats(
         "split": list(fractions),
         "seed": int(seed),
     }
-    dst_path.mkdir(parents=True, exist_ok=True)
+    make_output_dir(dst_path)
     case_settings = {k: v for k, v in settings.items() if k not in ("split", "seed")}  # what a case's output depends on
 
     records: dict[str, dict[str, Any]] = {}
@@ -970,9 +1092,12 @@ def prepare_brats(
     for case in cases:
         try:
             fingerprint = input_fingerprint(case.files.values()) if case.files else ""
-        except OSError as err:  # e.g. a dangling symlink: this case fails, the others go on
-            records[case.case_id] = {"case": case.case_id, "patient": case.patient_id, "status": "failed",
-                                     "file": str(err.filename or ""), "reason": f"cannot read the file: {err}"}
+        except Exception as err:  # noqa: BLE001 - e.g. a dangling or looping symlink: this case fails, others go on
+            records[case.case_id] = {
+                "case": case.case_id, "patient": case.patient_id, "status": "failed",
+                "file": str(getattr(err, "filename", None) or ""),
+                "reason": f"cannot read the file: {os_error_text(err)}",
+            }
             continue
         previous = None if overwrite or not fingerprint else read_case_record(
             dst_path / case.case_id, fingerprint, case_settings)
@@ -984,11 +1109,20 @@ def prepare_brats(
         else:
             jobs.append((case.case_id, (case, wanted, str(dst_path), case_settings, fingerprint)))
     patients = {c.case_id: c.patient_id for c in cases}
+    # A full disk stops the batch (exit status 2) instead of following the per-case rule "report and go on": every
+    # further case would read and preprocess its volumes only to fail on the same full disk, and the report would
+    # bury the one cause under identical failures. Cases done so far are kept and a re-run after freeing space skips
+    # them as up to date, so stopping loses nothing.
     records |= run_cases(
         _process_case, jobs, workers, "BraTS cases", progress,
         lambda key, err: {"case": key, "patient": patients[key], "status": "failed", "file": "",
                           "reason": f"worker error {type(err).__name__}: {err}"},
+        stop=stops_batch,
     )
+    full = next((records[key] for key, _ in jobs if key in records and stops_batch(records[key])), None)
+    waiting = [key for key, _ in jobs if key not in records] if full is not None else []
+    for key in waiting:
+        records[key] = not_started({"case": key, "patient": patients[key]}, full)
 
     ordered = [records[c.case_id] for c in cases]
     current = [r for r in ordered if r["status"] == "done" or r.get("reason") == UP_TO_DATE]
@@ -996,7 +1130,7 @@ def prepare_brats(
     skipped = [{"case": r["case"], "reason": r["reason"]} for r in ordered if r["status"] == "skipped"]
     failed = [{"case": r["case"], "file": r["file"], "reason": r["reason"]} for r in ordered if r["status"] == "failed"]
     for entry in skipped:
-        if entry["reason"] != UP_TO_DATE:
+        if entry["reason"] != UP_TO_DATE and not entry["reason"].startswith(NOT_STARTED):  # those: one error line
             logger.warning("skipped %s: %s", entry["case"], entry["reason"])
     for entry in failed:
         logger.warning("failed %s (%s): %s", entry["case"], entry["file"], entry["reason"])
@@ -1005,8 +1139,8 @@ def prepare_brats(
     summary: dict[str, Any] = {
         "src": str(src_path),
         "dst": str(dst_path),
-        "datalist": str(datalist_path) if current else None,
-        "report_csv": str(write_report(ordered, dst_path)),
+        "datalist": str(datalist_path) if current and full is None else None,
+        "report_csv": str(dst_path / REPORT_CSV_NAME),
         "settings": settings,
         "counts": {"found": len(cases), "done": len(done), "skipped": len(skipped), "failed": len(failed)},
         "done": [r["case"] for r in done],
@@ -1014,9 +1148,15 @@ def prepare_brats(
         "failed": failed,
         "cases": [{k: r.get(k, "") for k in REPORT_COLUMNS} for r in ordered],
     }
+    if full is not None:
+        summary["seconds"] = round(time.perf_counter() - start, 3)
+        raise _stopped_by_full_disk(full, summary, ordered, dst_path, "cases", len(waiting))
+    with writing_output(dst_path / REPORT_CSV_NAME):
+        write_report(ordered, dst_path)
     if not current:
         summary["seconds"] = round(time.perf_counter() - start, 3)
-        _write_json(summary, dst_path / "prepare_summary.json")
+        with writing_output(dst_path / SUMMARY_NAME):
+            _write_json(summary, dst_path / SUMMARY_NAME)
         raise RuntimeError(
             f"None of the {len(cases)} BraTS cases below {str(src_path)!r} could be prepared "
             f"({len(skipped)} skipped, {len(failed)} failed); see {dst_path / 'prepare_summary.json'}."
@@ -1057,12 +1197,14 @@ def prepare_brats(
         "numTest": len(entries["test"]),
         **entries,
     }
-    _write_json(datalist, datalist_path)
+    with writing_output(datalist_path):
+        _write_json(datalist, datalist_path)
     summary["splits"] = {key: len(v) for key, v in entries.items()}
     summary["spatial_size"] = datalist["spatial_size"]
     summary["spacing"] = datalist["spacing"]
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    _write_json(summary, dst_path / "prepare_summary.json")
+    with writing_output(dst_path / SUMMARY_NAME):
+        _write_json(summary, dst_path / SUMMARY_NAME)
     if progress:
         up_to_date = sum(1 for r in ordered if r.get("reason") == UP_TO_DATE)
         print(
@@ -1166,7 +1308,12 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Command-line entry point; returns the exit status: 0 when no case failed, 1 when any case failed (the others
-    are still prepared and listed) or none could be prepared, 2 for bad arguments or a missing source."""
+    are still prepared and listed) or none could be prepared, 2 for bad arguments, a missing source, or an output that
+    cannot be written (an unwritable ``--dst``, a full disk).
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
@@ -1176,7 +1323,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             harmonize_labels=not args.no_harmonize_labels, workers=args.workers, progress=not args.quiet,
             overwrite=args.overwrite,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:

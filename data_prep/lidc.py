@@ -4,7 +4,9 @@
 
 Discovery (:func:`find_cases`): every file below ``--src`` (any depth, hidden files ignored) that carries the DICOM
 preamble (``DICM`` at byte 128) has its header read (``stop_before_pixels``); other files (LIDC's XML annotations,
-licences) are ignored. Files are grouped into series by ``SeriesInstanceUID`` and into patients by ``PatientID``.
+licences) are ignored; a file named ``*.dcm`` without it (empty, cut short, a symlink to itself) is *dropped*: listed
+with its reason in the patient's report entry (``dropped``, and in ``reason``) and logged as a warning. Files are
+grouped into series by ``SeriesInstanceUID`` and into patients by ``PatientID``.
 A file with the DICOM preamble whose header cannot be parsed fails its patient: it cannot be known which series it
 belonged to, so nothing of that patient is half-read. A folder named like a patient (``LIDC-IDRI-0001``) without any
 DICOM file is reported as a failed case.
@@ -56,7 +58,9 @@ settings, chosen series), ``OUT/prepare_summary.json`` and ``OUT/prepare_report.
      "training": [{"case": "LIDC-IDRI-0001", "patient": "LIDC-IDRI-0001",
                    "ct": "LIDC-IDRI-0001/LIDC-IDRI-0001-ct.nii.gz"}, ...], "validation": [...], "test": [...]}
 
-The sources are only read. The exit status is 1 when any case failed (the others are still prepared).
+The sources are only read. The exit status is 1 when any case failed (the others are still prepared), 2 when the
+output cannot be written (checked before any header is read) or the disk fills up (the batch stops), as in
+``data_prep.brats``.
 """
 
 from __future__ import annotations
@@ -81,6 +85,7 @@ from .brats import (
     add_batch_arguments,
     RECORD_NAME,
     REPORT_COLUMNS,
+    REPORT_CSV_NAME,
     SPLIT_KEYS,
     SUMMARY_NAME,
     UP_TO_DATE,
@@ -88,8 +93,10 @@ from .brats import (
     _check_spatial_size,
     _check_split,
     _is_within,
+    _remove_partial,
     _same_or_none,
     _spacing,
+    _stopped_by_full_disk,
     _write_json,
     _write_nifti,
     input_fingerprint,
@@ -100,6 +107,16 @@ from .brats import (
     split_patients,
     write_case_record,
     write_report,
+)
+from .common import (
+    OutputError,
+    check_output_dir,
+    make_output_dir,
+    not_started,
+    os_error_text,
+    stops_batch,
+    write_failure,
+    writing_output,
 )
 
 __all__ = [
@@ -179,12 +196,15 @@ class LidcCase:
         series: SeriesInstanceUID -> :class:`DicomSeries`.
         unreadable: ``[(path, reason)]`` of files with a DICOM preamble whose header could not be parsed.
         folder: the patient folder (for the report).
+        dropped: ``[(path, reason)]`` of files named ``*.dcm`` that are not DICOM files (empty, too short, no
+            preamble, cannot be opened: a dangling or looping symlink); listed in the report, not read.
     """
 
     case_id: str
     series: dict[str, DicomSeries] = field(default_factory=dict)
     unreadable: list[tuple[str, str]] = field(default_factory=list)
     folder: str = ""
+    dropped: list[tuple[str, str]] = field(default_factory=list)
 
     @property
     def files(self) -> list[Path]:
@@ -197,13 +217,20 @@ class LidcCase:
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def _is_dicom(path: str) -> bool:
+def _not_dicom(path: str) -> str | None:
+    """None for a file with the DICOM preamble (``DICM`` at byte 128), else why it is not one."""
     try:
         with open(path, "rb") as fh:
             head = fh.read(132)
-    except OSError:
-        return False
-    return len(head) == 132 and head[128:132] == b"DICM"
+    except OSError as err:
+        return f"cannot be read: {os_error_text(err)}"
+    if not head:
+        return "empty file (0 bytes)"
+    if len(head) < 132:
+        return f"{len(head)} bytes, too short for a DICOM file"
+    if head[128:132] != b"DICM":
+        return "no DICOM preamble ('DICM' at byte 128)"
+    return None
 
 
 def _read_header(path: str) -> dict[str, Any]:
@@ -255,6 +282,10 @@ def _median_step(ipps: list[list[float]], iop: list[float] | None) -> float:
 def find_cases(src: str | os.PathLike, workers: int = 1, progress: bool = False) -> list[LidcCase]:
     """All patients below ``src`` with their DICOM series, from headers only; sorted by case id.
 
+    A file named ``*.dcm`` that is not a DICOM file (empty, cut short, no preamble, or not openable, e.g. a symlink to
+    itself) is *dropped*: listed with its reason in :attr:`LidcCase.dropped` of the patient whose folder it is in, and
+    logged as a warning. Other files without the DICOM preamble (annotations, licences) are ignored.
+
     Args:
         src: the folder the LIDC-IDRI download (TCIA's ``LIDC-IDRI/LIDC-IDRI-0001/<study>/<series>/*.dcm``) is in.
         workers: processes reading headers.
@@ -269,7 +300,14 @@ def find_cases(src: str | os.PathLike, workers: int = 1, progress: bool = False)
         if _PATIENT_DIR.match(Path(dirpath).name):
             patient_dirs.add(Path(dirpath))
         paths += [os.path.join(dirpath, f) for f in sorted(filenames) if not f.startswith(".")]
-    paths = [p for p in paths if _is_dicom(p)]
+    dicom, dropped = [], []
+    for p in paths:
+        why = _not_dicom(p)
+        if why is None:
+            dicom.append(p)
+        elif p.lower().endswith(".dcm"):  # named as a DICOM slice: a lost slice must not pass unnoticed
+            dropped.append((p, why))
+    paths = dicom
     bar = tqdm(total=len(paths), desc="DICOM headers", unit="file", disable=not progress)
     try:
         if workers > 1 and len(paths) > 64:
@@ -306,6 +344,16 @@ def find_cases(src: str | os.PathLike, workers: int = 1, progress: bool = False)
             ipps.append(h["ipp"])
     for (pid, uid), (ipps, iop) in geometry.items():
         cases[pid].series[uid].slice_spacing = _median_step(ipps, iop)
+    by_folder: dict[str, LidcCase] = {}
+    for case in cases.values():
+        by_folder.setdefault(case.folder, case)
+    for path, why in dropped:
+        folder = _patient_folder(Path(path), root)
+        used_dirs.add(folder)
+        logger.warning("dropped DICOM file %s: %s", path, why)
+        case = by_folder.get(str(folder)) or cases.setdefault(folder.name, LidcCase(folder.name, folder=str(folder)))
+        by_folder.setdefault(str(folder), case)
+        case.dropped.append((path, why))
     for d in patient_dirs:
         if d not in used_dirs and d.name not in cases and not any(_is_within(u, d) for u in used_dirs):
             cases[d.name] = LidcCase(d.name, folder=str(d))  # an empty patient folder
@@ -571,14 +619,43 @@ def preprocess_ct(
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def _dropped_note(case: LidcCase) -> dict[str, Any]:
+    """The record fields listing a case's dropped ``.dcm`` files (empty when there are none)."""
+    if not case.dropped:
+        return {}
+    return {"dropped": [{"file": path, "reason": why} for path, why in case.dropped]}
+
+
+def _with_dropped(record: dict[str, Any]) -> dict[str, Any]:
+    """``record`` with its dropped files also in ``reason``, the column a reader of the CSV report sees (applied to
+    the report only: a record's own reason, e.g. ``"up to date"``, is what the run's logic reads)."""
+    if not record.get("dropped"):
+        return record
+    listing = "; ".join(f"{d['file']} ({d['reason']})" for d in record["dropped"])
+    note = f"dropped {len(record['dropped'])} DICOM file(s): {listing}"
+    return record | {"reason": f"{record['reason']}; {note}" if record.get("reason") else note}
+
+
 def _process_case(case: LidcCase, dst: str, settings: dict[str, Any], fingerprint: str) -> dict[str, Any]:
-    """Prepare one patient; never raises for a bad case: returns a record with status done / failed."""
-    record: dict[str, Any] = {"case": case.case_id, "patient": case.case_id}
+    """Prepare one patient; never raises for a bad case: returns a record with status done / failed.
+
+    The record lists the patient's dropped ``.dcm`` files (``dropped``). A failed write (full disk, permissions)
+    names the output path and the errno, not the series being read.
+
+    Args:
+        case: the patient as found by :func:`find_cases`.
+        dst: the output folder.
+        settings: the preparation settings (see :func:`prepare_lidc`).
+        fingerprint: input fingerprint of the patient's DICOM files, stored in its record.
+    """
+    record: dict[str, Any] = {"case": case.case_id, "patient": case.case_id, **_dropped_note(case)}
     if case.unreadable:
         path, reason = case.unreadable[0]
         more = f" (and {len(case.unreadable) - 1} more)" if len(case.unreadable) > 1 else ""
         return record | {"status": "failed", "file": path,
                          "reason": f"corrupt DICOM file{more}, its series is unknown: {reason}"}
+    if not case.series and case.dropped:
+        return record | {"status": "failed", "file": case.folder, "reason": "no readable DICOM file"}
     if not case.series:
         return record | {"status": "failed", "file": case.folder, "reason": "empty folder: no DICOM files"}
     candidates, others = _rank_series(case, settings["series_rule"])
@@ -600,15 +677,20 @@ def _process_case(case: LidcCase, dst: str, settings: dict[str, Any], fingerprin
     source_spacing = _spacing(affine_lps)
     out_dir = Path(dst) / case.case_id
     path = out_dir / f"{case.case_id}-{IMAGE_KEY}.nii.gz"
+    writing: Path | None = None  # the output being written: an OSError while it is set is the destination's fault
     try:
         out, out_affine = preprocess_ct(
             hu, lps_to_ras(affine_lps), settings["spacing"], settings["spatial_size"], settings["window"],
             settings["percentile"], settings["pool"],
         )
         del hu
+        writing = out_dir
         out_dir.mkdir(parents=True, exist_ok=True)
-        (out_dir / RECORD_NAME).unlink(missing_ok=True)
+        writing = out_dir / RECORD_NAME
+        writing.unlink(missing_ok=True)
+        writing = path
         _write_nifti(out, out_affine, path)
+        writing = None
         result = {
             "status": "done",
             "reason": "; ".join(f"rejected series {uid}: {why}" for uid, why in rejected.items()),
@@ -619,9 +701,12 @@ def _process_case(case: LidcCase, dst: str, settings: dict[str, Any], fingerprin
             "num_slices": len(series.files),
             "source_spacing": source_spacing,
         }
+        writing = out_dir / RECORD_NAME
         write_case_record(out_dir, record | result | {"fingerprint": fingerprint, "settings": settings})
     except Exception as err:  # noqa: BLE001 - report, remove partial output, go on
-        path.unlink(missing_ok=True)
+        _remove_partial(out_dir, [path])
+        if writing is not None and isinstance(err, OSError):
+            return write_failure(record, writing, err)
         return record | {"status": "failed", "file": str(series.files[0].parent),
                          "reason": f"{type(err).__name__}: {err}"}
     return record | result
@@ -673,11 +758,16 @@ def prepare_lidc(
     Returns:
         The summary (also ``dst/prepare_summary.json``; every case also in ``dst/prepare_report.csv``): ``settings``,
         ``counts`` (found / done / skipped / failed), ``done``, ``skipped`` (``{"case", "reason"}``), ``failed``
-        (``{"case", "file", "reason"}``), ``cases``, ``splits``, ``datalist``, ``report_csv``, ``seconds``.
+        (``{"case", "file", "reason"}``), ``cases`` (each also with ``series`` and ``dropped``, the ``.dcm`` files
+        that are not DICOM files as ``{"file", "reason"}``; they are named in ``reason`` too), ``splits``,
+        ``datalist``, ``report_csv``, ``seconds``.
 
     Raises:
         FileNotFoundError: ``src`` is not a folder or holds no DICOM file nor patient folder.
         ValueError: an argument is invalid or ``dst`` overlaps ``src``.
+        OutputError: ``dst`` cannot be written (checked before reading any header), a report cannot be written, or
+            the disk filled up (ENOSPC / EDQUOT): the batch then stops after that patient, the summary lists the
+            patients not started, and no datalist is written. The message names the path and the errno.
         RuntimeError: patients were found but none could be prepared (the summary is still written).
     """
     start = time.perf_counter()
@@ -721,37 +811,53 @@ def prepare_lidc(
             f"dst {str(dst_path)!r} and src {str(src_path)!r} overlap; write the prepared data to a folder outside "
             "the raw download (the source is never modified)."
         )
+    check_output_dir(dst_path)  # before reading every header: an unwritable dst is one clear error, at once
     cases = find_cases(src_path, workers=workers, progress=progress)
     if not cases:
         raise FileNotFoundError(
             f"No DICOM files found below {str(src_path)!r}. Expected the TCIA layout "
             "LIDC-IDRI/LIDC-IDRI-0001/<study>/<series>/1-001.dcm (files with the DICOM preamble)."
         )
-    dst_path.mkdir(parents=True, exist_ok=True)
+    make_output_dir(dst_path)
 
     records: dict[str, dict[str, Any]] = {}
     jobs = []
     for case in cases:
         files = case.files
-        fingerprint = input_fingerprint(files) if files else ""
+        try:
+            fingerprint = input_fingerprint(files) if files else ""
+        except Exception as err:  # noqa: BLE001 - e.g. a file removed since discovery: this patient fails alone
+            records[case.case_id] = {
+                "case": case.case_id, "patient": case.case_id, "status": "failed",
+                "file": str(getattr(err, "filename", None) or case.folder),
+                "reason": f"cannot read the file: {os_error_text(err)}", **_dropped_note(case)}
+            continue
         previous = None if overwrite or not fingerprint else read_case_record(dst_path / case.case_id, fingerprint,
                                                                                settings)
         if previous is not None:
             records[case.case_id] = {
                 "case": case.case_id, "patient": case.case_id, "status": "skipped", "reason": UP_TO_DATE,
                 "outputs": previous["outputs"], "shape": previous["shape"], "spacing": previous["spacing"],
-                "series": previous.get("series"),
+                "series": previous.get("series"), **_dropped_note(case),
             }
         else:
             jobs.append((case.case_id, (case, str(dst_path), settings, fingerprint)))
+    # A full disk stops the batch with exit status 2 rather than failing every remaining patient the same way after
+    # reading and resampling its series; patients done so far are kept and skipped as up to date by the next run.
     records |= run_cases(
         _process_case, jobs, workers, "LIDC patients", progress,
         lambda key, err: {"case": key, "patient": key, "status": "failed", "file": "",
                           "reason": f"worker error {type(err).__name__}: {err}"},
+        stop=stops_batch,
     )
+    full = next((records[key] for key, _ in jobs if key in records and stops_batch(records[key])), None)
+    waiting = [key for key, _ in jobs if key not in records] if full is not None else []
+    for key in waiting:
+        records[key] = not_started({"case": key, "patient": key}, full)
 
-    ordered = [records[c.case_id] for c in cases]
-    current = [r for r in ordered if r["status"] == "done" or r.get("reason") == UP_TO_DATE]
+    current = [records[c.case_id] for c in cases
+               if records[c.case_id]["status"] == "done" or records[c.case_id].get("reason") == UP_TO_DATE]
+    ordered = [_with_dropped(records[c.case_id]) for c in cases]
     done = [r for r in ordered if r["status"] == "done"]
     skipped = [{"case": r["case"], "reason": r["reason"]} for r in ordered if r["status"] == "skipped"]
     failed = [{"case": r["case"], "file": r["file"], "reason": r["reason"]} for r in ordered if r["status"] == "failed"]
@@ -762,18 +868,25 @@ def prepare_lidc(
     summary: dict[str, Any] = {
         "src": str(src_path),
         "dst": str(dst_path),
-        "datalist": str(datalist_path) if current else None,
-        "report_csv": str(write_report(ordered, dst_path)),
+        "datalist": str(datalist_path) if current and full is None else None,
+        "report_csv": str(dst_path / REPORT_CSV_NAME),
         "settings": settings | {"split": list(fractions), "seed": int(seed)},
         "counts": {"found": len(cases), "done": len(done), "skipped": len(skipped), "failed": len(failed)},
         "done": [r["case"] for r in done],
         "skipped": skipped,
         "failed": failed,
-        "cases": [{k: r.get(k, "") for k in REPORT_COLUMNS} | {"series": r.get("series", "")} for r in ordered],
+        "cases": [{k: r.get(k, "") for k in REPORT_COLUMNS}
+                  | {"series": r.get("series", ""), "dropped": r.get("dropped", [])} for r in ordered],
     }
+    if full is not None:
+        summary["seconds"] = round(time.perf_counter() - start, 3)
+        raise _stopped_by_full_disk(full, summary, ordered, dst_path, "patients", len(waiting))
+    with writing_output(dst_path / REPORT_CSV_NAME):
+        write_report(ordered, dst_path)
     if not current:
         summary["seconds"] = round(time.perf_counter() - start, 3)
-        _write_json(summary, dst_path / SUMMARY_NAME)
+        with writing_output(dst_path / SUMMARY_NAME):
+            _write_json(summary, dst_path / SUMMARY_NAME)
         raise RuntimeError(
             f"None of the {len(cases)} LIDC patients below {str(src_path)!r} could be prepared "
             f"({len(failed)} failed); see {dst_path / SUMMARY_NAME}."
@@ -806,12 +919,14 @@ def prepare_lidc(
         "numTest": len(entries["test"]),
         **entries,
     }
-    _write_json(datalist, datalist_path)
+    with writing_output(datalist_path):
+        _write_json(datalist, datalist_path)
     summary["splits"] = {key: len(v) for key, v in entries.items()}
     summary["spatial_size"] = datalist["spatial_size"]
     summary["spacing"] = datalist["spacing"]
     summary["seconds"] = round(time.perf_counter() - start, 3)
-    _write_json(summary, dst_path / SUMMARY_NAME)
+    with writing_output(dst_path / SUMMARY_NAME):
+        _write_json(summary, dst_path / SUMMARY_NAME)
     if progress:
         print(
             f"Prepared {len(done)} of {len(cases)} LIDC patients ({len(skipped)} skipped as up to date, "
@@ -856,7 +971,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; exit status 0: no case failed, 1: some or all cases failed, 2: bad arguments."""
+    """Command-line entry point; exit status 0: no case failed, 1: some or all cases failed, 2: bad arguments, a
+    missing source, or an output that cannot be written (an unwritable ``--dst``, a full disk).
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+    """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     spacing = args.spacing[0] if len(args.spacing) == 1 else args.spacing
@@ -867,7 +987,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             min_slices=args.min_slices, spacing_tolerance=args.spacing_tolerance, tilt_tolerance=args.tilt_tolerance,
             workers=args.workers, progress=not args.quiet, overwrite=args.overwrite,
         )
-    except (FileNotFoundError, ValueError) as err:
+    except (FileNotFoundError, ValueError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except RuntimeError as err:
