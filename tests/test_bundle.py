@@ -280,7 +280,7 @@ def _generator(tmp_path, out, num_samples, channels=1, **kw):
                            device="cpu", progress=False, mlflow=False, **{"intensity_range": (0.0, 1.0), **kw})
 
 
-def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_no_manifest(tmp_path):
+def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_the_previous_output(tmp_path):
     out = tmp_path / "samples"
     _generator(tmp_path, out, 3, dicom=True).run()
     assert (out / "sample_0000_dicom").is_dir()
@@ -293,7 +293,11 @@ def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_no_manifest(tm
     broken.diffusion.sample = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory"))
     with pytest.raises(RuntimeError, match="out of memory"):
         broken.run()
-    assert not (out / "manifest.json").exists()  # no manifest naming files this run did not write
+    # the failed run wrote into a temporary folder: the previous run's output is there, whole, manifest and all
+    assert json.loads((out / "manifest.json").read_text())["seed"] == 5
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json", "notes.txt", "sample_0000.nii.gz", "sample_0000.png", "sample_0001.nii.gz", "sample_0001.png"]
+    assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
 def test_every_channel_of_a_multi_channel_model_is_written(tmp_path):

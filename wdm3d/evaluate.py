@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import time
 import warnings
 from collections.abc import Sequence
@@ -41,11 +42,71 @@ from .networks.medicalnet import (
     medicalnet_weights_help,
 )
 
-__all__ = ["load_volumes", "build_feature_extractor", "find_run_info", "evaluate", "Evaluator", "FEATURE_EXTRACTORS"]
+__all__ = ["load_volumes", "check_sample_folder", "build_feature_extractor", "find_run_info", "evaluate", "Evaluator",
+           "FEATURE_EXTRACTORS"]
 
 logger = logging.getLogger(__name__)
 FEATURE_EXTRACTORS = ("auto", "medicalnet", "random_conv3d")
 _NOT_COMPARABLE = "random_conv3d features: NOT comparable with published 3D FIDs (only with other runs of this project)"
+
+
+# the volume names wdm3d inference writes (wdm3d.inference), which mark a folder as a run's output
+_SAMPLE_NIFTI = re.compile(r"^sample_\d{4,}\.nii(?:\.gz)?$")
+
+
+def check_sample_folder(folder: str | os.PathLike) -> None:
+    """Refuse a folder of synthetic volumes that is not exactly one complete wdm3d inference run.
+
+    A folder that looks like an inference output (it has a ``manifest.json`` listing samples, or volumes named
+    ``sample_NNNN.nii.gz``) must have a readable manifest that lists exactly the NIfTI volumes present: no manifest
+    (an inference run was interrupted, or an older wdm3d removed it before writing), a listed volume that is missing,
+    or a volume it does not list (another run's) would mix samples of different runs into one score. A plain folder
+    of NIfTI volumes under other names and without a manifest (copied in by hand, from another tool) is accepted as it
+    is; so is one whose ``manifest.json`` is some other JSON without a ``samples`` list, as long as no volume has a
+    ``sample_NNNN`` name.
+
+    Args:
+        folder: the synthetic volumes' folder.
+
+    Raises:
+        ValueError: the folder mixes runs or its manifest is unreadable (the message names the folder and the problem).
+        FileNotFoundError: the manifest lists volumes that are not in the folder.
+    """
+    folder = Path(folder)
+    manifest = folder / "manifest.json"
+    volumes = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
+                     and p.name.endswith((".nii.gz", ".nii")))
+    named = [n for n in volumes if _SAMPLE_NIFTI.match(n)]
+    fix = ("Run inference into the folder again (a run replaces the folder's samples only once it has finished), or "
+           "copy the volumes to evaluate into a folder of their own.")
+    if not manifest.exists():
+        if named:
+            raise ValueError(
+                f"{folder} holds wdm3d samples ({len(named)} sample_NNNN volume(s), e.g. {named[0]}) but no "
+                f"manifest.json: the inference run that wrote them did not finish, or the manifest was removed, so the "
+                f"volumes may come from more than one run. {fix}"
+            )
+        return
+    try:
+        data = json.loads(manifest.read_text())
+        samples = data.get("samples") if isinstance(data, dict) else None
+        listed = None if samples is None else [str(s["nifti"]) for s in samples]
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"{manifest} is not a readable wdm3d manifest ({type(err).__name__}: {err}); cannot tell which "
+                         f"volumes in {folder} belong to one run. {fix}") from err
+    if listed is None:
+        if named:
+            raise ValueError(f"{manifest} lists no samples, but {folder} holds {len(named)} sample_NNNN volume(s), e.g. "
+                             f"{named[0]}: cannot tell which belong to one run. {fix}")
+        return
+    missing = [n for n in listed if not (folder / n).is_file()]
+    if missing:
+        raise FileNotFoundError(f"{manifest} lists {len(missing)} volume(s) that are not in {folder}, e.g. "
+                                f"{missing[0]}; the run that wrote it did not finish or files were moved. {fix}")
+    extra = [n for n in volumes if n not in set(listed)]
+    if extra:
+        raise ValueError(f"{folder} holds {len(extra)} NIfTI volume(s) that {manifest} does not list, e.g. {extra[0]}: "
+                         f"they are not of the run the manifest describes. {fix}")
 
 
 def _volume_files(folder: Path) -> list[Path]:
@@ -320,7 +381,9 @@ def evaluate(
 
     Args:
         real: folder of NIfTI volumes or datalist JSON (``split`` / ``image_key``): the reference (training) set.
-        fake: folder of synthetic NIfTI volumes (an inference output folder, with its ``manifest.json``).
+        fake: folder of synthetic NIfTI volumes: an inference output folder, whose ``manifest.json`` must list exactly
+            the volumes in it, or a plain folder of volumes that never had a manifest (see
+            :func:`check_sample_folder`, which refuses a folder mixing two runs' samples).
         out_dir: where results go (default: ``<fake>/evaluation``).
         weights: MedicalNet's ``resnet_50_23dataset.pth`` (see :func:`build_feature_extractor`).
         features: ``"auto"``, ``"medicalnet"`` or ``"random_conv3d"``.
@@ -351,6 +414,7 @@ def evaluate(
     fake_dir = Path(fake)
     if not fake_dir.is_dir():
         raise FileNotFoundError(f"Synthetic volumes folder {fake_dir} does not exist (run inference first).")
+    check_sample_folder(fake_dir)
     out = Path(out_dir) if out_dir is not None else fake_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
 import platform
 import re
 import shutil
+import tempfile
 import time
+import uuid
 from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -20,8 +23,9 @@ import torch
 from . import __version__
 from .diffusion import WaveletDiffusion
 from .engine.checkpoint import check_diffusion_matches, latest_checkpoint, load_checkpoint, load_network_weights
+from .engine.config_check import check_image_size
 from .engine.geometry import DataGeometry, reference_geometry
-from .io import atomic_write_text, save_montage, save_nifti, write_dicom_series
+from .io import atomic_write_text, new_file_mode, save_montage, save_nifti, write_dicom_series
 
 __all__ = ["VolumeGenerator", "AUTOCAST_DTYPES", "batch_seed"]
 
@@ -37,21 +41,94 @@ def batch_seed(seed: int, first: int) -> int:
 
 
 _SAMPLE_FILE = re.compile(r"^sample_(\d{4,})(?:\.nii\.gz|\.png|_dicom)$")
+MANIFEST = "manifest.json"
 
 
-def _clear_previous_run(folder: Path, keep: int, dicom: bool) -> None:
-    """Remove an earlier run's manifest and the sample files this run will not overwrite: those with index >= ``keep``
-    and, for a run without DICOM, the earlier DICOM series."""
-    (folder / "manifest.json").unlink(missing_ok=True)
-    stale = [p for p in folder.iterdir() if (m := _SAMPLE_FILE.match(p.name))
-             and (int(m.group(1)) >= keep or (not dicom and p.name.endswith("_dicom")))]
-    for p in stale:
-        if p.is_dir():
-            shutil.rmtree(p)
+def _is_run_file(name: str) -> bool:
+    """A file a run writes (its samples and manifest), as opposed to the user's own files in the output folder."""
+    return name == MANIFEST or _SAMPLE_FILE.match(name) is not None
+
+
+class _Staging:
+    """A fresh folder that a run writes into, swapped in for ``output_dir`` once it is complete.
+
+    Normally a hidden sibling, ``.<name>.partial-XXXX`` (same filesystem, so the swap is two renames): until the swap
+    ``output_dir`` holds the previous run's complete output, untouched; a run that fails removes its folder, one that
+    is killed leaves it beside ``output_dir`` (named in a warning by the next run). At the swap the previous folder is
+    renamed aside, the new one renamed in, and the user's own files of the previous folder (anything that is not a
+    ``sample_NNNN`` file or the manifest, e.g. notes or an ``evaluation/`` folder) are moved into the new one; if the
+    process dies between the two renames both complete folders survive under their hidden names.
+
+    When ``output_dir`` is a mount point (which cannot be renamed) or its parent is not writable, the run is staged in
+    a hidden folder inside ``output_dir`` instead, and published by removing the previous manifest and samples and
+    moving the new ones in, the manifest last: an interruption in that short step leaves samples without a manifest,
+    which ``wdm3d evaluate`` refuses, never a manifest that describes other files.
+    """
+
+    def __init__(self, output_dir: Path) -> None:
+        self.target = output_dir.resolve()  # a symlinked output folder: swap the folder it points to, not the link
+        if self.target.exists() and not self.target.is_dir():
+            raise NotADirectoryError(f"output_dir {output_dir} is a file, not a folder; choose a folder for the samples.")
+        self.target.parent.mkdir(parents=True, exist_ok=True)
+        self.inside = False
+        if self.target.is_dir() and os.path.ismount(self.target):
+            self.inside = True
         else:
-            p.unlink()
-    if stale:
-        logger.warning("Removed %d file(s) of an earlier run from %s.", len(stale), folder)
+            try:
+                self.dir = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
+            except OSError as err:  # a parent this user may not write in (a shared project folder, a read-only mount)
+                if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
+                    raise
+                self.inside = True
+        if self.inside:
+            self.target.mkdir(parents=True, exist_ok=True)
+            self.dir = Path(tempfile.mkdtemp(prefix=".wdm3d-partial-", dir=self.target))
+        # mkdtemp makes 0700: give the folder the mode of the one it replaces, else what mkdir gives under the umask
+        mode = (self.target.stat().st_mode & 0o7777) if self.target.is_dir() else new_file_mode(directory=True)
+        os.chmod(self.dir, mode)
+
+    def leftovers(self) -> list[Path]:
+        """Staging or set-aside folders of earlier runs that were killed before they finished."""
+        if self.inside:
+            return sorted(p for p in self.target.glob(".wdm3d-partial-*") if p != self.dir)
+        pattern = [f".{self.target.name}.partial-*", f".{self.target.name}.old-*"]
+        return sorted(p for g in pattern for p in self.target.parent.glob(g) if p != self.dir)
+
+    def discard(self) -> None:
+        shutil.rmtree(self.dir, ignore_errors=True)
+
+    def publish(self) -> None:
+        """Swap the complete staging folder in for the output folder (see the class docstring)."""
+        if self.inside:
+            self._publish_inside()
+            return
+        if not self.target.exists():
+            os.rename(self.dir, self.target)
+            return
+        old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
+        os.rename(self.target, old)
+        try:
+            os.rename(self.dir, self.target)
+        except OSError:
+            os.rename(old, self.target)  # the previous output back in place; the new one stays in self.dir
+            raise
+        for p in old.iterdir():
+            if not _is_run_file(p.name):
+                os.rename(p, self.target / p.name)
+        shutil.rmtree(old)
+
+    def _publish_inside(self) -> None:
+        (self.target / MANIFEST).unlink(missing_ok=True)
+        for p in self.target.iterdir():
+            if not _SAMPLE_FILE.match(p.name):
+                continue
+            if p.is_dir() and not p.is_symlink():
+                shutil.rmtree(p)
+            else:
+                p.unlink()
+        for p in sorted(self.dir.iterdir(), key=lambda p: p.name == MANIFEST):
+            os.rename(p, self.target / p.name)
+        self.dir.rmdir()
 
 
 class VolumeGenerator:
@@ -68,10 +145,12 @@ class VolumeGenerator:
     seeds 0, 1, 2, ... share no sample, as they would with ``seed + i``), recorded per sample in the manifest; with
     ``batch_size`` 1 (the default) any single sample can be regenerated on its own.
 
-    A run replaces the samples of an earlier run in ``output_dir``: its ``manifest.json`` is removed first (so a
-    run that fails leaves no manifest describing other files) and so are its ``sample_NNNN`` files this run does
-    not overwrite (beyond its count; its DICOM series when this run writes none). Multi-channel networks write
-    ``(C, D, H, W)`` volumes (4D NIfTI, channels last).
+    A run replaces an earlier run's output in ``output_dir`` as a whole, and only once it is complete: it writes
+    into a fresh hidden folder beside ``output_dir``, the manifest last, and swaps that in at the end, carrying over
+    the files in ``output_dir`` that are not an earlier run's (anything but ``sample_NNNN*`` and ``manifest.json``).
+    A run that fails or is killed (out of memory, a full disk, a pre-empted job) leaves the previous run's output
+    as it was, never a mixture of two runs' samples. Multi-channel networks write ``(C, D, H, W)`` volumes (4D NIfTI,
+    channels last). The files get the mode the umask gives a new file (the folder, that of the folder it replaces).
 
     Args:
         network: the network to load the weights into (built from the bundle's ``network_def``).
@@ -168,9 +247,14 @@ class VolumeGenerator:
         self.dicom, self.dicom_modality = bool(dicom), dicom_modality
         self.dicom_hu_window = [float(v) for v in dicom_hu_window] if dicom_hu_window is not None else None
         self.decoder = decoder
+        grid, size_name = self.image_size, "image_size"
         if decoder is not None:
-            decoder.latent_shape(self.image_size)  # fail now on a size the autoencoder cannot decode
+            grid = decoder.latent_shape(self.image_size)[1:]  # fail now on a size the autoencoder cannot decode
+            size_name = f"latent size (of image_size {self.image_size})"
             self.clip_projection = False
+        channel_mult = getattr(network, "channel_mult", None)
+        if channel_mult is not None and isinstance(getattr(diffusion, "levels", None), int):
+            check_image_size(grid, diffusion.levels, channel_mult, size_name)  # before a checkpoint is even read
 
     def _hu_window(self) -> list[float] | None:
         """The HU window for CT DICOM: the argument, else the datalist's numeric ``hu_clip``, else None."""
@@ -242,8 +326,37 @@ class VolumeGenerator:
             if sample_shape[0] != channels:
                 raise ValueError(f"the diffusion network makes {channels} latent channels but the autoencoder takes "
                                  f"{sample_shape[0]}; check network_def's in_channels (8 per level x latent channels).")
-        self.output_dir.mkdir(parents=True, exist_ok=True)
-        _clear_previous_run(self.output_dir, self.num_samples, self.dicom)
+        staging = _Staging(self.output_dir)
+        for p in staging.leftovers():
+            logger.warning("%s was left by an inference run into %s that was killed before it finished (or is one "
+                           "still running): a .partial- folder is an unfinished output, a .old- folder the complete "
+                           "output before that run; move or delete it.", p, self.output_dir)
+        try:
+            manifest = self._generate(staging.dir, ckpt, ckpt_path, weights, affine, shape, lo, hi, geometry_source,
+                                      sample_shape)
+        except BaseException:
+            staging.discard()
+            raise
+        staging.publish()
+        if self.mlflow and manifest["mlflow_run_id"]:
+            from .tracking import log_to_run
+
+            run_info = ckpt.get("mlflow") or {}
+            samples = manifest["samples"]
+            files = [self.output_dir / MANIFEST] + [self.output_dir / s["png"] for s in samples]
+            if self.mlflow_log_volumes:
+                files += [self.output_dir / s["nifti"] for s in samples]
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
+            if log_to_run(run_info, files, f"inference/{stamp}",
+                          {"inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples}):
+                print(f"Logged the samples to MLflow run {manifest['mlflow_run_id']} ({run_info.get('tracking_uri')})")
+        kinds = "NIfTI + PNG + DICOM" if self.dicom else "NIfTI + PNG"
+        print(f"Wrote {self.num_samples} synthetic volumes ({kinds}) and manifest.json to {self.output_dir}")
+        return manifest
+
+    def _generate(self, folder: Path, ckpt: dict, ckpt_path: Path, weights: str, affine: np.ndarray,
+                  shape: list[int], lo: float, hi: float, geometry_source: str, sample_shape: list[int]) -> dict:
+        """Sample every volume into ``folder``, then write its manifest there (last); return the manifest."""
         c_lo, c_hi = self.diffusion.clip_range or (-1.0, 1.0)
         use_autocast = self.autocast is not None and self.device.type == "cuda"
         ctx = torch.autocast("cuda", dtype=AUTOCAST_DTYPES[self.autocast]) if use_autocast else nullcontext()
@@ -273,14 +386,14 @@ class VolumeGenerator:
                 i = first + j
                 vol = vols[j, 0].cpu().numpy()  # the first channel: previews and DICOM
                 data = vols[j].cpu().numpy() if vols.shape[1] > 1 else vol  # NIfTI: every channel
-                nii = save_nifti(data, affine, self.output_dir / f"sample_{i:04d}.nii.gz", description="synthetic (wdm3d)")
-                png = save_montage(self.output_dir / f"sample_{i:04d}.png", [vol], affine=affine, value_range=(lo, hi))
+                nii = save_nifti(data, affine, folder / f"sample_{i:04d}.nii.gz", description="synthetic (wdm3d)")
+                png = save_montage(folder / f"sample_{i:04d}.png", [vol], affine=affine, value_range=(lo, hi))
                 entry = {"index": i, "seed": seed, "batch_position": j, "nifti": nii.name, "png": png.name,
                          "seconds": round(seconds, 3)}
                 if self.dicom:
                     series = write_dicom_series(
                         (vol - lo) / (hi - lo) if hu_window is not None else vol,  # [0, 1] for the HU window
-                        affine, self.output_dir / f"sample_{i:04d}_dicom", modality=self.dicom_modality,
+                        affine, folder / f"sample_{i:04d}_dicom", modality=self.dicom_modality,
                         series_description=f"sample {i} seed {seed}",
                         value_range=(lo, hi) if self.dicom_modality == "MR" else None, hu_window=hu_window,
                         overwrite=True, series_number=i + 1,
@@ -289,7 +402,7 @@ class VolumeGenerator:
                     entry["dicom_series_uid"] = series["series_uid"]
                     entry["dicom_num_files"] = series["num_slices"]
                 samples.append(entry)
-            logger.info("Wrote samples %d-%d of %d to %s", first, first + n - 1, self.num_samples, self.output_dir)
+            logger.info("Wrote samples %d-%d of %d (for %s)", first, first + n - 1, self.num_samples, self.output_dir)
         manifest = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "checkpoint": str(ckpt_path.resolve()),
@@ -315,19 +428,6 @@ class VolumeGenerator:
             "versions": {"wdm3d": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "samples": samples,
         }
-        run_info = ckpt.get("mlflow") or {}
-        manifest["mlflow_run_id"] = run_info.get("run_id") or None
-        atomic_write_text(self.output_dir / "manifest.json", json.dumps(manifest, indent=2))
-        if self.mlflow and manifest["mlflow_run_id"]:
-            from .tracking import log_to_run
-
-            files = [self.output_dir / "manifest.json"] + [self.output_dir / s["png"] for s in samples]
-            if self.mlflow_log_volumes:
-                files += [self.output_dir / s["nifti"] for s in samples]
-            stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            if log_to_run(run_info, files, f"inference/{stamp}",
-                          {"inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples}):
-                print(f"Logged the samples to MLflow run {manifest['mlflow_run_id']} ({run_info.get('tracking_uri')})")
-        kinds = "NIfTI + PNG + DICOM" if self.dicom else "NIfTI + PNG"
-        print(f"Wrote {self.num_samples} synthetic volumes ({kinds}) and manifest.json to {self.output_dir}")
+        manifest["mlflow_run_id"] = (ckpt.get("mlflow") or {}).get("run_id") or None
+        atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=2))
         return manifest

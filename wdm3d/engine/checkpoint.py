@@ -10,9 +10,11 @@ weight.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import pickle
 import random
 import re
 import signal
@@ -27,9 +29,9 @@ import numpy as np
 import torch
 
 __all__ = [
-    "FORMAT_VERSION", "SAVE_LOG", "check_diffusion_matches", "latest_checkpoint", "load_checkpoint",
-    "load_network_weights", "check_state_fits", "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest",
-    "TrainingCheckpoints",
+    "FORMAT_VERSION", "SAVE_LOG", "CheckpointLoadError", "check_diffusion_matches", "latest_checkpoint",
+    "load_checkpoint", "intact_checkpoint_before", "save_checkpoint_file", "load_network_weights", "check_state_fits",
+    "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest", "TrainingCheckpoints",
 ]
 
 logger = logging.getLogger(__name__)
@@ -118,21 +120,88 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Pa
     return _by_age(directory, files)[-1]
 
 
-def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | None = "cpu") -> dict:
+class CheckpointLoadError(RuntimeError):
+    """A checkpoint file that ``torch.load(weights_only=True)`` cannot read.
+
+    Attributes:
+        path: the file.
+        damaged: True when the file is truncated or corrupt (an interrupted copy, a full disk), False when it is
+            readable but refused (pickled code or objects that ``weights_only`` does not allow).
+    """
+
+    def __init__(self, message: str, path: Path, damaged: bool) -> None:
+        super().__init__(message)
+        self.path, self.damaged = path, damaged
+
+
+def _checkpoints_by_age(directory: Path) -> list[Path]:
+    # every visible *.pt of a folder, oldest first (the save log's order, see _by_age)
+    if not directory.is_dir():
+        return []
+    return _by_age(directory, [p for p in directory.glob("*.pt") if p.is_file() and not p.name.startswith(".")])
+
+
+def intact_checkpoint_before(path: str | os.PathLike) -> Path | None:
+    """The newest checkpoint in ``path``'s folder that was saved before ``path`` and loads, or None.
+
+    "Before" follows the folder's save log (see :func:`latest_checkpoint`); each candidate, newest first, is loaded
+    in full (``weights_only=True``) to tell that it is intact, so this is for error paths, not for a listing.
+    """
+    path = Path(path)
+    ordered = _checkpoints_by_age(path.parent)
+    names = [p.name for p in ordered]
+    earlier = ordered[: names.index(path.name)] if path.name in names else ordered
+    for candidate in reversed(earlier):
+        try:
+            load_checkpoint(candidate, suggest_previous=False)
+        except (CheckpointLoadError, ValueError):
+            continue
+        return candidate
+    return None
+
+
+def load_checkpoint(
+    path: str | os.PathLike,
+    map_location: str | torch.device | None = "cpu",
+    suggest_previous: bool = True,
+) -> dict:
     """``torch.load(path, weights_only=True)`` with errors that name the file.
 
     A checkpoint that needs arbitrary unpickling (pickled code) is refused: only tensors and plain containers load.
     A checkpoint written by a newer wdm3d (``run_config.wdm3d_format`` > :data:`FORMAT_VERSION`) is refused too.
+
+    Args:
+        path: the checkpoint file.
+        map_location: passed to ``torch.load``.
+        suggest_previous: when the file is truncated or corrupt, look for the newest intact checkpoint saved before
+            it in the same folder (:func:`intact_checkpoint_before`) and name it in the error, to be passed instead.
+
+    Raises:
+        CheckpointLoadError: a ``RuntimeError`` naming the file and what is wrong with it; the file is left as it is.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"Checkpoint {path} does not exist.")
     try:
         ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError depending on the damage
-        raise RuntimeError(
-            f"Could not load checkpoint {path} with weights_only=True ({type(err).__name__}: {err}). The file is "
-            "truncated, corrupt, or holds pickled code; wdm3d never unpickles code from checkpoints."
+    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError / OSError depending on the damage
+        detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
+        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
+            raise CheckpointLoadError(
+                f"Could not load checkpoint {path} with weights_only=True ({detail}). The file holds pickled code or "
+                "objects other than tensors and plain containers; wdm3d never unpickles code from checkpoints.",
+                path, damaged=False,
+            ) from err
+        hint = ""
+        if suggest_previous:
+            previous = intact_checkpoint_before(path)
+            hint = (f" The newest intact checkpoint saved before it is {previous}: use that one instead (for "
+                    f"inference: --checkpoint {previous})." if previous is not None else
+                    f" No intact checkpoint was saved before it in {path.parent}.")
+        raise CheckpointLoadError(
+            f"Could not load checkpoint {path} with weights_only=True ({detail}). The file is truncated or corrupt "
+            f"(an interrupted save or copy, a full disk); it is left as it is for inspection.{hint}",
+            path, damaged=True,
         ) from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"Checkpoint {path} must hold a dict of state dicts, got {type(ckpt).__name__}.")
@@ -142,6 +211,48 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device | 
             f"Checkpoint {path} has format {version}, newer than this wdm3d reads ({FORMAT_VERSION}); upgrade wdm3d."
         )
     return dict(ckpt)
+
+
+# what to do about a save that failed for want of space
+_SPACE_HINTS = {
+    errno.ENOSPC: "Free space on that filesystem (or keep fewer checkpoints: n_saved), then launch the run again: it "
+                  "resumes from the newest checkpoint.",
+    errno.EDQUOT: "The disk quota is full: free space or raise the quota, then launch the run again: it resumes from "
+                  "the newest checkpoint.",
+}
+
+
+def save_checkpoint_file(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
+    """``torch.save`` to ``path`` atomically (:func:`wdm3d.io.atomic_write`: temporary file, fsync, rename).
+
+    Args:
+        checkpoint: what to save (state dicts of tensors and plain types).
+        path: the checkpoint file.
+
+    Raises:
+        OSError: the write failed (a full disk, a quota): the errno is kept and the message names ``path``, the
+            errno and what to do; nothing of the file is left (no temporary file) and an earlier ``path`` and every
+            other checkpoint are as they were.
+        RuntimeError: anything else that stopped ``torch.save``, with ``path`` in front of its message.
+    """
+    from ..io import atomic_write
+
+    path = Path(path)
+
+    def write(tmp: str) -> None:
+        # a file object rather than a path: torch's own file writer reports a full disk without an errno, while a
+        # failing Python write reaches atomic_write as the OSError it is (under torch's RuntimeError)
+        with open(tmp, "wb") as fh:
+            torch.save(checkpoint, fh)
+
+    try:
+        return atomic_write(path, write)
+    except OSError as err:
+        hint = _SPACE_HINTS.get(err.errno, "")
+        raise OSError(err.errno, f"{err.strerror} The checkpoint was not saved; the earlier checkpoints in "
+                                 f"{path.parent} are as they were. {hint}".rstrip()) from err
+    except Exception as err:
+        raise _named(err, f"Could not save checkpoint {path}") from err
 
 
 def checkpoint_format(ckpt: Mapping) -> int:
@@ -351,10 +462,18 @@ def network_arguments(network: torch.nn.Module) -> dict[str, Any]:
 class RunConfig:
     """What a checkpoint was trained with, saved under ``"run_config"``: format version, network, diffusion, settings.
 
+    Built when a bundle's training config is instantiated, before the first step, it also checks that they fit
+    together: a U-Net (``channel_mult``) too deep for ``settings["image_size"]`` at the diffusion's wavelet ``levels``
+    is refused with :func:`~wdm3d.engine.config_check.check_image_size`'s message (the settings and the sizes that
+    work) instead of a shape error in the first forward pass.
+
     Args:
         network: the trained network (its readable constructor settings are recorded).
         diffusion: the diffusion process (its ``config()`` is recorded).
         settings: any other plain settings (image size, channels, preset, ...).
+
+    Raises:
+        ValueError: ``settings["image_size"]`` does not fit the network and the diffusion's levels.
     """
 
     def __init__(self, network: torch.nn.Module | None = None, diffusion: Any = None,
@@ -362,6 +481,13 @@ class RunConfig:
         self.network, self.diffusion = network, diffusion
         self.settings = dict(settings or {})
         self.loaded: dict[str, Any] = {}
+        channel_mult = getattr(_unwrap(network), "channel_mult", None) if network is not None else None
+        levels = getattr(diffusion, "levels", None)
+        image_size = self.settings.get("image_size")
+        if channel_mult is not None and isinstance(levels, int) and image_size is not None:
+            from .config_check import check_image_size
+
+            check_image_size(image_size, levels, channel_mult)
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -395,6 +521,10 @@ class ResumeFromLatest:
     :class:`~wdm3d.data.ResumableSampler`, the batches that epoch already consumed are skipped, so the run
     continues with the same data order. Attach it before any other handler.
 
+    A newest checkpoint that is truncated or corrupt is not deleted: the run resumes from the newest intact one
+    saved before it, with a warning naming both; when none is intact it stops with an error naming the damaged
+    file(s) and what to do.
+
     Args:
         directory: where the checkpoints are written.
         load_dict: the same dict that is saved.
@@ -423,8 +553,12 @@ class ResumeFromLatest:
         engine.add_event_handler(Events.STARTED, self)
 
     def restore(self, engine, path: Path) -> None:
-        """Load checkpoint ``path`` into ``load_dict`` (and ``engine``'s data position)."""
-        ckpt = load_checkpoint(path, self.map_location)
+        """Load checkpoint ``path`` into ``load_dict`` (and ``engine``'s data position).
+
+        Raises:
+            CheckpointLoadError: ``path`` cannot be read; nothing has been restored then.
+        """
+        ckpt = load_checkpoint(path, self.map_location, suggest_previous=False)
         missing = [k for k in self.load_dict if k not in ckpt and k not in _OPTIONAL]
         if missing:
             raise KeyError(f"Checkpoint {path} has no {missing} (it has {sorted(ckpt)}); it was not written by this "
@@ -518,11 +652,62 @@ class ResumeFromLatest:
                 f"No checkpoint in {self.directory}" if self.enabled else "Resuming is off",
             )
             return
-        self.restore(engine, path)
+        # A damaged newest file (an interrupted copy, a full disk) falls back to the newest intact one, with a
+        # warning naming both, rather than stopping: a requeued cluster job restarts unattended, and stopping would
+        # fail every requeue until someone intervenes, while the fallback costs at most one save interval of work.
+        # A file refused as unsafe (pickled code), or one of another architecture, still stops the run.
+        candidates = list(reversed(_checkpoints_by_age(self.directory)))
+        candidates = [path] + [p for p in candidates if p != path]
+        damaged: list[CheckpointLoadError] = []
+        for candidate in candidates:
+            try:
+                self.restore(engine, candidate)
+            except CheckpointLoadError as err:
+                if not err.damaged:
+                    raise
+                damaged.append(err)
+                continue
+            path = candidate
+            break
+        else:
+            raise RuntimeError(
+                f"Cannot resume from {self.directory}: {damaged[0]} There is no earlier intact checkpoint there either "
+                f"({len(damaged)} file(s) tried, none deleted). Copy an intact checkpoint into {self.directory}, or "
+                "set resume to false (--resume false) to train from scratch."
+            ) from damaged[0]
+        if damaged:
+            logger.warning(
+                "%s Resuming from the newest intact checkpoint instead, %s (the iterations saved after it are redone). "
+                "The damaged file(s) %s are left in place: they are overwritten or pruned like any checkpoint as "
+                "training saves newer ones, so move them away now to keep them.",
+                damaged[0], path, ", ".join(str(e.path) for e in damaged),
+            )
         self.resumed_from = path
         engine.logger.info(
             "Resumed from %s at epoch %d, iteration %d.", path, engine.state.epoch, engine.state.iteration
         )
+
+
+def _saver(directory: Path):
+    """ignite's ``DiskSaver`` writing through :func:`save_checkpoint_file`, and removing nothing.
+
+    Its own atomic write leaves a full disk as torch's errno-less error and its temporary file 0600 (then 0644
+    whatever the umask); and ignite's ``Checkpoint`` removes the oldest file *before* writing the next one, so a
+    failed save would also cost a checkpoint: pruning is :func:`_prune`'s, after a save succeeded. A ``DiskSaver``
+    subclass, so that ``Checkpoint.last_checkpoint`` is the file's full path.
+    """
+    import ignite.distributed as idist
+    from ignite.handlers import DiskSaver
+
+    class _Saver(DiskSaver):
+        def __call__(self, checkpoint: Mapping, filename: str, metadata: Mapping | None = None) -> None:
+            if idist.get_rank() == self.save_on_rank:
+                save_checkpoint_file(checkpoint, self.dirname / filename)
+
+        def remove(self, filename: str) -> None:
+            pass
+
+    return _Saver(str(directory), require_empty=False)
 
 
 def _is_writer() -> bool:
@@ -552,7 +737,10 @@ class TrainingCheckpoints:
     cannot add without a reference cycle, the global RNG states under ``"rng"`` (:class:`RNGState`) and, with AMP,
     the trainer's ``GradScaler`` under ``"scaler"``.
     Iteration checkpoints are written after every other end-of-iteration handler (EMA update included), so a
-    checkpoint holds one consistent step.
+    checkpoint holds one consistent step. Each is written through :func:`save_checkpoint_file` (temporary file,
+    fsync, rename; the umask's file mode), and older ones are pruned only after a save succeeded: a save that fails
+    on a full disk stops the run with an ``OSError`` naming the file and the errno, and leaves every earlier
+    checkpoint and no temporary file.
 
     On SIGTERM (e.g. a cluster pre-empting the job) the run saves ``checkpoint_interrupted_iteration=N.pt`` at the
     end of the current iteration and stops cleanly; the previous signal handler is restored when training ends.
@@ -603,10 +791,10 @@ class TrainingCheckpoints:
         self._lock_fd: int | None = None
 
     def attach(self, engine) -> None:
-        # ignite's Checkpoint + an atomic DiskSaver (temp file + rename): MONAI's CheckpointSaver writes in place,
+        # ignite's Checkpoint + an atomic saver (temp file + rename): MONAI's CheckpointSaver writes in place,
         # so a run killed mid-save would leave a truncated newest checkpoint for the resume to trip on
         from ignite.engine import Events
-        from ignite.handlers import Checkpoint, DiskSaver
+        from ignite.handlers import Checkpoint
 
         objects = {**self.objects, "trainer": engine, "rng": RNGState()}
         if getattr(engine, "scaler", None) is not None and "scaler" not in objects:  # AMP's GradScaler (its scale)
@@ -615,7 +803,7 @@ class TrainingCheckpoints:
         self.resumer = ResumeFromLatest(self.directory, objects, enabled=self.resume)
         self.resumer.attach(engine)
         self.directory.mkdir(parents=True, exist_ok=True)
-        saver = DiskSaver(str(self.directory), require_empty=False, atomic=True)
+        saver = _saver(self.directory)
         pattern = "{filename_prefix}_{score_name}={score}.{ext}"  # checkpoint_epoch=3.pt, checkpoint_final_iteration=9.pt
 
         def checkpoint(prefix, score_name, n_saved):

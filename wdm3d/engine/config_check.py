@@ -1,9 +1,12 @@
-"""Fail on misspelt override keys, and seed a run deterministically.
+"""Fail on misspelt override keys and on an image size the network cannot take, and seed a run deterministically.
 
 ``monai.bundle run ... --bacth_size 2`` silently adds a new key ``bacth_size`` and trains with the default batch
 size; :func:`check_cli_overrides` (called from a bundle's ``initialize``) stops such a run, naming the unknown key
 and the closest known one. It also reads ``--mlflow false`` as ``False``: the bundle runner passes lowercase
-``false`` / ``true`` / ``null`` on as text, and the text ``"false"`` counts as true.
+``false`` / ``true`` / ``null`` on as text, and the text ``"false"`` counts as true. :func:`check_image_size`
+(called by :class:`~wdm3d.engine.RunConfig` and the inference generator as the bundle config is instantiated) refuses
+an ``image_size`` that the wavelet levels and the U-Net's depth cannot divide, naming the sizes that work, before the
+first training step fails on a tensor shape.
 """
 
 from __future__ import annotations
@@ -16,11 +19,69 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_override_keys", "check_cli_overrides", "config_ids", "seed_everything"]
+__all__ = ["check_override_keys", "check_cli_overrides", "check_image_size", "config_ids", "seed_everything"]
 
 # arguments of ``monai.bundle run`` itself, not config overrides
 _RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
              "workflow_name", "workflow_type", "properties_path"}
+
+
+def check_image_size(
+    image_size: Sequence[int],
+    levels: int,
+    channel_mult: Sequence[int],
+    size_name: str = "image_size",
+) -> None:
+    """Refuse a volume size that the wavelet levels and the U-Net's depth cannot divide.
+
+    Each wavelet level halves the grid, so the U-Net sees ``image_size / 2**levels``; its ``len(channel_mult) - 1``
+    downsamplings then need that divisible by ``2**(len(channel_mult) - 1)``. Every side of ``image_size`` must
+    therefore be a multiple of ``2**(levels + len(channel_mult) - 1)``.
+
+    Args:
+        image_size: ``(D, H, W)`` of what the diffusion runs on (the image, or the latent for latent diffusion).
+        levels: wavelet levels of the diffusion (``diffusion#levels``).
+        channel_mult: the U-Net's width multipliers, one per resolution (``network_def#channel_mult``).
+        size_name: what to call ``image_size`` in the message (e.g. ``"latent size"``).
+
+    Raises:
+        ValueError: naming image_size, levels and channel_mult, the grid the U-Net would see, the smallest valid size,
+            the nearest valid sizes around each side that does not fit, and the deepest channel_mult that would fit.
+    """
+    sizes = [int(s) for s in image_size]
+    if not sizes or any(s < 1 for s in sizes):
+        raise ValueError(f"{size_name} must be positive sizes (D, H, W), got {list(image_size)}.")
+    if not isinstance(levels, int) or levels < 0:
+        raise ValueError(f"levels must be a non-negative integer, got {levels!r}.")
+    mult = [int(m) for m in channel_mult]
+    if not mult:
+        raise ValueError("channel_mult must name at least one resolution.")
+    step = 2 ** (levels + len(mult) - 1)
+    bad = sorted({s for s in sizes if s % step})
+    if not bad:
+        return
+    factor = 2**levels
+    grid = "(" + ", ".join(f"{s / factor:g}" for s in sizes) + ")"
+    nearest = []
+    for s in bad:
+        below, above = s // step * step, (s // step + 1) * step
+        nearest.append(f"nearest to {s}: {below} or {above}" if below else f"nearest to {s}: {above}")
+    # the deepest U-Net every side can take at these levels (0: the wavelet transform itself does not fit)
+    depth = 0
+    while depth < 16 and all(s % 2 ** (levels + depth) == 0 for s in sizes):
+        depth += 1
+    if depth:
+        fix = (f", or use a shallower network (at most {depth} channel_mult entries fit {size_name} {sizes} with "
+               f"levels {levels})")
+    else:
+        fix = f"; the wavelet transform itself needs every side divisible by 2**levels = {factor}, whatever the network"
+    raise ValueError(
+        f"{size_name} {sizes} does not fit the network: with levels {levels} (diffusion#levels) each wavelet level "
+        f"halves the grid, so the U-Net sees {grid}, and channel_mult {mult} (network_def#channel_mult: "
+        f"{len(mult) - 1} downsampling(s)) needs every side of that divisible by {2 ** (len(mult) - 1)}. Every side of "
+        f"{size_name} must be a multiple of {step}: the smallest valid size is {step}; valid sizes {'; '.join(nearest)}. "
+        f"Set {size_name} to a valid size (and crop or pad the data to it){fix}."
+    )
 
 
 def config_ids(config: Mapping[str, Any], prefix: str = "", depth: int = 4) -> list[str]:

@@ -1,29 +1,98 @@
-"""NIfTI writing that keeps geometry, done atomically."""
+"""NIfTI writing that keeps geometry, done atomically, with the file mode a plain ``open`` would give."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
+import threading
+from collections.abc import Callable
 from pathlib import Path
 
 import nibabel as nib
 import numpy as np
 import torch
 
-__all__ = ["save_nifti", "nifti_geometry", "atomic_write_bytes", "atomic_write_text"]
+__all__ = ["save_nifti", "nifti_geometry", "atomic_write", "atomic_write_bytes", "atomic_write_text", "new_file_mode"]
+
+_UMASK_LOCK = threading.Lock()
 
 
-def _atomic(path: Path, write) -> Path:
+def _umask() -> int:
+    """The process umask, read at each call (a job script or a library may change it after import).
+
+    Linux reports it in ``/proc/self/status`` (kernel >= 4.7), which reads it without changing it. Elsewhere it is
+    set and restored, under a lock against this module's own threads; a file that another thread creates in that
+    instant gets the temporary mask, 0o077, so the race can only make a file less readable, never more.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except (OSError, ValueError, IndexError):
+        pass
+    with _UMASK_LOCK:
+        mask = os.umask(0o077)
+        os.umask(mask)
+    return mask
+
+
+def new_file_mode(directory: bool = False) -> int:
+    """The permission bits a new file (``0o666 & ~umask``) or folder (``0o777 & ~umask``) gets from ``open`` or
+    ``mkdir``: what outputs written through a temporary file or folder (created 0600 / 0700) are given instead."""
+    return (0o777 if directory else 0o666) & ~_umask()
+
+
+def _os_error(err: BaseException) -> OSError | None:
+    """The OSError (with an errno) behind a failed write: ``err`` itself, or, for a ``RuntimeError``, the one it was
+    raised from or while handling (``torch.save`` reports a failing file object's write as its own RuntimeError)."""
+    if isinstance(err, OSError):
+        return err if err.errno else None
+    seen: set[int] = set()
+    cause = (err.__cause__ or err.__context__) if type(err) is RuntimeError else None
+    while cause is not None and id(cause) not in seen:
+        if isinstance(cause, OSError) and cause.errno:
+            return cause
+        seen.add(id(cause))
+        cause = cause.__cause__ or cause.__context__
+    return None
+
+
+def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Path:
+    """Write ``path`` through a temporary file in the same folder and a rename, so that it is whole or absent.
+
+    Args:
+        path: the file to write (its folder is created).
+        write: called with the temporary file's path; writes the content there.
+
+    The file gets the mode a new file gets under the current umask (``mkstemp`` alone would leave 0600, unreadable
+    by the rest of a group), is fsync'ed before the rename, and on any error the temporary file is removed and the
+    error raised, leaving an earlier ``path`` as it was.
+
+    Raises:
+        OSError: the write failed (e.g. ENOSPC, a full disk): the errno is kept, the message names ``path`` (not the
+            temporary file) and the errno. Other errors of ``write`` are raised as they are.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     suffix = "".join(path.suffixes) or ".tmp"
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=suffix, dir=path.parent)
     os.close(fd)
     try:
+        os.chmod(tmp, new_file_mode())
         write(tmp)
         with open(tmp, "rb") as fh:
             os.fsync(fh.fileno())
         os.replace(tmp, path)
+    except Exception as err:
+        cause = _os_error(err)
+        if cause is None:
+            raise
+        name = errno.errorcode.get(cause.errno)
+        text = os.strerror(cause.errno) + (f" ({name})" if name else "")
+        raise OSError(cause.errno, f"Could not write {path}: {text}. Nothing was written there and no temporary file "
+                                   "is left.") from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -32,7 +101,7 @@ def _atomic(path: Path, write) -> Path:
 
 def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> Path:
     """Write ``data`` to ``path`` through a temporary file in the same folder and a rename."""
-    return _atomic(Path(path), lambda tmp: Path(tmp).write_bytes(data))
+    return atomic_write(Path(path), lambda tmp: Path(tmp).write_bytes(data))
 
 
 def atomic_write_text(path: str | os.PathLike, text: str) -> Path:
@@ -105,4 +174,4 @@ def save_nifti(
     path = Path(path)
     if not path.name.endswith((".nii", ".nii.gz")):
         raise ValueError(f"NIfTI output path must end in .nii or .nii.gz, got {path}.")
-    return _atomic(path, lambda tmp: nib.save(img, tmp))
+    return atomic_write(path, lambda tmp: nib.save(img, tmp))
