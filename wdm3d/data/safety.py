@@ -99,6 +99,8 @@ class CheckVolumed:
                     f"{key}: {src} has {vol.shape[0]} channel(s) (modalities), expected num_channels="
                     f"{self.num_channels}. A 4D file holds several modalities: split it, or set num_channels."
                 )
+            if vol.numel() == 0:
+                raise BadInputError(f"{key}: {src} is empty (shape {tuple(vol.shape[1:])}); re-run data_prep or fix the file.")
             finite = torch.isfinite(vol)
             if not bool(finite.all()):
                 bad = int((~finite).sum())
