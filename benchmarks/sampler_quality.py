@@ -76,7 +76,10 @@ def make_data(work: Path, size: int, num_cases: int, seed: int) -> Path:
 
 
 def common(process: str, size: int, datalist: Path, work: Path, device: str) -> dict:
-    extra = {"diffusion#process": "rflow"} if process == "rflow" else {}
+    # the two processes as issue 9 measured them (one Haar level, unweighted loss), not the bundle's current default
+    extra = {"diffusion#process": process, "diffusion#levels": 1, "diffusion#loss_weighting": "none",
+             "diffusion#prediction_type": "v_prediction" if process == "rflow" else "sample",
+             "diffusion#rflow_sample_method": "uniform"}
     return {"dataset_dir": str(datalist.parent), "datalist": str(datalist), "output_dir": str(work / process),
             "image_size": [size] * 3, "mlflow": False, "device": f"$torch.device('{device}')", **extra}
 
