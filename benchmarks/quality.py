@@ -58,6 +58,7 @@ UNET_2LEVEL = {"kind": "unet", "base_channels": 20, "channel_mult": (1, 2), "num
 DIT = {"kind": "dit", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads": 4}
 WDM = {"process": "ddpm", "prediction_type": "sample"}
 RFLOW = {"process": "rflow", "prediction_type": "v_prediction", "rflow_sample_method": "logit-normal"}
+JIT = {**RFLOW, "prediction_type": "sample", "loss_weighting": "velocity"}
 
 #: name -> (diffusion settings, network, loss settings, sampler, steps, what it is)
 CANDIDATES: dict[str, dict] = {
@@ -77,17 +78,25 @@ CANDIDATES: dict[str, dict] = {
                             sampler="rflow", steps=50, note="control: rflow_v with uniform t"),
     "rflow_v": dict(diffusion=RFLOW, net=UNET, loss={}, sampler="rflow", steps=50,
                     note="rectified flow, velocity, logit-normal t (SD3), 50 Euler steps"),
-    "rflow_x_vloss": dict(diffusion={**RFLOW, "prediction_type": "sample", "loss_weighting": "velocity"}, net=UNET,
-                          loss={}, sampler="rflow", steps=50, note="rectified flow, x prediction, velocity loss (JiT)"),
+    "rflow_x_vloss": dict(diffusion=JIT, net=UNET, loss={}, sampler="rflow", steps=50,
+                          note="rectified flow, x prediction, velocity loss (JiT), logit-normal t"),
+    # the second-stage switches on top of the x-prediction / velocity-loss base (the velocity-prediction base had not
+    # converged at 600 steps, so its variants below were run for one seed only and say nothing about the switches)
+    "rflow_x_vloss_fixedsub": dict(diffusion=JIT, net=UNET, loss={"subband_weights": "inverse_variance"},
+                                   sampler="rflow", steps=50,
+                                   note="JiT + fixed per-subband weights (inverse of each subband's data variance)"),
+    "rflow_x_vloss_learnedsub": dict(diffusion=JIT, net=UNET, loss={"learned": True}, sampler="rflow", steps=50,
+                                     note="JiT + learned heteroscedastic per-subband weights (WaveDiT)"),
+    "rflow_x_vloss_2level": dict(diffusion={**JIT, "levels": 2}, net=UNET_2LEVEL, loss={}, sampler="rflow",
+                                 steps=50, note="JiT on two Haar levels (64 channels at 1/4 resolution)"),
+    "rflow_x_vloss_dit": dict(diffusion=JIT, net=DIT, loss={}, sampler="rflow", steps=50,
+                              note="JiT with a DiT (AdaLN-Zero, 2^3 patches) instead of the U-Net"),
     "rflow_v_fixedsub": dict(diffusion=RFLOW, net=UNET, loss={"subband_weights": "inverse_variance"},
-                             sampler="rflow", steps=50,
-                             note="rflow_v + fixed per-subband weights (inverse of each subband's data variance)"),
+                             sampler="rflow", steps=50, note="rflow_v + fixed per-subband weights (one seed)"),
     "rflow_v_learnedsub": dict(diffusion=RFLOW, net=UNET, loss={"learned": True}, sampler="rflow", steps=50,
-                               note="rflow_v + learned heteroscedastic per-subband weights (WaveDiT)"),
+                               note="rflow_v + learned per-subband weights (one seed)"),
     "rflow_v_2level": dict(diffusion={**RFLOW, "levels": 2}, net=UNET_2LEVEL, loss={}, sampler="rflow", steps=50,
-                           note="rflow_v on two Haar levels (64 channels at 1/4 resolution)"),
-    "rflow_v_dit": dict(diffusion=RFLOW, net=DIT, loss={}, sampler="rflow", steps=50,
-                        note="rflow_v with a DiT (AdaLN-Zero, 2^3 patches) instead of the U-Net"),
+                           note="rflow_v on two Haar levels (one seed)"),
 }
 
 #: metric -> lower is better
@@ -304,6 +313,22 @@ def machine() -> dict:
             "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
 
 
+def _claimed_by_another(path: Path) -> bool:
+    """True while another live process of this machine runs this study run (its ``.running`` marker names it)."""
+    marker = path.with_suffix(".running")
+    try:
+        pid = int(marker.read_text())
+    except (OSError, ValueError):
+        return False
+    if pid == os.getpid():
+        return False
+    try:
+        os.kill(pid, 0)
+    except OSError:
+        return False
+    return True
+
+
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     torch.set_num_threads(args.threads)
@@ -317,8 +342,10 @@ def run(args: argparse.Namespace) -> None:
         for seed in args.seeds:
             for name in names:
                 path = out / "runs" / dataset / name / f"seed{seed}.json"
-                if path.is_file():
+                if path.is_file() or _claimed_by_another(path):
                     continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                path.with_suffix(".running").write_text(str(os.getpid()))  # lets parallel studies share the work
                 scorer = scorer or Scorer(train, reference, dataset.startswith("shapes"))
                 log(f"{dataset} {name} seed {seed}: training {args.iterations} iterations")
                 fake, info = train_and_sample(CANDIDATES[name], train, seed, args.iterations, args.batch_size,
@@ -334,6 +361,7 @@ def run(args: argparse.Namespace) -> None:
                 tmp.write_text(json.dumps(record, indent=1, default=float))
                 os.replace(tmp, path)
                 np.save(path.with_suffix(".npy"), fake[:8].astype(np.float16))
+                path.with_suffix(".running").unlink(missing_ok=True)
                 log(f"  {name} seed {seed}: " + ", ".join(
                     f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics) + f" ({info['train_seconds']} s)")
 
@@ -350,11 +378,17 @@ def t_interval(values: list[float]) -> tuple[float, float, float]:
     return m, m - half, m + half
 
 
+def study_key(record: dict) -> str:
+    """Runs are compared within one dataset and one training budget: ``shapes32@600``."""
+    return f"{record['dataset']}@{record['iterations']}"
+
+
 def summarize(records: list[dict]) -> dict:
-    """Per dataset and candidate: mean and CI of each metric; the winner per dataset."""
+    """Per dataset and budget (:func:`study_key`) and candidate: mean and CI of each metric; the winner of each."""
     out: dict = {}
-    for dataset in sorted({r["dataset"] for r in records}):
-        rows = [r for r in records if r["dataset"] == dataset]
+    for key in sorted({study_key(r) for r in records}, key=lambda k: (k.split("@")[0], int(k.split("@")[1]))):
+        rows = [r for r in records if study_key(r) == key]
+        dataset = rows[0]["dataset"]
         table = {}
         for name in CANDIDATES:
             mine = [r for r in rows if r["candidate"] == name]
@@ -368,27 +402,32 @@ def summarize(records: list[dict]) -> dict:
                 vals = [r["metrics"][metric] for r in mine if metric in r["metrics"]]
                 if vals and all(math.isfinite(v) for v in vals):
                     entry[metric] = dict(zip(("mean", "ci_low", "ci_high"), t_interval(vals)))
+                elif vals:  # e.g. no sample with a measurable organ: the distance is undefined, the candidate lost
+                    entry[metric] = {"mean": None, "ci_low": None, "ci_high": None, "non_finite_seeds": sum(
+                        not math.isfinite(v) for v in vals)}
             table[name] = entry
         primary = PRIMARY[dataset]
-        scored = {k: v for k, v in table.items() if primary in v and len(v["seeds"]) >= 3}
+        scored = {k: v for k, v in table.items()
+                  if primary in v and v[primary]["mean"] is not None and len(v["seeds"]) >= 3}
         winner = None
         if scored:
             best = min(scored, key=lambda k: scored[k][primary]["mean"])
             # candidates whose interval overlaps the best's are not distinguishable from it: the cheapest sampler wins
             tied = [k for k, v in scored.items() if v[primary]["ci_low"] <= scored[best][primary]["ci_high"]]
             winner = min(tied, key=lambda k: (scored[k]["nfe"], scored[k][primary]["mean"]))
-            out[dataset] = {"primary": primary, "best_mean": best, "tied_with_best": sorted(tied),
-                            "winner": winner, "candidates": table}
+            out[key] = {"primary": primary, "best_mean": best, "tied_with_best": sorted(tied),
+                        "winner": winner, "candidates": table}
         else:
-            out[dataset] = {"primary": primary, "winner": None, "candidates": table}
+            out[key] = {"primary": primary, "winner": None, "candidates": table}
     return out
 
 
 def markdown(summary: dict) -> str:
     lines = []
-    for dataset, res in summary.items():
+    for key, res in summary.items():
         primary = res["primary"]
-        lines.append(f"**{dataset}** (headline: `{primary}`, lower is better; winner: "
+        dataset, iterations = key.split("@")
+        lines.append(f"**{dataset}, {iterations} steps** (headline: `{primary}`, lower is better; winner: "
                      f"`{res.get('winner')}`; indistinguishable from the best mean: {res.get('tied_with_best', [])})")
         lines.append("")
         cols = ["param_w1", "valid", "spread_radius", "spread_intensity", "fid_medicalnet_random", "fid_conv3d",
@@ -400,7 +439,14 @@ def markdown(summary: dict) -> str:
             cells = []
             for c in cols:
                 m = v.get(c)
-                cells.append("" if m is None else f"{m['mean']:.3g} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]")
+                if m is None:
+                    cells.append("")
+                elif m["mean"] is None:
+                    cells.append("undefined")
+                elif len(v["seeds"]) < 2:
+                    cells.append(f"{m['mean']:.3g}")
+                else:
+                    cells.append(f"{m['mean']:.3g} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]")
             lines.append(f"| `{name}` | {v['parameters'] / 1e6:.2f}M | {v['nfe']} | {v['train_seconds']:.0f} | "
                          f"{len(v['seeds'])} | " + " | ".join(cells) + " |")
         lines.append("")
@@ -408,10 +454,9 @@ def markdown(summary: dict) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
-    out = Path(args.out)
-    records = [json.loads(p.read_text()) for p in sorted((out / "runs").glob("*/*/seed*.json"))]
+    records = [json.loads(p.read_text()) for out in args.out for p in sorted((Path(out) / "runs").glob("*/*/seed*.json"))]
     if not records:
-        raise SystemExit(f"no finished runs under {out / 'runs'}")
+        raise SystemExit(f"no finished runs under {[str(Path(o) / 'runs') for o in args.out]}")
     summary = summarize(records)
     table = markdown(summary)
     print(table)
@@ -448,7 +493,7 @@ def main(argv: list[str] | None = None) -> None:
     r.add_argument("--ema-decay", type=float, default=0.995)
     r.add_argument("--threads", type=int, default=2)
     p = sub.add_parser("report", help="aggregate finished runs")
-    p.add_argument("out")
+    p.add_argument("out", nargs="+", help="one or more study folders (e.g. one per training budget)")
     p.add_argument("--write", action="store_true", help="write benchmarks/results/quality.json and BENCHMARKS.md")
     p.add_argument("--command", default="", help="the run arguments, recorded in the JSON")
     args = parser.parse_args(argv)
