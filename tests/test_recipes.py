@@ -291,3 +291,29 @@ def test_known_truth_laws_and_broken_shapes():
     assert math.isnan(measure(np.zeros((32, 32, 32)))["radius"])
     with pytest.raises(ValueError, match="32 or 64"):
         make_volumes(1, size=48)
+
+
+def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule():
+    import importlib.util
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+    q = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(q)
+    ref = measure_many(make_volumes(48, 32, seed=5)[0])
+    fake = make_volumes(16, 32, seed=6)[0]
+    emptied = fake.copy()
+    emptied[:8] = 0  # half the samples without an organ
+    good, half = q._w1_counting_empty(ref, measure_many(fake)), q._w1_counting_empty(ref, measure_many(emptied))
+    assert half > good + 0.5  # an empty volume is an organ of radius 0, not a sample left out
+    # winner rule: lowest mean among 3-seed candidates; overlapping intervals tie and the cheaper sampler wins
+    def rec(name, seed, value, nfe):
+        return {"dataset": "shapes32", "iterations": 10, "candidate": name, "seed": seed, "nfe": nfe,
+                "parameters": 1, "train_seconds": 1.0, "sample_seconds": 1.0, "metrics": {"param_w1": value}}
+    names = list(q.CANDIDATES)[:3]
+    records = [rec(names[0], s, v, 1000) for s, v in enumerate([1.0, 1.1, 0.9])]
+    records += [rec(names[1], s, v, 50) for s, v in enumerate([1.05, 1.2, 1.0])]  # tied, cheaper: wins
+    records += [rec(names[2], s, v, 50) for s, v in enumerate([3.0, 3.1, 2.9])]  # clearly worse
+    summary = q.summarize(records)["shapes32@10"]
+    assert summary["best_mean"] == names[0] and summary["winner"] == names[1]
+    assert names[2] not in summary["tied_with_best"]
