@@ -164,11 +164,9 @@ def build_network(spec: dict, channels: int) -> torch.nn.Module:
 
 def subband_inverse_variance(diffusion: WaveletDiffusion, train: np.ndarray) -> list[float]:
     """Fixed per-subband weights: 1 / variance of each subband's coefficients over the training data."""
-    y = diffusion.encode(torch.from_numpy(train[:64, None]) * 2 - 1)
-    groups = y.shape[1]
-    var = y.transpose(0, 1).reshape(groups, -1).var(dim=1).double()
-    per_band = var.reshape(-1, 8 if diffusion.levels == 1 else 64).mean(0) if groups > 64 else var
-    return (1 / per_band.clamp(min=1e-6)).tolist()
+    y = diffusion.encode(torch.from_numpy(train[:64, None]) * 2 - 1)  # one channel: one subband per channel
+    var = y.transpose(0, 1).reshape(diffusion.channel_factor, -1).var(dim=1).double()
+    return (1 / var.clamp(min=1e-6)).tolist()
 
 
 def train_and_sample(cand: dict, train: np.ndarray, seed: int, iterations: int, batch_size: int,

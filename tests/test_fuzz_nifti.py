@@ -72,6 +72,14 @@ def _names_the_file(err: BaseException, path) -> bool:
     return False
 
 
+def _attempt(read):
+    """``(result, None)`` or ``(None, error)``: every reader's outcome, for the property to judge."""
+    try:
+        return read(), None
+    except Exception as err:  # noqa: BLE001 - the property: any error must name the file
+        return None, err
+
+
 FUZZ = settings(max_examples=60, deadline=5000, suppress_health_check=[HealthCheck.function_scoped_fixture,
                                                                         HealthCheck.too_slow])
 
@@ -81,11 +89,11 @@ FUZZ = settings(max_examples=60, deadline=5000, suppress_health_check=[HealthChe
 def test_evaluate_reader_loads_or_names_the_file(tmp_path_factory, case):
     data, affine, gz = case
     path = _write(tmp_path_factory, data, affine, gz)
-    try:
-        vols, names, _ = load_volumes([path])
-    except Exception as err:  # noqa: BLE001 - the property: any error names the file
+    loaded, err = _attempt(lambda: load_volumes([path]))
+    if err is not None:
         assert _names_the_file(err, path), f"{type(err).__name__} without the file name: {err}"
         return
+    vols, names, _ = loaded
     assert vols.ndim == 4 and vols.shape[0] == 1 and names == [path.name]
 
 
@@ -95,9 +103,8 @@ def test_training_chain_loads_or_names_the_file(tmp_path_factory, case):
     data, affine, gz = case
     path = _write(tmp_path_factory, data, affine, gz)
     chain = volume_transforms("image", image_size=(4, 4, 4), num_channels=1)
-    try:
-        out = chain({"image": str(path)})
-    except Exception as err:  # noqa: BLE001 - the property: any error names the file
+    out, err = _attempt(lambda: chain({"image": str(path)}))
+    if err is not None:
         assert _names_the_file(err, path), f"{type(err).__name__} without the file name: {err}"
     else:
         vol = out["image"]
@@ -113,13 +120,12 @@ def test_training_chain_loads_or_names_the_file(tmp_path_factory, case):
 def test_reference_geometry_reader_loads_or_names_the_file(tmp_path_factory, case):
     data, affine, gz = case
     path = _write(tmp_path_factory, data, affine, gz)
-    try:
-        img = nib.load(path)
-        aff, codes, zooms = nifti_geometry(img)
-    except Exception as err:  # noqa: BLE001 - nibabel's own load errors carry the name; ours must too
+    geometry, err = _attempt(lambda: nifti_geometry(nib.load(path)))
+    if err is not None:  # nibabel's own load errors carry the name; ours must too
         assert _names_the_file(err, path) or isinstance(err, nib.filebasedimages.ImageFileError), str(err)
         return
-    assert np.asarray(aff).shape == (4, 4)
+    affine, _, qform = geometry
+    assert np.asarray(affine).shape == (4, 4) and np.asarray(qform).shape == (4, 4)
 
 
 def test_fuzz_strategy_reaches_the_hard_cases():

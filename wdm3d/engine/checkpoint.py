@@ -104,6 +104,14 @@ def _by_age(directory: Path, files: list[Path]) -> list[Path]:
     return [p for p in unlisted if mtime[p] <= log_time] + listed + [p for p in unlisted if mtime[p] > log_time]
 
 
+def _checkpoints_by_age(directory: Path, pattern: str = "*.pt") -> list[Path]:
+    # every visible checkpoint of a folder, oldest first (the save log's order, see _by_age)
+    if not directory.is_dir():
+        return []
+    files = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
+    return _by_age(directory, files) if files else []
+
+
 def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Path | None:
     """The newest checkpoint in ``directory`` (None if there is none or the folder does not exist).
 
@@ -111,13 +119,8 @@ def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Pa
     :class:`TrainingCheckpoints`) lists, unless a file it does not list is newer than the log; without a log, the
     file modified last. Names are only a tie-break, as epoch- and iteration-numbered files are not comparable.
     """
-    directory = Path(directory)
-    if not directory.is_dir():
-        return None
-    files = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
-    if not files:
-        return None
-    return _by_age(directory, files)[-1]
+    ordered = _checkpoints_by_age(Path(directory), pattern)
+    return ordered[-1] if ordered else None
 
 
 class CheckpointLoadError(RuntimeError):
@@ -132,13 +135,6 @@ class CheckpointLoadError(RuntimeError):
     def __init__(self, message: str, path: Path, damaged: bool) -> None:
         super().__init__(message)
         self.path, self.damaged = path, damaged
-
-
-def _checkpoints_by_age(directory: Path) -> list[Path]:
-    # every visible *.pt of a folder, oldest first (the save log's order, see _by_age)
-    if not directory.is_dir():
-        return []
-    return _by_age(directory, [p for p in directory.glob("*.pt") if p.is_file() and not p.name.startswith(".")])
 
 
 def intact_checkpoint_before(path: str | os.PathLike) -> Path | None:
@@ -705,7 +701,7 @@ def _saver(directory: Path):
                 save_checkpoint_file(checkpoint, self.dirname / filename)
 
         def remove(self, filename: str) -> None:
-            pass
+            """Nothing: ignite calls this before the next save; pruning is ``_prune``'s, after a save succeeded."""
 
     return _Saver(str(directory), require_empty=False)
 
