@@ -11,7 +11,12 @@ import SimpleITK as sitk
 
 from wdm3d.cli import main as cli
 from wdm3d.io import write_dicom_series
-from wdm3d.io.dicom import MR_STORED_MAX, PRIVATE_CREATOR, SYNTHETIC_COMMENT
+from wdm3d.io.dicom import (
+    MR_STORED_MAX,
+    PRIVATE_CREATOR,
+    SYNTHETIC_COMMENT,
+    dicom_value_mapping,
+)
 
 # RAS-world affines: a plain one; flipped + anisotropic + off-centre; axes permuted (the S axis is voxel axis 1)
 PLAIN = np.diag([1.0, 1.0, 1.0, 1.0])
@@ -21,7 +26,11 @@ SECRET = "PATIENT-JANE-DOE-1234567"  # stands in for anything a training scan co
 
 
 def read_series(folder):
-    """SimpleITK's reading of a series folder: (image, voxel-to-RAS affine of its array in (x, y, z) order, values)."""
+    """SimpleITK's reading of a series folder: (image, voxel-to-RAS affine of its array in (x, y, z) order, values).
+
+    SimpleITK applies CT's rescale; MR files have none (their IOD defines none), so their stored values are mapped
+    with the Real World Value Mapping every file carries (``dicom_value_mapping``), the same in every file.
+    """
     reader = sitk.ImageSeriesReader()
     names = reader.GetGDCMSeriesFileNames(str(folder))
     assert len(names) > 0, f"no series in {folder}"
@@ -31,7 +40,14 @@ def read_series(folder):
     lps[:3, :3] = np.array(img.GetDirection()).reshape(3, 3) * np.array(img.GetSpacing())
     lps[:3, 3] = img.GetOrigin()
     ras = np.diag([-1.0, -1.0, 1.0, 1.0]) @ lps  # ITK reports LPS; NIfTI is RAS
-    return img, ras, sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float64)
+    values = sitk.GetArrayFromImage(img).transpose(2, 1, 0).astype(np.float64)
+    headers = [pydicom.dcmread(n, stop_before_pixels=True) for n in names]
+    if "RescaleSlope" not in headers[0]:
+        mappings = {dicom_value_mapping(ds) for ds in headers}
+        assert len(mappings) == 1, f"slices of {folder} map their values differently: {mappings}"
+        slope, intercept = mappings.pop()
+        values = values * slope + intercept
+    return img, ras, values
 
 
 def assert_same_volume(folder, volume, affine, atol):
@@ -94,6 +110,7 @@ def test_mr_series_reads_back_within_the_stated_quantisation(tmp_path, affine):
     stored = np.stack([ds.pixel_array for ds in datasets(tmp_path / "mr")])
     assert stored.dtype == np.int16 and stored.min() >= 0 and stored.max() <= MR_STORED_MAX
     assert "[0, 1] stored as [0, 4095]" in datasets(tmp_path / "mr")[0].ImageComments
+    assert not any("RescaleSlope" in ds or "RescaleIntercept" in ds for ds in datasets(tmp_path / "mr"))  # MR IOD
 
 
 def test_tags_mark_the_series_synthetic_with_new_uids(tmp_path):
