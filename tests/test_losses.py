@@ -320,7 +320,7 @@ def test_vae_loss_with_perceptual_term(tiny_weights):
     perceptual = Perceptual25DLoss(tiny_weights, layout=TINY_LAYOUT, slice_fraction=1.0)
     x = torch.rand(1, 1, 8, 8, 8)
     out = _output(x)
-    out.reconstruction = x + 0.2 * torch.randn_like(x)
+    out = out._replace(reconstruction=x + 0.2 * torch.randn_like(x))
     base, _ = VAELoss()(out, x)
     total, logs = VAELoss(perceptual=perceptual, perceptual_weight=0.1)(out, x)
     assert logs["perceptual"] > 0

@@ -194,6 +194,11 @@ class ContextConditionedUNet(nn.Module):
         torch.Size([2, 8, 8, 8, 8])
     """
 
+    # read from Python; a TorchScript export needs none of them
+    __jit_unused_properties__ = (
+        "context_dim", "in_channels", "out_channels", "channel_mult", "use_checkpoint", "fields",
+    )
+
     def __init__(self, unet: nn.Module, vocabularies: Mapping[str, Sequence[str]]) -> None:
         super().__init__()
         context_dim = getattr(unet, "context_dim", None)
@@ -288,7 +293,7 @@ class ContextConditionedUNet(nn.Module):
             col = idx[:, j]
             if col.numel() and (col.min() < 0 or col.max() >= n):
                 raise ValueError(f"{field} indices must be in [0, {n}) ({n - 1} = null), got {col.tolist()}.")
-        return torch.stack([tables[f](idx[:, j]) for j, f in enumerate(self.fields)], dim=1)
+        return self.embedding.embed_indices(idx)
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """
@@ -297,12 +302,15 @@ class ContextConditionedUNet(nn.Module):
             timesteps: ``(B,)`` or a scalar.
             context: indices ``(B, num_fields)``, tokens ``(B or 1, N, context_dim)`` or None (null tokens).
         """
+        # (TorchScript, e.g. MONAI's ckpt_export, compiles the scripting branches: see wdm3d.networks.scripting)
         if context is None:
-            tokens = self.null_context(x.shape[0])
-        elif not isinstance(context, torch.Tensor):
+            tokens = self.embedding.null_tokens(x.shape[0])
+        elif not torch.jit.is_scripting() and not isinstance(context, torch.Tensor):
             raise TypeError(f"context must be a tensor of indices or tokens, or None; got {type(context).__name__}.")
         elif context.is_floating_point():
             tokens = context
+        elif torch.jit.is_scripting():  # unchecked indices (_embed's checks format Python objects)
+            tokens = self.embedding.embed_indices(context[None] if context.ndim == 1 else context)
         else:
             tokens = self._embed(context)
         return self.unet(x, timesteps, context=tokens.to(x.device))

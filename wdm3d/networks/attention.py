@@ -76,9 +76,7 @@ class AttnProcessor:
     """
 
     def __call__(self, attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        query = attn.to_q(hidden_states)
-        out = attn.attend(query, attn.to_k(context), attn.to_v(context))
-        return attn.to_out(out)
+        return attn.default_attention(hidden_states, context)
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}()"
@@ -100,6 +98,9 @@ class Attention(nn.Module):
     ``to_q``, ``to_k``, ``to_v`` are bias-free ``nn.Linear`` layers, ``to_out`` an ``nn.Linear``. The computation is
     ``self.processor(self, hidden_states, context)``; replace it with :meth:`set_processor` (or by assigning
     ``attention.processor``). The processor is not a registered submodule (see the module docstring).
+
+    ``torch.jit.script`` compiles the default computation (:meth:`default_attention`); scripting a module with
+    another processor installed raises instead of silently dropping it (see :meth:`__prepare_scriptable__`).
 
     Example:
         >>> attn = Attention(32, context_dim=16, num_heads=4)
@@ -138,6 +139,8 @@ class Attention(nn.Module):
                 nn.init.zeros_(p)
         self.set_processor(AttnProcessor())
 
+    __jit_unused_properties__ = ("processor",)  # a Python callable, not part of a scripted module
+
     @property
     def processor(self) -> Callable[..., torch.Tensor]:
         return self.__dict__["_processor"]
@@ -160,24 +163,45 @@ class Attention(nn.Module):
         q, k, v = (split_heads(t, self.num_heads) for t in (query, key, value))
         return merge_heads(F.scaled_dot_product_attention(q, k, v))
 
+    def default_attention(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+        """What :class:`AttnProcessor` computes: ``to_out(attend(to_q(x), to_k(c), to_v(c)))``,
+        ``(B, L, query_dim), (B, N, context_dim) -> (B, L, query_dim)``."""
+        query = self.to_q(hidden_states)
+        out = self.attend(query, self.to_k(context), self.to_v(context))
+        return self.to_out(out)
+
+    def __prepare_scriptable__(self) -> Attention:
+        # torch.jit.script calls this before compiling; the scripted forward is default_attention
+        if type(self.processor) is not AttnProcessor:
+            raise RuntimeError(
+                f"cannot script an Attention with the processor {self.processor!r}: TorchScript compiles the default "
+                "computation only and would drop it. Uninstall it first (e.g. IPAdapter.remove())."
+            )
+        return self
+
     def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             hidden_states: ``(B, L, query_dim)`` queries' source.
             context: ``(B, N, context_dim)`` keys' and values' source; None: ``hidden_states`` (self-attention).
         """
+        if context is None:
+            context = hidden_states
+        if torch.jit.is_scripting():  # the installed processor is a Python callable: scripted, the default one
+            return self.default_attention(hidden_states, context)
+        self._check_inputs(hidden_states, context)
+        return self.processor(self, hidden_states, context)
+
+    def _check_inputs(self, hidden_states: torch.Tensor, context: torch.Tensor) -> None:
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.query_dim:
             raise ValueError(
                 f"hidden_states must have shape (B, L, {self.query_dim}), got {tuple(hidden_states.shape)}."
             )
-        if context is None:
-            context = hidden_states
         if context.ndim != 3 or context.shape[-1] != self.context_dim or context.shape[0] != hidden_states.shape[0]:
             raise ValueError(
                 f"context must have shape ({hidden_states.shape[0]}, N, {self.context_dim}), "
                 f"got {tuple(context.shape)}."
             )
-        return self.processor(self, hidden_states, context)
 
     def extra_repr(self) -> str:
         return f"heads={self.num_heads}, head_dim={self.head_dim}, processor={self.processor!r}"
@@ -225,8 +249,9 @@ class CrossAttentionBlock(nn.Module):
 
     def branch(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """The residual branch alone: ``(B, C, D, H, W), (B, N, context_dim) -> (B, C, D, H, W)``."""
-        if x.ndim != 5 or x.shape[1] != self.channels:
-            raise ValueError(f"x must have shape (B, {self.channels}, D, H, W), got {tuple(x.shape)}.")
+        if not torch.jit.is_scripting():  # noqa: SIM102 - TorchScript drops this branch only when it tests this alone
+            if x.ndim != 5 or x.shape[1] != self.channels:
+                raise ValueError(f"x must have shape (B, {self.channels}, D, H, W), got {tuple(x.shape)}.")
         # (B, D*H*W, C), contiguous: for a transposed input torch.matmul folds the batch into one mm only when
         # the weight needs no gradient, so the last bits of the result would depend on whether the network is
         # frozen (an installed IP-Adapter at scale 0 would then not be exactly its base)
@@ -288,6 +313,8 @@ class ContextEmbedding(nn.Module):
         # row len(vocabulary) of each table is the field's null embedding
         self.embeddings = nn.ModuleDict({f: nn.Embedding(len(v) + 1, context_dim) for f, v in vocabs.items()})
 
+    __jit_unused_properties__ = ("fields", "num_tokens")  # (read from Python; TorchScript needs neither)
+
     @property
     def fields(self) -> tuple[str, ...]:
         return tuple(self.vocabularies)
@@ -344,6 +371,7 @@ class ContextEmbedding(nn.Module):
             idx = idx.expand(batch_size)
         return idx
 
+    @torch.jit.unused  # labels are Python objects: TorchScript code calls null_tokens / embed_indices instead
     def forward(
         self,
         conditions: Mapping[str, _Labels] | None = None,
@@ -380,6 +408,28 @@ class ContextEmbedding(nn.Module):
     def null(self, batch_size: int = 1) -> torch.Tensor:
         """The unconditional tokens (every field's null embedding): ``(batch_size, num_fields, context_dim)``."""
         return self.forward({}, batch_size=batch_size)
+
+    @torch.jit.export
+    def null_tokens(self, batch_size: int) -> torch.Tensor:
+        """:meth:`null` in TorchScript too (the same rows): ``(batch_size, num_fields, context_dim)``."""
+        tokens: list[torch.Tensor] = []
+        for table in self.embeddings.values():
+            idx = torch.full([batch_size], table.num_embeddings - 1, dtype=torch.long, device=table.weight.device)
+            tokens.append(table(idx))
+        return torch.stack(tokens, dim=1)
+
+    @torch.jit.export
+    def embed_indices(self, indices: torch.Tensor) -> torch.Tensor:
+        """Index columns to tokens, in TorchScript too: ``(B, num_fields) -> (B, num_fields, context_dim)``.
+
+        Column ``j`` holds the indices of the ``j``-th field (vocabularies' order), ``len(vocabulary)`` for its null
+        token. Unchecked (an index out of range fails inside ``nn.Embedding``): :meth:`forward` and
+        :meth:`indices` build checked indices from labels.
+        """
+        tokens: list[torch.Tensor] = []
+        for j, table in enumerate(self.embeddings.values()):
+            tokens.append(table(indices[:, j]))
+        return torch.stack(tokens, dim=1)
 
     def extra_repr(self) -> str:
         return f"context_dim={self.context_dim}, vocabularies={self.vocabularies}"

@@ -25,14 +25,17 @@ stride up to each layer (so the non-overlapping operators see whole groups). Out
 empty: whole-volume calls never depend on earlier calls, and the context clears the cache when it exits.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations``: TorchScript reads CausalConv3d's ``_cache`` annotation as an object
 
 import contextlib
 from collections.abc import Iterator, Sequence
+from typing import Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .scripting import shape_repr
 
 __all__ = [
     "CausalConv3d",
@@ -74,6 +77,8 @@ class CausalConv3d(nn.Conv3d):
         torch.Size([1, 4, 5, 8, 8])
     """
 
+    _cache: Optional[torch.Tensor]  # noqa: UP045 - declared for TorchScript (which misreads X | None here)
+
     def __init__(
         self,
         in_channels: int,
@@ -100,20 +105,21 @@ class CausalConv3d(nn.Conv3d):
         s_d = self.stride[0]
         if x.shape[2] % s_d:
             raise ValueError(
-                f"{type(self).__name__} with depth stride {s_d} needs a depth divisible by {s_d}, got input shape "
-                f"{tuple(x.shape)}; in chunked inference the chunk must be a multiple of the total depth stride."
+                f"CausalConv3d with depth stride {s_d} needs a depth divisible by {s_d}, got input shape "
+                f"{shape_repr(x.shape)}; in chunked inference the chunk must be a multiple of the total depth stride."
             )
         p = self.depth_pad
         if p:
-            if self._streaming and self._cache is not None:
-                front = self._cache
+            cache = self._cache
+            if self._streaming and cache is not None:
+                front = cache
             else:
                 front = x[:, :, :1].expand(-1, -1, p, -1, -1)
             x = torch.cat((front.to(x.dtype), x), dim=2)
             if self._streaming:
                 # a copy, so that the cache does not keep this slab's padded input alive
                 self._cache = x[:, :, -p:].clone()
-        return super().forward(x)
+        return self._conv_forward(x, self.weight, self.bias)  # nn.Conv3d.forward (TorchScript has no super())
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", causal depth pad={self.depth_pad}"
@@ -170,7 +176,8 @@ class ChannelRMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(channels))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        wide = x.float() if x.dtype in (torch.float16, torch.bfloat16) else x  # half types in float32; float64 kept
+        half = x.dtype == torch.float16 or x.dtype == torch.bfloat16
+        wide = x.float() if half else x  # half types in float32; float64 kept
         wide = wide * torch.rsqrt(wide.square().mean(dim=1, keepdim=True) + self.eps)
         return (wide * self.weight.to(wide.dtype).view(1, -1, 1, 1, 1)).to(x.dtype)  # one rounding to x's dtype
 
@@ -230,9 +237,11 @@ class CausalDownsample3d(nn.Module):
         self.conv = CausalConv3d(in_channels, out_channels, (2, 3, 3), stride=2)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        for ax, size in zip("DHW", x.shape[2:]):
-            if size % 2:
-                raise ValueError(f"CausalDownsample3d needs even sizes, got shape {tuple(x.shape)} (odd {ax}).")
+        for i in range(3):
+            if x.shape[2 + i] % 2:
+                raise ValueError(
+                    f"CausalDownsample3d needs even sizes, got shape {shape_repr(x.shape)} (odd {'DHW'[i]})."
+                )
         return self.conv(x)
 
 

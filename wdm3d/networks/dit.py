@@ -18,6 +18,7 @@ from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
 from .ip_adapter import sincos_position_3d
+from .scripting import shape_repr
 
 __all__ = ["DiT3D", "DiTBlock", "dit3d", "patchify3d", "unpatchify3d"]
 
@@ -32,13 +33,13 @@ def patchify3d(x: torch.Tensor, patch_size: int) -> torch.Tensor:
     return x.reshape(b, g[0] * g[1] * g[2], c * p**3)
 
 
-def unpatchify3d(tokens: torch.Tensor, grid: tuple[int, int, int], patch_size: int) -> torch.Tensor:
-    """Inverse of :func:`patchify3d`: ``(B, N, C p^3) -> (B, C, g0 p, g1 p, g2 p)``."""
+def unpatchify3d(tokens: torch.Tensor, grid: list[int], patch_size: int) -> torch.Tensor:
+    """Inverse of :func:`patchify3d`: ``(B, N, C p^3) -> (B, C, g0 p, g1 p, g2 p)``; ``grid`` is ``(g0, g1, g2)``."""
     b, _, f = tokens.shape
     p = patch_size
-    c = f // p**3
-    x = tokens.reshape(b, *grid, c, p, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
-    return x.reshape(b, c, *(n * p for n in grid))
+    c = f // (p * p * p)  # (not p**3: TorchScript, which compiles this for DiT3D, makes int ** int a float)
+    x = tokens.reshape(b, grid[0], grid[1], grid[2], c, p, p, p).permute(0, 4, 1, 5, 2, 6, 3, 7)
+    return x.reshape(b, c, grid[0] * p, grid[1] * p, grid[2] * p)
 
 
 def _modulate(x: torch.Tensor, shift: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -73,7 +74,7 @@ class DiTBlock(nn.Module):
 
     def attention(self, x: torch.Tensor) -> torch.Tensor:
         b, n, dim = x.shape
-        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
+        q, k, v = self.qkv(x).reshape(b, n, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4).unbind(0)
         out = F.scaled_dot_product_attention(q, k, v)
         return self.proj(out.transpose(1, 2).reshape(b, n, dim))
 
@@ -131,6 +132,13 @@ class DiT3D(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}.")
+        p = self.patch_size
+        if any(s % p for s in x.shape[2:]):
+            raise ValueError(f"spatial sizes {tuple(x.shape[2:])} must be divisible by patch_size {p}.")
+
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
@@ -140,17 +148,17 @@ class DiT3D(nn.Module):
         """
         if context is not None:
             raise ValueError("DiT3D takes no context tokens; pass context=None.")
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}.")
         p = self.patch_size
-        if any(s % p for s in x.shape[2:]):
-            raise ValueError(f"spatial sizes {tuple(x.shape[2:])} must be divisible by patch_size {p}.")
+        if not torch.jit.is_scripting():  # (TorchScript: see wdm3d.networks.scripting)
+            self._check_input(x)
         timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0 or timesteps.shape == (1,):
+        if timesteps.ndim == 0 or (timesteps.ndim == 1 and timesteps.shape[0] == 1):
             timesteps = timesteps.reshape(()).expand(x.shape[0])
-        if timesteps.shape != (x.shape[0],):
-            raise ValueError(f"timesteps must be a scalar or have shape ({x.shape[0]},), got {tuple(timesteps.shape)}.")
-        grid = tuple(s // p for s in x.shape[2:])
+        if timesteps.ndim != 1 or timesteps.shape[0] != x.shape[0]:
+            raise ValueError(
+                f"timesteps must be a scalar or have shape ({x.shape[0]},), got {shape_repr(timesteps.shape)}."
+            )
+        grid = [x.shape[2] // p, x.shape[3] // p, x.shape[4] // p]
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim), row-major over the patch grid
         h = h + sincos_position_3d(grid, self.hidden_size, x.device, h.dtype)
         cond = self.time_embed(get_timestep_embedding(timesteps, self.hidden_size).to(h.dtype))

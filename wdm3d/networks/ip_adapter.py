@@ -28,7 +28,6 @@ from __future__ import annotations
 import functools
 import hashlib
 import io
-import math
 import os
 import threading
 import warnings
@@ -40,6 +39,7 @@ import torch
 from torch import nn
 
 from .attention import Attention, CrossAttentionBlock, attention_heads
+from .scripting import shape_repr
 from .unet import default_attention_levels
 
 __all__ = [
@@ -187,25 +187,30 @@ class ImageProjection(nn.Module):
 
 
 def sincos_position_3d(
-    size: Sequence[int], dim: int, device: torch.device | str | None = None, dtype: torch.dtype = torch.float32
+    size: list[int], dim: int, device: torch.device | None = None, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     """Fixed sinusoidal positions of a ``(d, h, w)`` grid (Vaswani et al. 2017, sec. 3.5, one third per axis).
 
     Returns ``(d*h*w, dim)`` (row-major voxel order): per axis ``dim // 6`` frequencies ``10000^(-k/n)``, sine and
-    cosine of the voxel index; zero-padded to ``dim``.
+    cosine of the voxel index; zero-padded to ``dim``. ``size`` may be any sequence of three ints and ``device`` a
+    string outside TorchScript (which compiles this for :class:`~wdm3d.networks.DiT3D`).
     """
     if len(size) != 3 or dim < 1:
-        raise ValueError(f"size must be (d, h, w) and dim >= 1, got {tuple(size)}, {dim}.")
+        raise ValueError(f"size must be (d, h, w) and dim >= 1, got {shape_repr(size)}, {dim}.")
     n = dim // 6
-    grids = torch.meshgrid(*(torch.arange(s, device=device, dtype=torch.float64) for s in size), indexing="ij")
-    parts = []
-    if n:
+    grids = torch.meshgrid([torch.arange(s, device=device, dtype=torch.float64) for s in size], indexing="ij")
+    parts: list[torch.Tensor] = []
+    if n > 0:
         freqs = 10000.0 ** (-torch.arange(n, device=device, dtype=torch.float64) / n)
         for g in grids:
             angle = g.reshape(-1, 1) * freqs
-            parts += [angle.sin(), angle.cos()]
-    pos = torch.cat(parts, 1) if parts else torch.zeros(math.prod(size), 0, device=device, dtype=torch.float64)
-    pos = torch.nn.functional.pad(pos, (0, dim - pos.shape[1]))
+            parts.append(angle.sin())
+            parts.append(angle.cos())
+    if len(parts) > 0:
+        pos = torch.cat(parts, 1)
+    else:
+        pos = torch.zeros(size[0] * size[1] * size[2], 0, device=device, dtype=torch.float64)
+    pos = torch.nn.functional.pad(pos, [0, dim - pos.shape[1]])
     return pos.to(dtype)
 
 
@@ -598,6 +603,14 @@ class IPAdapter(nn.Module):
     def trainable_parameters(self) -> list[nn.Parameter]:
         """The projector's, the new K'/V' projections' and the added blocks' parameters (the optimizer's list)."""
         return [p for m in self.adapter_modules().values() for p in m.parameters()]
+
+    def __prepare_scriptable__(self) -> IPAdapter:
+        # torch.jit.script calls this first: say why it cannot work, before TorchScript fails somewhere inside
+        raise RuntimeError(
+            "an IPAdapter cannot be compiled with TorchScript (torch.jit.script, MONAI's ckpt_export): it reaches the "
+            "base through Python attention processors, forward hooks and a prompt shared between them. Export the base "
+            "network on its own (the bundle's network_def; call remove() first if the adapter is installed on it)."
+        )
 
     def train(self, mode: bool = True) -> IPAdapter:
         super().train(mode)

@@ -35,6 +35,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from .attention import CrossAttentionBlock
+from .scripting import shape_repr
 
 __all__ = [
     "WDMUNet", "ResBlock", "AttentionAnchor", "wdm_unet", "monai_unet", "PRESETS", "count_parameters",
@@ -86,6 +87,8 @@ class ResBlock(nn.Module):
                 raise ValueError(f"norm_num_groups={norm_num_groups} must divide the channel count {ch}.")
         self.in_channels, self.out_channels = in_channels, out_channels
         self.resample = resample
+        # what forward reads: TorchScript cannot compare an attribute that may be None with a string
+        self._resample_mode = resample or ""
         self.norm1 = nn.GroupNorm(norm_num_groups, in_channels)
         self.conv1 = nn.Conv3d(in_channels, out_channels, 3, padding=1)
         self.emb_proj = nn.Linear(emb_dim, out_channels)
@@ -95,9 +98,9 @@ class ResBlock(nn.Module):
         self.skip = nn.Identity() if in_channels == out_channels else nn.Conv3d(in_channels, out_channels, 1)
 
     def _resample(self, t: torch.Tensor) -> torch.Tensor:
-        if self.resample == "down":
+        if self._resample_mode == "down":
             return F.avg_pool3d(t, 2)
-        if self.resample == "up":
+        if self._resample_mode == "up":
             return F.interpolate(t, scale_factor=2.0, mode="nearest")
         return t
 
@@ -207,7 +210,7 @@ class WDMUNet(nn.Module):
         self.attention_middle = bool(attention_middle)
         self.num_heads, self.head_dim = num_heads, head_dim
         emb_dim = 4 * base_channels
-        self._anchors: list[AttentionAnchor] = []
+        self._anchors = []  # list[AttentionAnchor] (unannotated: TorchScript warns about annotations here)
 
         def block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, norm_num_groups, dropout, resample)
@@ -293,6 +296,16 @@ class WDMUNet(nn.Module):
             raise ValueError(f"head_dim must be a positive integer when num_heads is None, got {head_dim!r}.")
         return levels
 
+    def __prepare_scriptable__(self) -> WDMUNet:
+        # torch.jit.script calls this first; forward hooks (an IPAdapter's added blocks) are Python objects
+        hooked = [name for name, m in self.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        if hooked:
+            raise RuntimeError(
+                f"cannot script a WDMUNet with forward hooks on {hooked[:3]}: TorchScript cannot compile them and "
+                "the scripted network would differ. Remove them first (an installed IPAdapter: adapter.remove())."
+            )
+        return self
+
     def attention_anchors(self, levels: Sequence[int] | None = None, middle: bool = True) -> list[AttentionAnchor]:
         """The residual blocks after which cross-attention sits (or would sit), encoder, middle, decoder order.
 
@@ -330,11 +343,24 @@ class WDMUNet(nn.Module):
             return checkpoint(blk, h, cond, use_reentrant=False)
         return blk(h, cond)
 
-    def _check_context(self, context: torch.Tensor | None, x: torch.Tensor) -> torch.Tensor | None:
+    def _check_input(self, x: torch.Tensor) -> None:
+        if x.ndim != 5 or x.shape[1] != self.in_channels:
+            raise ValueError(
+                f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}."
+            )
+        if not x.is_floating_point():
+            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}.")
+        if any(s < 1 or s % self._factor for s in x.shape[2:]):
+            raise ValueError(
+                f"spatial sizes must be divisible by {self._factor} for {len(self.channel_mult)} levels, "
+                f"got {tuple(x.shape[2:])}."
+            )
+
+    def _check_context(self, context: torch.Tensor | None, x: torch.Tensor) -> None:
         if self.context_dim is None:
             if context is not None:
                 raise ValueError("WDMUNet has no cross-attention and takes no context; pass context=None.")
-            return None
+            return
         if context is None:
             raise ValueError(
                 f"this WDMUNet has cross-attention (context_dim={self.context_dim}) and needs context tokens "
@@ -348,7 +374,6 @@ class WDMUNet(nn.Module):
                 f"context must have batch size 1 or {x.shape[0]} (that of x) and at least one token, "
                 f"got {tuple(context.shape)}."
             )
-        return context.expand(x.shape[0], -1, -1).to(x.dtype)
 
     def forward(
         self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
@@ -360,43 +385,52 @@ class WDMUNet(nn.Module):
             context: ``(B, N, context_dim)`` (or ``(1, N, context_dim)``, broadcast) context tokens; required with
                 a ``context_dim``, must be None without.
         """
-        if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}."
-            )
-        if not x.is_floating_point():
-            raise TypeError(f"x must be a floating-point tensor, got {x.dtype}.")
-        if any(s < 1 or s % self._factor for s in x.shape[2:]):
-            raise ValueError(
-                f"spatial sizes must be divisible by {self._factor} for {len(self.channel_mult)} levels, "
-                f"got {tuple(x.shape[2:])}."
-            )
-        context = self._check_context(context, x)
+        # TorchScript (torch.jit.script, MONAI's ckpt_export) compiles only the scripting branches below: no
+        # eager-only input checks, no gradient checkpointing, no fp32_io switch (see wdm3d.networks.scripting)
+        if not torch.jit.is_scripting():
+            self._check_input(x)
+            self._check_context(context, x)
+        if context is not None:
+            context = context.expand(x.shape[0], -1, -1).to(x.dtype)
         timesteps = torch.as_tensor(timesteps, device=x.device)
-        if timesteps.ndim == 0 or timesteps.shape == (1,):
+        if timesteps.ndim == 0 or (timesteps.ndim == 1 and timesteps.shape[0] == 1):
             timesteps = timesteps.reshape(()).expand(x.shape[0])
-        if timesteps.shape != (x.shape[0],):
+        if timesteps.ndim != 1 or timesteps.shape[0] != x.shape[0]:
             # (a batch-1 x with B timesteps would otherwise broadcast into a batch of B outputs without an error)
             raise ValueError(f"timesteps must be a scalar or have shape ({x.shape[0]},) (the batch of x), got "
-                             f"{tuple(timesteps.shape)}.")
+                             f"{shape_repr(timesteps.shape)}.")
         emb = self.time_embed(get_timestep_embedding(timesteps, self.base_channels).to(x.dtype))
 
-        h = self._io(self.conv_in, x, back_to_autocast=True)
+        h = self.conv_in(x) if torch.jit.is_scripting() else self._io(self.conv_in, x, back_to_autocast=True)
         skips = [h]
+        # the lists hold residual blocks (which take the time embedding) and cross-attention blocks (the context).
+        # Told apart by hasattr, which TorchScript resolves at compile time: its isinstance is False for modules of
+        # one class with different submodules (compiled as distinct types), e.g. ResBlocks with and without a skip conv
         for blk in self.down:
-            if isinstance(blk, CrossAttentionBlock):
-                h = skips[-1] = self._run(blk, h, context)
-            else:
-                h = self._run(blk, h, emb)
+            if hasattr(blk, "emb_proj"):
+                h = blk(h, emb) if torch.jit.is_scripting() else self._run(blk, h, emb)
                 skips.append(h)
+            else:  # attends in place: the attended output is the skip
+                assert context is not None  # checked above: a network with cross-attention has its context
+                h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context)
+                skips[-1] = h
         for blk in self.middle:
-            h = self._run(blk, h, context if isinstance(blk, CrossAttentionBlock) else emb)
+            if hasattr(blk, "emb_proj"):
+                h = blk(h, emb) if torch.jit.is_scripting() else self._run(blk, h, emb)
+            else:
+                assert context is not None
+                h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context)
         for step in self.up:
             skip = skips.pop()
             h = (h + skip) / 2 if self.additive_skips else torch.cat((h, skip), dim=1)
             for blk in step:
-                h = self._run(blk, h, context if isinstance(blk, CrossAttentionBlock) else emb)
-        return self._io(self.conv_out, F.silu(self.norm_out(h)))
+                if hasattr(blk, "emb_proj"):
+                    h = blk(h, emb) if torch.jit.is_scripting() else self._run(blk, h, emb)
+                else:
+                    assert context is not None
+                    h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context)
+        h = F.silu(self.norm_out(h))
+        return self.conv_out(h) if torch.jit.is_scripting() else self._io(self.conv_out, h)
 
 
 def wdm_unet(preset: str = "wdm_128", in_channels: int = 8, out_channels: int | None = None, **overrides) -> WDMUNet:

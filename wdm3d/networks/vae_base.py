@@ -14,19 +14,30 @@ An autoencoder ``model`` provides:
 Shapes: ``x`` is ``(B, C, D, H, W)``; ``z`` is ``(B, latent_channels, D/f, H/f, W/f)`` with ``f = downsample_factor``.
 """
 
-from __future__ import annotations
+# no ``from __future__ import annotations`` here: TorchScript reads the NamedTuple fields' annotations as objects
+# (it cannot parse string annotations such as ``"torch.Tensor | None"`` of a NamedTuple)
 
-from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import torch
-from torch import nn
+from torch import Generator, nn
 
-__all__ = ["LatentDistribution", "VAEOutput", "MonaiKLAdapter"]
+__all__ = ["LatentDistribution", "MonaiKLAdapter", "VAEOutput", "latent_sample", "latent_stddev"]
 
 
-@dataclass
-class LatentDistribution:
+class _LatentFields(NamedTuple):
+    mean: torch.Tensor
+    logvar: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+
+
+class LatentDistribution(_LatentFields):
     """A diagonal Gaussian posterior ``N(mean, std^2)`` over the latent.
+
+    A NamedTuple of tensors (so that a network that returns one compiles with TorchScript, and a scripted network's
+    output loads anywhere); :func:`latent_sample` and :func:`latent_stddev` are :meth:`sample` and :attr:`stddev`
+    for TorchScript code, which cannot call a NamedTuple's methods. TorchScript code constructs it without the clamp
+    below: clamp ``logvar`` before.
 
     Args:
         mean: ``(B, Z, d, h, w)``.
@@ -34,26 +45,22 @@ class LatentDistribution:
         std: optional explicit standard deviation (a learnable noise scale); overrides ``exp(logvar / 2)``.
     """
 
-    mean: torch.Tensor
-    logvar: torch.Tensor | None = None
-    std: torch.Tensor | None = None
+    __slots__ = ()
 
-    def __post_init__(self) -> None:
-        if self.logvar is not None:
-            self.logvar = self.logvar.clamp(-30.0, 20.0)
+    def __new__(
+        cls, mean: torch.Tensor, logvar: torch.Tensor | None = None, std: torch.Tensor | None = None
+    ):
+        if logvar is not None:
+            logvar = logvar.clamp(-30.0, 20.0)
+        return super().__new__(cls, mean, logvar, std)
 
     @property
     def stddev(self) -> torch.Tensor:
-        if self.std is not None:
-            return self.std
-        if self.logvar is None:
-            return torch.zeros_like(self.mean)
-        return torch.exp(0.5 * self.logvar)
+        return latent_stddev(self)
 
     def sample(self, generator: torch.Generator | None = None) -> torch.Tensor:
         """Reparameterised sample ``mean + std * eps`` (differentiable in mean and std)."""
-        eps = torch.randn(self.mean.shape, generator=generator, device=self.mean.device, dtype=self.mean.dtype)
-        return self.mean + self.stddev * eps
+        return latent_sample(self, generator)
 
     def mode(self) -> torch.Tensor:
         return self.mean
@@ -82,9 +89,39 @@ class LatentDistribution:
         return kl.flatten(1).sum(1)
 
 
-@dataclass
-class VAEOutput:
+def latent_stddev(posterior: LatentDistribution) -> torch.Tensor:
+    """The posterior's standard deviation: ``std`` if given, else ``exp(logvar / 2)``, else zeros."""
+    std, logvar = posterior.std, posterior.logvar
+    if std is not None:
+        return std
+    if logvar is None:
+        return torch.zeros_like(posterior.mean)
+    return torch.exp(0.5 * logvar)
+
+
+def latent_sample(posterior: LatentDistribution, generator: Generator | None = None) -> torch.Tensor:
+    """Reparameterised sample ``mean + std * eps`` of ``posterior`` (differentiable in mean and std)."""
+    mean = posterior.mean
+    eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+    return mean + latent_stddev(posterior) * eps
+
+
+class _VAEOutputFields(NamedTuple):
+    reconstruction: torch.Tensor
+    posterior: LatentDistribution
+    latent: torch.Tensor
+    enc_coeffs: list[torch.Tensor]
+    dec_coeffs: list[torch.Tensor]
+    extra_losses: dict[str, torch.Tensor]
+
+
+class VAEOutput(_VAEOutputFields):
     """Result of a training forward pass.
+
+    A NamedTuple (TorchScript compiles a forward that returns one; it cannot return a dataclass), whose first
+    element is the reconstruction. Like it for a shape check: ``output.shape`` and ``output.dtype`` are the
+    reconstruction's (MONAI's ``verify_net_in_out`` reads them from a network's output). Fields are read-only: use
+    ``output._replace(reconstruction=...)`` for a changed copy. TorchScript code passes all six fields.
 
     Attributes:
         reconstruction: ``(B, C, D, H, W)``.
@@ -96,12 +133,32 @@ class VAEOutput:
         extra_losses: model-specific loss terms already weighted-ready (e.g. ``"sparsity"``), each a scalar.
     """
 
-    reconstruction: torch.Tensor
-    posterior: LatentDistribution
-    latent: torch.Tensor
-    enc_coeffs: list[torch.Tensor] = field(default_factory=list)
-    dec_coeffs: list[torch.Tensor] = field(default_factory=list)
-    extra_losses: dict[str, torch.Tensor] = field(default_factory=dict)
+    __slots__ = ()
+
+    def __new__(
+        cls,
+        reconstruction: torch.Tensor,
+        posterior: LatentDistribution,
+        latent: torch.Tensor,
+        enc_coeffs: list[torch.Tensor] | None = None,
+        dec_coeffs: list[torch.Tensor] | None = None,
+        extra_losses: dict[str, torch.Tensor] | None = None,
+    ):
+        # fresh containers per output (a NamedTuple default would be one list shared by every output)
+        return super().__new__(
+            cls, reconstruction, posterior, latent, [] if enc_coeffs is None else enc_coeffs,
+            [] if dec_coeffs is None else dec_coeffs, {} if extra_losses is None else extra_losses,
+        )
+
+    @property
+    def shape(self) -> torch.Size:
+        """The reconstruction's shape."""
+        return self.reconstruction.shape
+
+    @property
+    def dtype(self) -> torch.dtype:
+        """The reconstruction's dtype."""
+        return self.reconstruction.dtype
 
 
 class MonaiKLAdapter(nn.Module):

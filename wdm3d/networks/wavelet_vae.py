@@ -54,8 +54,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wdm3d.networks.vae_base import LatentDistribution, VAEOutput
-from wdm3d.wavelets import dwt3d, idwt3d
+from wdm3d.networks.scripting import TensorModule, haar_dwt3d, haar_idwt3d
+from wdm3d.networks.vae_base import LatentDistribution, VAEOutput, latent_sample
 
 __all__ = ["PRIORS", "WaveletVAE3D", "haar_gain"]
 
@@ -84,7 +84,7 @@ def _space_to_depth(x: torch.Tensor, k: int) -> torch.Tensor:
         return x
     b, c, d, h, w = x.shape
     x = x.reshape(b, c, d // k, k, h // k, k, w // k, k).permute(0, 1, 3, 5, 7, 2, 4, 6)
-    return x.reshape(b, c * k**3, d // k, h // k, w // k)
+    return x.reshape(b, c * k * k * k, d // k, h // k, w // k)  # (k * k * k: TorchScript's int ** int is a float)
 
 
 def _depth_to_space(x: torch.Tensor, k: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ def _depth_to_space(x: torch.Tensor, k: int) -> torch.Tensor:
     if k == 1:
         return x
     b, ck, d, h, w = x.shape
-    c = ck // k**3
+    c = ck // (k * k * k)
     x = x.reshape(b, c, k, k, k, d, h, w).permute(0, 1, 5, 2, 6, 3, 7, 4)
     return x.reshape(b, c, d * k, h * k, w * k)
 
@@ -204,6 +204,7 @@ class WaveletVAE3D(nn.Module):
         c, zd, groups = in_channels, latent_channels - in_channels, norm_num_groups
         widths = [base_channels * 2**lvl for lvl in range(levels)]
         self._detail_sizes = [7 * c * 8 ** (levels - 1 - lvl) for lvl in range(levels)]  # packed, finest first
+        self._gains = [haar_gain(lvl) for lvl in range(levels + 1)]  # what forward divides by (TorchScript-readable)
         n_detail = sum(self._detail_sizes)  # = C (8^L - 1)
 
         # learnable noise scale: s = min_std + softplus(rho), one rho per latent channel
@@ -301,10 +302,12 @@ class WaveletVAE3D(nn.Module):
             ``L`` tensors; level ``l`` is ``(B, 8C, D/2^(l+1), H/2^(l+1), W/2^(l+1))`` = DWT of the level-``l`` low
             band (channels ``[:C]`` LLL, ``[C:]`` the 7 detail subbands, in :data:`wdm3d.wavelets.SUBBANDS` order).
         """
-        self._check_input(x)
-        coeffs, low = [], x
+        if not torch.jit.is_scripting():  # (TorchScript: see wdm3d.networks.scripting)
+            self._check_input(x)
+        coeffs: list[torch.Tensor] = []
+        low = x
         for _ in range(self.levels):
-            y = dwt3d(low)
+            y = haar_dwt3d(low)
             coeffs.append(y)
             low = y[:, : self.in_channels]
         return coeffs
@@ -330,7 +333,7 @@ class WaveletVAE3D(nn.Module):
                     f"detail bands of shape {tuple(detail.shape)} do not fit the low band {tuple(low.shape)} "
                     f"(expected 7*C = {7 * self.in_channels} channels on the same grid)."
                 )
-            low = idwt3d(torch.cat((low, detail), dim=1))
+            low = haar_idwt3d(torch.cat((low, detail), dim=1))
         return self._refined(low)
 
     # ----------------------------------------------------------------------------------------------------------------
@@ -338,20 +341,32 @@ class WaveletVAE3D(nn.Module):
     # ----------------------------------------------------------------------------------------------------------------
 
     def _posterior(self, coeffs: list[torch.Tensor]) -> LatentDistribution:
+        # (loops and interface-typed modules rather than comprehensions over enumerate and indexed ModuleLists:
+        # TorchScript compiles these; 1 << n is 2 ** n as an int)
         c = self.in_channels
-        normed = [y / haar_gain(lvl + 1) for lvl, y in enumerate(coeffs)]
+        normed: list[torch.Tensor] = []
+        for lvl in range(len(coeffs)):
+            normed.append(coeffs[lvl] / self._gains[lvl + 1])
         h = self.enc_blocks[0](self.enc_in[0](normed[0]))
         for lvl in range(1, self.levels):
-            h = self.enc_blocks[lvl](self.enc_down[lvl - 1](h) + self.enc_in[lvl](normed[lvl]))
-        packed = torch.cat(
-            [_space_to_depth(y[:, c:], 2 ** (self.levels - 1 - lvl)) for lvl, y in enumerate(normed)], dim=1
-        )
+            blocks: TensorModule = self.enc_blocks[lvl]
+            down: TensorModule = self.enc_down[lvl - 1]
+            inject: TensorModule = self.enc_in[lvl]
+            if torch.jit.is_scripting():
+                h = blocks.forward(down.forward(h) + inject.forward(normed[lvl]))
+            else:
+                h = blocks(down(h) + inject(normed[lvl]))
+        parts: list[torch.Tensor] = []
+        for lvl in range(len(normed)):
+            parts.append(_space_to_depth(normed[lvl][:, c:], 1 << (self.levels - 1 - lvl)))
+        packed = torch.cat(parts, dim=1)
         approx = normed[-1][:, :c] + self.enc_approx(h)
         detail = self.detail_proj(packed) + self.enc_detail(h)
         mean = torch.cat((approx, detail), dim=1)
         std = self.noise_std.to(mean.dtype).view(1, -1, 1, 1, 1).expand_as(mean)
         return LatentDistribution(mean=mean, std=std)
 
+    @torch.jit.export  # (a TorchScript export of the network keeps encode and decode)
     def encode(self, x: torch.Tensor) -> LatentDistribution:
         """Posterior ``N(mean, s^2)`` with the learnable per-channel noise scale ``s``.
 
@@ -365,25 +380,35 @@ class WaveletVAE3D(nn.Module):
         return self._posterior(self.wavelet_coefficients(x))
 
     def _decode(self, z: torch.Tensor) -> tuple[torch.Tensor, list[torch.Tensor]]:
-        if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[1] != self.latent_channels:
-            shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
-            raise ValueError(f"z must have shape (B, {self.latent_channels}, d, h, w), got {shape}.")
+        if not torch.jit.is_scripting():  # noqa: SIM102 - TorchScript drops this branch only when it tests this alone
+            if not isinstance(z, torch.Tensor) or z.ndim != 5 or z.shape[1] != self.latent_channels:
+                shape = tuple(z.shape) if isinstance(z, torch.Tensor) else type(z).__name__
+                raise ValueError(f"z must have shape (B, {self.latent_channels}, d, h, w), got {shape}.")
         c, top = self.in_channels, self.levels - 1
         z_approx, z_detail = z[:, :c], z[:, c:]
         lin = torch.split(self.detail_unproj(z_detail), self._detail_sizes, dim=1)
         g = self.dec_in(z)
         low = z_approx + self.dec_approx(g)  # normalised LLL of the coarsest level
-        dec_coeffs: list[torch.Tensor] = [None] * self.levels  # type: ignore[list-item]
+        dec_coeffs: list[torch.Tensor] = []  # filled coarsest first, each inserted in front: finest first
         for lvl in range(top, -1, -1):
+            blocks: TensorModule = self.dec_blocks[lvl]
+            low_in: TensorModule = self.dec_low_in[lvl]
+            detail_head: TensorModule = self.dec_detail[lvl]
             if lvl < top:
-                g = self.dec_up[lvl](g)
-            g = self.dec_blocks[lvl](g + self.dec_low_in[lvl](low))
-            detail = _depth_to_space(lin[lvl], 2 ** (top - lvl)) + self.dec_detail[lvl](g)
-            gain = haar_gain(lvl + 1)
-            dec_coeffs[lvl] = torch.cat((low, detail), dim=1) * gain
-            low = idwt3d(dec_coeffs[lvl]) / haar_gain(lvl)
+                up: TensorModule = self.dec_up[lvl]
+                g = up.forward(g) if torch.jit.is_scripting() else up(g)
+            if torch.jit.is_scripting():
+                g = blocks.forward(g + low_in.forward(low))
+                detail = _depth_to_space(lin[lvl], 1 << (top - lvl)) + detail_head.forward(g)
+            else:
+                g = blocks(g + low_in(low))
+                detail = _depth_to_space(lin[lvl], 1 << (top - lvl)) + detail_head(g)
+            coeffs = torch.cat((low, detail), dim=1) * self._gains[lvl + 1]
+            dec_coeffs.insert(0, coeffs)
+            low = haar_idwt3d(coeffs) / self._gains[lvl]
         return self._refined(low), dec_coeffs
 
+    @torch.jit.export
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Image from a latent.
 
@@ -409,10 +434,10 @@ class WaveletVAE3D(nn.Module):
         """
         coeffs = self.wavelet_coefficients(x)
         posterior = self._posterior(coeffs)
-        z = posterior.sample() if sample else posterior.mode()
+        z = latent_sample(posterior) if sample else posterior.mean  # posterior.sample() / .mode()
         reconstruction, dec_coeffs = self._decode(z)
-        extra = {}
-        if self.prior in ("laplace", "both"):
+        extra: dict[str, torch.Tensor] = {}
+        if self.prior == "laplace" or self.prior == "both":
             extra["sparsity"] = posterior.mean[:, self.in_channels :].abs().mean()
         return VAEOutput(reconstruction=reconstruction, posterior=posterior, latent=z, enc_coeffs=coeffs,
                          dec_coeffs=dec_coeffs, extra_losses=extra)

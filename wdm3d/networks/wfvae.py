@@ -52,9 +52,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from ..wavelets import dwt3d, idwt3d
 from .causal import CausalConv3d, CausalDownsample3d, CausalResBlock3d, CausalUpsample3d, ChannelRMSNorm, causal_cache
-from .vae_base import LatentDistribution, VAEOutput
+from .scripting import TensorBlock, TensorModule, haar_dwt3d, haar_idwt3d
+from .vae_base import LatentDistribution, VAEOutput, latent_sample
 
 __all__ = ["WFVAE3D", "WFEncoder3D", "WFDecoder3D"]
 
@@ -71,6 +71,13 @@ def _run(block: nn.Module, h: torch.Tensor, use_checkpoint: bool) -> torch.Tenso
 
 def _streaming(block: nn.Module) -> bool:
     return any(getattr(m, "_streaming", False) for m in block.modules() if isinstance(m, CausalConv3d))
+
+
+class _NoUpsample(nn.Module):
+    """The decoder's unused ``up[0]`` (the finest level is not upsampled); called like the upsamplers."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x
 
 
 class WFEncoder3D(nn.Module):
@@ -141,23 +148,26 @@ class WFEncoder3D(nn.Module):
             moments ``(B, 2Z, D/f, H/f, W/f)`` and the pyramid ``[w_1, ..., w_L]``.
         """
         c = self.in_channels
-        w = dwt3d(x)
+        w = haar_dwt3d(x)
         pyramid = [w]
         h = self.conv_in(w)
         for i, level in enumerate(self.blocks):
             if i > 0:
-                h = self.down[i - 1](h)
-                w = dwt3d(w[:, :c])  # the next level of the input's pyramid: DWT of the previous LLL
+                down: TensorBlock = self.down[i - 1]  # (an interface type: TorchScript indexes with a variable)
+                h = down.forward(h) if torch.jit.is_scripting() else down(h)
+                w = haar_dwt3d(w[:, :c])  # the next level of the input's pyramid: DWT of the previous LLL
                 pyramid.append(w)
                 if self.has_energy_flow:
-                    e = self.inject[i - 1](w) if energy_flow else h.new_zeros(
-                        (h.shape[0], self.energy_flow_channels, *h.shape[2:])
-                    )
+                    if energy_flow:
+                        inject: TensorBlock = self.inject[i - 1]
+                        e = inject.forward(w) if torch.jit.is_scripting() else inject(w)
+                    else:
+                        e = h.new_zeros((h.shape[0], self.energy_flow_channels, h.shape[2], h.shape[3], h.shape[4]))
                     h = torch.cat((h, e), dim=1)
             for block in level:
-                h = _run(block, h, self.use_checkpoint)
+                h = block(h) if torch.jit.is_scripting() else _run(block, h, self.use_checkpoint)
         for block in self.mid:
-            h = _run(block, h, self.use_checkpoint)
+            h = block(h) if torch.jit.is_scripting() else _run(block, h, self.use_checkpoint)
         return self.conv_out(F.silu(self.norm_out(h))), pyramid
 
 
@@ -197,13 +207,15 @@ class WFDecoder3D(nn.Module):
         ch = channels[-1]
         self.conv_in = CausalConv3d(latent_channels, ch, 3)
         self.mid = nn.ModuleList([CausalResBlock3d(ch, ch, eps=eps) for _ in range(num_mid_blocks)])
-        # indexed by level, finest first (built coarse to fine); up[i] maps level i to level i - 1 (up[0] unused)
+        # indexed by level, finest first (built coarse to fine); up[i] maps level i to level i - 1 (up[0] unused).
+        # Each level is an nn.Sequential (state-dict keys as a ModuleList's) and the unused up[0] a _NoUpsample, so
+        # that every list has one call signature: TorchScript runs them coarse to fine through an interface type.
         blocks: list[nn.Module] = [nn.Identity()] * self.levels
         heads: list[nn.Module] = [nn.Identity()] * self.levels
-        up: list[nn.Module] = [nn.Identity()] * self.levels
+        up: list[nn.Module] = [_NoUpsample()] * self.levels
         for i in reversed(range(self.levels)):
             width = channels[i]
-            level = nn.ModuleList()
+            level = nn.Sequential()
             for _ in range(num_res_blocks + 1):
                 level.append(CausalResBlock3d(ch, width, eps=eps))
                 ch = width
@@ -231,21 +243,27 @@ class WFDecoder3D(nn.Module):
         c = self.out_channels
         h = self.conv_in(z)
         for block in self.mid:
-            h = _run(block, h, self.use_checkpoint)
+            h = block(h) if torch.jit.is_scripting() else _run(block, h, self.use_checkpoint)
         coeffs: list[torch.Tensor] = []
         coarser: torch.Tensor | None = None
-        for i in reversed(range(self.levels)):
-            for block in self.blocks[i]:
-                h = _run(block, h, self.use_checkpoint)
+        for i in range(self.levels - 1, -1, -1):
+            if torch.jit.is_scripting():  # no checkpointing; modules by interface type (see __init__)
+                level: TensorModule = self.blocks[i]
+                h = level.forward(h)
+            else:
+                for block in self.blocks[i]:
+                    h = _run(block, h, self.use_checkpoint)
             if i == 0 or self.has_energy_flow:
-                pred = self.heads[i](h)
+                head: TensorModule = self.heads[i]
+                pred = head.forward(h) if torch.jit.is_scripting() else head(h)
                 if coarser is not None and energy_flow:
-                    pred = torch.cat((pred[:, :c] + idwt3d(coarser), pred[:, c:]), dim=1)
+                    pred = torch.cat((pred[:, :c] + haar_idwt3d(coarser), pred[:, c:]), dim=1)
                 coeffs.insert(0, pred)
                 coarser = pred
             if i > 0:
-                h = _run(self.up[i], h, self.use_checkpoint)
-        return idwt3d(coeffs[0]), coeffs
+                upsample: TensorBlock = self.up[i]
+                h = upsample.forward(h) if torch.jit.is_scripting() else _run(upsample, h, self.use_checkpoint)
+        return haar_idwt3d(coeffs[0]), coeffs
 
 
 class WFVAE3D(nn.Module):
@@ -344,6 +362,8 @@ class WFVAE3D(nn.Module):
             self._built_energy_flow, use_checkpoint, eps,
         )
 
+    __jit_unused_properties__ = ("use_checkpoint",)  # TorchScript: the scripted network does not checkpoint
+
     @property
     def use_checkpoint(self) -> bool:
         """Gradient checkpointing of the encoder's and decoder's blocks; settable at run time (both follow)."""
@@ -417,8 +437,10 @@ class WFVAE3D(nn.Module):
     @staticmethod
     def _distribution(moments: torch.Tensor) -> LatentDistribution:
         mean, logvar = moments.chunk(2, dim=1)
-        return LatentDistribution(mean=mean, logvar=logvar)
+        # clamped here too: a NamedTuple constructed by TorchScript code skips LatentDistribution's own clamp
+        return LatentDistribution(mean=mean, logvar=logvar.clamp(-30.0, 20.0))
 
+    @torch.jit.export  # (a TorchScript export of the network keeps encode and decode)
     def encode(self, x: torch.Tensor) -> LatentDistribution:
         """Posterior over the latent.
 
@@ -428,10 +450,12 @@ class WFVAE3D(nn.Module):
         Returns:
             a :class:`LatentDistribution` with mean and log-variance ``(B, Z, D/f, H/f, W/f)``.
         """
-        self._check_volume(x)
+        if not torch.jit.is_scripting():
+            self._check_volume(x)
         moments, _ = self.encoder(x, self._energy_flow_on())
         return self._distribution(moments)
 
+    @torch.jit.export
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """Volume from a latent.
 
@@ -441,7 +465,8 @@ class WFVAE3D(nn.Module):
         Returns:
             ``(B, out_channels, f*d, f*h, f*w)``.
         """
-        self._check_latent(z)
+        if not torch.jit.is_scripting():
+            self._check_latent(z)
         x, _ = self.decoder(z, self._energy_flow_on())
         return x
 
@@ -457,18 +482,21 @@ class WFVAE3D(nn.Module):
             ``(B, 8C, D/2**i, H/2**i, W/2**i)``) and ``dec_coeffs`` the decoder's predictions for the same levels
             (only level 1 on a model built without energy flow).
         """
-        self._check_volume(x)
+        if not torch.jit.is_scripting():  # (TorchScript: see wdm3d.networks.scripting)
+            self._check_volume(x)
         energy_flow = self._energy_flow_on()
         moments, enc_coeffs = self.encoder(x, energy_flow)
         posterior = self._distribution(moments)
-        z = posterior.sample() if sample else posterior.mode()
+        z = latent_sample(posterior) if sample else posterior.mean  # posterior.sample() / .mode()
         recon, dec_coeffs = self.decoder(z, energy_flow)
+        extra_losses: dict[str, torch.Tensor] = {}
         return VAEOutput(
             reconstruction=recon,
             posterior=posterior,
             latent=z,
             enc_coeffs=enc_coeffs[: len(dec_coeffs)],
             dec_coeffs=dec_coeffs,
+            extra_losses=extra_losses,
         )
 
     def last_layer_weight(self) -> torch.Tensor:
