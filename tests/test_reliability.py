@@ -547,7 +547,7 @@ def test_a_bad_sample_is_skipped_and_counted_during_training(dataset, tmp_path):
     wf = workflow(tmp_path, tmp_path / "out", batch_size=1, max_epochs=1)
     wf.run()
     trainer = wf.parser.get_parsed_content("train#trainer")
-    ds = wf.parser.get_parsed_content("train#dataset")
+    ds = wf.parser.get_parsed_content("train#safe_dataset")  # SkipBadSamples around train#dataset (the CacheDataset)
     assert trainer.state.iteration == 5  # the bad case was replaced, not dropped or fatal
     assert list(ds.bad_samples) == [4] and "NaN/Inf" in ds.bad_samples[4] and "bad/t1n.nii.gz" in ds.bad_samples[4]
     assert trainer.state.metrics["bad_samples"] == 1

@@ -18,12 +18,13 @@ import json
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
+from monai.inferers import Inferer
 from torch import nn
 
 from .engine.checkpoint import latest_checkpoint, load_checkpoint, load_network_weights
@@ -31,7 +32,7 @@ from .io import atomic_write_bytes, atomic_write_text, save_nifti
 
 __all__ = [
     "reconstruct", "encode_mean", "decode_latent", "latent_affine", "load_autoencoder", "reconstruct_dataset",
-    "encode_dataset", "read_latent_stats", "LatentDecoder", "build_network",
+    "encode_dataset", "read_latent_stats", "LatentDecoder", "build_network", "ReconstructionInferer",
 ]
 
 #: module prefixes a checkpoint's recorded network class may come from (nothing else is imported)
@@ -76,6 +77,30 @@ def decode_latent(model: nn.Module, z: torch.Tensor, chunk: int | None = None) -
 def reconstruct(model: nn.Module, x: torch.Tensor, chunk: int | None = None, latent_chunk: int | None = None) -> torch.Tensor:
     """Deterministic reconstruction ``decode(encode(x).mean)``, same shape as ``x``."""
     return decode_latent(model, encode_mean(model, x, chunk), latent_chunk)
+
+
+class ReconstructionInferer(Inferer):
+    """``inferer(x, network)``: the autoencoder's reconstruction of ``x`` from the posterior mean (:func:`reconstruct`),
+    ``(B, C, D, H, W) -> (B, C, D, H, W)``; the ``inferer`` of the VAE bundles' ``inference.json``.
+
+    MONAI's ``SimpleInferer`` calls ``network(x)``, which samples the posterior and returns a ``VAEOutput``;
+    reconstruction metrics need the deterministic mean path and, for WF-VAE, the chunked one.
+
+    Args:
+        chunk: encode slab by slab along depth, this many slices at a time (WF-VAE's causal cache; exact);
+            None: the whole volume at once.
+        latent_chunk: decode this many latent slices at a time (None: the whole latent).
+    """
+
+    def __init__(self, chunk: int | None = None, latent_chunk: int | None = None) -> None:
+        for name, value in (("chunk", chunk), ("latent_chunk", latent_chunk)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive number of slices or null (whole volume), got {value!r}.")
+        super().__init__()
+        self.chunk, self.latent_chunk = chunk, latent_chunk
+
+    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
+        return reconstruct(network, inputs, self.chunk, self.latent_chunk)
 
 
 def latent_affine(affine: np.ndarray | torch.Tensor, factor: int) -> np.ndarray:
@@ -204,6 +229,7 @@ def reconstruct_dataset(
     max_cases: int | None = None,
     use_ema: bool = True,
     device: str | torch.device | None = None,
+    inferer: Callable[[torch.Tensor, nn.Module], torch.Tensor] | None = None,
 ) -> dict[str, Any]:
     """Reconstruct every volume of a datalist split and report PSNR / SSIM / MAE per case and on average.
 
@@ -212,12 +238,20 @@ def reconstruct_dataset(
     ``hu_clip``). Written to ``output_dir``: ``metrics.json`` (summary, per-case rows, failures, checkpoint),
     ``metrics.csv``, and with ``save_volumes`` ``<case>_recon.nii.gz`` in the data's intensity range and geometry.
     A case that fails to load or reconstruct is reported in ``failures`` and the rest continue.
+    ``inferer`` (``(x, network) -> reconstruction``, e.g. :class:`ReconstructionInferer`) does the reconstruction;
+    without one it is ``ReconstructionInferer(chunk, latent_chunk)``. Give the chunks to one or the other.
 
     Returns:
         The ``metrics.json`` contents.
     """
     from .metrics import reconstruction_metrics, summarize_cases
 
+    if inferer is None:
+        inferer = ReconstructionInferer(chunk, latent_chunk)
+    elif chunk is not None or latent_chunk is not None:
+        raise ValueError("Give chunk / latent_chunk to the inferer (ReconstructionInferer(chunk, latent_chunk)) or to "
+                         "reconstruct_dataset, not to both.")
+    chunk, latent_chunk = getattr(inferer, "chunk", None), getattr(inferer, "latent_chunk", None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network, info = load_autoencoder(network, checkpoint, use_ema, device)
     entries = _entries(datalist, split, image_key)[:max_cases]
@@ -233,7 +267,7 @@ def reconstruct_dataset(
             x = load(dict(entry))[image_key]
             affine = x.affine.numpy() if hasattr(x, "affine") else np.eye(4)
             xt = torch.as_tensor(x)[None].float().to(device)
-            recon = reconstruct(network, xt, chunk, latent_chunk).float()
+            recon = inferer(xt, network).float()
             row = {"case": name, **reconstruction_metrics(recon, xt, (-1.0, 1.0), physical_range)[0]}
             if save_volumes:
                 vol = (recon[0, 0].clamp(-1, 1).cpu().numpy() + 1) / 2 * (hi - lo) + lo
