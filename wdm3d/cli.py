@@ -8,6 +8,9 @@
                                report + PNG plots, logged to the MLflow run that generated the samples
     wdm3d export-dicom INPUT.nii.gz [...] --out DIR --modality CT|MR [--intensity-range LOW HIGH] [--hu LOW HIGH]
                                NIfTI -> one DICOM series per file (DIR/<name>_dicom/), marked synthetic
+    wdm3d import-wdm CKPT --preset wdm_128|wdm_256 --out DIR [--name FILE.pt] [--spacing MM] [--overwrite]
+                               WDM-3D's released U-Net weights (pfriedri/wdm-3d) -> a checkpoint the bundles'
+                               inference samples from (docs/import_wdm.md)
 """
 
 from __future__ import annotations
@@ -34,13 +37,17 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from wdm3d.demo import run_demo
+    from wdm3d.demo import DemoInterrupted, run_demo
 
-    summary = run_demo(
-        output_dir=args.output, num_cases=args.num_cases, max_epochs=args.epochs, num_samples=args.num_samples,
-        sampler=args.sampler, num_steps=args.num_steps, seed=args.seed, quick=args.quick,
-        **({"device": f"$torch.device('{args.device}')"} if args.device else {}),
-    )
+    try:
+        summary = run_demo(
+            output_dir=args.output, num_cases=args.num_cases, max_epochs=args.epochs, num_samples=args.num_samples,
+            sampler=args.sampler, num_steps=args.num_steps, seed=args.seed, quick=args.quick,
+            **({"device": f"$torch.device('{args.device}')"} if args.device else {}),
+        )
+    except DemoInterrupted as err:
+        print(f"wdm3d demo: {err}", file=sys.stderr)
+        return 143  # 128 + SIGTERM, as a shell reports a job ended by that signal
     print(f"Demo done: data {summary['data_seconds']} s, training {summary['train_seconds']} s, "
           f"sampling {summary['sample_seconds']} s.")
     print(f"Synthetic volumes (open in 3D Slicer): {Path(args.output).resolve() / 'samples'}/sample_*.nii.gz")
@@ -127,12 +134,33 @@ def _export_dicom(args: argparse.Namespace) -> int:
             failed.append(name)
             print(f"wdm3d export-dicom: {name}: {type(err).__name__}: {err}", file=sys.stderr)
             continue
-        print(f"{name} -> {info['dir']} ({info['num_slices']} slices, {args.modality}, "
-              f"rescale {info['rescale_slope']:g} x + {info['rescale_intercept']:g} {info['rescale_type']})")
+        mapping = (f"rescale {info['rescale_slope']:g} x + {info['rescale_intercept']:g} {info['rescale_type']}"
+                   if args.modality == "CT" else  # the MR Image IOD has no rescale: a Real World Value Mapping
+                   f"value = {info['rescale_slope']:g} x + {info['rescale_intercept']:g} (real world value mapping)")
+        print(f"{name} -> {info['dir']} ({info['num_slices']} slices, {args.modality}, {mapping})")
     total = len(dict.fromkeys(args.inputs))
     print(f"Wrote {total - len(failed)} of {total} DICOM series to {out.resolve()}"
           + (f"; failed: {', '.join(failed)}" if failed else ""))
     return 1 if failed else 0
+
+
+def _import_wdm(args: argparse.Namespace) -> int:
+    from wdm3d.engine.wdm_import import import_wdm
+
+    try:
+        path = import_wdm(args.checkpoint, args.preset, args.out, name=args.name, spacing=args.spacing,
+                          overwrite=args.overwrite)
+    except (FileNotFoundError, FileExistsError, ValueError) as err:  # WDMImportError is a ValueError
+        print(f"wdm3d import-wdm: {err}", file=sys.stderr)
+        return 2
+    bundle = "wdm3d_brats" if "lidc" not in Path(args.checkpoint).name.lower() else "wdm3d_lidc"
+    overlay = "" if args.preset == "wdm_128" else f",'bundles/{bundle}/configs/wdm_256.json'"
+    print(f"Converted {args.checkpoint} (WDM-3D, {args.preset}) -> {path}")
+    print("Sample it with WDM's setting (1000-step DDPM), e.g.:\n"
+          f"  python -m monai.bundle run inference --config_file \"['bundles/{bundle}/configs/inference.json'{overlay}]\" "
+          f"--checkpoint {path} --sampler ddpm --num_steps 1000 --use_ema false --autocast None --num_samples 4\n"
+          "or faster with --sampler ddim --num_steps 50 (see docs/import_wdm.md).")
+    return 0
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -197,6 +225,18 @@ def build_parser() -> argparse.ArgumentParser:
     dc.add_argument("--description", default=None, help="added to the SeriesDescription after 'synthetic (wdm3d)'")
     dc.add_argument("--overwrite", action="store_true", help="replace existing series folders (default: refuse)")
     dc.set_defaults(func=_export_dicom)
+    iw = sub.add_parser(
+        "import-wdm", help="convert WDM-3D's released U-Net weights (pfriedri/wdm-3d) into a wdm3d checkpoint"
+    )
+    iw.add_argument("checkpoint", metavar="CKPT", help="WDM-3D checkpoint (a bare state dict, e.g. brats_1200000.pt)")
+    iw.add_argument("--preset", required=True, choices=["wdm_128", "wdm_256"],
+                    help="the U-Net it is: wdm_128 (128^3 models) or wdm_256 (256^3)")
+    iw.add_argument("--out", required=True, help="output folder (e.g. a bundle's output/models)")
+    iw.add_argument("--name", default=None, help="output file name (default: <CKPT stem>_wdm3d.pt)")
+    iw.add_argument("--spacing", type=float, default=None,
+                    help="voxel size in mm stored in the geometry (default: 2 at 128^3, 1 at 256^3, as WDM's data)")
+    iw.add_argument("--overwrite", action="store_true", help="replace an existing output file")
+    iw.set_defaults(func=_import_wdm)
     return parser
 
 
