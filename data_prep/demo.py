@@ -2,7 +2,7 @@
 
     python -m data_prep.demo --dst DIR [--num-cases 16] [--seed 0] [--no-lesions] [--resolution {1,2,4}] [--raw-only]
 
-Source: the MNI152 2009c symmetric T1 template and its grey/white-matter probability maps
+Source: the MNI152 2009a symmetric T1 template and its grey/white-matter probability maps
 (``mni_icbm152_{t1,gm,wm}_tal_nlin_sym_09a_converted.nii.gz``, 197x233x189 at 1 mm, RAS) that ship inside the
 nilearn wheel. They are located with ``importlib.util.find_spec`` without importing nilearn (its import is slow).
 
@@ -360,7 +360,7 @@ def make_demo_raw(
     ids = [demo_case_id(i) for i in range(num_cases)]
     _prepare_folder(root, set(ids))
     info = {
-        "source": "MNI152 2009c symmetric template, GM and WM maps from the nilearn wheel",
+        "source": "MNI152 2009a symmetric template, GM and WM maps from the nilearn wheel",
         "num_cases": int(num_cases), "seed": int(seed), "lesions": bool(lesions), "resolution_mm": int(resolution),
         "shape": list(RAW_SHAPES[resolution]), "cases": ids,
     }

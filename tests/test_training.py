@@ -4,6 +4,7 @@ import subprocess
 import sys
 
 import nibabel as nib
+import pytest
 import numpy as np
 import torch
 from ignite.engine import Events
@@ -79,3 +80,30 @@ def test_cli_demo(tmp_path, capsys):
     out = capsys.readouterr().out
     assert "Synthetic volumes" in out and str(tmp_path.resolve()) in out
     assert (tmp_path / "samples" / "sample_0000.nii.gz").exists() and (tmp_path / "samples" / "sample_0000.png").exists()
+
+
+def test_interrupted_demo_training_stops_before_sampling(tmp_path, monkeypatch, capsys):
+    """On SIGTERM the bundle saves a checkpoint and returns normally; the demo must not sample that half-trained
+    network and call it done."""
+    from types import SimpleNamespace
+
+    import wdm3d.bundle
+
+    calls = []
+
+    def fake_run_bundle(name, run_id, configs, **overrides):
+        calls.append(run_id)
+        state = SimpleNamespace(epoch=3, max_epochs=150, iteration=9)
+        trainer = SimpleNamespace(state=state)
+        return SimpleNamespace(parser=SimpleNamespace(get_parsed_content=lambda key: {"train#trainer": trainer}[key]))
+
+    monkeypatch.setattr(wdm3d.bundle, "run_bundle", fake_run_bundle)
+    from wdm3d.demo import DemoInterrupted
+
+    with pytest.raises(DemoInterrupted, match="epoch 3 of 150"):
+        run_demo(tmp_path / "a", num_cases=4, quick=True, progress=False)
+    assert calls == ["training"]  # inference never ran
+    assert not (tmp_path / "a" / "summary.json").exists() and not (tmp_path / "a" / "samples").exists()
+    calls.clear()
+    assert main(["demo", "--output", str(tmp_path / "b"), "--quick", "--num-cases", "4"]) == 143
+    assert "interrupted" in capsys.readouterr().err and calls == ["training"]

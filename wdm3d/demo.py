@@ -62,6 +62,22 @@ def phantom_volumes(num: int, size: int = 16, seed: int = 0) -> torch.Tensor:
     return torch.stack(vols)[:, None]
 
 
+class DemoInterrupted(RuntimeError):
+    """The demo's training stopped before its last epoch (SIGTERM): nothing was sampled."""
+
+
+def _check_training_finished(workflow, out: Path) -> None:
+    """Raise :class:`DemoInterrupted` when the training run stopped early (on SIGTERM it saves a checkpoint and
+    returns normally, so sampling would otherwise go on with a half-trained network and report success)."""
+    state = workflow.parser.get_parsed_content("train#trainer").state
+    if state.epoch < state.max_epochs:
+        raise DemoInterrupted(
+            f"the demo's training stopped at epoch {state.epoch} of {state.max_epochs} (iteration {state.iteration}; "
+            f"interrupted). Its checkpoint is in {out / 'models'}; run the demo again with the same output folder "
+            "to resume training from it."
+        )
+
+
 def run_demo(
     output_dir: str | os.PathLike = "wdm3d_demo",
     num_cases: int = 16,
@@ -108,8 +124,9 @@ def run_demo(
     common = {"dataset_dir": str(Path(datalist).parent), "output_dir": str(out), "seed": seed, **config}
 
     t0 = time.perf_counter()
-    run_bundle(BUNDLE, "training", ["train.json", "demo.json"], **common)
+    workflow = run_bundle(BUNDLE, "training", ["train.json", "demo.json"], **common)
     times["train_seconds"] = round(time.perf_counter() - t0, 1)
+    _check_training_finished(workflow, out)
 
     t0 = time.perf_counter()
     run_bundle(BUNDLE, "inference", ["inference.json", "demo.json"], **common)
