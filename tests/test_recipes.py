@@ -309,7 +309,7 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     # winner rule: lowest mean among 3-seed candidates; overlapping intervals tie and the cheaper sampler wins
     def rec(name, seed, value, nfe):
         return {"dataset": "shapes32", "iterations": 10, "candidate": name, "seed": seed, "nfe": nfe,
-                "parameters": 1, "train_seconds": 1.0, "sample_seconds": 1.0, "metrics": {"param_w1": value}}
+                "parameters": 1, "train_seconds": 1.0, "sample_seconds": 1.0, "metrics": {q.PRIMARY["shapes32"]: value}}
     names = list(q.CANDIDATES)[:3]
     records = [rec(names[0], s, v, 1000) for s, v in enumerate([1.0, 1.1, 0.9])]
     records += [rec(names[1], s, v, 50) for s, v in enumerate([1.05, 1.2, 1.0])]  # tied, cheaper: wins
