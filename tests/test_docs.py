@@ -1,12 +1,13 @@
 """The documentation's bundle commands and flags against the configs they name: every documented override key
 exists (a misspelt one would be silently ignored by ``monai.bundle run``, or stopped by our check)."""
 
+import inspect
 import re
 import shlex
 from pathlib import Path
 
 import pytest
-from monai.bundle import ConfigParser
+from monai.bundle import ConfigParser, ckpt_export, verify_metadata, verify_net_in_out
 
 from wdm3d.engine import check_override_keys
 from wdm3d.engine.config_check import _RUN_ARGS, config_ids
@@ -14,6 +15,9 @@ from wdm3d.engine.config_check import _RUN_ARGS, config_ids
 REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted(REPO.glob("bundles/*/docs/README.md"))]
 TORCHRUN = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts", "standalone"}
+# the arguments of the other monai.bundle commands the READMEs show (ckpt_export, verify_net_in_out, verify_metadata)
+BUNDLE_COMMANDS = {name for f in (ckpt_export, verify_net_in_out, verify_metadata)
+                   for name in inspect.signature(f).parameters}
 
 
 def _commands():
@@ -47,7 +51,7 @@ def test_documented_bundle_commands_use_keys_their_configs_define(doc, line):
 def test_flags_named_in_a_bundle_readme_are_config_keys_or_data_prep_options(bundle):
     # the READMEs also describe data_prep and neighbouring bundles (latent diffusion in wfvae's), so any bundle's
     # config keys and any data_prep option count; a misspelt or removed key does not
-    known = set(_RUN_ARGS) | TORCHRUN
+    known = set(_RUN_ARGS) | TORCHRUN | BUNDLE_COMMANDS
     for path in REPO.glob("bundles/*/configs/*.json"):
         known |= set(config_ids(ConfigParser.load_config_file(str(path))))
     for path in (REPO / "data_prep").glob("*.py"):
