@@ -398,6 +398,28 @@ def study_key(record: dict) -> str:
     return f"{record['dataset']}@{record['iterations']}"
 
 
+#: what the winner is measured against: WDM's training with the sampler the bundles defaulted to (DDIM-50)
+BASELINE = "wdm_ddim50"
+
+
+def paired_difference(rows: list[dict], name: str, baseline: str, metric: str) -> dict | None:
+    """``name`` minus ``baseline`` on ``metric``, seed by seed (the runs of one seed share data order and noise
+    draws), with a 95% t-interval of the mean difference and the ratio of means; None without 2 common seeds."""
+    if name == baseline:
+        return None
+    def by_seed(n):
+        return {r["seed"]: r["metrics"].get(metric) for r in rows if r["candidate"] == n}
+    a, b = by_seed(name), by_seed(baseline)
+    seeds = sorted(k for k in a.keys() & b.keys()
+                   if a[k] is not None and b[k] is not None and math.isfinite(a[k]) and math.isfinite(b[k]))
+    if len(seeds) < 2:
+        return None
+    diff = dict(zip(("mean", "ci_low", "ci_high"), t_interval([a[k] - b[k] for k in seeds])))
+    ratio = float(np.mean([a[k] for k in seeds]) / np.mean([b[k] for k in seeds]))
+    return {"candidate": name, "baseline": baseline, "metric": metric, "seeds": seeds, "difference": diff,
+            "ratio_of_means": ratio}
+
+
 def summarize(records: list[dict]) -> dict:
     """Per dataset and budget (:func:`study_key`) and candidate: mean and CI of each metric; the winner of each."""
     out: dict = {}
@@ -431,7 +453,8 @@ def summarize(records: list[dict]) -> dict:
             tied = [k for k, v in scored.items() if v[primary]["ci_low"] <= scored[best][primary]["ci_high"]]
             winner = min(tied, key=lambda k: (scored[k]["nfe"], scored[k][primary]["mean"]))
             out[key] = {"primary": primary, "best_mean": best, "tied_with_best": sorted(tied),
-                        "winner": winner, "candidates": table}
+                        "winner": winner, "candidates": table,
+                        "versus_baseline": paired_difference(rows, winner, BASELINE, primary)}
         else:
             out[key] = {"primary": primary, "winner": None, "candidates": table}
     return out
@@ -444,6 +467,13 @@ def markdown(summary: dict) -> str:
         dataset, iterations = key.split("@")
         lines.append(f"**{dataset}, {iterations} steps** (headline: `{primary}`, lower is better; winner: "
                      f"`{res.get('winner')}`; indistinguishable from the best mean: {res.get('tied_with_best', [])})")
+        vs = res.get("versus_baseline")
+        if vs:
+            lines.append("")
+            d = vs["difference"]
+            lines.append(f"`{vs['candidate']}` minus `{vs['baseline']}`, paired by seed ({len(vs['seeds'])} seeds): "
+                         f"{d['mean']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}] `{vs['metric']}` (ratio of means "
+                         f"{vs['ratio_of_means']:.2f}; an interval that excludes 0 is a difference beyond seed noise)")
         lines.append("")
         cols = ["param_w1", "param_w1_all", "valid", "spread_radius", "spread_intensity", "fid_medicalnet_random", "fid_conv3d",
                 "mmd2", "ms_ssim_gap", "copy_fraction", "subband_energy_error"]

@@ -317,3 +317,15 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     summary = q.summarize(records)["shapes32@10"]
     assert summary["best_mean"] == names[0] and summary["winner"] == names[1]
     assert names[2] not in summary["tied_with_best"]
+    # the winner against the baseline, seed by seed: the interval of the paired differences, not of the means
+    pairs = [(1.0, 1.5), (2.0, 2.4), (3.0, 3.6)]  # means 2.0 vs 2.5 vary widely; the differences barely
+    rows = [rec("w", s, a, 50) for s, (a, _) in enumerate(pairs)] + [rec("b", s, b, 50) for s, (_, b) in enumerate(pairs)]
+    vs = q.paired_difference(rows, "w", "b", q.PRIMARY["shapes32"])
+    diffs = np.array([a - b for a, b in pairs])
+    half = 4.302653 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
+    assert vs["difference"]["mean"] == pytest.approx(-0.5) and vs["seeds"] == [0, 1, 2]
+    assert vs["difference"]["ci_high"] == pytest.approx(-0.5 + half, rel=1e-5)
+    assert vs["difference"]["ci_high"] < 0  # apart from 0 ...
+    assert q.t_interval([a for a, _ in pairs])[2] > q.t_interval([b for _, b in pairs])[1]  # ... though the means overlap
+    assert vs["ratio_of_means"] == pytest.approx(2.0 / 2.5)
+    assert q.paired_difference(rows[:4], "w", "b", q.PRIMARY["shapes32"]) is None  # one common seed
