@@ -282,7 +282,7 @@ def test_wdm_readmes_say_how_to_use_wdm_released_weights(bundle):
     text = (bundle / "docs" / "README.md").read_text()
     section = text[text.index("## Using WDM's released weights"):text.index("# References")]
     for needed in ("wdm3d import-wdm CKPT --preset wdm_128 --out DIR", "--preset wdm_256",
-                   "--sampler ddpm --num_steps 1000"):
+                   "configs/wdm_paper.json']\"", "--sampler ddim --num_steps 50"):  # WDM's recipe pinned, a fast sampler
         assert needed in section, needed
 
 

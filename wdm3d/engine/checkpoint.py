@@ -359,7 +359,9 @@ def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path:
     raise ValueError(
         f"Checkpoint {path} was trained with other diffusion settings than this config samples with (trained, now): "
         f"{changed}. Sampling would run without an error and give wrong volumes. Set the trained ones"
-        f"{f' ({fix})' if fix else ''}{sampler}."
+        f"{f' ({fix})' if fix else ''}{sampler}"
+        + (". A checkpoint of WDM's recipe (trained before the defaults changed, or imported with wdm3d import-wdm): "
+           "add configs/wdm_paper.json to --config_file" if trained.get("process") == "ddpm" else ".")
     )
 
 
