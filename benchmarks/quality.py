@@ -420,6 +420,12 @@ def paired_difference(rows: list[dict], name: str, baseline: str, metric: str) -
             "ratio_of_means": ratio}
 
 
+def _challenger(scored: dict, winner: str, primary: str) -> str:
+    """The candidate compared with the baseline: the winner, or the best other one when the baseline won."""
+    others = [k for k in scored if k != BASELINE]
+    return winner if winner != BASELINE or not others else min(others, key=lambda k: scored[k][primary]["mean"])
+
+
 def summarize(records: list[dict]) -> dict:
     """Per dataset and budget (:func:`study_key`) and candidate: mean and CI of each metric; the winner of each."""
     out: dict = {}
@@ -454,7 +460,8 @@ def summarize(records: list[dict]) -> dict:
             winner = min(tied, key=lambda k: (scored[k]["nfe"], scored[k][primary]["mean"]))
             out[key] = {"primary": primary, "best_mean": best, "tied_with_best": sorted(tied),
                         "winner": winner, "candidates": table,
-                        "versus_baseline": paired_difference(rows, winner, BASELINE, primary)}
+                        "versus_baseline": paired_difference(rows, _challenger(scored, winner, primary), BASELINE,
+                                                             primary)}
         else:
             out[key] = {"primary": primary, "winner": None, "candidates": table}
     return out
