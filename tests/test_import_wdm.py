@@ -362,7 +362,7 @@ def test_cli_converts_end_to_end_and_exits_2_on_bad_input(tmp_path, capsys):
     assert main(["import-wdm", str(src), "--preset", "wdm_128", "--out", str(out)]) == 0
     printed = capsys.readouterr().out
     converted = out / "brats_1200000_wdm3d.pt"
-    assert str(converted) in printed and "--sampler ddpm --num_steps 1000" in printed
+    assert str(converted) in printed and "wdm3d_brats/configs/wdm_paper.json" in printed  # WDM's recipe pinned
     net = wdm_unet("wdm_128")
     net.load_state_dict(load_checkpoint(converted)["model"], strict=True)
     assert torch.equal(net.state_dict()["up.2.1.conv2.weight"], state[wdm_key("up.2.1.conv2.weight")])

@@ -154,11 +154,13 @@ def _import_wdm(args: argparse.Namespace) -> int:
         print(f"wdm3d import-wdm: {err}", file=sys.stderr)
         return 2
     bundle = "wdm3d_brats" if "lidc" not in Path(args.checkpoint).name.lower() else "wdm3d_lidc"
-    overlay = "" if args.preset == "wdm_128" else f",'bundles/{bundle}/configs/wdm_256.json'"
+    # wdm_paper.json pins WDM's process, DDPM-1000, fp32 and the raw weights whatever the bundle's defaults are
+    overlay = f",'bundles/{bundle}/configs/wdm_paper.json'" + (
+        "" if args.preset == "wdm_128" else f",'bundles/{bundle}/configs/wdm_256.json'")
     print(f"Converted {args.checkpoint} (WDM-3D, {args.preset}) -> {path}")
-    print("Sample it with WDM's setting (1000-step DDPM), e.g.:\n"
+    print("Sample it with WDM's setting (1000-step DDPM, --sampler ddpm --num_steps 1000 in wdm_paper.json), e.g.:\n"
           f"  python -m monai.bundle run inference --config_file \"['bundles/{bundle}/configs/inference.json'{overlay}]\" "
-          f"--checkpoint {path} --sampler ddpm --num_steps 1000 --use_ema false --autocast None --num_samples 4\n"
+          f"--checkpoint {path} --num_samples 4\n"
           "or faster with --sampler ddim --num_steps 50 (see docs/import_wdm.md).")
     return 0
 
