@@ -61,7 +61,7 @@ with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript, and says s
         """
 
         def forward(self, input: torch.Tensor) -> torch.Tensor:  # (the argument name torch's modules use)
-            pass
+            pass  # an interface declares the signature only; TorchScript never runs this body
 
     @torch.jit.interface
     class TensorBlock(nn.Module):
@@ -69,7 +69,7 @@ with warnings.catch_warnings():  # torch 2.13 deprecates TorchScript, and says s
         (:class:`~wdm3d.networks.causal.CausalConv3d`, :class:`~wdm3d.networks.causal.CausalDownsample3d`, ...)."""
 
         def forward(self, x: torch.Tensor) -> torch.Tensor:
-            pass
+            pass  # an interface declares the signature only
 
 
 def shape_repr(shape: list[int]) -> str:
