@@ -19,7 +19,7 @@ from monai.bundle import ConfigParser
 
 from wdm3d.cli import main
 from wdm3d.diffusion import WaveletDiffusion
-from wdm3d.engine.checkpoint import (
+from wdm3d.artifacts import (
     check_diffusion_matches,
     load_checkpoint,
     load_network_weights,

@@ -225,7 +225,7 @@ def _roundtrip(obj):
 
 def test_sampling_with_other_diffusion_settings_than_trained_is_refused():
     from wdm3d.diffusion import WaveletDiffusion
-    from wdm3d.engine.checkpoint import check_diffusion_matches
+    from wdm3d.artifacts import check_diffusion_matches
 
     trained = {"run_config": {"diffusion": WaveletDiffusion().config()}}
     check_diffusion_matches(trained, WaveletDiffusion(), "a.pt")  # the same process

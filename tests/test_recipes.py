@@ -17,7 +17,7 @@ from wdm3d.diffusion import (
     maths,
     subband_mse,
 )
-from wdm3d.engine.checkpoint import check_diffusion_matches
+from wdm3d.artifacts import check_diffusion_matches
 from wdm3d.networks import DiT3D, DiTBlock
 from wdm3d.networks.dit import patchify3d, unpatchify3d
 from wdm3d.wavelets import WaveletSpace, dwt3d

@@ -27,7 +27,7 @@ import torch
 from monai.inferers import Inferer
 from torch import nn
 
-from .engine.checkpoint import latest_checkpoint, load_checkpoint, load_network_weights
+from .artifacts import latest_checkpoint, load_checkpoint, load_network_weights
 from .io import atomic_write_bytes, atomic_write_text, save_nifti
 
 __all__ = [

@@ -22,7 +22,7 @@ import torch
 
 from . import __version__
 from .diffusion import WaveletDiffusion
-from .engine.checkpoint import check_diffusion_matches, latest_checkpoint, load_checkpoint, load_network_weights
+from .artifacts import check_diffusion_matches, latest_checkpoint, load_checkpoint, load_network_weights
 from .engine.config_check import check_image_size
 from .engine.geometry import DataGeometry, reference_geometry
 from .io import atomic_write_text, new_file_mode, save_montage, save_nifti, write_dicom_series

@@ -513,7 +513,7 @@ class ConditionalSynthesis:
                 "files": files}
 
     def _log_mlflow(self, files: Sequence[Path]) -> None:
-        from .engine.checkpoint import latest_checkpoint, load_checkpoint
+        from .artifacts import latest_checkpoint, load_checkpoint
         from .tracking import log_to_run
 
         source = self.mlflow_checkpoint or self.checkpoint

@@ -317,7 +317,7 @@ class ContextConditionedUNet(nn.Module):
 
     def config(self) -> dict[str, Any]:
         """The settings that rebuild this module: ``{"vocabularies": ..., "unet": <WDMUNet arguments>}``."""
-        from ..engine.checkpoint import network_arguments
+        from ..artifacts import network_arguments
 
         return {"vocabularies": self.vocabularies, "unet": network_arguments(self.unet)}
 
@@ -512,7 +512,7 @@ class ConditionalDiffusionInferer(Inferer):
 
 
 def _checkpoint_file(checkpoint: str | os.PathLike, what: str, hint: str) -> Path:
-    from ..engine.checkpoint import latest_checkpoint
+    from ..artifacts import latest_checkpoint
 
     path = Path(checkpoint)
     if path.is_dir():
@@ -544,7 +544,7 @@ def load_frozen_base(
         RuntimeError: the checkpoint does not fit ``network`` (names the first mismatching weight).
         ValueError: ``diffusion`` differs from the one the base was trained with.
     """
-    from ..engine.checkpoint import check_diffusion_matches, load_checkpoint, load_network_weights
+    from ..artifacts import check_diffusion_matches, load_checkpoint, load_network_weights
 
     path = _checkpoint_file(
         checkpoint, "base model",

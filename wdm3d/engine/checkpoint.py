@@ -1,4 +1,4 @@
-"""Checkpoints: save atomically, find the latest, resume from it exactly, load weights (always ``weights_only=True``).
+"""Training checkpoints: save every N epochs/iterations and on SIGTERM, and resume from the newest one exactly.
 
 :class:`TrainingCheckpoints` writes ``checkpoint_epoch=N.pt`` every N epochs, ``checkpoint_iteration=N.pt`` every N
 iterations, ``checkpoint_interrupted_iteration=N.pt`` on SIGTERM and ``checkpoint_final_iteration=N.pt`` at the end
@@ -10,11 +10,9 @@ weight.
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
-import pickle
 import random
 import re
 import signal
@@ -28,341 +26,28 @@ from typing import Any
 import numpy as np
 import torch
 
-__all__ = [
-    "FORMAT_VERSION", "SAVE_LOG", "CheckpointLoadError", "check_diffusion_matches", "latest_checkpoint",
-    "load_checkpoint", "intact_checkpoint_before", "save_checkpoint_file", "load_network_weights", "check_state_fits",
-    "RNGState", "RunConfig", "network_arguments", "ResumeFromLatest", "TrainingCheckpoints",
-]
+from ..artifacts import (
+    FORMAT_VERSION,
+    LOCK_FILE,
+    CheckpointLoadError,
+    check_state_fits,
+    checkpoints_by_age,
+    latest_checkpoint,
+    load_checkpoint,
+    named_error,
+    network_arguments,
+    plain,
+    record_save,
+    save_checkpoint_file,
+    sort_by_age,
+    unwrap,
+)
+
+__all__ = ["RNGState", "RunConfig", "ResumeFromLatest", "TrainingCheckpoints"]
 
 logger = logging.getLogger(__name__)
-_NUM = re.compile(r"(epoch|iteration)=(\d+)")
-
-#: version of the checkpoint layout, stored as ``checkpoint["run_config"]["wdm3d_format"]`` (absent: written
-#: before versioning, treated as 0).
-FORMAT_VERSION = 1
 # saved objects a checkpoint may lack (older files, or runs without them): resuming warns instead of failing
 _OPTIONAL = ("rng", "run_config", "mlflow", "geometry", "scaler", "loss")
-
-
-def _progress(path: Path) -> tuple[int, int, float]:
-    # rank files by the progress their name records (epoch=, iteration=), then by modification time
-    found = dict((k, int(v)) for k, v in _NUM.findall(path.name))
-    return found.get("epoch", -1), found.get("iteration", -1), path.stat().st_mtime
-
-
-def _named(err: Exception, context: str) -> Exception:
-    """``err`` with ``context`` (which file, which entry) in front of its message, of the same type where possible."""
-    message = f"{context}: {err}"
-    try:
-        return type(err)(message)
-    except Exception:
-        return RuntimeError(f"{context}: {type(err).__name__}: {err}")
-
-
-#: the save log a :class:`TrainingCheckpoints` folder keeps: the checkpoints it wrote, oldest first. It makes "newest"
-#: independent of modification times, which a copy (``cp -r``, most object stores) does not keep.
-SAVE_LOG = "checkpoints.json"
-#: the lock a running :class:`TrainingCheckpoints` holds in its folder (an ``flock``; the file itself stays)
-LOCK_FILE = ".lock"
-
-
-def _save_log(directory: Path) -> list[dict]:
-    # the save log's entries ({"file", "epoch", "iteration"}), oldest first; [] when there is none or it is unreadable
-    path = directory / SAVE_LOG
-    if not path.is_file():
-        return []
-    try:
-        saved = json.loads(path.read_text())["saved"]
-        if not all(isinstance(e, dict) and isinstance(e.get("file"), str) for e in saved):
-            raise ValueError("an entry has no file name")
-        return list(saved)
-    except (OSError, ValueError, KeyError, TypeError) as err:
-        logger.warning("Checkpoint save log %s is unreadable (%s): ignored, the newest checkpoint is chosen by "
-                       "modification time.", path, err)
-        return []
-
-
-def _record_save(directory: Path, name: str, epoch: int, iteration: int) -> None:
-    # append ``name`` to the save log (atomically: temp file + rename), dropping entries whose file is gone
-    saved = [e for e in _save_log(directory) if e["file"] != name and (directory / e["file"]).is_file()]
-    saved.append({"file": name, "epoch": int(epoch), "iteration": int(iteration)})
-    from ..io import atomic_write_text
-
-    atomic_write_text(directory / SAVE_LOG, json.dumps({"saved": saved}, indent=1))
-
-
-def _by_age(directory: Path, files: list[Path]) -> list[Path]:
-    # ``files`` oldest first: those the save log lists in its order, after the others (by modification time); a file
-    # the log does not list but that is newer than the log itself (dropped in after the last save) counts as newest
-    mtime = {p: p.stat().st_mtime for p in files}
-    order = {e["file"]: i for i, e in enumerate(_save_log(directory))}
-    unlisted = sorted((p for p in files if p.name not in order), key=lambda p: (mtime[p], _progress(p)[:2]))
-    if not order:
-        return unlisted
-    log_time = (directory / SAVE_LOG).stat().st_mtime
-    listed = sorted((p for p in files if p.name in order), key=lambda p: order[p.name])
-    return [p for p in unlisted if mtime[p] <= log_time] + listed + [p for p in unlisted if mtime[p] > log_time]
-
-
-def _checkpoints_by_age(directory: Path, pattern: str = "*.pt") -> list[Path]:
-    # every visible checkpoint of a folder, oldest first (the save log's order, see _by_age)
-    if not directory.is_dir():
-        return []
-    files = [p for p in directory.glob(pattern) if p.is_file() and not p.name.startswith(".")]
-    return _by_age(directory, files) if files else []
-
-
-def latest_checkpoint(directory: str | os.PathLike, pattern: str = "*.pt") -> Path | None:
-    """The newest checkpoint in ``directory`` (None if there is none or the folder does not exist).
-
-    "Newest" is the file saved last: the last one the folder's save log (``checkpoints.json``, written by
-    :class:`TrainingCheckpoints`) lists, unless a file it does not list is newer than the log; without a log, the
-    file modified last. Names are only a tie-break, as epoch- and iteration-numbered files are not comparable.
-    """
-    ordered = _checkpoints_by_age(Path(directory), pattern)
-    return ordered[-1] if ordered else None
-
-
-class CheckpointLoadError(RuntimeError):
-    """A checkpoint file that ``torch.load(weights_only=True)`` cannot read.
-
-    Attributes:
-        path: the file.
-        damaged: True when the file is truncated or corrupt (an interrupted copy, a full disk), False when it is
-            readable but refused (pickled code or objects that ``weights_only`` does not allow).
-    """
-
-    def __init__(self, message: str, path: Path, damaged: bool) -> None:
-        super().__init__(message)
-        self.path, self.damaged = path, damaged
-
-
-def intact_checkpoint_before(path: str | os.PathLike) -> Path | None:
-    """The newest checkpoint in ``path``'s folder that was saved before ``path`` and loads, or None.
-
-    "Before" follows the folder's save log (see :func:`latest_checkpoint`); each candidate, newest first, is loaded
-    in full (``weights_only=True``) to tell that it is intact, so this is for error paths, not for a listing.
-    """
-    path = Path(path)
-    ordered = _checkpoints_by_age(path.parent)
-    names = [p.name for p in ordered]
-    earlier = ordered[: names.index(path.name)] if path.name in names else ordered
-    for candidate in reversed(earlier):
-        try:
-            load_checkpoint(candidate, suggest_previous=False)
-        except (CheckpointLoadError, ValueError):
-            continue
-        return candidate
-    return None
-
-
-def load_checkpoint(
-    path: str | os.PathLike,
-    map_location: str | torch.device | None = "cpu",
-    suggest_previous: bool = True,
-) -> dict:
-    """``torch.load(path, weights_only=True)`` with errors that name the file.
-
-    A checkpoint that needs arbitrary unpickling (pickled code) is refused: only tensors and plain containers load.
-    A checkpoint written by a newer wdm3d (``run_config.wdm3d_format`` > :data:`FORMAT_VERSION`) is refused too.
-
-    Args:
-        path: the checkpoint file.
-        map_location: passed to ``torch.load``.
-        suggest_previous: when the file is truncated or corrupt, look for the newest intact checkpoint saved before
-            it in the same folder (:func:`intact_checkpoint_before`) and name it in the error, to be passed instead.
-
-    Raises:
-        CheckpointLoadError: a ``RuntimeError`` naming the file and what is wrong with it; the file is left as it is.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"Checkpoint {path} does not exist.")
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True)
-    except Exception as err:  # torch raises UnpicklingError / RuntimeError / EOFError / OSError depending on the damage
-        detail = f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else 'no detail'}"
-        if isinstance(err, pickle.UnpicklingError) and "weights only" in str(err).lower():
-            raise CheckpointLoadError(
-                f"Could not load checkpoint {path} with weights_only=True ({detail}). The file holds pickled code or "
-                "objects other than tensors and plain containers; wdm3d never unpickles code from checkpoints.",
-                path, damaged=False,
-            ) from err
-        hint = ""
-        if suggest_previous:
-            previous = intact_checkpoint_before(path)
-            hint = (f" The newest intact checkpoint saved before it is {previous}: use that one instead (for "
-                    f"inference: --checkpoint {previous})." if previous is not None else
-                    f" No intact checkpoint was saved before it in {path.parent}.")
-        raise CheckpointLoadError(
-            f"Could not load checkpoint {path} with weights_only=True ({detail}). The file is truncated or corrupt "
-            f"(an interrupted save or copy, a full disk); it is left as it is for inspection.{hint}",
-            path, damaged=True,
-        ) from err
-    if not isinstance(ckpt, Mapping):
-        raise ValueError(f"Checkpoint {path} must hold a dict of state dicts, got {type(ckpt).__name__}.")
-    version = checkpoint_format(ckpt)
-    if version > FORMAT_VERSION:
-        raise ValueError(
-            f"Checkpoint {path} has format {version}, newer than this wdm3d reads ({FORMAT_VERSION}); upgrade wdm3d."
-        )
-    return dict(ckpt)
-
-
-# what to do about a save that failed for want of space
-_SPACE_HINTS = {
-    errno.ENOSPC: "Free space on that filesystem (or keep fewer checkpoints: n_saved), then launch the run again: it "
-                  "resumes from the newest checkpoint.",
-    errno.EDQUOT: "The disk quota is full: free space or raise the quota, then launch the run again: it resumes from "
-                  "the newest checkpoint.",
-}
-
-
-def save_checkpoint_file(checkpoint: Mapping[str, Any], path: str | os.PathLike) -> Path:
-    """``torch.save`` to ``path`` atomically (:func:`wdm3d.io.atomic_write`: temporary file, fsync, rename).
-
-    Args:
-        checkpoint: what to save (state dicts of tensors and plain types).
-        path: the checkpoint file.
-
-    Raises:
-        OSError: the write failed (a full disk, a quota): the errno is kept and the message names ``path``, the
-            errno and what to do; nothing of the file is left (no temporary file) and an earlier ``path`` and every
-            other checkpoint are as they were.
-        RuntimeError: anything else that stopped ``torch.save``, with ``path`` in front of its message.
-    """
-    from ..io import atomic_write
-
-    path = Path(path)
-
-    def write(tmp: str) -> None:
-        # a file object rather than a path: torch's own file writer reports a full disk without an errno, while a
-        # failing Python write reaches atomic_write as the OSError it is (under torch's RuntimeError)
-        with open(tmp, "wb") as fh:
-            torch.save(checkpoint, fh)
-
-    try:
-        return atomic_write(path, write)
-    except OSError as err:
-        hint = _SPACE_HINTS.get(err.errno, "")
-        raise OSError(err.errno, f"{err.strerror} The checkpoint was not saved; the earlier checkpoints in "
-                                 f"{path.parent} are as they were. {hint}".rstrip()) from err
-    except Exception as err:
-        raise _named(err, f"Could not save checkpoint {path}") from err
-
-
-def checkpoint_format(ckpt: Mapping) -> int:
-    """The layout version a loaded checkpoint records (0 for files written before versioning)."""
-    run_config = ckpt.get("run_config")
-    if isinstance(run_config, Mapping) and "wdm3d_format" in run_config:
-        return int(run_config["wdm3d_format"])
-    return 0
-
-
-def _shape(t: Any) -> tuple | str:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
-
-def check_state_fits(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
-    """Raise ``RuntimeError`` naming the first key that is missing, unexpected or of another shape.
-
-    ``torch``'s own message lists every mismatch of a large network at once and starts with the missing keys;
-    this one names the first mismatch in the network's order, with both shapes.
-    """
-    own = module.state_dict()
-    for key, value in own.items():
-        if key not in state:
-            raise RuntimeError(f"{source} does not fit this network: it has no weight {key!r} (network: {_shape(value)}).")
-        if _shape(state[key]) != _shape(value):
-            raise RuntimeError(
-                f"{source} does not fit this network: {key!r} has shape {_shape(state[key])} in the checkpoint but "
-                f"{_shape(value)} in the network."
-            )
-    extra = [k for k in state if k not in own]
-    if extra:
-        raise RuntimeError(
-            f"{source} does not fit this network: the checkpoint has weight {extra[0]!r} ({_shape(state[extra[0]])}) "
-            f"that the network lacks ({len(extra)} such key(s))."
-        )
-
-
-def _unwrap(module: Any) -> Any:
-    if isinstance(module, torch.nn.parallel.DistributedDataParallel):
-        module = module.module
-    return getattr(module, "_orig_mod", module)  # torch.compile wrapper
-
-
-def load_network_weights(
-    network: torch.nn.Module,
-    path: str | os.PathLike,
-    keys: tuple[str, ...] = ("ema", "model", "network"),
-    strict: bool = True,
-    checkpoint: Mapping[str, Any] | None = None,
-) -> str:
-    """Load the first of ``keys`` found in the checkpoint into ``network``; return the key used.
-
-    ``checkpoint``: the already-loaded contents of ``path`` (from :func:`load_checkpoint`), so that a caller that
-    needs other entries too does not read a large file twice; ``path`` then only names it in messages.
-
-    Bundles save the EMA weights under ``"ema"`` and the raw weights under ``"model"``; sampling prefers the EMA.
-    A plain state dict (no such keys) is loaded as it is. With ``strict``, a checkpoint of another architecture is
-    refused with the first mismatching key and both shapes, and the network settings it was trained with.
-    """
-    ckpt = dict(checkpoint) if checkpoint is not None else load_checkpoint(path)
-    key = next((k for k in keys if k in ckpt), None)
-    state = ckpt[key] if key is not None else ckpt
-    target = _unwrap(network)
-    if strict:
-        try:
-            check_state_fits(target, state, f"Checkpoint {path} ({key or 'state dict'})")
-        except RuntimeError as err:
-            trained = ckpt.get("run_config", {}).get("network") if isinstance(ckpt.get("run_config"), Mapping) else None
-            hint = f" It was trained with network settings {trained}." if trained else ""
-            raise RuntimeError(
-                f"{err}{hint} Check that network_def (preset, channels) matches the configuration the checkpoint was "
-                "trained with."
-            ) from None
-    target.load_state_dict(state, strict=strict)
-    if key is not None and key != keys[0]:
-        logger.warning("Checkpoint %s has no %r weights; loaded %r instead.", path, keys[0], key)
-    return key or "state_dict"
-
-
-# diffusion settings a sampler may choose freely: the DDPM posterior variance, and how training drew rflow timesteps
-_FREE_AT_SAMPLING = ("ddpm_variance", "rflow_sample_method", "loss_weighting", "min_snr_gamma")
-
-
-def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path: str | os.PathLike) -> None:
-    """Refuse to sample a checkpoint with another diffusion process than it was trained with.
-
-    The network learnt one process (ddpm or rectified flow, its prediction type, schedule, wavelet scaling); another
-    one samples without an error but gives wrong volumes. Compares the settings the checkpoint's ``run_config``
-    recorded (nothing to compare for checkpoints without it) with ``diffusion.config()``.
-
-    Raises:
-        ValueError: naming each differing setting and the overrides that select the trained process.
-    """
-    run_config = checkpoint.get("run_config")
-    trained = run_config.get("diffusion") if isinstance(run_config, Mapping) else None
-    if not isinstance(trained, Mapping) or not trained or not hasattr(diffusion, "config"):
-        return
-    now = _plain(diffusion.config())
-    changed = {k: (trained[k], now[k]) for k in trained
-               if k in now and k not in _FREE_AT_SAMPLING and _plain(trained[k]) != now[k]}
-    if not changed:
-        return
-    import inspect
-
-    params = inspect.signature(type(diffusion)).parameters
-    fix = " ".join(f"--diffusion#{k} {json.dumps(trained[k])}" for k in changed if k in params)
-    sampler = " and a sampler for it (--sampler rflow)" if changed.get("process", (None,))[0] == "rflow" else ""
-    raise ValueError(
-        f"Checkpoint {path} was trained with other diffusion settings than this config samples with (trained, now): "
-        f"{changed}. Sampling would run without an error and give wrong volumes. Set the trained ones"
-        f"{f' ({fix})' if fix else ''}{sampler}"
-        + (". A checkpoint of WDM's recipe (trained before the defaults changed, or imported with wdm3d import-wdm): "
-           "add configs/wdm_paper.json to --config_file" if trained.get("process") == "ddpm" else ".")
-    )
 
 
 class RNGState:
@@ -418,45 +103,6 @@ def _separate_ranks() -> None:
     torch.manual_seed(seed)  # CPU and every CUDA device
 
 
-def _plain(value: Any) -> Any:
-    # JSON-like plain types only (checkpoints load with weights_only=True)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    if isinstance(value, (bool, int, float, str)) or value is None:
-        return value
-    if isinstance(value, torch.Tensor) and value.numel() == 1:
-        return value.item()
-    if isinstance(value, np.generic):
-        return value.item()
-    return str(value)
-
-
-def network_arguments(network: torch.nn.Module) -> dict[str, Any]:
-    """The constructor settings of ``network`` that can be read back from it (class name, widths, groups, ...)."""
-    import inspect
-
-    net = _unwrap(network)
-    out: dict[str, Any] = {"class": f"{type(net).__module__}.{type(net).__qualname__}"}
-    try:
-        params = inspect.signature(type(net).__init__).parameters
-    except (TypeError, ValueError):
-        params = {}
-    for name in params:
-        if name != "self" and hasattr(net, name) and not callable(getattr(net, name)):
-            out[name] = _plain(getattr(net, name))
-    if "norm_num_groups" in params and "norm_num_groups" not in out:
-        norm = next((m for m in net.modules() if isinstance(m, torch.nn.GroupNorm)), None)
-        if norm is not None:
-            out["norm_num_groups"] = norm.num_groups
-    if "dropout" in params and "dropout" not in out:
-        drop = next((m for m in net.modules() if isinstance(m, torch.nn.Dropout)), None)
-        if drop is not None:
-            out["dropout"] = drop.p
-    return out
-
-
 class RunConfig:
     """What a checkpoint was trained with, saved under ``"run_config"``: format version, network, diffusion, settings.
 
@@ -479,7 +125,7 @@ class RunConfig:
         self.network, self.diffusion = network, diffusion
         self.settings = dict(settings or {})
         self.loaded: dict[str, Any] = {}
-        channel_mult = getattr(_unwrap(network), "channel_mult", None) if network is not None else None
+        channel_mult = getattr(unwrap(network), "channel_mult", None) if network is not None else None
         levels = getattr(diffusion, "levels", None)
         image_size = self.settings.get("image_size")
         if channel_mult is not None and isinstance(levels, int) and image_size is not None:
@@ -491,8 +137,8 @@ class RunConfig:
         return {
             "wdm3d_format": FORMAT_VERSION,
             "network": network_arguments(self.network) if self.network is not None else {},
-            "diffusion": _plain(self.diffusion.config()) if self.diffusion is not None else {},
-            "settings": _plain(self.settings),
+            "diffusion": plain(self.diffusion.config()) if self.diffusion is not None else {},
+            "settings": plain(self.settings),
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -571,14 +217,14 @@ class ResumeFromLatest:
                 self._load_optimizer(obj, ckpt[name], name, path)
                 continue
             if isinstance(obj, torch.nn.Module):
-                target = _unwrap(obj)
+                target = unwrap(obj)
                 check_state_fits(target, ckpt[name], f"Checkpoint {path} ({name})")
                 target.load_state_dict(ckpt[name])
             else:  # optimizer, scheduler, scaler, trainer, EMA, adapter, RNG: their errors name neither file nor entry
                 try:
                     obj.load_state_dict(ckpt[name])
                 except Exception as err:
-                    raise _named(err, f"Checkpoint {path}: cannot restore {name!r} ({type(obj).__name__})") from err
+                    raise named_error(err, f"Checkpoint {path}: cannot restore {name!r} ({type(obj).__name__})") from err
         if prior_max_epochs is not None:
             if engine.state.epoch > prior_max_epochs:
                 raise ValueError(f"Checkpoint {path} is at epoch {engine.state.epoch}, beyond max_epochs="
@@ -595,7 +241,7 @@ class ResumeFromLatest:
         try:
             optimizer.load_state_dict(state)
         except Exception as err:
-            raise _named(err, f"Checkpoint {path}: cannot restore {name!r} ({type(optimizer).__name__})") from err
+            raise named_error(err, f"Checkpoint {path}: cannot restore {name!r} ({type(optimizer).__name__})") from err
         changed = {}
         for i, (group, wanted) in enumerate(zip(optimizer.param_groups, configured)):
             for key, value in wanted.items():
@@ -654,7 +300,7 @@ class ResumeFromLatest:
         # warning naming both, rather than stopping: a requeued cluster job restarts unattended, and stopping would
         # fail every requeue until someone intervenes, while the fallback costs at most one save interval of work.
         # A file refused as unsafe (pickled code), or one of another architecture, still stops the run.
-        candidates = list(reversed(_checkpoints_by_age(self.directory)))
+        candidates = list(reversed(checkpoints_by_age(self.directory)))
         candidates = [path] + [p for p in candidates if p != path]
         damaged: list[CheckpointLoadError] = []
         for candidate in candidates:
@@ -723,7 +369,7 @@ def _prune(directory: Path, prefix: str, keep: int | None) -> None:
     if keep is None:
         return
     pat = re.compile(rf"^{re.escape(prefix)}=(\d+)\.pt$")
-    found = _by_age(directory, [p for p in directory.iterdir() if pat.match(p.name) and p.is_file()])
+    found = sort_by_age(directory, [p for p in directory.iterdir() if pat.match(p.name) and p.is_file()])
     for p in found[:-keep] if keep > 0 else found:
         p.unlink(missing_ok=True)
 
@@ -829,7 +475,7 @@ class TrainingCheckpoints:
         ckpt(engine)
         if _is_writer():
             if ckpt.last_checkpoint is not None and Path(ckpt.last_checkpoint).is_file():
-                _record_save(self.directory, Path(ckpt.last_checkpoint).name, engine.state.epoch,
+                record_save(self.directory, Path(ckpt.last_checkpoint).name, engine.state.epoch,
                              engine.state.iteration)
             _prune(self.directory, prefix, self.n_saved if keep is None else keep)
 
