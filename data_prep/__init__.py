@@ -19,6 +19,13 @@
 Both preparation tools only read their source, write every file atomically, run cases in parallel (``--workers``)
 with a progress bar, skip cases whose outputs are up to date (``--overwrite`` to redo), list every case as done /
 skipped / failed with the reason in ``OUT/prepare_summary.json`` and ``OUT/prepare_report.csv``, and exit with 1 when
-any case failed, 2 when the output cannot be written (an unwritable ``--dst``, a full disk: the batch stops). Their
-shared output-error helpers are in :mod:`data_prep.common`. The submodules are not imported here, so ``import data_prep`` stays cheap.
+any case failed, 2 when the output cannot be written (an unwritable ``--dst``, a full disk: the batch stops).
+
+What the two tools share lives in modules of its own, never in one tool's privates: :mod:`data_prep.volume` (array
+and affine maths: checks, intensity scaling, pad/crop, pooling), :mod:`data_prep.datalist` (the patient-level split,
+the datalist and loading it back), :mod:`data_prep.batch` (re-run records, the parallel case loop, the shared
+options), :mod:`data_prep.report` (the summary, the CSV report, the end of a run) and :mod:`data_prep.common` (output
+errors, atomic writes, the source / output checks). Each tool's entry module (``brats``, ``lidc``) holds the
+whole-dataset run and the command line; its parts are ``brats_discovery`` / ``brats_case`` and ``lidc_discovery`` /
+``lidc_dicom`` / ``lidc_case``. The submodules are not imported here, so ``import data_prep`` stays cheap.
 """

@@ -2,11 +2,13 @@
 
 They turn the operating system's write errors into messages about the *destination*: the path that could not be
 written and the errno (``No space left on device (ENOSPC)``), never the source file that was being read at the time.
+Every file is written atomically (:func:`write_nifti`, :func:`write_json`), so an output that exists is complete.
 """
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import tempfile
 from collections.abc import Iterator
@@ -14,16 +16,24 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
+from wdm3d.io.nifti import atomic_write_text, save_nifti
+
 __all__ = [
     "DISK_FULL_ERRNOS",
     "NOT_STARTED",
     "OutputError",
     "check_output_dir",
+    "check_src_dst",
+    "is_within",
     "make_output_dir",
     "not_started",
     "os_error_text",
     "stops_batch",
     "write_failure",
+    "write_json",
+    "write_nifti",
     "writing_output",
 ]
 
@@ -109,6 +119,33 @@ def check_output_dir(path: str | os.PathLike) -> None:
                 break
 
 
+def check_src_dst(src: str | os.PathLike, dst: str | os.PathLike, source: str) -> tuple[Path, Path]:
+    """The resolved source and output folders, checked before any work: the source is a folder, neither contains
+    the other (the source is never modified), and files can be created in the output folder (:func:`check_output_dir`),
+    so an unwritable ``dst`` is one clear error at once rather than a failure per case.
+
+    Args:
+        src: the raw download (only read).
+        dst: the output folder.
+        source: what the source is called in the error (``"BraTS"``, ``"LIDC"``).
+
+    Raises:
+        FileNotFoundError: ``src`` is not a folder.
+        ValueError: ``src`` and ``dst`` overlap.
+        OutputError: ``dst`` cannot be written.
+    """
+    src_path, dst_path = Path(src).resolve(), Path(dst).resolve()
+    if not src_path.is_dir():
+        raise FileNotFoundError(f"{source} source folder {str(src)!r} does not exist or is not a folder.")
+    if is_within(dst_path, src_path) or is_within(src_path, dst_path):
+        raise ValueError(
+            f"dst {str(dst_path)!r} and src {str(src_path)!r} overlap; write the prepared data to a folder outside "
+            "the raw download (the source is never modified)."
+        )
+    check_output_dir(dst_path)
+    return src_path, dst_path
+
+
 def make_output_dir(path: str | os.PathLike) -> Path:
     """Create the output folder ``path`` (with parents), reporting a failure as an :class:`OutputError`.
 
@@ -178,3 +215,41 @@ def not_started(record: dict[str, Any], stopped_by: dict[str, Any]) -> dict[str,
     return record | {"status": "skipped", "file": "",
                      "reason": f"{NOT_STARTED}: the batch stopped when the disk filled up ({why} writing "
                                f"{stopped_by['file']})"}
+
+
+def write_nifti(data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1),
+                qform: np.ndarray | None = None) -> None:
+    """Write ``data`` atomically, keeping its dtype and the given (qform, sform) codes (and qform matrix).
+
+    Args:
+        data: the volume.
+        affine: its voxel-to-world matrix (the sform).
+        path: the ``.nii.gz`` to write.
+        codes: the (qform, sform) codes.
+        qform: the qform matrix; None: the same as ``affine``.
+    """
+    save_nifti(data, affine, path, dtype=data.dtype, codes=codes, qform=qform)
+
+
+def write_json(obj: Any, path: Path) -> None:
+    """Write ``obj`` as indented JSON with a final newline, atomically.
+
+    Args:
+        obj: a JSON-serialisable object.
+        path: the file to write.
+    """
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def is_within(path: Path, parent: Path) -> bool:
+    """True when ``path`` is ``parent`` or below it (lexically: resolve both first).
+
+    Args:
+        path: the path to test.
+        parent: the folder it may be in.
+    """
+    try:
+        path.relative_to(parent)
+        return True
+    except ValueError:
+        return False

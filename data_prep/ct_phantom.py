@@ -25,6 +25,9 @@ A case depends only on ``(seed, index)``; :func:`make_phantom_raw` returns what 
 (LPS) positions of the nodules and of an optional bright ``marker``, so tests can check geometry end to end.
 
 Time: the demo default (4 cases of 64x64x40 at 5 mm) takes about 1 s; the test size (32x32x24) well under that.
+
+Length (over 450 lines): one concept, the offline stand-in download; its anatomy, series writer and defects are kept
+together because each defect is defined by how the writer breaks the series.
 """
 
 from __future__ import annotations
@@ -39,6 +42,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pydicom
+from pydicom.dataset import FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
 __all__ = ["DEFECTS", "SYNTHETIC_DESCRIPTION", "PhantomCase", "phantom_case_id", "phantom_hu", "write_series",
            "make_phantom_raw", "main"]
@@ -63,7 +69,11 @@ _INTERCEPT = -1024
 
 
 def phantom_case_id(index: int) -> str:
-    """``LIDC-PHANTOM-0001`` for ``index`` 0 (LIDC numbers patients from 1)."""
+    """``LIDC-PHANTOM-0001`` for ``index`` 0 (LIDC numbers patients from 1).
+
+    Args:
+        index: the case index, from 0.
+    """
     if isinstance(index, bool) or not isinstance(index, (int, np.integer)) or index < 0:
         raise ValueError(f"index must be an integer >= 0, got {index!r}.")
     return f"LIDC-PHANTOM-{index + 1:04d}"
@@ -262,10 +272,6 @@ def write_series(
     Returns:
         The written files, in file-name order (top slice first).
     """
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
     hu = np.asarray(hu)
     if hu.ndim != 3:
         raise ValueError(f"hu must be a 3D array (columns, rows, slices), got shape {hu.shape}.")
@@ -365,8 +371,6 @@ def make_phantom_raw(
     Returns:
         One :class:`PhantomCase` per patient.
     """
-    from pydicom.uid import generate_uid
-
     if isinstance(num_cases, bool) or not isinstance(num_cases, int) or num_cases < 1:
         raise ValueError(f"num_cases must be an integer >= 1, got {num_cases!r}.")
     defects = {int(k): tuple(v) for k, v in (defects or {}).items()}
@@ -455,7 +459,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Command-line entry point; returns 0, or 2 for bad arguments."""
+    """Command-line entry point; returns 0, or 2 for bad arguments.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+    """
     args = build_parser().parse_args(argv)
     try:
         cases = make_phantom_raw(args.dst, args.num_cases, args.seed, args.size, args.spacing)

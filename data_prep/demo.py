@@ -32,6 +32,9 @@ default), or 32^3 at 8 mm (tiny).
 
 Time on a 2-core CPU: ``make_demo_dataset(num_cases=16)`` (resolution 2) about 17-28 s; the tiny setting
 (``num_cases=4, resolution=4``) about 5 s; ``resolution=1`` about 16 s per case.
+
+Length (over 450 lines): one concept, the demo dataset; template, lesion, augmentation and layout are the steps of
+one seeded case and read in order.
 """
 
 from __future__ import annotations
@@ -50,12 +53,14 @@ from typing import Any, NamedTuple
 
 import nibabel as nib
 import numpy as np
+import torch
 from scipy import ndimage as ndi
 from tqdm.auto import tqdm
 
 from wdm3d.io.nifti import save_nifti
 
-from .brats import pool_volume, prepare_brats
+from .brats import prepare_brats
+from .volume import pool_volume
 
 __all__ = [
     "TEMPLATE_FILES",
@@ -105,7 +110,11 @@ def template_paths() -> dict[str, Path]:
 
 
 def demo_case_id(index: int) -> str:
-    """Case id of demo case ``index``: ``BraTS-GLI-{index:05d}-000``."""
+    """Case id of demo case ``index``: ``BraTS-GLI-{index:05d}-000``.
+
+    Args:
+        index: the case index, from 0.
+    """
     return f"BraTS-GLI-{int(index):05d}-000"
 
 
@@ -236,8 +245,7 @@ def _add_lesion(
 
 def _augment(arrays: dict[str, np.ndarray], affine: np.ndarray, seed: int, resolution: int) -> tuple[dict, np.ndarray]:
     """One torchio draw applied to every volume of a case, then crop/pad to the BraTS-like grid around the brain."""
-    import torch
-    import torchio as tio
+    import torchio as tio  # about 2 s to import: paid when a case is built, not by --help or a refused argument
 
     # the brain mask rides in the label map as label 4 (the lesion lies inside it): one resampling fewer
     labels = np.where(arrays["seg"] > 0, arrays["seg"], 4 * arrays["brain"]).astype(np.uint8)
@@ -442,7 +450,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """Command-line entry point; returns the exit status."""
+    """Command-line entry point; returns the exit status.
+
+    Args:
+        argv: the arguments (None: ``sys.argv[1:]``).
+    """
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
     kwargs: dict[str, Any] = dict(num_cases=args.num_cases, seed=args.seed, lesions=not args.no_lesions,

@@ -122,6 +122,9 @@ def measure(volume: np.ndarray) -> dict[str, float]:
     Returns every name of :data:`PARAMETERS` (NaN where the volume has no organ) and ``valid``: 1.0 when the volume
     has exactly one component of an organ's size (a sphere of radius 3 to 10 at 32^3) and nothing else outside the
     rod, else 0.0 (a "broken shape").
+
+    Args:
+        volume: one generated volume, ``(n, n, n)``.
     """
     v = np.asarray(volume, np.float64)
     if v.ndim != 3 or len(set(v.shape)) != 1:
@@ -165,7 +168,11 @@ def measure(volume: np.ndarray) -> dict[str, float]:
 
 
 def measure_many(volumes: np.ndarray) -> dict[str, np.ndarray]:
-    """:func:`measure` over ``(N, n, n, n)`` (or ``(N, 1, n, n, n)``): ``{name: (N,) array}`` incl. ``valid``."""
+    """:func:`measure` over ``(N, n, n, n)`` (or ``(N, 1, n, n, n)``): ``{name: (N,) array}`` incl. ``valid``.
+
+    Args:
+        volumes: the volumes, with or without a channel axis.
+    """
     volumes = np.asarray(volumes)
     if volumes.ndim == 5:
         volumes = volumes[:, 0]

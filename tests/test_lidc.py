@@ -17,9 +17,11 @@ import pydicom
 import pytest
 
 from data_prep import lidc
-from data_prep.brats import SPLIT_KEYS
 from data_prep.ct_phantom import SYNTHETIC_DESCRIPTION, make_phantom_raw, phantom_case_id
+from data_prep.datalist import SPLIT_KEYS
 from data_prep.lidc import find_cases, hu_from_dataset, prepare_lidc, read_ct_series
+from data_prep.lidc_dicom import read_header
+from data_prep.lidc_discovery import rank_series
 
 SHAPE, SPACING = (32, 32, 24), (3.0, 3.0, 3.0)
 TINY_PREP = dict(spacing=6.0, spatial_size=(16, 16, 16), progress=False)
@@ -105,7 +107,7 @@ def test_ct_small_hu_conversion_from_pydicom_test_data():
     assert hu.shape == (128, 128) and hu.dtype == np.float32
     np.testing.assert_array_equal(hu, expected.astype(np.float32))
     assert float(ds.RescaleIntercept) == -1024 and hu.min() < -800 < 0 < hu.max()  # lung and soft tissue
-    header = lidc._read_header(path)
+    header = read_header(path)
     assert header["modality"] == "CT" and header["series"] == ds.SeriesInstanceUID and header["ipp"] is not None
 
 
@@ -126,16 +128,16 @@ def test_series_rule_ranking(raw):
     found = {c.case_id: c for c in find_cases(root)}
     first = found[cases[0].case_id]
     assert sorted(s.modality for s in first.series.values()) == ["CT", "CT"]
-    ranked, _ = lidc._rank_series(first, "most_slices")
+    ranked, _ = rank_series(first, "most_slices")
     assert len(ranked[0].files) == 24 and len(ranked[1].files) == 12 and ranked[0].slice_spacing == 3.0
-    assert lidc._rank_series(first, "thinnest")[0][0].uid == ranked[0].uid
+    assert rank_series(first, "thinnest")[0][0].uid == ranked[0].uid
     # thinnest prefers the thinner series even when it has fewer slices
     thick = lidc.DicomSeries("b", "CT", [Path(f"{i}") for i in range(30)], slice_spacing=5.0)
     thin = lidc.DicomSeries("a", "CT", [Path(f"{i}") for i in range(20)], slice_spacing=1.0)
     scout = lidc.DicomSeries("c", "CT", [Path("x")] * 40, localizer=True)
     case = lidc.LidcCase("p", {"a": thin, "b": thick, "c": scout})
-    assert [s.uid for s in lidc._rank_series(case, "most_slices")[0]] == ["b", "a"]
-    assert [s.uid for s in lidc._rank_series(case, "thinnest")[0]] == ["a", "b"]
+    assert [s.uid for s in rank_series(case, "most_slices")[0]] == ["b", "a"]
+    assert [s.uid for s in rank_series(case, "thinnest")[0]] == ["a", "b"]
 
 
 # --------------------------------------------------------------------------------------------------------------------
