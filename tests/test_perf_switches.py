@@ -22,6 +22,7 @@ from wdm3d import wavelets as wv
 from wdm3d.diffusion import WaveletDiffusion, WaveletDiffusionPrepareBatch, WaveletMSELoss
 from wdm3d.networks import WDMUNet, wdm_unet
 from wdm3d.wavelets import dwt3d, fused_haar_available, idwt3d, set_fused_haar
+from wdm3d.wavelets import fused as wv_fused
 
 ROOT = Path(__file__).resolve().parents[1]
 CUDA = torch.cuda.is_available()
@@ -55,8 +56,8 @@ def fused_state():
 @pytest.fixture
 def pretend_cuda(monkeypatch, fused_state):
     """Route CPU tensors as if they were on a GPU with Triton: the selection logic runs for real."""
-    monkeypatch.setattr(wv, "_on_cuda", lambda device: True)
-    monkeypatch.setattr(wv, "_triton_importable", lambda: True)
+    monkeypatch.setattr(wv_fused, "_on_cuda", lambda device: True)
+    monkeypatch.setattr(wv_fused, "_triton_importable", lambda: True)
     fused_state.update(enabled=True, failed=None)
     return fused_state
 
@@ -74,7 +75,7 @@ def test_fused_haar_is_not_selected_on_cpu(monkeypatch):
     def must_not_run(*args, **kwargs):
         raise AssertionError("the fused kernel was launched for a CPU tensor")
 
-    monkeypatch.setattr(wv, "_fused_haar_launch", must_not_run)
+    monkeypatch.setattr(wv_fused, "_fused_haar_launch", must_not_run)
     y = dwt3d(x)
     assert torch.equal(y, wv._haar_forward_kernel(x))
     assert torch.equal(idwt3d(y), wv._haar_inverse_kernel(y))
@@ -87,7 +88,7 @@ def test_fused_haar_routes_forward_inverse_and_gradients(pretend_cuda, monkeypat
         calls.append(inverse)
         return wv._haar_inverse_kernel(t) if inverse else wv._haar_forward_kernel(t)
 
-    monkeypatch.setattr(wv, "_fused_haar_launch", spy)
+    monkeypatch.setattr(wv_fused, "_fused_haar_launch", spy)
     x = torch.randn(1, 1, 4, 4, 4, requires_grad=True)
     y = dwt3d(x)
     assert calls == [False]
@@ -114,7 +115,7 @@ def test_fused_haar_failure_warns_once_and_falls_back(pretend_cuda, monkeypatch)
         launches.append(inverse)
         raise RuntimeError("PTX assembly failed (simulated)")
 
-    monkeypatch.setattr(wv, "_fused_haar_launch", broken)
+    monkeypatch.setattr(wv_fused, "_fused_haar_launch", broken)
     x = torch.randn(2, 3, 4, 6, 8)
     assert fused_haar_available(x)
     with pytest.warns(RuntimeWarning, match="falling back to the torch implementation"):
@@ -233,7 +234,7 @@ def test_fp32_io_keeps_the_wavelet_convolutions_in_fp32_under_autocast():
         with torch.autocast("cpu", dtype=torch.bfloat16):
             mixed, low = io(x, t), net(x, t)
     # under autocast: the two 8-channel convolutions in fp32, the rest of the network still bf16 (conv_in's fp32
-    # output used to promote the whole full-resolution level, its residual stream and skips, to fp32)
+    # output, left as it is, would promote the whole full-resolution level, its residual stream and skips, to fp32)
     assert dtypes["conv_in"] == dtypes["conv_out"] == torch.float32 and mixed.dtype == torch.float32
     assert dtypes["down.0"] == torch.bfloat16
     assert low.dtype == torch.bfloat16

@@ -6,9 +6,9 @@ from torch import nn
 
 from wdm3d import wavelets as wv
 from wdm3d.wavelets import (
+    SUBBANDS,
     DWT3d,
     IDWT3d,
-    SUBBANDS,
     WaveletSpace,
     dwt3d,
     from_wavelet_space,
@@ -18,6 +18,8 @@ from wdm3d.wavelets import (
     wavedec3d,
     waverec3d,
 )
+from wdm3d.wavelets import dwt as wv_dwt
+from wdm3d.wavelets import fused as wv_fused
 
 S = 1 / (2 * math.sqrt(2))
 
@@ -90,27 +92,40 @@ def test_half_types_are_computed_in_float32_and_rounded_once(dtype):
     assert (subband(y, "HHH").double() - hhh).abs().max() <= 2 ** -8 * hhh.abs().max() + 1e-6  # one rounding
     detail = exact[:, 1:]
     rel = ((y[:, 1:].double() - detail).square().mean() / detail.square().mean()).sqrt()
-    assert rel < 0.01  # was ~0.1 with the butterflies in the half type
+    assert rel < 0.01  # ~0.1 if the butterflies ran in the half type
     back = idwt3d(exact.to(dtype))
     assert ((back.double() - idwt3d(exact)).abs().max() / x.abs().max()).item() < 2 ** -7
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_haar_in_place_and_differentiable_forms_give_the_same_bits(dtype):
+    # one arithmetic, two ways to run it: in place (the eager torch path) and out of place (TorchScript exports)
+    haar_forward, haar_inverse = wv.haar_forward, wv.haar_inverse
+    x = torch.randn(2, 3, 8, 6, 4).to(dtype)
+    y = haar_forward(x)
+    assert torch.equal(haar_forward(x, in_place=True), y) and torch.equal(dwt3d(x), y)
+    assert torch.equal(haar_inverse(y, in_place=True), haar_inverse(y)) and torch.equal(idwt3d(y), haar_inverse(y))
+    noncontiguous = torch.randn(2, 8, 4, 6, 3).to(dtype).permute(0, 1, 4, 3, 2)  # (2, 8, 3, 6, 4) after the swap
+    noncontiguous = noncontiguous[:, :, :2]
+    assert torch.equal(haar_forward(noncontiguous, in_place=True), haar_forward(noncontiguous.contiguous()))
+
+
 def test_fused_kernel_is_not_used_beyond_int32_indexing(monkeypatch):
     # the Triton kernel indexes in int32: a tensor of 2^31 elements must take the torch path (meta: no memory)
-    monkeypatch.setattr(wv, "fused_haar_available", lambda x=None: True)
-    monkeypatch.setitem(wv._fused_haar, "failed", None)  # restored after the test
+    monkeypatch.setattr(wv_fused, "fused_haar_available", lambda x=None: True)
+    monkeypatch.setitem(wv_fused._fused_haar, "failed", None)  # restored after the test
     launched = []
 
     def launch(x, inverse, kernel=None):
         launched.append(tuple(x.shape))
         raise RuntimeError("no GPU here")  # _haar falls back to the torch path (and warns)
 
-    monkeypatch.setattr(wv, "_fused_haar_launch", launch)
+    monkeypatch.setattr(wv_fused, "_fused_haar_launch", launch)
     big = torch.empty((1, 2, 1024, 1024, 1024), device="meta")
-    assert wv._haar(big, inverse=False).shape == (1, 16, 512, 512, 512)
+    assert wv_dwt._haar(big, inverse=False).shape == (1, 16, 512, 512, 512)
     assert launched == []
     with pytest.warns(RuntimeWarning, match="fused Triton Haar kernel failed"):
-        wv._haar(torch.empty((1, 1, 4, 4, 4), device="meta"), inverse=False)
+        wv_dwt._haar(torch.empty((1, 1, 4, 4, 4), device="meta"), inverse=False)
     assert launched == [(1, 1, 4, 4, 4)]  # below the limit the kernel is tried
 
 
@@ -210,7 +225,7 @@ def test_non_haar_float64_is_float64_accurate(wavelet):
     x = torch.randn(1, 1, 16, 16, 16, dtype=torch.float64)
     y = dwt3d(x, wavelet=wavelet, mode="periodization")
     assert y.dtype == torch.float64 and torch.get_default_dtype() == torch.float32  # default dtype restored
-    # PyWavelets' own taps are orthonormal to ~1e-12 (sym4); built in float32 the round trip was off by ~2e-7
+    # PyWavelets' own taps are orthonormal to ~1e-12 (sym4); built in float32 the round trip would be off by ~2e-7
     assert (idwt3d(y, wavelet=wavelet, mode="periodization") - x).abs().max().item() < 1e-10
 
 

@@ -347,6 +347,6 @@ def test_channel_rms_norm_rounds_a_bf16_result_once():
     exact = norm(x.double())
     half = norm(x.bfloat16())
     assert half.dtype == torch.bfloat16
-    # the normalised value times the weight, rounded once to bf16 (it was rounded, then multiplied in bf16)
+    # the normalised value times the weight, rounded once to bf16 (not rounded, then multiplied in bf16)
     rel = ((half.double() - exact).abs() / exact.abs().clamp_min(1e-6)).mean().item()
     assert rel < 2.2e-3  # one rounding: ~1.7e-3 (two: ~2.8e-3)

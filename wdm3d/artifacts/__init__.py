@@ -24,21 +24,25 @@ from .files import (
     sort_by_age,
 )
 from .records import check_diffusion_matches, network_arguments, plain
-from .unwrap import unwrap
+from .unwrap import unwrap, unwrap_state_dict
 from .weights import (
     TRUSTED_NETWORK_MODULES,
+    StateComparison,
     build_network,
     check_state_fits,
+    compare_state,
     load_frozen,
     load_network_weights,
+    shape_of,
     state_mismatch,
     weight_keys,
 )
 
 __all__ = [
-    "FORMAT_VERSION", "LOCK_FILE", "SAVE_LOG", "TRUSTED_NETWORK_MODULES", "CheckpointLoadError", "build_network",
+    "FORMAT_VERSION", "LOCK_FILE", "SAVE_LOG", "TRUSTED_NETWORK_MODULES", "CheckpointLoadError", "StateComparison",
+    "build_network", "compare_state", "shape_of",
     "check_diffusion_matches", "check_state_fits", "checkpoint_format", "checkpoints_by_age",
     "intact_checkpoint_before", "latest_checkpoint", "load_checkpoint", "load_frozen", "load_network_weights",
     "named_error", "network_arguments", "plain", "record_save", "resolve_checkpoint", "save_checkpoint_file",
-    "sort_by_age", "state_mismatch", "unwrap", "weight_keys",
+    "sort_by_age", "state_mismatch", "unwrap", "unwrap_state_dict", "weight_keys",
 ]

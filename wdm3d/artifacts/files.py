@@ -34,8 +34,6 @@ _NUM = re.compile(r"(epoch|iteration)=(\d+)")
 #: version of the checkpoint layout, stored as ``checkpoint["run_config"]["wdm3d_format"]`` (absent: written
 #: before versioning, treated as 0).
 FORMAT_VERSION = 1
-# saved objects a checkpoint may lack (older files, or runs without them): resuming warns instead of failing
-_OPTIONAL = ("rng", "run_config", "mlflow", "geometry", "scaler", "loss")
 
 
 def _progress(path: Path) -> tuple[int, int, float]:

@@ -9,7 +9,7 @@ import importlib
 import logging
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 
@@ -18,8 +18,8 @@ from .records import check_diffusion_matches
 from .unwrap import unwrap
 
 __all__ = [
-    "TRUSTED_NETWORK_MODULES", "build_network", "check_state_fits", "load_frozen", "load_network_weights",
-    "state_mismatch", "unwrap", "weight_keys",
+    "TRUSTED_NETWORK_MODULES", "StateComparison", "build_network", "check_state_fits", "compare_state", "load_frozen",
+    "load_network_weights", "shape_of", "state_mismatch", "weight_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -33,8 +33,40 @@ def weight_keys(use_ema: bool = True) -> tuple[str, ...]:
     return ("ema", "model", "network") if use_ema else ("model", "network", "ema")
 
 
-def _shape(t: Any) -> tuple | str:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
+def shape_of(value: Any) -> tuple | str:
+    """A tensor's shape as a tuple, or the type name of anything else (for messages and comparisons)."""
+    return tuple(value.shape) if isinstance(value, torch.Tensor) else type(value).__name__
+
+
+class StateComparison(NamedTuple):
+    """How a state dict differs from a network's (or any reference mapping of tensors).
+
+    Attributes:
+        missing: keys of the reference that the state lacks, in the reference's order.
+        unexpected: keys of the state that the reference lacks, in the state's order.
+        wrong_shape: keys of both whose values differ in shape (or are not both tensors), in the reference's order.
+        first: the first problem in the reference's order (a missing or wrong-shape key), else the first unexpected
+            key; None when the two fit.
+    """
+
+    missing: list[str]
+    unexpected: list[str]
+    wrong_shape: list[str]
+    first: str | None
+
+
+def compare_state(own: Mapping[str, Any], state: Mapping[str, Any]) -> StateComparison:
+    """Compare ``state`` with the reference ``own`` (e.g. ``network.state_dict()``) key by key and shape by shape.
+
+    The one comparison behind every "does this file fit" message: :func:`check_state_fits`, :func:`state_mismatch`,
+    the IP-Adapter's file check and the WDM-3D importer word their own errors from its result.
+    """
+    missing = [k for k in own if k not in state]
+    wrong = [k for k in own if k in state and shape_of(state[k]) != shape_of(own[k])]
+    unexpected = [k for k in state if k not in own]
+    bad = set(missing) | set(wrong)
+    first = next((k for k in own if k in bad), unexpected[0] if unexpected else None)
+    return StateComparison(missing, unexpected, wrong, first)
 
 
 def check_state_fits(module: torch.nn.Module, state: Mapping[str, Any], source: str = "checkpoint") -> None:
@@ -44,20 +76,21 @@ def check_state_fits(module: torch.nn.Module, state: Mapping[str, Any], source: 
     this one names the first mismatch in the network's order, with both shapes.
     """
     own = module.state_dict()
-    for key, value in own.items():
-        if key not in state:
-            raise RuntimeError(f"{source} does not fit this network: it has no weight {key!r} (network: {_shape(value)}).")
-        if _shape(state[key]) != _shape(value):
-            raise RuntimeError(
-                f"{source} does not fit this network: {key!r} has shape {_shape(state[key])} in the checkpoint but "
-                f"{_shape(value)} in the network."
-            )
-    extra = [k for k in state if k not in own]
-    if extra:
+    found = compare_state(own, state)
+    key = found.first
+    if key is None:
+        return
+    if key in found.missing:
+        raise RuntimeError(f"{source} does not fit this network: it has no weight {key!r} (network: {shape_of(own[key])}).")
+    if key in found.wrong_shape:
         raise RuntimeError(
-            f"{source} does not fit this network: the checkpoint has weight {extra[0]!r} ({_shape(state[extra[0]])}) "
-            f"that the network lacks ({len(extra)} such key(s))."
+            f"{source} does not fit this network: {key!r} has shape {shape_of(state[key])} in the checkpoint but "
+            f"{shape_of(own[key])} in the network."
         )
+    raise RuntimeError(
+        f"{source} does not fit this network: the checkpoint has weight {key!r} ({shape_of(state[key])}) "
+        f"that the network lacks ({len(found.unexpected)} such key(s))."
+    )
 
 
 def load_network_weights(
@@ -105,14 +138,13 @@ def state_mismatch(own: Mapping[str, Any], state: Mapping[str, Any], limit: int 
     """
 
     def few(names: list[str]) -> str:
+        names = sorted(names)
         return f"{names[:limit]}{'...' if len(names) > limit else ''}"
 
-    missing = sorted(set(own) - set(state))
-    unexpected = sorted(set(state) - set(own))
-    bad = sorted(k for k in set(own) & set(state) if _shape(own[k]) != _shape(state[k]))
-    if not (missing or unexpected or bad):
+    found = compare_state(own, state)
+    if found.first is None:
         return None
-    return f"missing {few(missing)}, unexpected {few(unexpected)}, wrong shapes {few(bad)}"
+    return f"missing {few(found.missing)}, unexpected {few(found.unexpected)}, wrong shapes {few(found.wrong_shape)}"
 
 
 def load_frozen(

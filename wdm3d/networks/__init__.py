@@ -1,4 +1,4 @@
-"""Networks: the WDM U-Net presets (optionally with cross-attention), IP-Adapter, the wavelet autoencoders
+"""Networks: the WDM U-Net presets (optionally with cross-attention), the DiT, IP-Adapter, the wavelet autoencoders
 (WF-VAE-3D, Wavelet-VAE-3D) and the MedicalNet ResNet-50 used for 3D FID."""
 
 from .attention import Attention, AttnProcessor, ContextEmbedding, CrossAttentionBlock
@@ -20,7 +20,16 @@ from .medicalnet import (
     load_medicalnet_weights,
     medicalnet_resnet50,
 )
-from .unet import PRESETS, AttentionAnchor, ResBlock, WDMUNet, count_parameters, default_attention_levels, monai_unet, wdm_unet
+from .unet import (
+    PRESETS,
+    AttentionAnchor,
+    ResBlock,
+    WDMUNet,
+    count_parameters,
+    default_attention_levels,
+    monai_unet,
+    wdm_unet,
+)
 from .vae_base import LatentDistribution, MonaiKLAdapter, VAEOutput
 from .wavelet_vae import PRIORS, WaveletVAE3D, haar_gain
 from .wfvae import WFVAE3D, WFDecoder3D, WFEncoder3D
@@ -31,6 +40,6 @@ __all__ = [
     "IPAdapter", "IPAttnProcessor", "ImageProjection", "PerceiverResampler", "FrozenImageEncoder", "ConditionDropout",
     "DroppedConditions", "CausalConv3d", "CausalDownsample3d", "CausalResBlock3d", "CausalUpsample3d",
     "ChannelRMSNorm", "causal_cache", "LatentDistribution", "MonaiKLAdapter", "VAEOutput", "WFVAE3D", "WFEncoder3D",
-    "WFDecoder3D", "WaveletVAE3D", "PRIORS", "haar_gain", "MEDICALNET_WEIGHTS_FILE", "MedicalNetResNet50", "RandomConv3dFeatures", "load_medicalnet_weights",
-    "medicalnet_resnet50", "DiT3D", "DiTBlock", "dit3d",
+    "WFDecoder3D", "WaveletVAE3D", "PRIORS", "haar_gain", "MEDICALNET_WEIGHTS_FILE", "MedicalNetResNet50",
+    "RandomConv3dFeatures", "load_medicalnet_weights", "medicalnet_resnet50", "DiT3D", "DiTBlock", "dit3d",
 ]

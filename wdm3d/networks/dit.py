@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
 from torch import nn
 
-from .ip_adapter import sincos_position_3d
+from .positions import sincos_position_3d
 from .scripting import shape_repr
 
 __all__ = ["DiT3D", "DiTBlock", "dit3d", "patchify3d", "unpatchify3d"]

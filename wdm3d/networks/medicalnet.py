@@ -34,7 +34,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from .state import state_mismatch
+from ..artifacts import CheckpointLoadError, load_checkpoint, state_mismatch
 
 __all__ = [
     "MEDICALNET_WEIGHTS_FILE",
@@ -166,11 +166,13 @@ def load_medicalnet_weights(model: MedicalNetResNet50, path: str | os.PathLike) 
     if not path.is_file():
         raise FileNotFoundError(f"MedicalNet weights file {path} does not exist. " + medicalnet_weights_help())
     try:
-        obj = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # UnpicklingError for pickled code, RuntimeError for non-checkpoints
+        # a pretrained file, not a training folder's: no earlier checkpoint to suggest
+        obj = load_checkpoint(path, suggest_previous=False)
+    except CheckpointLoadError as err:  # pickled code, or not a torch file at all
+        cause = err.__cause__ or err  # torch's own error says what it refused
         raise ValueError(
             f"Refusing to load {path}: it is not a plain tensor checkpoint that torch.load(weights_only=True) accepts "
-            f"({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}). Use MedicalNet's released "
+            f"({type(cause).__name__}: {str(cause).splitlines()[0] if str(cause) else ''}). Use MedicalNet's released "
             f"{MEDICALNET_WEIGHTS_FILE} or a state dict saved with torch.save(model.state_dict(), ...)."
         ) from err
     try:

@@ -1,5 +1,8 @@
 """The WDM 3D U-Net (guided-diffusion style) and its 128^3 / 256^3 presets.
 
+One module because it is one network: :class:`WDMUNet`, its residual block, the anchors where conditioning attaches
+and the presets that size it are read together.
+
 Why not MONAI's ``DiffusionModelUNet``: it concatenates skip connections (and offers no gradient checkpointing).
 WDM adds them, ``h = (h + skip) / 2``, with each decoder block producing the width of the next skip; that keeps
 the decoder convolutions at the encoder's width. With the WDM widths MONAI's network has 81.7M parameters where
@@ -30,7 +33,7 @@ from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
-from monai.networks.nets.diffusion_model_unet import get_timestep_embedding
+from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet, get_timestep_embedding
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
@@ -452,9 +455,14 @@ def wdm_unet(preset: str = "wdm_128", in_channels: int = 8, out_channels: int | 
 
 def monai_unet(preset: str = "wdm_128", in_channels: int = 8, out_channels: int | None = None, **overrides):
     """MONAI's ``DiffusionModelUNet`` with the widths of a WDM preset (concatenated skips, resampling in residual
-    blocks, no attention). Same call signature as :class:`WDMUNet`; more parameters (81.73M at ``wdm_128``)."""
-    from monai.networks.nets import DiffusionModelUNet
+    blocks, no attention). Same call signature as :class:`WDMUNet`; more parameters (81.73M at ``wdm_128``).
 
+    Args:
+        preset: a name of :data:`PRESETS`.
+        in_channels: input channels (8 per image channel in wavelet space).
+        out_channels: output channels (default ``in_channels``).
+        overrides: further ``DiffusionModelUNet`` arguments.
+    """
     if preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(PRESETS)}.")
     p = PRESETS[preset]

@@ -82,8 +82,8 @@ class LatentDistribution(_LatentFields):
         else:
             std = wide(self.stddev)
             var = std.square()
-            # log of the std itself, floored only at float32's smallest normal (~1e-38): a floor on var (1e-12 was
-            # used) stops the KL growing below std 1e-6 and flips its gradient, so the prior pushed the std down
+            # log of the std itself, floored only at float32's smallest normal (~1e-38): a floor on var (say 1e-12)
+            # would stop the KL growing below std 1e-6 and flip its gradient, so the prior would push the std down
             logvar = 2.0 * torch.log(std.clamp_min(torch.finfo(torch.float32).tiny))
         kl = 0.5 * (mean.square() + var - 1.0 - logvar)
         return kl.flatten(1).sum(1)

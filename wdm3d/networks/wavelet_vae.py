@@ -54,8 +54,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from wdm3d.networks.scripting import TensorModule, haar_dwt3d, haar_idwt3d
-from wdm3d.networks.vae_base import LatentDistribution, VAEOutput, latent_sample
+from ..wavelets import haar_dwt3d, haar_idwt3d
+from .scripting import TensorModule
+from .vae_base import LatentDistribution, VAEOutput, latent_sample
 
 __all__ = ["PRIORS", "WaveletVAE3D", "haar_gain"]
 

@@ -1,5 +1,8 @@
 """WF-VAE-3D: the Wavelet Flow VAE (Li et al., CVPR 2025) for volumes, with an exact causal cache along depth.
 
+One module because it is one network: the encoder, the decoder and the VAE that runs them in chunks share the
+causal-cache contract below, which is checked by reading them together.
+
 What it is: a convolutional VAE whose encoder and decoder work on Haar wavelet coefficients, with an "energy flow"
 path that routes the low-frequency wavelet pyramid of the volume past the backbone. The slice axis (depth, axis 2)
 plays the role of time in the paper's video model.
@@ -52,8 +55,9 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from ..wavelets import haar_dwt3d, haar_idwt3d
 from .causal import CausalConv3d, CausalDownsample3d, CausalResBlock3d, CausalUpsample3d, ChannelRMSNorm, causal_cache
-from .scripting import TensorBlock, TensorModule, haar_dwt3d, haar_idwt3d
+from .scripting import TensorBlock, TensorModule
 from .vae_base import LatentDistribution, VAEOutput, latent_sample
 
 __all__ = ["WFVAE3D", "WFEncoder3D", "WFDecoder3D"]

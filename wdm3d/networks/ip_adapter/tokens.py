@@ -1,0 +1,136 @@
+"""Token encoders: the trainable projections from image features to the image tokens the U-Net attends to
+(IP-Adapter's linear projection, IP-Adapter-Plus's Perceiver resampler)."""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ..attention import Attention, attention_heads
+from ..positions import sincos_position_3d
+
+__all__ = ["PROJECTIONS", "ImageProjection", "PerceiverResampler"]
+
+#: the projections :class:`~wdm3d.networks.IPAdapter` builds by name
+PROJECTIONS = ("linear", "perceiver")
+
+
+def _check_features(features: torch.Tensor, feature_dim: int) -> None:
+    if not isinstance(features, torch.Tensor) or features.ndim not in (2, 3, 5):
+        shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+        raise ValueError(f"image features must be (B, F), (B, L, F) or (B, F, d, h, w), got {shape}.")
+    width = features.shape[-1] if features.ndim == 3 else features.shape[1]
+    if width != feature_dim:
+        raise ValueError(f"image features have width {width}, but the projection expects feature_dim={feature_dim}.")
+
+
+class ImageProjection(nn.Module):
+    """IP-Adapter's projection: a global image embedding -> ``Linear`` -> N tokens -> ``LayerNorm``.
+
+    ``(B, F)`` | ``(B, L, F)`` | ``(B, F, d, h, w)`` -> ``(B, num_tokens, token_dim)``; feature maps and token
+    sequences are averaged to one ``(B, F)`` vector first.
+
+    Args:
+        feature_dim: F.
+        token_dim: width of the image tokens (the cross-attention context width).
+        num_tokens: N (IP-Adapter: 4).
+    """
+
+    def __init__(self, feature_dim: int, token_dim: int, num_tokens: int = 4) -> None:
+        super().__init__()
+        if min(feature_dim, token_dim, num_tokens) < 1:
+            raise ValueError(
+                f"feature_dim, token_dim, num_tokens must be >= 1, got {feature_dim}, {token_dim}, {num_tokens}."
+            )
+        self.feature_dim, self.token_dim, self.num_tokens = feature_dim, token_dim, num_tokens
+        self.proj = nn.Linear(feature_dim, num_tokens * token_dim)
+        self.norm = nn.LayerNorm(token_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _check_features(features, self.feature_dim)
+        if features.ndim == 5:
+            features = features.flatten(2).mean(-1)
+        elif features.ndim == 3:
+            features = features.mean(1)
+        tokens = self.proj(features).view(features.shape[0], self.num_tokens, self.token_dim)
+        return self.norm(tokens)
+
+
+class _PerceiverLayer(nn.Module):
+    def __init__(self, width: int, num_heads: int, head_dim: int, ff_mult: int) -> None:
+        super().__init__()
+        self.norm_features = nn.LayerNorm(width)
+        self.norm_latents = nn.LayerNorm(width)
+        self.attn = Attention(width, width, num_heads, head_dim, out_bias=False)
+        self.ff = nn.Sequential(
+            nn.LayerNorm(width), nn.Linear(width, ff_mult * width, bias=False), nn.GELU(),
+            nn.Linear(ff_mult * width, width, bias=False),
+        )
+
+    def forward(self, features: torch.Tensor, latents: torch.Tensor) -> torch.Tensor:
+        lat = self.norm_latents(latents)
+        kv = torch.cat((self.norm_features(features), lat), dim=1)  # latents attend to features and to themselves
+        latents = latents + self.attn(lat, kv)
+        return latents + self.ff(latents)
+
+
+class PerceiverResampler(nn.Module):
+    """IP-Adapter-Plus projection: learned latent queries that attend to patch features (Perceiver resampler,
+    Alayrac et al. 2022 "Flamingo", sec. 2.1 / appendix A.1.1).
+
+    ``(B, F, d, h, w)`` | ``(B, L, F)`` | ``(B, F)`` -> ``(B, num_latents, token_dim)``: feature maps are flattened
+    to ``d*h*w`` patch tokens (plus fixed 3D sinusoidal positions, as conv features carry none), projected to
+    ``width``; ``depth`` layers of [latents += Attn(LN(latents), [LN(features); LN(latents)]); latents += FF];
+    then ``Linear`` -> ``LayerNorm`` to ``token_dim``.
+
+    Args:
+        feature_dim: F.
+        token_dim: width of the output tokens.
+        num_latents: output tokens (IP-Adapter-Plus: 16).
+        depth: layers (IP-Adapter-Plus: 4).
+        width: internal width (default ``token_dim``).
+        num_heads: heads (takes precedence over ``head_dim``).
+        head_dim: width per head (64; capped at ``width``).
+        ff_mult: feed-forward expansion.
+        positional: add sinusoidal positions to feature-map patches.
+    """
+
+    def __init__(
+        self,
+        feature_dim: int,
+        token_dim: int,
+        num_latents: int = 16,
+        depth: int = 4,
+        width: int | None = None,
+        num_heads: int | None = None,
+        head_dim: int = 64,
+        ff_mult: int = 4,
+        positional: bool = True,
+    ) -> None:
+        super().__init__()
+        width = token_dim if width is None else width
+        if min(feature_dim, token_dim, num_latents, depth, width, ff_mult) < 1:
+            raise ValueError("feature_dim, token_dim, num_latents, depth, width and ff_mult must all be >= 1.")
+        heads, hd = attention_heads(width, num_heads, head_dim)
+        self.feature_dim, self.token_dim, self.num_tokens = feature_dim, token_dim, num_latents
+        self.width, self.positional = width, positional
+        self.latents = nn.Parameter(torch.randn(1, num_latents, width) / width**0.5)
+        self.proj_in = nn.Linear(feature_dim, width)
+        self.layers = nn.ModuleList([_PerceiverLayer(width, heads, hd, ff_mult) for _ in range(depth)])
+        self.proj_out = nn.Linear(width, token_dim)
+        self.norm_out = nn.LayerNorm(token_dim)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _check_features(features, self.feature_dim)
+        if features.ndim == 2:
+            x = self.proj_in(features[:, None])
+        elif features.ndim == 3:
+            x = self.proj_in(features)
+        else:
+            x = self.proj_in(features.flatten(2).transpose(1, 2))
+            if self.positional:
+                x = x + sincos_position_3d(features.shape[2:], self.width, x.device, x.dtype)
+        latents = self.latents.expand(x.shape[0], -1, -1)
+        for layer in self.layers:
+            latents = layer(x, latents)
+        return self.norm_out(self.proj_out(latents))
