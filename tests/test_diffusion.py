@@ -3,10 +3,16 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from monai.inferers import DiffusionInferer
 from monai.networks.schedulers import DDPMScheduler
 
-from wdm3d.diffusion import WaveletDiffusion, WaveletDiffusionPrepareBatch, WaveletMSELoss, maths, subband_mse
+from wdm3d.diffusion import (
+    WaveletDiffusion,
+    WaveletDiffusionInferer,
+    WaveletDiffusionPrepareBatch,
+    WaveletMSELoss,
+    maths,
+    subband_mse,
+)
 from wdm3d.wavelets import SUBBANDS
 
 
@@ -70,8 +76,9 @@ def test_ddpm_noising_matches_closed_form_and_monai():
     d = WaveletDiffusion()
     x0, noise = torch.randn(4, 8, 4, 4, 4), torch.randn(4, 8, 4, 4, 4)
     t = torch.tensor([0, 10, 500, 999])
-    ab = wdm_alphas_cumprod()[t].float().reshape(-1, 1, 1, 1, 1)
-    expected = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    ab = wdm_alphas_cumprod()[t].reshape(-1, 1, 1, 1, 1)
+    # in float64: in float32, 1 - ab at small t keeps few digits (an error of ~2e-6 here)
+    expected = (ab.sqrt() * x0.double() + (1 - ab).sqrt() * noise.double()).float()
     assert torch.allclose(d.add_noise(x0, noise, t), expected, atol=1e-6)
     assert torch.allclose(d.scheduler.add_noise(x0, noise, t), expected, atol=1e-5)  # MONAI's float32 cumprod
 
@@ -274,7 +281,7 @@ def test_invalid_settings_are_rejected_with_reasons():
         WaveletDiffusion(clip_range=None).project(torch.zeros(1, 8, 2, 2, 2))
 
 
-def test_prepare_batch_with_stock_monai_inferer():
+def test_prepare_batch_with_the_training_inferer():
     torch.manual_seed(0)
     d = WaveletDiffusion()
     images = torch.rand(3, 1, 8, 8, 8) * 2 - 1
@@ -291,9 +298,38 @@ def test_prepare_batch_with_stock_monai_inferer():
         seen["x"], seen["t"] = x, timesteps
         return net(x)
 
-    pred = DiffusionInferer(d.scheduler)(inputs, model, *args, **kwargs)
+    pred = WaveletDiffusionInferer(d)(inputs, model, *args, **kwargs)
     assert torch.allclose(seen["x"], d.add_noise(inputs, kwargs["noise"], kwargs["timesteps"]), atol=1e-6)
     assert pred.shape == inputs.shape
+
+
+@pytest.mark.parametrize("process", ["ddpm", "rflow"])
+def test_the_training_forward_noises_in_float64_and_casts_at_the_edge(process):
+    # what a bundle's SupervisedTrainer runs: prepare_batch, then inferer(inputs, network, *args, **kwargs)
+    torch.manual_seed(0)
+    d = WaveletDiffusion(process=process)
+    images = torch.rand(6, 1, 8, 8, 8) * 2 - 1
+    inputs, _, args, kwargs = WaveletDiffusionPrepareBatch(d)({"image": images})
+    seen = {}
+
+    def model(x, timesteps, context=None):
+        seen["x"], seen["context"] = x, context
+        return x
+
+    WaveletDiffusionInferer(d)(inputs, model, *args, **kwargs)
+    t, x0, noise = kwargs["timesteps"], inputs.double(), kwargs["noise"].double()
+    if process == "ddpm":  # by hand, in float64, from the process's alphas_cumprod
+        ab = d.alphas_cumprod[t.long()].reshape(-1, 1, 1, 1, 1)
+        assert ab.dtype == torch.float64
+        expected = ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+    else:  # s = t / T in float64
+        s = (t.double() / d.num_train_timesteps).reshape(-1, 1, 1, 1, 1)
+        expected = (1 - s) * x0 + s * noise
+    assert seen["x"].dtype == inputs.dtype == torch.float32 and seen["context"] is None
+    assert torch.equal(seen["x"], expected.to(torch.float32))  # float64 maths, one cast at the edge
+    assert torch.equal(seen["x"], d.add_noise(inputs, kwargs["noise"], t))
+    # in float64 the same path stays float64 (no float32 rounding on the way)
+    assert torch.equal(d.add_noise(x0, noise, t), expected)
 
 
 def test_prepare_batch_concat_condition_and_errors():
@@ -301,7 +337,27 @@ def test_prepare_batch_concat_condition_and_errors():
     batch = {"image": torch.rand(2, 1, 8, 8, 8), "cond": torch.rand(2, 2, 8, 8, 8)}
     inputs, target, _, kwargs = WaveletDiffusionPrepareBatch(d, condition_key="cond")(batch)
     assert torch.equal(target, kwargs["noise"])
-    assert kwargs["mode"] == "concat" and torch.allclose(kwargs["condition"], d.encode(batch["cond"]))
+    assert set(kwargs) == {"noise", "timesteps", "concat"} and torch.allclose(kwargs["concat"], d.encode(batch["cond"]))
+    seen = {}
+
+    def model(x, timesteps, context=None):
+        seen["x"], seen["context"] = x, context
+        return x[:, :8]
+
+    WaveletDiffusionInferer(d)(inputs, model, **kwargs)  # the coefficients go to the network input's channels
+    assert seen["x"].shape == (2, 24, 4, 4, 4) and seen["context"] is None
+    assert torch.equal(seen["x"][:, :8], d.add_noise(inputs, kwargs["noise"], kwargs["timesteps"]))
+    assert torch.equal(seen["x"][:, 8:], kwargs["concat"])
+    tokens = {"image": batch["image"], "cond": torch.randn(2, 3, 16)}
+    _, _, _, kwargs = WaveletDiffusionPrepareBatch(d, condition_key="cond", condition_mode="crossattn")(tokens)
+    assert set(kwargs) == {"noise", "timesteps", "context"} and torch.equal(kwargs["context"], tokens["cond"])
+    WaveletDiffusionInferer(d)(inputs, model, **kwargs)
+    assert seen["x"].shape == (2, 8, 4, 4, 4) and torch.equal(seen["context"], tokens["cond"])
+    with pytest.raises(ValueError, match="concat .* must match the noisy input"):
+        WaveletDiffusionInferer(d)(inputs, model, noise=kwargs["noise"], timesteps=kwargs["timesteps"],
+                                   concat=torch.zeros(2, 16, 2, 2, 2))
+    with pytest.raises(TypeError, match="WaveletDiffusion"):
+        WaveletDiffusionInferer(d.scheduler)
     with pytest.raises(KeyError, match="'img'"):
         WaveletDiffusionPrepareBatch(d, image_key="img")(batch)
     with pytest.raises(ValueError, match=r"\(B, C, D, H, W\)"):

@@ -2,6 +2,8 @@
 machinery on a tiny paired dataset, and the conditioning pieces it wires (CPU, seconds)."""
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import nibabel as nib
@@ -11,9 +13,8 @@ import torch
 from monai.bundle import ConfigWorkflow
 
 from wdm3d.demo import phantom_volumes
-from wdm3d.diffusion import WaveletDiffusion
+from wdm3d.diffusion import DiffusionTarget, WaveletDiffusion, WaveletDiffusionInferer
 from wdm3d.diffusion.conditioning import (
-    ConditionalDiffusionInferer,
     ConditionalPrepareBatch,
     ContextConditionedUNet,
     expand_paired_datalist,
@@ -236,7 +237,7 @@ def test_adapter_training_resumes_from_its_own_checkpoint(trained, dataset, tmp_
     first = latest_checkpoint(tmp_path / "models" / "ip_adapter")
     saved = load_checkpoint(first)["adapter"]
     wf = workflow(["train.json"], "training", **{**common, "max_epochs": 2})
-    checkpoints = wf.parser.get_parsed_content("train#handlers#0")
+    checkpoints = wf.parser.get_parsed_content("train#checkpoints")
     wf.run()
     assert checkpoints.resumer.resumed_from == first
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models" / "ip_adapter"))
@@ -313,6 +314,20 @@ def test_condition_dropout_rates_are_honoured_through_the_prepare_batch(mode):
     assert x0.shape == (n, 8, 1, 1, 1) and args == () and set(kw) >= {"noise", "timesteps", "context"}
 
 
+def test_conditional_prepare_batch_carries_the_loss_weights_of_the_process():
+    # a weighted process (min-SNR here) must reach the loss with its per-sample weights, as unconditional training does
+    vols = torch.rand(6, 1, 4, 4, 4)
+    batch = {"target": vols, "reference": vols, "modality": ["t2w"] * 6, "dataset": ["brats"] * 6}
+    weighted = WaveletDiffusion(loss_weighting="min_snr")
+    torch.manual_seed(0)
+    _, target, _, kw = ConditionalPrepareBatch(weighted, VOCAB, mode="context")(batch)
+    assert isinstance(target, DiffusionTarget)
+    assert torch.equal(target.weight, weighted.loss_weight(kw["timesteps"]))
+    assert not torch.allclose(target.weight, torch.ones_like(target.weight))
+    _, plain, _, _ = ConditionalPrepareBatch(WaveletDiffusion(), VOCAB, mode="context")(batch)
+    assert isinstance(plain, torch.Tensor)
+
+
 def test_inferer_zeroes_the_image_tokens_of_dropped_samples():
     torch.manual_seed(0)
     base = ContextConditionedUNet(WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB)
@@ -320,7 +335,7 @@ def test_inferer_zeroes_the_image_tokens_of_dropped_samples():
         torch.nn.init.normal_(p, std=0.1)
     adapter = IPAdapter(base, RandomConv3dFeatures(seed=0))
     diffusion = WaveletDiffusion()
-    inferer = ConditionalDiffusionInferer(diffusion)
+    inferer = WaveletDiffusionInferer(diffusion)
     x0, noise = torch.randn(2, 8, 8, 8, 8), torch.randn(2, 8, 8, 8, 8)
     t, ctx = torch.tensor([10, 600]), base.indices({"modality": ["t2w", "t1n"], "dataset": "brats"})
     ref = torch.rand(2, 1, 16, 16, 16)
@@ -330,6 +345,46 @@ def test_inferer_zeroes_the_image_tokens_of_dropped_samples():
     assert torch.equal(out[0], plain[0]) and not torch.allclose(out[1], plain[1])
     with pytest.raises(ValueError, match="IPAdapter"):
         inferer(x0, base, noise, t, context=ctx, image=ref)
+
+
+def test_context_indices_out_of_range_are_refused_on_cpu():
+    base = ContextConditionedUNet(WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB)
+    x, t = torch.randn(2, 8, 8, 8, 8), torch.tensor([3, 700])
+    with torch.no_grad():
+        base(x, t, context=torch.tensor([[4, 1], [0, 0]]))  # the null index of each field is in range
+        for bad in ([[5, 0], [0, 0]], [[0, 0], [-1, 0]], [[0, 2], [0, 0]]):
+            with pytest.raises(ValueError, match=r"(modality|dataset) indices must be in \[0, [25]\)"):
+                base(x, t, context=torch.tensor(bad))
+        with pytest.raises(ValueError, match=r"\(B, 2\)"):
+            base(x, t, context=torch.tensor([[0, 0, 0], [0, 0, 0]]))
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_context_embedding_on_the_gpu_does_not_synchronise():
+    base = ContextConditionedUNet(WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB)
+    base = base.cuda()
+    idx = torch.tensor([[1, 0], [4, 1]], device="cuda")
+    expected = base.tokens(idx.cpu())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        tokens = base.tokens(idx)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert torch.equal(tokens.cpu(), expected.cpu())
+    # still checked, on the device (a failed device assert spoils the CUDA context: in a process of its own)
+    code = (
+        "import torch\n"
+        "from wdm3d.diffusion.conditioning import ContextConditionedUNet\n"
+        "from wdm3d.networks import WDMUNet\n"
+        "unet = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16)\n"
+        f"base = ContextConditionedUNet(unet, {VOCAB!r}).cuda()\n"
+        "base.tokens(torch.tensor([[5, 0]], device='cuda'))\n"
+        "torch.cuda.synchronize()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    assert proc.returncode != 0
+    assert "context indices must be in [0, n)" in proc.stderr or "device-side assert" in proc.stderr, proc.stderr[-2000:]
 
 
 # ----------------------------------------------------------------------------------------------------------------------

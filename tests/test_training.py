@@ -1,21 +1,20 @@
 import json
-from pathlib import Path
 import subprocess
 import sys
+from pathlib import Path
 
 import nibabel as nib
-import pytest
 import numpy as np
+import pytest
 import torch
 from ignite.engine import Events
 from monai.engines import SupervisedTrainer
-from monai.inferers import DiffusionInferer
 from monai.utils import set_determinism
 from torch.utils.data import DataLoader
 
 from wdm3d.cli import main
 from wdm3d.demo import phantom_volumes, run_demo
-from wdm3d.diffusion import WaveletDiffusion, WaveletDiffusionPrepareBatch, WaveletMSELoss
+from wdm3d.diffusion import WaveletDiffusion, WaveletDiffusionInferer, WaveletDiffusionPrepareBatch, WaveletMSELoss
 from wdm3d.networks import WDMUNet
 
 
@@ -33,7 +32,7 @@ def test_stock_supervised_trainer_learns_in_the_wavelet_domain():
         network=net,
         optimizer=torch.optim.AdamW(net.parameters(), lr=3e-3),
         loss_function=WaveletMSELoss(),
-        inferer=DiffusionInferer(diffusion.scheduler),
+        inferer=WaveletDiffusionInferer(diffusion),
         prepare_batch=WaveletDiffusionPrepareBatch(diffusion),
         decollate=False,
     )

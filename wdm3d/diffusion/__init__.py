@@ -1,12 +1,13 @@
-"""Wavelet-domain diffusion: closed forms (:mod:`.maths`), the process and samplers, MONAI training glue, and
-conditioning (:mod:`.conditioning`: context tokens, IP-Adapter training on a frozen base, concatenation)."""
+"""Wavelet-domain diffusion: closed forms (:mod:`.maths`), the process and samplers (:mod:`.wavelet_diffusion`),
+MONAI training glue (:mod:`.training`: prepare-batch, the one training inferer, losses), classifier-free guidance
+(:mod:`.guidance`) and conditioning (:mod:`.conditioning`: context tokens, IP-Adapter training on a frozen base,
+concatenation)."""
 
 from . import maths
 from .conditioning import (
     CONDITIONING_MODES,
     AdapterSaver,
     AdapterState,
-    ConditionalDiffusionInferer,
     ConditionalPrepareBatch,
     ContextConditionedUNet,
     build_image_encoder,
@@ -14,7 +15,14 @@ from .conditioning import (
     load_frozen_base,
 )
 from .guidance import ClassifierFreeGuidance
-from .training import DiffusionTarget, WaveletDiffusionPrepareBatch, WaveletMSELoss, subband_mse, target_tensor
+from .training import (
+    DiffusionTarget,
+    WaveletDiffusionInferer,
+    WaveletDiffusionPrepareBatch,
+    WaveletMSELoss,
+    subband_mse,
+    target_tensor,
+)
 from .wavelet_diffusion import SAMPLERS, WaveletDiffusion
 
 __all__ = [
@@ -23,11 +31,11 @@ __all__ = [
     "AdapterState",
     "CONDITIONING_MODES",
     "ClassifierFreeGuidance",
-    "ConditionalDiffusionInferer",
     "ConditionalPrepareBatch",
     "ContextConditionedUNet",
     "SAMPLERS",
     "WaveletDiffusion",
+    "WaveletDiffusionInferer",
     "WaveletDiffusionPrepareBatch",
     "WaveletMSELoss",
     "build_image_encoder",

@@ -118,7 +118,8 @@ def ddpm_step(
     noise: torch.Tensor | None,
     variance: str = "fixed_large",
 ) -> torch.Tensor:
-    """One ancestral step ``x_t -> x_s`` (DDPM Algorithm 2) given the predicted ``x0``.
+    """One ancestral step ``x_t -> x_s`` (Ho et al. 2020, "Denoising Diffusion Probabilistic Models", Algorithm 2)
+    given the predicted ``x0``.
 
     Args:
         variance: ``"fixed_small"`` (posterior variance) or ``"fixed_large"`` (``beta``, WDM's choice).
@@ -140,7 +141,8 @@ def ddim_step(
     eta: float = 0.0,
     noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """One DDIM step ``x_t -> x_s`` (Song et al. 2021, eq. 12 and 16) given the predicted ``x0``.
+    """One DDIM step ``x_t -> x_s`` (Song et al. 2021, "Denoising Diffusion Implicit Models", eq. 12 and 16) given
+    the predicted ``x0``.
 
     ``eta = 0`` is deterministic; ``eta = 1`` equals the ancestral step with the posterior ("fixed_small") variance.
     """
@@ -179,7 +181,8 @@ def rflow_x0_from_output(output: torch.Tensor, x_s: torch.Tensor, s: torch.Tenso
 
 
 def rflow_step(x_s: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, s_next: torch.Tensor) -> torch.Tensor:
-    """One Euler step of the flow from ``s`` to ``s_next < s`` given the predicted ``x0``.
+    """One Euler step of the rectified flow (Liu et al. 2022, "Flow Straight and Fast: Learning to Generate and
+    Transfer Data with Rectified Flow") from ``s`` to ``s_next < s`` given the predicted ``x0``.
 
     The velocity implied by ``x0`` is ``(x0 - x_s) / s``; the step lands on ``x0`` exactly when ``s_next = 0``.
     """

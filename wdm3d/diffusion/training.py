@@ -1,19 +1,23 @@
 """Glue between :class:`WaveletDiffusion` and MONAI's stock training engine.
 
 ``SupervisedTrainer`` calls ``prepare_batch`` -> ``inferer(inputs, network, *args, **kwargs)`` -> ``loss(pred,
-target)``. :class:`WaveletDiffusionPrepareBatch` returns the wavelet coefficients of the batch as ``inputs``, the
-diffusion target, and ``noise``/``timesteps`` (plus ``condition``/``mode`` when conditioning) as keyword
-arguments, the contract of MONAI's ``DiffusionPrepareBatch``. MONAI's own ``DiffusionInferer`` with
-``diffusion.scheduler`` then noises the inputs and calls the network, so a bundle needs no custom engine:
+target)``. :class:`WaveletDiffusionPrepareBatch` (and, for the conditional models,
+:class:`~wdm3d.diffusion.ConditionalPrepareBatch`) returns the wavelet coefficients of the batch as ``inputs``, the
+diffusion target, and ``noise`` / ``timesteps`` plus the conditions (``context``, ``concat``, ``image``) as keyword
+arguments; :class:`WaveletDiffusionInferer` noises the inputs with :meth:`WaveletDiffusion.add_noise` (float64, the
+same maths as validation and sampling) and calls the network, so a bundle needs no custom engine:
 
 .. code-block:: python
 
     trainer = SupervisedTrainer(
         ..., network=net,
         prepare_batch=WaveletDiffusionPrepareBatch(diffusion),
-        inferer=DiffusionInferer(diffusion.scheduler),
+        inferer=WaveletDiffusionInferer(diffusion),
         loss_function=WaveletMSELoss(),
     )
+
+MONAI's ``DiffusionInferer`` is not used: it noises with ``scheduler.add_noise`` in the input dtype, and its
+``condition`` / ``mode`` arguments cannot carry an image prompt.
 """
 
 from __future__ import annotations
@@ -23,12 +27,17 @@ from typing import Any, NamedTuple
 
 import torch
 from monai.engines.utils import PrepareBatch, default_prepare_batch
+from monai.inferers import Inferer
 from torch import nn
 
+from ..artifacts import unwrap
 from ..wavelets import SUBBANDS
 from .wavelet_diffusion import WaveletDiffusion
 
-__all__ = ["DiffusionTarget", "WaveletDiffusionPrepareBatch", "WaveletMSELoss", "subband_mse", "target_tensor"]
+__all__ = [
+    "DiffusionTarget", "WaveletDiffusionInferer", "WaveletDiffusionPrepareBatch", "WaveletMSELoss", "subband_mse",
+    "target_tensor",
+]
 
 
 class DiffusionTarget(NamedTuple):
@@ -59,8 +68,13 @@ class WaveletDiffusionPrepareBatch(PrepareBatch):
         image_key: key of the images ``(B, C, D, H, W)`` in the batch dict.
         condition_key: optional key of conditioning data.
         condition_mode: ``"concat"``: the condition is an image ``(B, Cc, D, H, W)``; its wavelet coefficients
-            (same space as the images) are concatenated to the noisy input. ``"crossattn"``: the condition is
-            passed to the network as ``context`` unchanged.
+            (same space as the images) are passed as ``concat=`` and :class:`WaveletDiffusionInferer` concatenates
+            them to the noisy input. ``"crossattn"``: the condition is passed as ``context=`` unchanged (the
+            network's cross-attention tokens).
+
+    Returns (when called): ``(x0, target, (), kwargs)`` with ``kwargs`` the keyword arguments of
+    :class:`WaveletDiffusionInferer`: ``noise``, ``timesteps`` and, with a ``condition_key``, ``concat`` or
+    ``context``.
     """
 
     def __init__(
@@ -108,9 +122,79 @@ class WaveletDiffusionPrepareBatch(PrepareBatch):
                 raise KeyError(f"batch has no condition key {self.condition_key!r}.")
             cond = torch.as_tensor(batchdata[self.condition_key]).to(device=device, non_blocking=non_blocking)
             if self.condition_mode == "concat":
-                cond = self.diffusion.encode(cond.float())
-            infer_kwargs.update(condition=cond, mode=self.condition_mode)
+                infer_kwargs["concat"] = self.diffusion.encode(cond.float())
+            else:
+                infer_kwargs["context"] = cond
         return x0, target, (), infer_kwargs
+
+
+class WaveletDiffusionInferer(Inferer):
+    """The training forward of wavelet diffusion, unconditional and conditional: noise ``x0``, call the network.
+
+    ``inferer(x0, network, noise=, timesteps=, context=None, concat=None, image=None, drop_image=None)``:
+
+    - ``x_t = diffusion.add_noise(x0, noise, timesteps)`` (float64 maths, returned in ``x0``'s dtype);
+    - with ``concat`` (cWDM), the network input is ``cat(x_t, concat)`` on channels;
+    - with an ``image`` (IP-Adapter), the network's ``encode_image`` makes the image tokens, the rows in
+      ``drop_image`` are zeroed (what the adapter reads as "no image prompt"), and the call is
+      ``network(x, timesteps, context=context, image_tokens=tokens)``;
+    - else ``network(x, timesteps, context=context)`` (``context``: cross-attention tokens or condition indices,
+      None for an unconditional network).
+
+    The keyword arguments are what :class:`WaveletDiffusionPrepareBatch` and
+    :class:`~wdm3d.diffusion.ConditionalPrepareBatch` return.
+
+    Args:
+        diffusion: the process whose :meth:`~WaveletDiffusion.add_noise` noises the inputs.
+    """
+
+    def __init__(self, diffusion: WaveletDiffusion) -> None:
+        super().__init__()
+        if not isinstance(diffusion, WaveletDiffusion):
+            raise TypeError(f"diffusion must be a WaveletDiffusion, got {type(diffusion).__name__}.")
+        self.diffusion = diffusion
+
+    def __call__(  # type: ignore[override]
+        self,
+        inputs: torch.Tensor,
+        network: nn.Module,
+        noise: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+        image: torch.Tensor | None = None,
+        drop_image: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The network's prediction for ``x0`` noised at ``timesteps``.
+
+        Args:
+            inputs: clean coefficients ``x0`` ``(B, C, ...)``.
+            network: the model being trained (may be wrapped in DDP / torch.compile).
+            noise: noise of ``inputs``' shape.
+            timesteps: ``(B,)`` timesteps.
+            context: passed to the network as ``context``.
+            concat: coefficients ``(B, Cc, ...)`` concatenated to the noisy input on channels.
+            image: the image prompt ``(B, C, D, H, W)`` of an IP-Adapter network.
+            drop_image: ``(B,)`` bool, the samples whose image tokens are zeroed.
+        """
+        x = self.diffusion.add_noise(inputs, noise, timesteps)
+        if concat is not None:
+            if concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
+                raise ValueError(f"concat {tuple(concat.shape)} must match the noisy input {tuple(x.shape)} "
+                                 "in batch and spatial size.")
+            x = torch.cat((x, concat.to(x.dtype)), dim=1)
+        if image is None:
+            return network(x, timesteps, context=context)
+        model = unwrap(network)
+        encode = getattr(model, "encode_image", None)
+        if encode is None:
+            raise ValueError(f"an image prompt needs an IPAdapter network (with encode_image), got {type(model).__name__}.")
+        tokens = encode(image)
+        if drop_image is not None:
+            if drop_image.shape != (tokens.shape[0],):
+                raise ValueError(f"drop_image must be ({tokens.shape[0]},), got {tuple(drop_image.shape)}.")
+            tokens = torch.where(drop_image.to(tokens.device)[:, None, None], torch.zeros_like(tokens), tokens)
+        return network(x, timesteps, context=context, image_tokens=tokens)
 
 
 def _group_weights(weights: torch.Tensor, channels: int, like: torch.Tensor) -> torch.Tensor:

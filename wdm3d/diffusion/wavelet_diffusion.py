@@ -6,10 +6,12 @@ the loss is an MSE in the wavelet space (optionally weighted per subband). Sampl
 wavelet space, step with the predicted x0 (optionally projected to the valid image range by WDM's
 IDWT -> clamp -> DWT), and return image-space volumes.
 
-MONAI supplies the noise schedules and the training-time noising (``DDPMScheduler`` for ``process="ddpm"``,
-``RFlowScheduler`` for ``process="rflow"``); the sampling updates are the pure functions in
-:mod:`wdm3d.diffusion.maths` because MONAI's DDPM step only supports the full T-step chain and its DDIM step
-assumes an integer stride that its own rounded timestep grid does not follow.
+MONAI supplies the noise schedules (``DDPMScheduler`` for ``process="ddpm"``, ``RFlowScheduler`` for
+``process="rflow"``, with its training time distribution). The noising (:meth:`WaveletDiffusion.add_noise`) is
+computed in float64, because MONAI's ``add_noise`` computes in the input dtype and ``1 - ab_t`` at small t keeps
+few float32 digits. The sampling updates are the pure functions in :mod:`wdm3d.diffusion.maths` because MONAI's
+DDPM step only supports the full T-step chain and its DDIM step assumes an integer stride that its own rounded
+timestep grid does not follow.
 """
 
 from __future__ import annotations
@@ -126,7 +128,7 @@ class WaveletDiffusion:
             # float64: MONAI's float32 cumprod loses ~3 digits of beta = 1 - ab_t / ab_s at small t
             self.alphas_cumprod = torch.cumprod(1 - self.scheduler.betas.double(), 0)
         else:
-            try:  # MONAI >= 1.5
+            try:  # here, not at the top: RFlowScheduler needs MONAI >= 1.5 and the ddpm process runs on 1.4
                 from monai.networks.schedulers import RFlowScheduler
             except ImportError as err:  # pragma: no cover - old MONAI
                 raise ImportError("process='rflow' needs MONAI >= 1.5 (RFlowScheduler); upgrade monai.") from err
@@ -182,16 +184,33 @@ class WaveletDiffusion:
         return maths.expand_to(timesteps.double() / self.num_train_timesteps, like)
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """Noised coefficients at ``timesteps`` (the same as ``self.scheduler.add_noise``)."""
+        """Noised coefficients ``x_t`` at ``timesteps``, computed in float64 and returned in ``x0``'s dtype.
+
+        ddpm: ``sqrt(ab_t) x0 + sqrt(1 - ab_t) noise`` (DDPM eq. 4); rflow: ``(1 - s) x0 + s noise``, ``s = t / T``.
+        Training (:class:`~wdm3d.diffusion.WaveletDiffusionInferer`), validation and inference all noise here.
+        ``self.scheduler.add_noise`` (MONAI) gives the same up to float32 rounding: it computes in the input dtype.
+
+        Args:
+            x0: clean coefficients ``(B, C, ...)``.
+            noise: standard normal noise of the same shape.
+            timesteps: ``(B,)`` integer timesteps in ``[0, T)`` (ddpm) or times in ``[0, T]`` (rflow).
+        """
+        x0_64, noise_64 = x0.double(), noise.to(device=x0.device, dtype=torch.float64)
         if self.process == "ddpm":
-            return maths.ddpm_q_sample(x0, noise, self._ab(timesteps, x0))
-        return maths.rflow_q_sample(x0, noise, self._s(timesteps, x0))
+            x_t = maths.ddpm_q_sample(x0_64, noise_64, self._ab(timesteps, x0_64))
+        else:
+            x_t = maths.rflow_q_sample(x0_64, noise_64, self._s(timesteps, x0_64))
+        return x_t.to(x0.dtype)
 
     def target(self, x0: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
-        """The network's training target for clean coefficients ``x0``, ``noise`` and ``timesteps``."""
+        """The network's training target for clean coefficients ``x0``, ``noise`` and ``timesteps``, computed in
+        float64 like :meth:`add_noise` and returned in ``x0``'s dtype."""
+        x0_64, noise_64 = x0.double(), noise.to(device=x0.device, dtype=torch.float64)
         if self.process == "ddpm":
-            return maths.ddpm_target(x0, noise, self._ab(timesteps, x0), self.prediction_type)
-        return maths.rflow_target(x0, noise, self.prediction_type)
+            target = maths.ddpm_target(x0_64, noise_64, self._ab(timesteps, x0_64), self.prediction_type)
+        else:
+            target = maths.rflow_target(x0_64, noise_64, self.prediction_type)
+        return target.to(x0.dtype)
 
     def loss_weight(self, timesteps: torch.Tensor) -> torch.Tensor:
         """Per-sample weights ``(B,)`` (float32) on the squared error of the training target at ``timesteps``.
@@ -267,8 +286,10 @@ class WaveletDiffusion:
             model: called as ``model(x, timesteps, context=context)`` on wavelet coefficients.
             image_shape: ``(C, D, H, W)`` of one generated image (the network sees ``(8C, D/2, H/2, W/2)``).
             num_samples: batch size B.
-            sampler: ``"ddpm"`` (ancestral; WDM uses all T steps), ``"ddim"`` (``eta`` 0 = deterministic) or
-                ``"rflow"``; defaults to ddpm for the ddpm process and rflow for rflow.
+            sampler: ``"ddpm"`` (ancestral, Ho et al. 2020, "Denoising Diffusion Probabilistic Models"; WDM uses
+                all T steps), ``"ddim"`` (Song et al. 2021, "Denoising Diffusion Implicit Models"; ``eta`` 0 =
+                deterministic) or ``"rflow"`` (Euler steps of rectified flow, Liu et al. 2022, "Flow Straight and
+                Fast"); defaults to ddpm for the ddpm process and rflow for rflow.
             num_steps: steps (ddpm: T, ddim: 50, rflow: 30 by default). ddpm with fewer steps uses the respaced
                 chain (betas recomputed for the visited timesteps).
             eta: DDIM noise scale.
