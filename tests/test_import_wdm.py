@@ -17,13 +17,13 @@ import torch
 import torch.nn.functional as F
 from monai.bundle import ConfigParser
 
-from wdm3d.cli import main
-from wdm3d.diffusion import WaveletDiffusion
 from wdm3d.artifacts import (
     check_diffusion_matches,
     load_checkpoint,
     load_network_weights,
 )
+from wdm3d.cli import main
+from wdm3d.diffusion import WaveletDiffusion
 from wdm3d.engine.wdm_import import (
     WDMImportError,
     import_wdm,

@@ -1,8 +1,9 @@
 """Reliability: exact resume after SIGKILL, SIGTERM checkpoints, safe loading, numerical guards, bad inputs."""
 
 import json
-import random
+import math
 import os
+import random
 import shutil
 import signal
 import subprocess
@@ -16,19 +17,16 @@ import pytest
 import torch
 from monai.bundle import ConfigWorkflow
 
+from wdm3d.artifacts import FORMAT_VERSION, latest_checkpoint, load_checkpoint, load_network_weights
 from wdm3d.data import ResumableSampler, SkipBadSamples, load_datalist, volume_transforms
 from wdm3d.demo import phantom_volumes
 from wdm3d.engine import (
     EMAHandler,
-    FORMAT_VERSION,
     GuardedIteration,
     NonFiniteTrainingError,
     RNGState,
     check_cli_overrides,
     check_override_keys,
-    latest_checkpoint,
-    load_checkpoint,
-    load_network_weights,
 )
 from wdm3d.networks import WDMUNet
 
@@ -38,13 +36,13 @@ MONAI_MAIN = str(Path(__import__("monai").__file__).parent / "bundle" / "__main_
 TINY = {
     "image_size": [16, 16, 16], "network_def#base_channels": 8, "network_def#channel_mult": [1, 2],
     "network_def#num_res_blocks": 1, "network_def#norm_num_groups": 4, "mlflow": False, "num_workers": 0,
-    "val_interval": 100, "train#handlers#4#on_completed": False, "ema_decay": 0.5, "learning_rate": 1e-3,
+    "val_interval": 100, "train#validator#on_completed": False, "ema_decay": 0.5, "learning_rate": 1e-3,
 }
 
 
-def _volume(path, data, affine=np.eye(4)):
+def _volume(path, data, affine=None):
     path.parent.mkdir(parents=True, exist_ok=True)
-    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), affine), path)
+    nib.save(nib.Nifti1Image(np.asarray(data, dtype=np.float32), np.eye(4) if affine is None else affine), path)
     return str(path)
 
 
@@ -242,7 +240,7 @@ def test_a_resumed_run_takes_the_configured_learning_rate(dataset, tmp_path):
     handler.emit = lambda record: seen.append(record.getMessage())
     logging.getLogger("wdm3d.engine.checkpoint").addHandler(handler)  # (the bundle's logging.conf replaces caplog's)
     try:
-        wf.run()  # the optimizer state restored the checkpoint's lr: --learning_rate on a resume was ignored
+        wf.run()  # restoring the optimizer state must not bring back the checkpoint's lr over --learning_rate
     finally:
         logging.getLogger("wdm3d.engine.checkpoint").removeHandler(handler)
     optimizer = wf.parser.get_parsed_content("optimizer")
@@ -417,6 +415,60 @@ def test_gradient_clipping_bounds_the_update():
         GuardedIteration(grad_clip_norm=0)
 
 
+class _ToyVAE(torch.nn.Module):
+    """x -> conv (the decoder's 'last layer') -> reconstruction, with a fixed standard-normal posterior."""
+
+    def __init__(self):
+        super().__init__()
+        self.out = torch.nn.Conv3d(1, 1, 3, padding=1)
+
+    def last_layer_weight(self):
+        return self.out.weight
+
+    def forward(self, x):
+        from wdm3d.networks import LatentDistribution, VAEOutput
+
+        mean = torch.zeros(x.shape[0], 2, 1, 1, 1)
+        return VAEOutput(reconstruction=self.out(x), posterior=LatentDistribution(mean, torch.zeros_like(mean)),
+                         latent=mean)
+
+
+class _CompiledLike(torch.nn.Module):
+    """torch.compile's wrapper as far as unwrapping goes: the network under ``_orig_mod``, none of its methods."""
+
+    def __init__(self, network):
+        super().__init__()
+        self._orig_mod = network
+
+    def forward(self, x):
+        return self._orig_mod(x)
+
+
+def test_the_vae_gan_iteration_reaches_the_network_inside_a_compile_wrapper():
+    # the adaptive GAN weight needs the decoder's last layer of the network itself, not of the wrapper that
+    # SupervisedTrainer(compile=True) puts around it
+    from monai.engines import SupervisedTrainer
+
+    from wdm3d.engine import VAEIteration, VolumePrepareBatch
+    from wdm3d.losses import VAELoss, patch_discriminator
+
+    torch.manual_seed(0)
+    inner = _ToyVAE()
+    net = _CompiledLike(inner)
+    disc = patch_discriminator(in_channels=1, channels=4, num_layers_d=2)
+    before = inner.out.weight.detach().clone()
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": torch.randn(1, 1, 16, 16, 16)}],
+        network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=VAELoss(),
+        prepare_batch=VolumePrepareBatch("image"), decollate=False,
+        iteration_update=VAEIteration(disc, torch.optim.SGD(disc.parameters(), lr=0.1), discriminator_start=0),
+    )
+    trainer.run()
+    terms = trainer.state.loss_terms
+    assert terms["adaptive_weight"] > 0 and math.isfinite(terms["adv_g"]) and math.isfinite(terms["adv_d"])
+    assert not torch.equal(inner.out.weight, before)  # the generator step trained the inner network
+
+
 # --- the bad-input matrix ------------------------------------------------------------------------------------------
 
 
@@ -521,8 +573,8 @@ def test_bad_samples_found_by_dataloader_workers_are_counted_in_the_main_process
 
 
 def test_lowercase_false_on_the_bundle_command_line_means_false(dataset, tmp_path):
-    # monai.bundle run hands "false" over as text, which counts as true: --mlflow false used to log to MLflow and
-    # --resume false to resume
+    # monai.bundle run hands "false" over as text, which counts as true: read as text, --mlflow false would log to
+    # MLflow and --resume false would resume
     tiny = [f"--{k}={v!r}" if isinstance(v, (list, bool)) else f"--{k}={v}" for k, v in TINY.items() if k != "mlflow"]
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
            "--meta_file", str(CONFIGS / "metadata.json"), "--dataset_dir", str(dataset), "--output_dir",
@@ -573,7 +625,7 @@ def test_a_failed_validation_round_is_reported_and_training_goes_on(tmp_path):
     logger = __import__("logging").getLogger("test_validation_round")
     engine = SimpleNamespace(state=SimpleNamespace(epoch=2, iteration=40, metrics={}), logger=logger)
     validator = SampleValidator(WaveletDiffusion(), OutOfMemory(), (1, 8, 8, 8), tmp_path, num_steps=2)
-    validator(engine)  # used to raise into the engine and end the run at every val_interval
+    validator(engine)  # a failed round must not raise into the engine, which would end the run at every val_interval
     history = json.loads((tmp_path / "history.json").read_text())
     assert history == [{"epoch": 2, "iteration": 40, "error": "RuntimeError: CUDA out of memory (simulated)"}]
     assert engine.state.metrics["validation_failures"] == 1 and not hasattr(engine.state, "val_round")

@@ -14,11 +14,12 @@ import numpy as np
 import pytest
 import torch
 from ignite.engine import Engine, Events
-
 from test_bundle import TINY_TRAIN, _generator, dataset, root_cause, workflow  # noqa: F401 (fixture)
+
+from wdm3d.artifacts import load_checkpoint
 from wdm3d.cli import main
 from wdm3d.demo import phantom_volumes
-from wdm3d.engine import TrainingCheckpoints, load_checkpoint
+from wdm3d.engine import TrainingCheckpoints
 from wdm3d.evaluate import evaluate
 from wdm3d.io import atomic_write_bytes, atomic_write_text, save_montage, save_nifti
 
@@ -150,7 +151,7 @@ def real(tmp_path):
 def test_evaluate_refuses_a_sample_folder_that_mixes_runs(tmp_path, real, capsys):
     fake = tmp_path / "samples"
     names = [f"sample_{i:04d}.nii.gz" for i in range(3)]
-    # what an interrupted run used to leave: no manifest, sample_0000 of the new run beside 0001-0002 of the old one
+    # what an interrupted run without manifest would leave: sample_0000 of the new run beside 0001-0002 of the old one
     _write_volumes(fake, names, seed=2)
     with pytest.raises(ValueError, match=rf"{fake}.*no manifest\.json"):
         evaluate(real, fake, mlflow=False, progress=False)
@@ -249,7 +250,7 @@ def test_a_checkpoint_save_on_a_full_disk_names_the_file_and_errno_and_leaves_th
             if how == "oserror":
                 raise
             # what torch.save does with a failing file object: its own error, the OSError only as the context
-            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 704 vs 598")  # noqa: B904
 
     monkeypatch.setattr(torch, "save", full_disk)
     with pytest.raises(OSError) as err:
@@ -349,7 +350,7 @@ def test_inference_names_the_previous_intact_checkpoint_when_the_newest_is_trunc
 
 # --- 7. a network too deep for the image size ------------------------------------------------------------------------
 
-def test_a_network_too_deep_for_the_image_size_is_refused_when_the_config_is_read(dataset, tmp_path):
+def test_a_network_too_deep_for_the_image_size_is_refused_when_the_config_is_read(dataset, tmp_path):  # noqa: F811
     with pytest.raises(Exception) as err:  # in the bundle's initialize step, before any data is loaded
         workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), max_epochs=1,
                  **{**TINY_TRAIN, "image_size": [24, 24, 24], "network_def#channel_mult": [1, 2, 2, 2]}).run()

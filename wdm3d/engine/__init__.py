@@ -1,26 +1,22 @@
-"""What MONAI's engines lack: exact resume, safe weight loading, numerical guards, VAE(-GAN) iterations,
-sampling and reconstruction checks during training,
-geometry helpers, and a check of command-line override keys."""
+"""What MONAI's engines lack: exact resume, numerical guards, VAE(-GAN) iterations, sampling and reconstruction
+checks during training, geometry helpers, seeds, and a check of command-line override keys.
 
-from ..artifacts import (
-    FORMAT_VERSION,
-    check_state_fits,
-    latest_checkpoint,
-    load_checkpoint,
-    load_network_weights,
-    network_arguments,
-)
+Checkpoint files themselves (newest, ``weights_only`` loading, atomic save) are :mod:`wdm3d.artifacts`'s;
+``latest_checkpoint`` and ``load_checkpoint`` are re-exported here for callers that import them from the engine.
+"""
+
+from ..artifacts import latest_checkpoint, load_checkpoint
 from .checkpoint import ResumeFromLatest, RNGState, RunConfig, TrainingCheckpoints
-from .config_check import check_override_keys, check_cli_overrides, seed_everything
+from .config_check import check_cli_overrides, check_image_size, check_override_keys
 from .geometry import DataGeometry, reference_geometry
 from .guards import EMAHandler, GuardedIteration, NonFiniteTrainingError
+from .seeding import derive_seed, seed_everything
 from .vae_training import VAEIteration, VolumePrepareBatch
 from .validation import ReconstructionValidator, SampleValidator
 
 __all__ = [
-    "FORMAT_VERSION", "ResumeFromLatest", "RNGState", "RunConfig", "TrainingCheckpoints", "check_state_fits",
-    "latest_checkpoint", "load_checkpoint", "load_network_weights", "network_arguments", "check_override_keys",
-    "check_cli_overrides", "seed_everything", "SampleValidator", "DataGeometry", "reference_geometry",
-    "EMAHandler", "GuardedIteration", "NonFiniteTrainingError", "VAEIteration", "VolumePrepareBatch",
-    "ReconstructionValidator",
+    "ResumeFromLatest", "RNGState", "RunConfig", "TrainingCheckpoints", "latest_checkpoint", "load_checkpoint",
+    "check_override_keys", "check_cli_overrides", "check_image_size", "derive_seed", "seed_everything",
+    "SampleValidator", "DataGeometry", "reference_geometry", "EMAHandler", "GuardedIteration",
+    "NonFiniteTrainingError", "VAEIteration", "VolumePrepareBatch", "ReconstructionValidator",
 ]

@@ -1,4 +1,4 @@
-"""Fail on misspelt override keys and on an image size the network cannot take, and seed a run deterministically.
+"""Fail on misspelt override keys and on an image size the network cannot take.
 
 ``monai.bundle run ... --bacth_size 2`` silently adds a new key ``bacth_size`` and trains with the default batch
 size; :func:`check_cli_overrides` (called from a bundle's ``initialize``) stops such a run, naming the unknown key
@@ -13,13 +13,21 @@ from __future__ import annotations
 
 import ast
 import difflib
+import inspect
 import json
+import logging
+import pydoc
 import sys
 from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["check_override_keys", "check_cli_overrides", "check_image_size", "config_ids", "seed_everything"]
+from monai.bundle import ConfigParser
+from monai.bundle.config_item import ComponentLocator
+
+__all__ = ["check_override_keys", "check_cli_overrides", "check_image_size", "config_ids", "running_parser"]
+
+logger = logging.getLogger(__name__)
 
 # arguments of ``monai.bundle run`` itself, not config overrides
 _RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
@@ -139,15 +147,9 @@ def _node(config: Any, ident: str) -> Any:
 
 def _parameters(target: Any) -> list[str] | None:
     """The keyword arguments a component's ``_target_`` accepts (None: any, or it cannot be told)."""
-    import inspect
-
     if not isinstance(target, str):
         return None
     try:
-        import pydoc
-
-        from monai.bundle.config_item import ComponentLocator
-
         module = ComponentLocator().get_component_module_name(target)
         obj = pydoc.locate(f"{module[0] if isinstance(module, list) else module}.{target}" if module else target)
         if obj is None:
@@ -202,8 +204,6 @@ def check_cli_overrides(argv: Sequence[str] | None = None) -> bool:
     argv = list(sys.argv if argv is None else argv)
     if not argv or not Path(argv[0]).as_posix().endswith("monai/bundle/__main__.py"):
         return False
-    from monai.bundle import ConfigParser
-
     config_file = _arg_value(argv, "config_file")
     if config_file is None:
         return False
@@ -237,12 +237,8 @@ def _cli_values(argv: Sequence[str]) -> list[tuple[str, str]]:
     return pairs
 
 
-def _running_parser() -> Any:
-    # the ConfigParser that is evaluating this call (the bundle's "initialize" expression), found on the call stack
-    import inspect
-
-    from monai.bundle import ConfigParser
-
+def running_parser() -> Any:
+    """The ConfigParser evaluating the current call (a bundle expression), found on the call stack; None outside one."""
     frame = inspect.currentframe()
     try:
         while frame is not None:
@@ -262,8 +258,6 @@ def _fix_lowercase_literals(argv: Sequence[str], config: Mapping[str, Any]) -> N
     lowercase words arrive as text, and the text ``"false"`` counts as true. Keys whose config default is plain text
     (not an expression) keep the text.
     """
-    import logging
-
     parser = None
     for key, text in _cli_values(argv):
         if key in _RUN_ARGS or text.lower() not in _LITERALS or text in ("True", "False", "None"):
@@ -271,7 +265,7 @@ def _fix_lowercase_literals(argv: Sequence[str], config: Mapping[str, Any]) -> N
         default = _node(config, key)
         if isinstance(default, str) and not default.startswith("$"):
             continue  # a text setting: "none" may be a legitimate value
-        parser = parser or _running_parser()
+        parser = parser or running_parser()
         if parser is None:
             raise ValueError(
                 f"--{key} {text}: monai.bundle run passes lowercase {text!r} on as text (the text 'false' counts as "
@@ -279,15 +273,4 @@ def _fix_lowercase_literals(argv: Sequence[str], config: Mapping[str, Any]) -> N
             )
         if parser.get(key) == text:
             parser[key] = _LITERALS[text.lower()]
-            logging.getLogger(__name__).info("Read --%s %s as %r.", key, text, _LITERALS[text.lower()])
-
-
-def seed_everything(seed: int, deterministic: bool = False) -> None:
-    """Seed python, numpy and torch (MONAI's ``set_determinism``); ``deterministic`` also asks torch for
-    deterministic algorithms (a warning, not an error, for ops that have none)."""
-    import torch
-    from monai.utils import set_determinism
-
-    set_determinism(seed=seed)
-    if deterministic:
-        torch.use_deterministic_algorithms(True, warn_only=True)
+            logger.info("Read --%s %s as %r.", key, text, _LITERALS[text.lower()])

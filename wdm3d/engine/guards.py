@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 from ignite.handlers import EMAHandler as _IgniteEMAHandler
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
 
 __all__ = ["GuardedIteration", "EMAHandler", "NonFiniteTrainingError"]
 
@@ -50,9 +52,6 @@ class GuardedIteration:
 
         Subclasses (e.g. :class:`~wdm3d.engine.VAEIteration`) replace this; it runs under autocast with AMP.
         """
-        from monai.engines.utils import IterationEvents
-        from monai.utils.enums import CommonKeys as Keys
-
         engine.state.output[Keys.PRED] = engine.inferer(inputs, engine.network, *args, **kwargs)
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
         engine.state.output[Keys.LOSS] = engine.loss_function(engine.state.output[Keys.PRED], targets).mean()
@@ -66,9 +65,6 @@ class GuardedIteration:
         return [p for g in engine.optimizer.param_groups for p in g["params"] if p.grad is not None]
 
     def __call__(self, engine, batchdata: Any) -> dict:
-        from monai.engines.utils import IterationEvents
-        from monai.utils.enums import CommonKeys as Keys
-
         if batchdata is None:
             raise ValueError("Must provide batch data for current iteration.")
         if getattr(engine, "accumulation_steps", 1) > 1:

@@ -10,19 +10,20 @@ the discriminator has started, and then takes the discriminator's step (hinge lo
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Mapping
 from typing import Any
 
 import torch
+from monai.engines.utils import IterationEvents
+from monai.utils.enums import CommonKeys as Keys
 from torch import nn
 
+from ..artifacts import unwrap
+from ..losses import adaptive_gan_weight, discriminator_adversarial_loss, generator_adversarial_loss
 from .guards import GuardedIteration
 
 __all__ = ["VAEIteration", "VolumePrepareBatch"]
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
 
 
 class VolumePrepareBatch:
@@ -97,10 +98,8 @@ class VAEIteration(GuardedIteration):
     def _probe_discriminator(self, x: torch.Tensor) -> None:
         # run (a copy of) the discriminator on one volume at the first step, so a volume too small for it fails now
         # and says why, not at iteration discriminator_start + 1 with instance norm's "more than 1 spatial element"
-        import copy
-
         self._probed = True
-        probe = copy.deepcopy(_unwrap(self.discriminator)).train()  # train mode: instance norm's check; a copy: BN stats
+        probe = copy.deepcopy(unwrap(self.discriminator)).train()  # train mode: instance norm's check; a copy: BN stats
         try:
             with torch.no_grad():
                 probe(x[:1].detach().float().contiguous())
@@ -117,17 +116,12 @@ class VAEIteration(GuardedIteration):
             engine.state.iteration > self.discriminator_start
 
     def forward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, args: tuple, kwargs: dict) -> None:
-        from monai.engines.utils import IterationEvents
-        from monai.utils.enums import CommonKeys as Keys
-
-        from ..losses import adaptive_gan_weight, generator_adversarial_loss
-
         if self.discriminator is not None and self.adversarial_weight > 0 and not self._probed:
             self._probe_discriminator(inputs)
         output = engine.network(inputs)
         engine.state.output[Keys.PRED] = output.reconstruction
         engine.fire_event(IterationEvents.FORWARD_COMPLETED)
-        total, terms = engine.loss_function(output, targets, model=_unwrap(engine.network))
+        total, terms = engine.loss_function(output, targets, model=unwrap(engine.network))
         if self.gan_active(engine):
             for p in self.discriminator.parameters():  # the generator step must not fill D's gradients
                 p.requires_grad_(False)
@@ -138,7 +132,7 @@ class VAEIteration(GuardedIteration):
                     p.requires_grad_(True)
             weight = torch.tensor(self.adversarial_weight, device=g_loss.device)
             if self.adaptive_weight:
-                weight = weight * adaptive_gan_weight(terms["nll"], g_loss, _unwrap(engine.network).last_layer_weight())
+                weight = weight * adaptive_gan_weight(terms["nll"], g_loss, unwrap(engine.network).last_layer_weight())
             total = total + weight * g_loss
             terms = {**terms, "adv_g": g_loss, "adaptive_weight": weight}
         engine.state.output[Keys.LOSS] = total
@@ -146,10 +140,6 @@ class VAEIteration(GuardedIteration):
         engine.fire_event(IterationEvents.LOSS_COMPLETED)
 
     def after_step(self, engine, ok: bool) -> None:
-        from monai.utils.enums import CommonKeys as Keys
-
-        from ..losses import discriminator_adversarial_loss
-
         if not self.gan_active(engine):
             return
         real = engine.state.output[Keys.IMAGE]

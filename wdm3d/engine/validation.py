@@ -1,4 +1,5 @@
-"""Sample a few volumes during training and write their mid-slices, so progress can be seen."""
+"""Validation during training: sample a few volumes (diffusion) or reconstruct a validation set (autoencoder), and
+write their mid-slices and statistics, so progress can be seen; a failed round is reported, not fatal."""
 
 from __future__ import annotations
 
@@ -11,14 +12,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import torch
+from ignite.engine import Events
 
+from ..artifacts import unwrap
 from ..diffusion import WaveletDiffusion
 from ..io import atomic_write_text, save_montage
+from ..metrics import reconstruction_metrics, summarize_cases
+from ..networks.vae_ops import reconstruct
 
-__all__ = ["SampleValidator"]
+__all__ = ["ReconstructionValidator", "SampleValidator"]
 
 logger = logging.getLogger(__name__)
-
 
 
 class _Rounds(abc.ABC):
@@ -78,6 +82,7 @@ def _append_history(path: Path, history: list[dict], record: dict) -> list[dict]
     atomic_write_text(path, json.dumps(history, indent=2))
     return history
 
+
 class SampleValidator(_Rounds):
     """Every ``interval`` epochs, sample ``num_samples`` volumes with ``network`` and save a PNG montage.
 
@@ -101,7 +106,7 @@ class SampleValidator(_Rounds):
         enabled: a boolean switch (e.g. False on ranks > 0 under DDP).
         on_completed: also sample when training completes.
         callbacks: functions called as ``f(engine, png_path, volumes)`` after each round (e.g. MLflow logging).
-        decoder: latent diffusion: a :class:`wdm3d.autoencoder.LatentDecoder` turning the sampled latents into the
+        decoder: latent diffusion: a :class:`wdm3d.networks.vae_ops.LatentDecoder` turning the sampled latents into the
             volumes shown (``image_shape`` is then the latent's shape, and the clip projection is off).
         strict: re-raise a failed round (default: report it and let training go on).
     """
@@ -143,8 +148,6 @@ class SampleValidator(_Rounds):
         self._last_epoch = -1
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         if not self.enabled:
             return
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
@@ -153,7 +156,7 @@ class SampleValidator(_Rounds):
 
     def _round(self, engine) -> None:
         epoch = engine.state.epoch
-        net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        net = unwrap(self.network)
         was_training = net.training
         net.eval()
         t0 = time.perf_counter()
@@ -244,8 +247,6 @@ class ReconstructionValidator(_Rounds):
         self._last_epoch = -1
 
     def attach(self, engine) -> None:
-        from ignite.engine import Events
-
         if not self.enabled:
             return
         engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.interval), self)
@@ -253,12 +254,8 @@ class ReconstructionValidator(_Rounds):
 
     @torch.no_grad()
     def _round(self, engine) -> None:
-        from ..autoencoder import reconstruct
-
-        from ..metrics import reconstruction_metrics, summarize_cases
-
         epoch = engine.state.epoch
-        net = self.network.module if isinstance(self.network, torch.nn.parallel.DistributedDataParallel) else self.network
+        net = unwrap(self.network)
         device = next(net.parameters()).device
         was_training = net.training
         net.eval()

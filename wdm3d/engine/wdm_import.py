@@ -37,13 +37,19 @@ from typing import Any
 
 import torch
 
-from .checkpoint import (
+from .. import __version__
+from ..artifacts import (
     FORMAT_VERSION,
     CheckpointLoadError,
+    compare_state,
     load_checkpoint,
     network_arguments,
     save_checkpoint_file,
+    shape_of,
+    unwrap_state_dict,
 )
+from ..diffusion import WaveletDiffusion
+from ..networks import PRESETS, wdm_unet
 
 __all__ = [
     "WDM_IMAGE_SIZE",
@@ -137,9 +143,6 @@ def our_key(key: str) -> str:
     return f"{block}.{_RESBLOCK_INV[leaf]}.{param}"
 
 
-def _shape(t: Any) -> tuple | str:
-    return tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__
-
 
 def wdm_to_ours(state: Mapping[str, Any], network: torch.nn.Module, source: str = "state dict") -> dict[str, torch.Tensor]:
     """Rename a WDM-3D U-Net state dict to ``network``'s keys, checking that it is exactly that network.
@@ -163,8 +166,8 @@ def wdm_to_ours(state: Mapping[str, Any], network: torch.nn.Module, source: str 
         expected = {wdm_key(k): k for k in own}
     except KeyError as err:
         raise WDMImportError(f"this network cannot hold WDM-3D weights: {err.args[0]}") from None
-    missing = [w for w in expected if w not in state]
-    unexpected = [k for k in state if k not in expected]
+    found = compare_state({w: own[k] for w, k in expected.items()}, state)
+    missing, unexpected = found.missing, found.unexpected
     if missing or unexpected:
         parts = []
         if missing:
@@ -176,18 +179,16 @@ def wdm_to_ours(state: Mapping[str, Any], network: torch.nn.Module, source: str 
             f"{source} is not a WDM-3D U-Net of this preset: {'; '.join(parts)}. Check --preset (wdm_128 for "
             "128^3 models, wdm_256 for 256^3) and that the file is a WDM U-Net (not the WavU-Net, 'ours_wnet_*')."
         )
-    out: dict[str, torch.Tensor] = {}
-    for w, k in expected.items():
-        value = state[w]
-        if not isinstance(value, torch.Tensor) or not value.is_floating_point():
-            raise WDMImportError(f"{source}: {w!r} is not a floating-point tensor (got {type(value).__name__}).")
-        if tuple(value.shape) != tuple(own[k].shape):
-            raise WDMImportError(
-                f"{source} is not a WDM-3D U-Net of this preset: {w!r} has shape {_shape(value)}, the preset's "
-                f"{k!r} has {tuple(own[k].shape)}. Check --preset (wdm_128 / wdm_256)."
-            )
-        out[k] = value
-    return out
+    for w in expected:
+        if not isinstance(state[w], torch.Tensor) or not state[w].is_floating_point():
+            raise WDMImportError(f"{source}: {w!r} is not a floating-point tensor (got {type(state[w]).__name__}).")
+    if found.wrong_shape:
+        w = found.wrong_shape[0]
+        raise WDMImportError(
+            f"{source} is not a WDM-3D U-Net of this preset: {w!r} has shape {shape_of(state[w])}, the preset's "
+            f"{expected[w]!r} has {shape_of(own[expected[w]])}. Check --preset (wdm_128 / wdm_256)."
+        )
+    return {k: state[w] for w, k in expected.items()}
 
 
 def ours_to_wdm(state: Mapping[str, Any]) -> dict[str, Any]:
@@ -197,15 +198,6 @@ def ours_to_wdm(state: Mapping[str, Any]) -> dict[str, Any]:
         KeyError: a key with no WDM counterpart (see :func:`wdm_key`).
     """
     return {wdm_key(k): v for k, v in state.items()}
-
-
-def _strip_prefix(state: Mapping[str, Any]) -> dict[str, Any]:
-    # DataParallel / DDP ("module.") and torch.compile ("_orig_mod.") wrappers, as whole-dict prefixes
-    state = dict(state)
-    for prefix in ("module.", "_orig_mod."):
-        if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
-    return state
 
 
 def read_wdm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -235,7 +227,7 @@ def read_wdm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         if isinstance(obj.get(wrapper), Mapping):
             obj = dict(obj[wrapper])
             break
-    state = _strip_prefix(obj)
+    state = unwrap_state_dict(obj)
     if not state:
         raise WDMImportError(f"{path} holds an empty dict, not a WDM-3D state dict.")
     ours = [k for k in state if isinstance(k, str) and k.startswith(_OURS_ONLY)]
@@ -253,8 +245,6 @@ def wdm_diffusion_config() -> dict[str, Any]:
     """The diffusion settings WDM-3D trained its released models with, as :class:`~wdm3d.diffusion.WaveletDiffusion`
     records them (DDPM, 1000 steps, linear betas 1e-4..0.02, x0 prediction, LLL / 3, clip to [-1, 1], one Haar
     level, fixed-large variance). Stored in the converted checkpoint so that sampling it with another process fails."""
-    from ..diffusion import WaveletDiffusion
-
     return WaveletDiffusion(
         process="ddpm", num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=0.02,
         prediction_type="sample", lll_scale=3.0, clip_range=(-1.0, 1.0), levels=1, ddpm_variance="fixed_large",
@@ -302,8 +292,6 @@ def import_wdm(
         WDMImportError: (a ``ValueError``) the file is not a WDM-3D U-Net of ``preset`` (the message names the
             first mismatching key and the file), or is already converted.
     """
-    from ..networks import PRESETS, wdm_unet
-
     if preset not in WDM_IMAGE_SIZE or preset not in PRESETS:
         raise ValueError(f"Unknown preset {preset!r}; choose one of {sorted(WDM_IMAGE_SIZE)}.")
     if spacing is not None and not (isinstance(spacing, (int, float)) and spacing > 0):
@@ -322,7 +310,7 @@ def import_wdm(
     for key in (first, last):
         if key not in state or state[key].ndim != 5:
             raise WDMImportError(f"{src} is not a WDM-3D U-Net: it has no 3D convolution {key!r}"
-                                 + (f" (got shape {_shape(state[key])})." if key in state else "."))
+                                 + (f" (got shape {shape_of(state[key])})." if key in state else "."))
     in_channels, out_channels = int(state[first].shape[1]), int(state[last].shape[0])
     with torch.device("meta"):
         network = wdm_unet(preset, in_channels=in_channels, out_channels=out_channels)
@@ -330,8 +318,6 @@ def import_wdm(
 
     size = WDM_IMAGE_SIZE[preset]
     mm = float(spacing) if spacing is not None else 256.0 / size
-    from .. import __version__
-
     ckpt = {
         "model": weights,
         "run_config": {

@@ -61,7 +61,12 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pydicom
 import torch
+from pydicom.dataset import Dataset, FileDataset, FileMetaDataset
+from pydicom.uid import ExplicitVRLittleEndian, generate_uid
+
+from .. import __version__
 
 __all__ = [
     "MR_STORED_MAX",
@@ -200,12 +205,6 @@ def write_dicom_series(
     Example:
         >>> write_dicom_series(vol, nifti.affine, "sample_0000_dicom", modality="CT", hu_window=(-1000, 1000))
     """
-    import pydicom
-    from pydicom.dataset import FileDataset, FileMetaDataset
-    from pydicom.uid import ExplicitVRLittleEndian, generate_uid
-
-    from .. import __version__
-
     out_dir = Path(out_dir)
     if modality not in _SOP_CLASS:
         raise ValueError(f"modality must be 'MR' or 'CT', got {modality!r} (for {out_dir}).")
@@ -277,8 +276,6 @@ def write_dicom_series(
 
     rwvm = None
     if modality == "MR":
-        from pydicom.dataset import Dataset
-
         rwvm = Dataset()
         rwvm.LUTExplanation = "volume intensity before DICOM export (wdm3d, synthetic)"
         rwvm.LUTLabel = "WDM3D_INTENSITY"

@@ -36,6 +36,7 @@ def intensity_wasserstein(real: np.ndarray, fake: np.ndarray, value_range: Seque
     Returns:
         ``{"wasserstein", "bins", "value_range", "edges", "real_counts", "fake_counts"}``.
     """
+    # scipy.stats takes about 2 s to import; only this metric needs it
     from scipy.stats import wasserstein_distance
 
     edges, rc = intensity_histogram(real, value_range, bins)

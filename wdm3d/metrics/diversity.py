@@ -112,6 +112,7 @@ def pairwise_ms_ssim(
             number of cores); torch's convolutions release the GIL.
         device: None: CUDA when present.
     """
+    # monai takes seconds to import: kept off `import wdm3d.metrics`
     from monai.metrics.regression import compute_ms_ssim
 
     device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")

@@ -17,6 +17,7 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 __all__ = ["NORMALIZATION_PRESETS", "normalize_volumes", "extract_features", "feature_statistics",
            "frechet_distance", "fid_from_features"]
@@ -78,8 +79,6 @@ def extract_features(
     out = []
     starts = range(0, n, batch_size)
     if progress:
-        from tqdm import tqdm
-
         starts = tqdm(starts, desc="features", unit="batch")
     for s in starts:
         x = normalize_volumes(volumes[s:s + batch_size], value_range, preset).to(device)

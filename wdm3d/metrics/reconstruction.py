@@ -43,6 +43,7 @@ def ssim3d(x: torch.Tensor, y: torch.Tensor, data_range: float, win_size: int = 
 
     The window shrinks to the smallest spatial size (odd) for volumes smaller than ``win_size``.
     """
+    # monai takes seconds to import: kept off `import wdm3d.metrics`
     from monai.metrics import SSIMMetric
 
     _check_pair(x, y)
