@@ -27,7 +27,8 @@ def _commands():
         variables = dict(re.findall(r"^([A-Z]+)=(\S+)$", text, re.M))
         for block in re.findall(r"```(?:bash|sh)?\n(.*?)```", text, re.S):
             for line in block.replace("\\\n", " ").splitlines():
-                if "monai.bundle run" not in line or "..." in line:
+                # "..." and <placeholders> mark a command's shape (docs/ARCHITECTURE.md), not one to run as written
+                if "monai.bundle run" not in line or "..." in line or re.search(r"<[a-z_]+>", line):
                     continue
                 for name, value in variables.items():
                     line = line.replace(f"${name}", value)

@@ -1,5 +1,5 @@
-"""Using a trained volume autoencoder: reconstruct a dataset (PSNR / SSIM / MAE), encode a dataset to latents,
-and decode sampled latents back to volumes (latent wavelet diffusion).
+"""Using a trained volume autoencoder on a dataset: reconstruct a split (PSNR / SSIM / MAE) and encode a dataset
+to latents for latent wavelet diffusion.
 
 Latents are written as 4D NIfTI files ``(d, h, w, Z)`` with the image's affine scaled by the downsampling factor
 (a latent voxel covers ``f^3`` image voxels, its centre is the centre of that block), so they open in 3D Slicer on
@@ -7,12 +7,15 @@ top of the images. The latent datalist written by :func:`encode_dataset` records
 ``latent_scale`` (the training latents' mean and 1 / std, as the LDM scale factor) and where the latents came
 from (autoencoder checkpoint and digest, the image datalist, image size and intensity range), so the latent
 diffusion bundle can normalise for training and :class:`LatentDecoder` can undo it after sampling.
+
+The latent operations themselves (:func:`encode_mean`, :func:`decode_latent`, :func:`reconstruct`,
+:class:`LatentDecoder`, ...) live in :mod:`wdm3d.networks.vae_ops`, so that training and diffusion can use them
+from below this layer; they are re-exported here because the bundles' configs name them as ``wdm3d.autoencoder.*``.
 """
 
 from __future__ import annotations
 
 import csv
-import hashlib
 import io
 import json
 import logging
@@ -22,164 +25,32 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import nibabel as nib
 import numpy as np
 import torch
-from monai.inferers import Inferer
 from torch import nn
 
-from .artifacts import latest_checkpoint, load_checkpoint, load_network_weights
+from .artifacts import build_network, load_frozen, unwrap
+from .data import load_datalist, volume_transforms
 from .io import atomic_write_bytes, atomic_write_text, save_nifti
+from .metrics import reconstruction_metrics, summarize_cases
+from .networks.vae_ops import (
+    AUTOENCODER_HINT,
+    LatentDecoder,
+    ReconstructionInferer,
+    decode_latent,
+    encode_mean,
+    latent_affine,
+    read_latent_stats,
+    reconstruct,
+)
 
 __all__ = [
-    "reconstruct", "encode_mean", "decode_latent", "latent_affine", "load_autoencoder", "reconstruct_dataset",
+    "reconstruct", "encode_mean", "decode_latent", "latent_affine", "reconstruct_dataset",
     "encode_dataset", "read_latent_stats", "LatentDecoder", "build_network", "ReconstructionInferer",
 ]
 
-#: module prefixes a checkpoint's recorded network class may come from (nothing else is imported)
-_TRUSTED_MODULES = ("wdm3d.networks.", "monai.networks.")
-
 logger = logging.getLogger(__name__)
-
-
-def _unwrap(module: nn.Module) -> nn.Module:
-    return module.module if isinstance(module, nn.parallel.DistributedDataParallel) else module
-
-
-def _check_chunk(model: nn.Module, chunk: int | None, what: str) -> None:
-    if chunk is not None and not hasattr(_unwrap(model), f"{what}_chunked"):
-        raise ValueError(f"{type(_unwrap(model)).__name__} has no {what}_chunked (no causal cache); set chunk to null.")
-
-
-@torch.no_grad()
-def encode_mean(model: nn.Module, x: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """The posterior mean of ``x``: ``(B, C, D, H, W) -> (B, Z, D/f, H/f, W/f)``.
-
-    Args:
-        model: an autoencoder (:mod:`wdm3d.networks.vae_base`).
-        x: volumes in the model's intensity range.
-        chunk: encode slab by slab along depth with the causal cache (WF-VAE; exact), this many slices at a time.
-    """
-    net = _unwrap(model)
-    _check_chunk(net, chunk, "encode")
-    posterior = net.encode_chunked(x, chunk) if chunk else net.encode(x)
-    return posterior.mean
-
-
-@torch.no_grad()
-def decode_latent(model: nn.Module, z: torch.Tensor, chunk: int | None = None) -> torch.Tensor:
-    """Decode latents ``(B, Z, d, h, w) -> (B, C, d*f, h*f, w*f)`` (chunked along depth when ``chunk`` is set)."""
-    net = _unwrap(model)
-    _check_chunk(net, chunk, "decode")
-    return net.decode_chunked(z, chunk) if chunk else net.decode(z)
-
-
-@torch.no_grad()
-def reconstruct(model: nn.Module, x: torch.Tensor, chunk: int | None = None, latent_chunk: int | None = None) -> torch.Tensor:
-    """Deterministic reconstruction ``decode(encode(x).mean)``, same shape as ``x``."""
-    return decode_latent(model, encode_mean(model, x, chunk), latent_chunk)
-
-
-class ReconstructionInferer(Inferer):
-    """``inferer(x, network)``: the autoencoder's reconstruction of ``x`` from the posterior mean (:func:`reconstruct`),
-    ``(B, C, D, H, W) -> (B, C, D, H, W)``; the ``inferer`` of the VAE bundles' ``inference.json``.
-
-    MONAI's ``SimpleInferer`` calls ``network(x)``, which samples the posterior and returns a ``VAEOutput``;
-    reconstruction metrics need the deterministic mean path and, for WF-VAE, the chunked one.
-
-    Args:
-        chunk: encode slab by slab along depth, this many slices at a time (WF-VAE's causal cache; exact);
-            None: the whole volume at once.
-        latent_chunk: decode this many latent slices at a time (None: the whole latent).
-    """
-
-    def __init__(self, chunk: int | None = None, latent_chunk: int | None = None) -> None:
-        for name, value in (("chunk", chunk), ("latent_chunk", latent_chunk)):
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive number of slices or null (whole volume), got {value!r}.")
-        super().__init__()
-        self.chunk, self.latent_chunk = chunk, latent_chunk
-
-    def __call__(self, inputs: torch.Tensor, network: nn.Module, *args: Any, **kwargs: Any) -> torch.Tensor:
-        return reconstruct(network, inputs, self.chunk, self.latent_chunk)
-
-
-def latent_affine(affine: np.ndarray | torch.Tensor, factor: int) -> np.ndarray:
-    """The voxel-to-world matrix of a latent grid downsampled ``factor`` times per axis from ``affine``.
-
-    Latent voxel ``i`` covers image voxels ``f*i ... f*i + f - 1``; its centre is image voxel ``f*i + (f-1)/2``.
-    """
-    a = np.asarray(affine.detach().cpu() if isinstance(affine, torch.Tensor) else affine, dtype=np.float64)
-    scale = np.diag([float(factor)] * 3 + [1.0])
-    scale[:3, 3] = (factor - 1) / 2.0
-    return a @ scale
-
-
-def _checkpoint_file(checkpoint: str | os.PathLike) -> Path:
-    path = Path(checkpoint)
-    if path.is_dir():
-        found = latest_checkpoint(path)
-        if found is None:
-            raise FileNotFoundError(f"No checkpoint (*.pt) in {path}; train the autoencoder first or set the path.")
-        return found
-    if not path.is_file():
-        raise FileNotFoundError(f"Autoencoder checkpoint {path} does not exist; train the autoencoder first.")
-    return path
-
-
-def build_network(checkpoint: str | os.PathLike) -> nn.Module:
-    """Rebuild the network a wdm3d checkpoint was trained with, from its ``run_config`` (class and settings).
-
-    Only classes under ``wdm3d.networks`` or ``monai.networks`` are built; the weights are not loaded (see
-    :func:`load_autoencoder`). Lets a latent-diffusion config use an autoencoder without restating its settings.
-    """
-    import importlib
-
-    path = _checkpoint_file(checkpoint)
-    settings = dict((load_checkpoint(path).get("run_config") or {}).get("network") or {})
-    cls_name = settings.pop("class", None)
-    if not cls_name:
-        raise ValueError(f"Checkpoint {path} records no network settings (run_config); pass the network explicitly.")
-    if not cls_name.startswith(_TRUSTED_MODULES):
-        raise ValueError(f"Checkpoint {path} names network class {cls_name!r}, outside {_TRUSTED_MODULES}; refusing "
-                         "to build it. Pass the network explicitly.")
-    module_name, _, attr = cls_name.rpartition(".")
-    try:
-        cls = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"Checkpoint {path} names network class {cls_name!r}, which does not exist here: {err}") from err
-    # only network classes: a module path alone would also admit functions there (monai.networks.utils.save_state
-    # writes files), which a crafted checkpoint could call with arguments of its choosing
-    if not (isinstance(cls, type) and issubclass(cls, nn.Module)):
-        raise ValueError(f"Checkpoint {path} names {cls_name!r}, which is not a network class (torch.nn.Module); "
-                         "refusing to call it. Pass the network explicitly.")
-    try:
-        return cls(**settings)
-    except (TypeError, ValueError) as err:
-        raise ValueError(f"Cannot rebuild {cls_name} from the settings in {path} ({settings}): {err}") from err
-
-
-def load_autoencoder(
-    network: nn.Module, checkpoint: str | os.PathLike, use_ema: bool = True, device: str | torch.device | None = None
-) -> tuple[nn.Module, dict[str, Any]]:
-    """Load trained weights into ``network`` (EMA first if ``use_ema``), freeze it, and put it in eval mode.
-
-    Returns:
-        ``(network, info)`` with ``info`` = ``{"checkpoint", "weights", "sha256"}`` for manifests.
-    """
-    path = _checkpoint_file(checkpoint)
-    keys = ("ema", "model", "network") if use_ema else ("model", "network", "ema")
-    used = load_network_weights(network, path, keys)
-    if device is not None:
-        network.to(device)
-    network.eval().requires_grad_(False)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    return network, {"checkpoint": str(path.resolve()), "weights": used, "sha256": digest}
-
-
-def _case_loader(image_key: str, image_size: Sequence[int], intensity_range: Sequence[float]):
-    from .data import volume_transforms
-
-    return volume_transforms(image_key, image_size, intensity_range)
 
 
 def _case_name(entry: Mapping, key: str) -> str:
@@ -207,8 +78,6 @@ def _check_unique_names(named: Sequence[tuple[str, Mapping]], key: str, datalist
 
 
 def _entries(datalist: str | os.PathLike, split: str, key: str) -> list[dict]:
-    from .data import load_datalist
-
     # missing files become per-case failures (reported, the rest go on), not an error for the whole run
     return load_datalist(datalist, split, [key], check_files=False)
 
@@ -241,11 +110,23 @@ def reconstruct_dataset(
     ``inferer`` (``(x, network) -> reconstruction``, e.g. :class:`ReconstructionInferer`) does the reconstruction;
     without one it is ``ReconstructionInferer(chunk, latent_chunk)``. Give the chunks to one or the other.
 
+    Args:
+        network: the autoencoder (the bundle's ``network_def``); its weights come from ``checkpoint``.
+        checkpoint: a checkpoint file, or a training folder (its newest ``*.pt``).
+        datalist, image_key, split: the volumes to reconstruct.
+        output_dir: where the metrics and volumes go (created).
+        image_size, intensity_range: the training transforms' size and the data's range.
+        physical_range: the physical range ``intensity_range`` maps to (HU for CT), for ``mae_hu``.
+        chunk, latent_chunk: slices encoded / decoded at a time (without ``inferer``).
+        save_volumes: write each reconstruction as NIfTI.
+        max_cases: only the first cases of the split.
+        use_ema: prefer the checkpoint's EMA weights.
+        device: None: CUDA when present.
+        inferer: ``(x, network) -> reconstruction``.
+
     Returns:
         The ``metrics.json`` contents.
     """
-    from .metrics import reconstruction_metrics, summarize_cases
-
     if inferer is None:
         inferer = ReconstructionInferer(chunk, latent_chunk)
     elif chunk is not None or latent_chunk is not None:
@@ -253,11 +134,11 @@ def reconstruct_dataset(
                          "reconstruct_dataset, not to both.")
     chunk, latent_chunk = getattr(inferer, "chunk", None), getattr(inferer, "latent_chunk", None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network, info = load_autoencoder(network, checkpoint, use_ema, device)
+    network, info = load_frozen(network, checkpoint, use_ema, device, what="autoencoder", hint=AUTOENCODER_HINT)
     entries = _entries(datalist, split, image_key)[:max_cases]
     named = [(_case_name(entry, image_key), entry) for entry in entries]
     _check_unique_names(named, image_key, datalist)
-    load = _case_loader(image_key, image_size, intensity_range)
+    load = volume_transforms(image_key, image_size, intensity_range)
     out_dir = Path(output_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     lo, hi = (float(v) for v in intensity_range)
@@ -319,13 +200,24 @@ def encode_dataset(
     ``image_key`` and ``autoencoder`` (checkpoint, weights, sha256). Existing latent files are kept (not
     recomputed) unless ``overwrite``; a case that fails is reported and skipped.
 
+    Args:
+        network: the autoencoder (the bundle's ``network_def``); its weights come from ``checkpoint``.
+        checkpoint: a checkpoint file, or a training folder (its newest ``*.pt``).
+        datalist, image_key, splits: the volumes to encode.
+        output_dir: where the latents and the latent datalist go (created).
+        image_size, intensity_range: the training transforms' size and the data's range.
+        chunk: image slices encoded at a time (None: the whole volume).
+        use_ema: prefer the checkpoint's EMA weights.
+        overwrite: re-encode existing latents (and accept a folder encoded differently).
+        device: None: CUDA when present.
+
     Returns:
         The path of ``datalist_latents.json``.
     """
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    network, info = load_autoencoder(network, checkpoint, use_ema, device)
-    factor = int(_unwrap(network).downsample_factor)
-    load = _case_loader(image_key, image_size, intensity_range)
+    network, info = load_frozen(network, checkpoint, use_ema, device, what="autoencoder", hint=AUTOENCODER_HINT)
+    factor = int(unwrap(network).downsample_factor)
+    load = volume_transforms(image_key, image_size, intensity_range)
     out_dir = Path(output_dir)
     by_split: dict[str, list[dict]] = {}
     for split in splits:
@@ -349,14 +241,12 @@ def encode_dataset(
             path = out_dir / "latents" / f"{name}_latent.nii.gz"
             try:
                 if path.is_file() and not overwrite:
-                    import nibabel as nib
-
                     arr = np.asarray(nib.load(str(path)).dataobj, dtype=np.float32)
                     # save_nifti writes (Z, d, h, w) as d x h x w x Z, and a single channel as a 3D volume
                     z = torch.from_numpy(arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0))
-                    if z.shape[0] != int(_unwrap(network).latent_channels):
+                    if z.shape[0] != int(unwrap(network).latent_channels):
                         raise ValueError(f"existing latent {path} has {z.shape[0]} channels, the autoencoder "
-                                         f"{_unwrap(network).latent_channels}; pass overwrite=True to re-encode")
+                                         f"{unwrap(network).latent_channels}; pass overwrite=True to re-encode")
                 else:
                     x = load(dict(entry))[image_key]
                     affine = x.affine.numpy() if hasattr(x, "affine") else np.eye(4)
@@ -378,7 +268,7 @@ def encode_dataset(
         raise RuntimeError(f"No training latents were written from {datalist} (failures: {failures}).")
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
-    net = _unwrap(network)
+    net = unwrap(network)
     result.update({
         "latent_shift": mean.tolist(),
         "latent_scale": (1.0 / std).tolist(),
@@ -414,7 +304,7 @@ def _claim_latent_folder(out_dir: Path, stamp: dict[str, Any], overwrite: bool) 
         old = None
         if stamp_file.is_file():
             old = json.loads(stamp_file.read_text())
-        elif (out_dir / "datalist_latents.json").is_file():  # written before the stamp existed
+        elif (out_dir / "datalist_latents.json").is_file():  # no stamp: compare what the latent datalist records
             data = json.loads((out_dir / "datalist_latents.json").read_text())
             old = {**{k: data.get(k) for k in ("image_key", "image_size", "intensity_range")},
                    **{k: (data.get("autoencoder") or {}).get(k) for k in ("sha256", "weights")}}
@@ -426,63 +316,3 @@ def _claim_latent_folder(out_dir: Path, stamp: dict[str, Any], overwrite: bool) 
             raise ValueError(f"{out_dir} holds latents encoded differently ({diff}); pass overwrite=True to "
                              "re-encode them or choose another output folder.")
     atomic_write_text(stamp_file, json.dumps(stamp, indent=2))
-
-
-def read_latent_stats(path: str | os.PathLike) -> dict[str, Any]:
-    """The normalisation and provenance entries of a latent datalist (see :func:`encode_dataset`)."""
-    data = json.loads(Path(path).read_text())
-    for key in ("latent_shift", "latent_scale", "latent_channels", "downsample_factor", "autoencoder"):
-        if key not in data:
-            raise KeyError(f"{path} has no {key!r}: it is not a latent datalist written by wdm3d's encode step.")
-    return data
-
-
-class LatentDecoder(nn.Module):
-    """Normalised latents from the diffusion -> volumes in [-1, 1]: undo shift/scale, then decode (optionally
-    chunked along depth, exact for WF-VAE).
-
-    Args:
-        autoencoder: the autoencoder network (built from the autoencoder bundle's ``network_def``); None: rebuilt
-            from the checkpoint's recorded settings (:func:`build_network`).
-        latent_datalist: the ``datalist_latents.json`` the diffusion was trained on (normalisation, checkpoint).
-        checkpoint: the autoencoder checkpoint; None: the one recorded in the latent datalist.
-        chunk: latent slices decoded at a time (None: whole volume).
-        use_ema: prefer the checkpoint's EMA weights.
-    """
-
-    def __init__(
-        self,
-        autoencoder: nn.Module | None,
-        latent_datalist: str | os.PathLike,
-        checkpoint: str | os.PathLike | None = None,
-        chunk: int | None = None,
-        use_ema: bool = True,
-    ) -> None:
-        super().__init__()
-        stats = read_latent_stats(latent_datalist)
-        checkpoint = checkpoint or stats["autoencoder"]["checkpoint"]
-        if autoencoder is None:
-            autoencoder = build_network(checkpoint)
-        self.autoencoder, self.info = load_autoencoder(autoencoder, checkpoint, use_ema)
-        if stats.get("autoencoder", {}).get("sha256") not in (None, self.info["sha256"]):
-            logger.warning("Autoencoder checkpoint %s differs from the one the latents were encoded with (%s).",
-                           checkpoint, stats["autoencoder"].get("checkpoint"))
-        _check_chunk(self.autoencoder, chunk, "decode")
-        self.chunk = chunk
-        self.downsample_factor = int(stats["downsample_factor"])
-        self.latent_channels = int(stats["latent_channels"])
-        self.register_buffer("shift", torch.tensor(stats["latent_shift"], dtype=torch.float32).view(1, -1, 1, 1, 1))
-        self.register_buffer("scale", torch.tensor(stats["latent_scale"], dtype=torch.float32).view(1, -1, 1, 1, 1))
-
-    def latent_shape(self, image_size: Sequence[int]) -> list[int]:
-        """``(Z, D/f, H/f, W/f)`` for an image size."""
-        f = self.downsample_factor
-        if any(int(s) % f for s in image_size):
-            raise ValueError(f"image_size {list(image_size)} must be divisible by the downsample factor {f}.")
-        return [self.latent_channels] + [int(s) // f for s in image_size]
-
-    @torch.no_grad()
-    def forward(self, z: torch.Tensor) -> torch.Tensor:
-        z = z.float() / self.scale.to(z.device) + self.shift.to(z.device)
-        self.autoencoder.to(z.device)
-        return decode_latent(self.autoencoder, z, self.chunk)

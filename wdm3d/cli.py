@@ -19,15 +19,20 @@ import argparse
 import sys
 from pathlib import Path
 
+from wdm3d import __version__
+
+# Each subcommand imports what it runs inside its handler: torch, MONAI and the imaging libraries take seconds to
+# import, and `wdm3d --help` or a mistyped flag should answer at once.
+
 
 def _info(_: argparse.Namespace) -> int:
+    # heavy (torch, MONAI): imported only when this subcommand runs, so that `wdm3d --help` stays instant
     import monai
     import torch
 
-    import wdm3d
     from wdm3d.networks import PRESETS, count_parameters, wdm_unet
 
-    print(f"wdm3d {wdm3d.__version__}  monai {monai.__version__}  torch {torch.__version__}")
+    print(f"wdm3d {__version__}  monai {monai.__version__}  torch {torch.__version__}")
     print(f"CUDA available: {torch.cuda.is_available()}" + (f" ({torch.cuda.get_device_name(0)})" if torch.cuda.is_available() else ""))
     for name in PRESETS:
         with torch.device("meta"):
@@ -37,7 +42,7 @@ def _info(_: argparse.Namespace) -> int:
 
 
 def _demo(args: argparse.Namespace) -> int:
-    from wdm3d.demo import DemoInterrupted, run_demo
+    from wdm3d.demo import DemoInterrupted, run_demo  # heavy (torch, MONAI bundles): only when the demo runs
 
     try:
         summary = run_demo(
@@ -71,7 +76,7 @@ def _pairs(text: str) -> int | str:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from wdm3d.evaluate import evaluate
+    from wdm3d.evaluate import evaluate  # heavy (torch, the metrics): only when an evaluation runs
 
     try:
         _run_evaluate(evaluate, args)
@@ -93,6 +98,7 @@ def _run_evaluate(evaluate, args: argparse.Namespace) -> None:
 
 
 def _export_dicom(args: argparse.Namespace) -> int:
+    # the imaging libraries (nibabel, pydicom via wdm3d.io) take a while to import: only when an export runs
     import nibabel as nib
     import numpy as np
 
@@ -145,7 +151,7 @@ def _export_dicom(args: argparse.Namespace) -> int:
 
 
 def _import_wdm(args: argparse.Namespace) -> int:
-    from wdm3d.engine.wdm_import import import_wdm
+    from wdm3d.engine.wdm_import import import_wdm  # heavy (torch, the networks): only when a conversion runs
 
     try:
         path = import_wdm(args.checkpoint, args.preset, args.out, name=args.name, spacing=args.spacing,

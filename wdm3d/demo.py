@@ -18,6 +18,9 @@ from pathlib import Path
 
 import torch
 
+from data_prep.demo import make_demo_dataset
+
+from . import bundle
 from .io import atomic_write_text
 
 __all__ = ["phantom_volumes", "run_demo", "QUICK"]
@@ -102,10 +105,6 @@ def run_demo(
         progress: progress bars.
         overrides: any other bundle config key (``learning_rate=...``, ``device=...``).
     """
-    from data_prep.demo import make_demo_dataset
-
-    from .bundle import run_bundle
-
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = dict(QUICK) if quick else {}
@@ -124,12 +123,12 @@ def run_demo(
     common = {"dataset_dir": str(Path(datalist).parent), "output_dir": str(out), "seed": seed, **config}
 
     t0 = time.perf_counter()
-    workflow = run_bundle(BUNDLE, "training", ["train.json", "demo.json"], **common)
+    workflow = bundle.run_bundle(BUNDLE, "training", ["train.json", "demo.json"], **common)
     times["train_seconds"] = round(time.perf_counter() - t0, 1)
     _check_training_finished(workflow, out)
 
     t0 = time.perf_counter()
-    run_bundle(BUNDLE, "inference", ["inference.json", "demo.json"], **common)
+    bundle.run_bundle(BUNDLE, "inference", ["inference.json", "demo.json"], **common)
     times["sample_seconds"] = round(time.perf_counter() - t0, 1)
 
     manifest = json.loads((out / "samples" / "manifest.json").read_text())

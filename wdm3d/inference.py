@@ -21,11 +21,15 @@ import numpy as np
 import torch
 
 from . import __version__
+from .artifacts import check_diffusion_matches, load_checkpoint, load_network_weights, resolve_checkpoint, weight_keys
+from .data import hu_range
+from .data import intensity_range as datalist_range
 from .diffusion import WaveletDiffusion
-from .artifacts import check_diffusion_matches, latest_checkpoint, load_checkpoint, load_network_weights
 from .engine.config_check import check_image_size
 from .engine.geometry import DataGeometry, reference_geometry
+from .engine.seeding import derive_seed
 from .io import atomic_write_text, new_file_mode, save_montage, save_nifti, write_dicom_series
+from .tracking import log_to_run
 
 __all__ = ["VolumeGenerator", "AUTOCAST_DTYPES", "batch_seed"]
 
@@ -33,11 +37,9 @@ logger = logging.getLogger(__name__)
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
-def batch_seed(seed: int, first: int) -> int:
-    """The generator seed of the batch that starts at sample ``first`` of a run with ``seed`` (a 63-bit hash of the
-    pair: nearby seeds give unrelated streams)."""
-    words = np.random.SeedSequence([int(seed) % 2**63, int(first)]).generate_state(2, dtype=np.uint32)
-    return int((int(words[0]) << 31) ^ int(words[1]))
+#: the generator seed of the batch that starts at sample ``first`` of a run with ``seed``: the project's one rule for
+#: per-batch and per-case seeds (:func:`wdm3d.engine.seeding.derive_seed`), under the name inference's callers use
+batch_seed = derive_seed
 
 
 _SAMPLE_FILE = re.compile(r"^sample_(\d{4,})(?:\.nii\.gz|\.png|_dicom)$")
@@ -182,7 +184,7 @@ class VolumeGenerator:
         dicom_hu_window: CT only: ``(low, high)`` HU that [0, 1] maps back to (the LIDC prep's clip range); None:
             the datalist's ``hu_clip`` when both its ends are numbers, else the values are written as they are
             (``RescaleType`` US, not HU) with a warning.
-        decoder: latent wavelet diffusion: a :class:`wdm3d.autoencoder.LatentDecoder`. The diffusion then samples
+        decoder: latent wavelet diffusion: a :class:`wdm3d.networks.vae_ops.LatentDecoder`. The diffusion then samples
             latents of ``decoder.latent_shape(image_size)`` (no clip projection: latents have no fixed range) and
             the decoder turns them into volumes, written with the image geometry as above.
     """
@@ -258,26 +260,16 @@ class VolumeGenerator:
 
     def _hu_window(self) -> list[float] | None:
         """The HU window for CT DICOM: the argument, else the datalist's numeric ``hu_clip``, else None."""
-        if self.dicom_hu_window is not None or self.datalist is None or not Path(self.datalist).is_file():
-            return self.dicom_hu_window
-        clip = json.loads(Path(self.datalist).read_text()).get("hu_clip") or {}
-        low, high = clip.get("low"), clip.get("high")
-        if isinstance(low, (int, float)) and isinstance(high, (int, float)) and low < high:
-            return [float(low), float(high)]
-        return None
+        return self.dicom_hu_window if self.dicom_hu_window is not None else hu_range(self.datalist)
 
     def _resolve_checkpoint(self) -> Path:
-        if self.checkpoint.is_dir():
-            found = latest_checkpoint(self.checkpoint)
-            if found is None:
-                raise FileNotFoundError(f"No checkpoint (*.pt) in {self.checkpoint}; train first or set checkpoint.")
-            return found
-        if not self.checkpoint.is_file():
+        # a path that is not there gets inference's own wording: it names where training writes its checkpoints
+        if not self.checkpoint.exists():
             raise FileNotFoundError(
                 f"No checkpoint: {self.checkpoint} does not exist; train first (the training config writes to "
                 "ckpt_dir) or set checkpoint to a .pt file."
             )
-        return self.checkpoint
+        return resolve_checkpoint(self.checkpoint, hint="train first or set checkpoint.")
 
     def _geometry(self, ckpt: dict) -> tuple[np.ndarray, list[int], list[float], str]:
         stored = DataGeometry()
@@ -285,8 +277,6 @@ class VolumeGenerator:
         irange = list(self.intensity_range) if self.intensity_range is not None else None
         has_datalist = self.datalist is not None and Path(self.datalist).is_file()
         if self.reference_image is not None or has_datalist:
-            from .data import intensity_range as datalist_range
-
             if irange is None:  # a datalist that is not there says nothing: the checkpoint's range, then [0, 1]
                 irange = datalist_range(self.datalist) if has_datalist else stored.intensity_range
             affine, shape = reference_geometry(self.reference_image, self.datalist, self.image_key, self.image_size, irange)
@@ -310,12 +300,13 @@ class VolumeGenerator:
     def run(self) -> dict:
         """Generate, write, and return the manifest (also written to ``output_dir/manifest.json``)."""
         ckpt_path = self._resolve_checkpoint()
+        # read once here, not through load_frozen: the geometry and the MLflow run come from the same file, and a
+        # geometry mismatch is reported before the (large) weights are put on the device
         ckpt = load_checkpoint(ckpt_path)
         check_diffusion_matches(ckpt, self.diffusion, ckpt_path)
         affine, shape, (lo, hi), geometry_source = self._geometry(ckpt)
-        keys = ("ema", "model", "network") if self.use_ema else ("model", "network", "ema")
         self.network.to(self.device)
-        weights = load_network_weights(self.network, ckpt_path, keys, checkpoint=ckpt)
+        weights = load_network_weights(self.network, ckpt_path, weight_keys(self.use_ema), checkpoint=ckpt)
         self.network.eval()
         factor = getattr(self.diffusion, "channel_factor", 8)  # 8 wavelet channels per image channel per level
         channels = self.network.out_channels // factor if hasattr(self.network, "out_channels") else 1
@@ -339,8 +330,6 @@ class VolumeGenerator:
             raise
         staging.publish()
         if self.mlflow and manifest["mlflow_run_id"]:
-            from .tracking import log_to_run
-
             run_info = ckpt.get("mlflow") or {}
             samples = manifest["samples"]
             files = [self.output_dir / MANIFEST] + [self.output_dir / s["png"] for s in samples]
