@@ -68,7 +68,7 @@ def main() -> None:
         data = make_dataset(tmp / "data", args.size, batch * args.iterations)
         wf = ConfigWorkflow(config_file=files, workflow_type="train", run_id="training", dataset_dir=str(data),
                             max_epochs=1, batch_size=batch, num_workers=0, val_interval=1000,
-                            **{"train#handlers#4#enabled": False}, **common)  # no validation sampling here
+                            **{"train#validator#enabled": False}, **common)  # no validation sampling here
         wf.initialize()
         trainer = wf.parser.get_parsed_content("train#trainer")
         times = []

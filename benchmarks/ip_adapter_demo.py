@@ -100,7 +100,7 @@ def probe(work: Path, size: int, args) -> dict:
     datalist = make_data(work, size, args.num_cases, args.eval_cases)
     out = work / f"probe{size}"
     t_base = train(["train_base.json", "demo.json"], 4, size, datalist, out, args.seed,
-                   **{"train#handlers#4#enabled": False})
+                   **{"train#validator#enabled": False})
     t_adapter = train(["train.json", "demo.json"], 4, size, datalist, out, args.seed)
     wf = workflow(["train_base.json", "demo.json"], "training", **common(size, datalist, out, args.seed))
     net = wf.parser.get_parsed_content("network").eval()
@@ -215,7 +215,7 @@ def main() -> None:
     seconds = {}
     log(f"training the base ({iterations} iterations, {size}^3)")
     seconds["base"] = train(["train_base.json", "demo.json"], iterations, size, datalist, out, args.seed,
-                            **{"train#handlers#4#enabled": False})
+                            **{"train#validator#enabled": False})
     log(f"training the IP-Adapter on the frozen base ({iterations} iterations)")
     seconds["ip_adapter"] = train(["train.json", "demo.json"], iterations, size, datalist, out, args.seed)
     log(f"training the concat baseline from scratch ({iterations} iterations)")

@@ -269,7 +269,7 @@ def test_vae_validation_is_validate_evaluator_run_by_the_trainer(bundle):
     assert parser.get("validate#evaluator#_target_") == "wdm3d.engine.ReconstructionValidator"
     assert parser.get("validate#evaluator#interval") == "@val_interval"
     assert parser.get("validate#evaluator#callbacks") == "@validate#handlers"
-    assert "@validate#evaluator" in parser.get("train#handlers")
+    assert {"_target_": "wdm3d.bundle.named", "component": "@validate#evaluator"} in parser.get("train#handlers")
 
 
 @pytest.mark.parametrize("bundle", BUNDLES, ids=NAMES)
@@ -314,6 +314,117 @@ def test_verify_metadata_on_the_command_line_needs_no_download(tmp_path):
     out = proc.stdout + proc.stderr
     assert proc.returncode == 0, out[-2000:]
     assert "skipped downloading" in out and "metadata is verified with no error" in out
+
+
+# ----------------------------------------------------------------------------------------------------------------------
+# the configs written from bundles/families (wdm3d.bundle.build_configs): what bundles share is written once
+# ----------------------------------------------------------------------------------------------------------------------
+
+FAMILIES = REPO / "bundles" / "families"
+HANDLER_INDEX = re.compile(r"handlers#\d")  # a handler found by its place in the list
+
+
+def _flat(config, prefix=""):
+    out = {}
+    for k, v in (config.items() if isinstance(config, dict) else enumerate(config)):
+        key = f"{prefix}#{k}" if prefix else str(k)
+        out.update(_flat(v, key) if isinstance(v, (dict, list)) and v else {key: v})
+    return out
+
+
+def test_the_committed_configs_are_the_ones_the_family_sources_give():
+    from wdm3d.bundle import build_configs, family_configs
+
+    assert build_configs(check=True) == [], "edit bundles/families/ and run: python -m wdm3d.bundle build-configs"
+    written = {p.relative_to(REPO / "bundles").as_posix() for p in family_configs()}
+    for name in ("wdm3d_brats", "wdm3d_lidc", "wfvae", "wavelet_vae"):
+        assert {f"{name}/configs/train.json", f"{name}/configs/inference.json"} <= written
+    assert {"ip_adapter_brats/configs/train_base.json", "ip_adapter_brats/configs/train.json",
+            "ip_adapter_brats/configs/inference.json"} <= written
+
+
+def test_a_generated_config_is_monai_list_form_of_its_sources():
+    # what `--config_file "['base.json','train.json','lidc.json']"` merges, but for the bundle file's keys the
+    # training does not use (the DICOM modality is inference's)
+    listed = ConfigParser.load_config_files([str(FAMILIES / "wdm3d" / f) for f in ("base.json", "train.json",
+                                                                                   "lidc.json")])
+    written = json.loads((REPO / "bundles" / "wdm3d_lidc" / "configs" / "train.json").read_text())
+    assert set(listed) - set(written) == {"dicom_modality"}
+    listed.pop("dicom_modality")
+    assert _flat(listed) == _flat(written)
+
+
+def test_brats_and_lidc_differ_only_in_their_data():
+    sources = {name: json.loads((FAMILIES / "wdm3d" / f"{name}.json").read_text()) for name in ("brats", "lidc")}
+    assert set(sources["brats"]) == set(sources["lidc"]) == {"bundle_root", "image_key", "experiment_name",
+                                                            "dicom_modality"}
+    for config in ("train.json", "inference.json"):
+        a, b = (_flat(json.loads((REPO / "bundles" / n / "configs" / config).read_text()))
+                for n in ("wdm3d_brats", "wdm3d_lidc"))
+        assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= set(sources["brats"]), config
+    for overlay in json.loads((FAMILIES / "wdm3d" / "recipe.json").read_text())["overlays"]:
+        assert (REPO / "bundles" / "wdm3d_brats" / "configs" / overlay).read_text() == \
+            (REPO / "bundles" / "wdm3d_lidc" / "configs" / overlay).read_text(), overlay
+
+
+@pytest.mark.parametrize("family", sorted(p.name for p in FAMILIES.iterdir() if p.is_dir()))
+def test_inference_sources_do_not_restate_the_network_or_the_process(family):
+    inference = json.loads((FAMILIES / family / "inference.json").read_text())
+    assert not {"network_def", "diffusion"} & set(inference)
+    base = json.loads((FAMILIES / family / "base.json").read_text())
+    assert "network_def" in base
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=NAMES)
+def test_handlers_are_found_by_name(bundle):
+    for path in sorted((bundle / "configs").glob("*.json")):
+        text = path.read_text()
+        assert not HANDLER_INDEX.search(text), f"{path.name} finds a handler by its index"
+        handlers = json.loads(text).get("train", {}).get("handlers")
+        if handlers is not None:
+            # each entry the named component itself, written as a component (what MONAI's check_properties reads
+            # each entry as)
+            assert all(h == {"_target_": "wdm3d.bundle.named", "component": h.get("component")} for h in handlers)
+            named = [h["component"] for h in handlers]
+            assert all(re.fullmatch(r"@(train|validate)#\w+", n) for n in named), path.name
+            assert "@train#tracker" in named and "@train#checkpoints" in named, path.name
+
+
+@pytest.mark.parametrize("bundle", BUNDLES, ids=NAMES)
+def test_mlflow_params_are_the_settings_not_a_hand_list(bundle):
+    for config in _configs_with(bundle, "training"):
+        parser = _parser([config])
+        tracker = parser.get("train#tracker")
+        assert tracker["settings"] == "$wdm3d.tracking.bundle_settings()", config.name
+        # what params a tracker still names are values of objects (the adapter's trainable parameters), or a
+        # setting given another meaning (the base's reference: none unless concat); never a setting as it is
+        for key, value in (tracker.get("params") or {}).items():
+            assert value != f"@{key}", (config.name, key)
+
+
+def test_a_bundle_file_key_that_fits_no_config_is_refused(tmp_path):
+    from wdm3d.bundle import family_configs
+
+    shutil.copytree(REPO / "bundles" / "families", tmp_path / "families")
+    path = tmp_path / "families" / "wdm3d" / "lidc.json"
+    variant = json.loads(path.read_text())
+    variant["imge_key"] = "ct"  # referred to by no config
+    path.write_text(json.dumps(variant))
+    with pytest.raises(ValueError, match=r"\['imge_key'\] fit none of"):
+        family_configs(tmp_path)
+
+
+def test_an_edited_generated_config_is_reported_and_rewritten(tmp_path):
+    from wdm3d.bundle import build_configs, main
+
+    shutil.copytree(REPO / "bundles", tmp_path / "bundles", ignore=shutil.ignore_patterns("output", "data", "models"))
+    config = tmp_path / "bundles" / "wfvae" / "configs" / "train.json"
+    config.write_text(config.read_text().replace('"max_epochs": 500', '"max_epochs": 5'))
+    assert build_configs(tmp_path / "bundles", check=True) == [config]
+    assert main(["build-configs", "--check", "--bundles", str(tmp_path / "bundles")]) == 1
+    assert build_configs(tmp_path / "bundles") == [config]
+    assert config.read_text() == (REPO / "bundles" / "wfvae" / "configs" / "train.json").read_text()
+    assert main(["build-configs", "--check", "--bundles", str(tmp_path / "bundles")]) == 0
 
 
 # ----------------------------------------------------------------------------------------------------------------------

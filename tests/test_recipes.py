@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from data_prep.known_truth import PARAMETERS, make_volumes, measure, measure_many
+from wdm3d.artifacts import check_diffusion_matches
 from wdm3d.diffusion import (
     DiffusionTarget,
     WaveletDiffusion,
@@ -17,7 +18,6 @@ from wdm3d.diffusion import (
     maths,
     subband_mse,
 )
-from wdm3d.artifacts import check_diffusion_matches
 from wdm3d.networks import DiT3D, DiTBlock
 from wdm3d.networks.dit import patchify3d, unpatchify3d
 from wdm3d.wavelets import WaveletSpace, dwt3d

@@ -13,13 +13,15 @@ from pathlib import Path
 import nibabel as nib
 import numpy as np
 import pytest
+import test_bundle
 from mlflow.tracking import MlflowClient
-
 from mlflow_server import free_port, mlflow_server
-from test_bundle import AFFINE, CONFIGS, TINY, TINY_TRAIN, dataset, workflow  # noqa: F401 (fixture)
+from test_bundle import AFFINE, CONFIGS, TINY, TINY_TRAIN, workflow
+
 from wdm3d.engine import latest_checkpoint, load_checkpoint
 from wdm3d.tracking import flatten_params
 
+dataset = test_bundle.dataset  # the tiny prepared dataset (a module-scoped fixture), shared with test_bundle
 TRACKED = {**TINY_TRAIN, "mlflow": True, "log_every": 1}
 
 
@@ -40,19 +42,68 @@ def run_of(out):
     return json.loads((Path(out) / "mlflow_run.json").read_text())
 
 
+# the settings the bundles once listed by hand as the tracker's params: dashboards and docs know them by these names
+LISTED_BEFORE = (
+    "image_key", "image_size", "num_channels", "unet_preset", "batch_size", "learning_rate", "weight_decay",
+    "subband_weights", "ema_decay", "max_epochs", "cache_rate", "num_workers", "seed", "bf16", "compile",
+    "channels_last", "gradient_checkpointing", "fp32_io", "val_interval", "val_num_samples", "val_sampler",
+    "val_num_steps", "save_interval", "intensity_range", "save_every_iterations", "grad_clip_norm",
+    "max_nonfinite_steps", "max_bad_samples", "deterministic", "learned_subband_weights",
+)
+
+
 def test_flatten_params():
     flat = flatten_params({"a": {"b": 1, "c": [1, 2]}, "d": None, "e": True})
     assert flat == {"a.b": "1", "a.c": "[1, 2]", "d": "null", "e": "true"}
 
 
+def test_config_settings_are_the_data_and_the_evaluated_expressions_of_the_top_level():
+    from monai.bundle import ConfigParser
+
+    from wdm3d.tracking import bundle_settings, config_settings
+
+    parser = ConfigParser({
+        "imports": ["$import os"], "batch_size": 2, "image_size": [16, 16, 16], "note": None,
+        "vocabularies": {"modality": ["t1n", "t2w"]},
+        "doubled": "$@batch_size * 2", "sampler": "$'ddim' if @batch_size else 'ddpm'", "same": "@batch_size",
+        "unused": "$1 / 0",  # nothing evaluates it, and neither do the settings (it could run the training)
+        "network_def": {"_target_": "torch.nn.Identity"}, "device": "$torch.device('cpu')",
+        "initialize": [], "run": ["$@batch_size"], "finalize": [], "training": "$@run", "_meta_": {"version": "1"},
+    })
+    parser.parse()
+    assert config_settings(parser) == {"batch_size": 2, "image_size": [16, 16, 16], "note": None,
+                                       "vocabularies": {"modality": ["t1n", "t2w"]}}
+    for key in ("doubled", "sampler", "same", "network_def", "device"):
+        parser.get_parsed_content(key)
+    settings = bundle_settings(parser)  # read when asked: what the run has evaluated by then
+    assert dict(settings) == {"batch_size": 2, "image_size": [16, 16, 16], "note": None,
+                              "vocabularies": {"modality": ["t1n", "t2w"]}, "doubled": 4, "sampler": "ddim", "same": 2}
+    with pytest.raises(RuntimeError, match="call it from a config"):
+        bundle_settings()  # no config is evaluating this call
+
+
+def test_more_params_than_one_mlflow_batch_takes_are_all_logged(tmp_path):
+    from wdm3d.tracking import MLflowTracker
+
+    uri = f"sqlite:///{tmp_path / 'store.db'}"
+    tracker = MLflowTracker(tmp_path, tracking_uri=uri, experiment_name="many",
+                            settings={f"setting_{i}": i for i in range(150)}, params={"setting_3": "given"})
+    tracker._start()
+    params = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.params
+    assert {f"setting_{i}" for i in range(150)} <= set(params)  # MLflow takes 100 per call
+    assert params["setting_149"] == "149" and params["setting_3"] == "given"  # params win over settings
+
+
 def test_training_and_inference_are_visible_through_the_rest_api(server, dataset, tmp_path):
-    train(dataset, tmp_path, max_epochs=2, tracking_uri=server)
+    train(dataset, tmp_path, max_epochs=2, tracking_uri=server, note="a setting no list names")
     info = run_of(tmp_path)
     client = MlflowClient(tracking_uri=server)
     run = client.get_run(info["run_id"])
     assert run.info.status == "FINISHED" and run.info.run_name == info["run_name"]
     p = run.data.params
     assert p["batch_size"] == "2" and p["learning_rate"] == "1e-05" and p["image_size"] == "[16, 16, 16]"
+    assert set(LISTED_BEFORE) <= set(p) and p["val_sampler"] == "ddim" and p["intensity_range"] == "[0.0, 1.0]"
+    assert p["note"] == "a setting no list names"  # every top-level setting is a param, a new one too
     assert p["diffusion.lll_scale"] == "3.0" and p["diffusion.prediction_type"] == "sample"
     assert p["network.class"] == "WDMUNet" and int(p["network.parameters"]) > 0 and p["optimizer.class"] == "AdamW"
     assert p["versions.monai"] and p["versions.torch"] and p["git_commit"]
@@ -184,7 +235,7 @@ def test_a_killed_then_resumed_training_keeps_its_run(dataset, tmp_path):
 def _tracker(wf):
     from wdm3d.tracking import MLflowTracker
 
-    tracker = wf.parser.get_parsed_content("train#handlers#2")
+    tracker = wf.parser.get_parsed_content("train#tracker")
     assert isinstance(tracker, MLflowTracker)
     return tracker
 
@@ -247,7 +298,7 @@ def test_a_resume_whose_run_is_gone_starts_a_tagged_run_and_changed_settings_are
 def test_validation_metrics_are_logged_once_per_round_and_the_final_round_too(dataset, tmp_path):
     uri = f"sqlite:///{tmp_path / 'store.db'}"
     out = tmp_path / "out"
-    train(dataset, out, max_epochs=3, tracking_uri=uri, val_interval=2, **{"train#handlers#4#on_completed": True})
+    train(dataset, out, max_epochs=3, tracking_uri=uri, val_interval=2, **{"train#validator#on_completed": True})
     history = json.loads((out / "validation" / "history.json").read_text())
     assert [(r["epoch"], r["iteration"]) for r in history] == [(2, 4), (3, 6)]
     client = MlflowClient(tracking_uri=uri)

@@ -214,7 +214,7 @@ def test_the_two_vae_bundles_differ_only_where_the_models_do():
     differ = {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
     allowed = {"bundle_root", "experiment_name", "gradient_checkpointing", "prior", "sparsity_weight"}
     assert {k for k in differ if not (k in allowed or k.startswith(("network_def", "loss#extra_weights",
-                                                                       "train#handlers#2#params", "run_config")))} == set()
+                                                                       "train#tracker#params", "run_config")))} == set()
 
 
 # ----------------------------------------------------------------------------------------------------------------------

@@ -1,4 +1,5 @@
-"""MLflow tracking for the bundles: params, metric histories, previews, artifacts; safe against the usual traps.
+"""The MLflow handler of the bundles' trainings: params, metric histories, previews, artifacts; safe against the
+usual traps.
 
 Why not MONAI's ``MLFlowHandler``: with no run name a new launch attaches to any unfinished (e.g. crashed) run of
 the experiment, a crashed run is never marked FAILED, a resumed training cannot continue its own run, file stores
@@ -7,10 +8,6 @@ unique run, marks a run that raised as FAILED, saves its run id in the checkpoin
 resumed training continues the same run, and keeps training going when the server is down: a failed call pauses
 MLflow for a cool-down (1 min, doubling up to 30 min), the metrics that could not be sent are kept and sent when it
 answers again, and every metric also goes to ``output_dir/metrics.jsonl`` so nothing is lost locally.
-
-Tracking URI, in order: the ``tracking_uri`` argument, ``MLFLOW_TRACKING_URI``, an SQLite store in the output folder
-(``sqlite:///<output_dir>/mlruns.db``, artifacts beside it in ``mlartifacts/``). Open it with
-``mlflow ui --backend-store-uri sqlite:///<output_dir>/mlruns.db``.
 """
 
 from __future__ import annotations
@@ -29,78 +26,21 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from ignite.engine import Events
 
-__all__ = ["MLflowTracker", "flatten_params", "default_tracking_uri", "log_to_run"]
+from ..artifacts import latest_checkpoint
+from .description import describe_datalist, describe_network, describe_optimizer, git_commit, versions
+from .params import MAX_PARAM_LEN, flatten_params
+from .runs import default_tracking_uri, fail_fast_on_a_dead_server
+from .steps import step_metrics
+
+__all__ = ["MLflowTracker"]
 
 logger = logging.getLogger(__name__)
-_MAX_PARAM_LEN = 6000  # MLflow's limit on a param value
-_MAX_TAG_LEN = 5000  # ... and on a tag value
+_MAX_TAG_LEN = 5000  # MLflow's limit on a tag value
 _MAX_PENDING = 100_000  # metric values kept for a server that is down (the oldest go first; metrics.jsonl has all)
 _BATCH = 1000  # MLflow's limit of metrics per log_batch
-
-
-def default_tracking_uri(output_dir: str | os.PathLike, tracking_uri: str | None = None) -> str:
-    """``tracking_uri`` if given, else ``MLFLOW_TRACKING_URI``, else an SQLite store in ``output_dir``."""
-    if tracking_uri:
-        return str(tracking_uri)
-    if os.environ.get("MLFLOW_TRACKING_URI"):
-        return os.environ["MLFLOW_TRACKING_URI"]
-    return "sqlite:///" + str(Path(output_dir).resolve() / "mlruns.db")
-
-
-def flatten_params(params: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
-    """Nested dicts -> ``{"a.b.c": "value"}`` with values as strings (MLflow params are strings)."""
-    out: dict[str, str] = {}
-    for key, value in params.items():
-        name = f"{prefix}{key}"
-        if isinstance(value, Mapping):
-            out.update(flatten_params(value, name + "."))
-        else:
-            if isinstance(value, torch.Tensor):
-                value = value.tolist()
-            text = json.dumps(value) if isinstance(value, (list, tuple, bool)) or value is None else str(value)
-            out[name] = text[:_MAX_PARAM_LEN]
-    return out
-
-
-def _file_digest(path: str | os.PathLike) -> str:
-    import hashlib
-
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
-def _git_commit() -> str | None:
-    import subprocess
-
-    try:
-        repo = Path(__file__).resolve().parents[1]
-        out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
-        if out.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
-            return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
-        pass
-    return None
-
-
-def describe_network(network: torch.nn.Module) -> dict[str, Any]:
-    """Class, parameter count and the constructor settings a network exposes as attributes."""
-    net = network.module if hasattr(network, "module") and isinstance(network.module, torch.nn.Module) else network
-    net = getattr(net, "_orig_mod", net)  # torch.compile wrapper
-    info: dict[str, Any] = {"class": type(net).__name__, "parameters": sum(p.numel() for p in net.parameters())}
-    for attr in ("in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks", "additive_skips",
-                 "use_checkpoint"):
-        if hasattr(net, attr):
-            info[attr] = getattr(net, attr)
-    return info
-
-
-def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
-    """Class and the hyperparameters of the first parameter group."""
-    group = optimizer.param_groups[0]
-    return {"class": type(optimizer).__name__,
-            **{k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, str, bool, tuple))}}
+_PARAM_BATCH = 100  # ... and of params (or tags) per log_batch
 
 
 class MLflowTracker:
@@ -108,11 +48,11 @@ class MLflowTracker:
 
     Logged:
 
-    - params: ``params`` (flattened), the network / optimizer / diffusion settings, versions of wdm3d, monai, torch
-      and mlflow, the git commit, the datalist's digest and size, the command line;
-    - metrics: ``loss`` and per-subband ``loss_<SUBBAND>`` (when the output has ``pred``/``label`` with 8C
-      channels), the terms of a composite loss as ``loss_<term>`` (``engine.state.loss_terms``), ``lr``, ``grad_norm``, ``throughput_volumes_per_s``, ``peak_gpu_memory_gb`` (CUDA) every
-      ``log_every`` iterations; ``engine.state.metrics`` (e.g. validation statistics) every epoch;
+    - params: ``settings`` and ``params`` (flattened), the network / optimizer / diffusion settings, versions of
+      wdm3d, monai, torch and mlflow, the git commit, the datalist's digest and size, the command line;
+    - metrics: :func:`~wdm3d.tracking.steps.step_metrics` (loss, per subband too, a composite loss's terms,
+      ``lr``, ``grad_norm``), ``throughput_volumes_per_s`` and ``peak_gpu_memory_gb`` (CUDA) every ``log_every``
+      iterations; ``engine.state.metrics`` (e.g. validation statistics) every epoch;
     - artifacts: validation previews (via :meth:`log_preview`, given to ``SampleValidator`` as a callback), the
       bundle's config files, and at the end the final checkpoint (``log_checkpoint``) and ``artifacts`` (globs).
 
@@ -121,7 +61,9 @@ class MLflowTracker:
         tracking_uri: see :func:`default_tracking_uri`.
         experiment_name: MLflow experiment.
         run_name: None: ``<experiment>-<UTC time>-<6 hex>``, unique per launch.
-        params: extra params (the bundle passes its settings).
+        settings: the run's settings, read when the run starts (the bundles pass
+            :func:`~wdm3d.tracking.bundle_settings`: every top-level setting of the running config).
+        params: more params, e.g. values derived from objects (they win over ``settings`` of the same name).
         network, optimizer, diffusion: described in the params.
         datalist: its SHA-256 and entry counts go into the params.
         config_dir: every ``*.json`` in it is logged as an artifact under ``config/``.
@@ -141,6 +83,7 @@ class MLflowTracker:
         tracking_uri: str | None = None,
         experiment_name: str = "wdm3d",
         run_name: str | None = None,
+        settings: Mapping[str, Any] | None = None,
         params: Mapping[str, Any] | None = None,
         network: torch.nn.Module | None = None,
         optimizer: torch.optim.Optimizer | None = None,
@@ -161,6 +104,7 @@ class MLflowTracker:
         self.tracking_uri = default_tracking_uri(output_dir, tracking_uri)
         self.experiment_name = experiment_name
         self.run_name = run_name or f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        self.settings = settings
         self.params = dict(params or {})
         self.network, self.optimizer, self.diffusion = network, optimizer, diffusion
         self.datalist = datalist
@@ -246,13 +190,11 @@ class MLflowTracker:
                                self.output_dir / "metrics.jsonl", err)
 
     def _start(self) -> None:
-        import mlflow
+        # mlflow takes seconds to import: only once a run starts (not with --mlflow false, not on ranks > 0)
         from mlflow.exceptions import MlflowException
         from mlflow.tracking import MlflowClient
 
-        # keep a dead server from stalling training for minutes of retries (the user's settings win)
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
+        fail_fast_on_a_dead_server()
         with self._remote("starting the run") as ok:
             if not ok:
                 return
@@ -289,7 +231,7 @@ class MLflowTracker:
             tags = {"mlflow.source.name": "wdm3d", **self.tags}
             run = self._client.create_run(exp_id, run_name=self.run_name, tags=tags)
             self.run_id = run.info.run_id
-            self._client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in self._all_params().items()])
+            self._log_params(self._all_params())
             self._started = True
             logger.info("MLflow: run %s (%s) at %s", self.run_name, self.run_id, self.tracking_uri)
         if self._started and self.run_id and self.config_dir and self.config_dir.is_dir():
@@ -314,51 +256,52 @@ class MLflowTracker:
             logger.warning("MLflow: could not record the settings changed on resume (%s: %s).", type(err).__name__, err)
 
     def _record_changed_params(self, run) -> None:
-        import mlflow
-
         old = run.data.params
         now = self._all_params()
         new = {k: v for k, v in now.items() if k not in old}
         changed = {k: v for k, v in now.items() if k in old and old[k] != v and k not in ("command", "git_commit")}
         if new:
-            self._client.log_batch(self.run_id, params=[mlflow.entities.Param(k, v) for k, v in new.items()])
+            self._log_params(new)
         if changed:
             n = sum(1 for k in run.data.tags if k.startswith("wdm3d.resume")) + 1
-            self._client.log_batch(self.run_id, tags=[
-                mlflow.entities.RunTag(f"wdm3d.resume{n}.{k}"[:250], v[:_MAX_TAG_LEN]) for k, v in changed.items()])
+            self._log_params({f"wdm3d.resume{n}.{k}"[:250]: v[:_MAX_TAG_LEN] for k, v in changed.items()}, tags=True)
             logger.warning("Resumed with changed settings (the run's params keep the first launch's values; the new "
                            "ones are tags wdm3d.resume%d.*): %s", n,
                            {k: (old[k], v) for k, v in changed.items()})
 
+    def _log_params(self, values: Mapping[str, str], tags: bool = False) -> None:
+        # in batches of MLflow's limit (a bundle's settings with the descriptions pass it)
+        # mlflow takes seconds to import: only once a run starts
+        from mlflow.entities import Param, RunTag
+
+        entity = RunTag if tags else Param
+        items = [entity(k, v) for k, v in values.items()]
+        for i in range(0, len(items), _PARAM_BATCH):
+            chunk = items[i:i + _PARAM_BATCH]
+            self._client.log_batch(self.run_id, **({"tags": chunk} if tags else {"params": chunk}))
+
     def _all_params(self) -> dict[str, str]:
+        # mlflow takes seconds to import: only once a run starts
         import mlflow
-        import monai
 
-        from . import __version__
-
-        params: dict[str, Any] = dict(self.params)
+        params: dict[str, Any] = {**dict(self.settings or {}), **self.params}
         if self.network is not None:
             params["network"] = describe_network(self.network)
         if self.optimizer is not None:
             params["optimizer"] = describe_optimizer(self.optimizer)
         if self.diffusion is not None and hasattr(self.diffusion, "config"):
             params["diffusion"] = self.diffusion.config()
-        params["versions"] = {"wdm3d": __version__, "monai": monai.__version__, "torch": torch.__version__,
-                              "mlflow": mlflow.__version__, "python": sys.version.split()[0]}
-        params["git_commit"] = _git_commit() or "unknown"
-        params["command"] = " ".join(sys.argv)[:_MAX_PARAM_LEN]
+        params["versions"] = versions(mlflow.__version__)
+        params["git_commit"] = git_commit() or "unknown"
+        params["command"] = " ".join(sys.argv)[:MAX_PARAM_LEN]
         if self.datalist and Path(self.datalist).is_file():
-            data = json.loads(Path(self.datalist).read_text())
-            params["datalist"] = {"path": str(self.datalist), "sha256": _file_digest(self.datalist),
-                                  **{f"n_{k}": len(v) for k, v in data.items() if isinstance(v, list)}}
+            params["datalist"] = describe_datalist(self.datalist)
         return flatten_params(params)
 
     # -- ignite ----------------------------------------------------------------------------------------------------
 
     def attach(self, engine) -> None:
         """Attach before MONAI's StatsHandler: ignite stops at the first exception handler that re-raises."""
-        from ignite.engine import Events
-
         if not self.enabled:
             return
         engine.add_event_handler(Events.STARTED, self._on_started)
@@ -367,8 +310,6 @@ class MLflowTracker:
         engine.add_event_handler(Events.EXCEPTION_RAISED, self._on_exception)
 
     def _on_started(self, engine) -> None:
-        from ignite.engine import Events
-
         # registered now, after every handler has attached, so that they run last at each epoch's end and at the end
         # of training, and log what other handlers (validation) computed then rather than before
         if not engine.has_event_handler(self._on_epoch, Events.EPOCH_COMPLETED):
@@ -381,6 +322,7 @@ class MLflowTracker:
             torch.cuda.reset_peak_memory_stats()
 
     def _log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        # mlflow takes seconds to import: only once a run starts
         from mlflow.entities import Metric
 
         metrics = {k: float(v) for k, v in metrics.items() if v is not None}
@@ -416,31 +358,7 @@ class MLflowTracker:
             self._dropped = 0
 
     def _on_iteration(self, engine) -> None:
-        from .diffusion.training import subband_mse, target_tensor
-
-        out = engine.state.output
-        metrics: dict[str, float] = {}
-        if isinstance(out, Mapping):
-            if "loss" in out:
-                metrics["loss"] = float(torch.as_tensor(out["loss"]).detach().float().mean())
-            pred, label = out.get("pred"), target_tensor(out.get("label"))
-            levels = getattr(self.diffusion, "levels", 1)
-            if isinstance(pred, torch.Tensor) and isinstance(label, torch.Tensor) and pred.shape == label.shape \
-                    and pred.ndim == 5 and pred.shape[1] % 8**levels == 0:
-                metrics.update({f"loss_{k}": v for k, v in subband_mse(pred, label, levels).items()})
-        # the terms of a composite loss (VAEIteration: recon, wavelet, kl, adv_g, adv_d, ...)
-        metrics.update({f"loss_{k}": float(v) for k, v in (getattr(engine.state, "loss_terms", None) or {}).items()})
-        opt = getattr(engine, "optimizer", None)
-        if opt is not None:
-            metrics["lr"] = opt.param_groups[0]["lr"]
-            guarded = engine.state.metrics.get("grad_norm_total")  # GuardedIteration's norm of this step
-            grads = [] if guarded is not None else [
-                p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
-            if guarded is not None:
-                metrics["grad_norm"] = float(guarded)
-            elif grads:
-                metrics["grad_norm"] = float(torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(g.detach().float()) for g in grads])))
+        metrics = step_metrics(engine, getattr(self.diffusion, "levels", 1))
         now = time.perf_counter()
         iters = engine.state.iteration - self._last_iter
         batch = getattr(getattr(engine, "data_loader", None), "batch_size", None)
@@ -469,6 +387,12 @@ class MLflowTracker:
         self.log_artifact(png, "validation")
 
     def log_artifact(self, path: str | os.PathLike, artifact_path: str | None = None) -> None:
+        """Upload a file to the run (nothing before the run started or with tracking off; a failure only warns).
+
+        Args:
+            path: the file.
+            artifact_path: the folder inside the run's artifacts; None: their root.
+        """
         if self.run_id is None or not self.enabled or not self._started:
             return
         with self._remote(f"uploading {path}", pause=False) as ok:
@@ -481,8 +405,6 @@ class MLflowTracker:
         if fresh:
             self._log_metrics(fresh, engine.state.iteration)
         if self.log_checkpoint and self.checkpoint_dir is not None:
-            from .engine.checkpoint import latest_checkpoint
-
             ckpt = latest_checkpoint(self.checkpoint_dir)
             if ckpt is not None:
                 self.log_artifact(ckpt, "checkpoints")
@@ -509,6 +431,7 @@ class MLflowTracker:
         with self._remote("ending the run", force=True) as ok:
             if ok:
                 if self._client is None:  # failed before the tracker started (a handler before it raised)
+                    # mlflow takes seconds to import: only once a run ends that never started
                     from mlflow.tracking import MlflowClient
 
                     self._client = MlflowClient(tracking_uri=self.tracking_uri)
@@ -517,44 +440,3 @@ class MLflowTracker:
         if self._pending:
             logger.warning("%d metric values could not be sent to MLflow; they are in %s.", len(self._pending),
                            self.output_dir / "metrics.jsonl")
-
-
-def log_to_run(
-    run_info: Mapping[str, Any] | None,
-    files: Sequence[str | os.PathLike],
-    artifact_path: str,
-    metrics: Mapping[str, float] | None = None,
-) -> bool:
-    """Log files (and metrics) to an existing run, e.g. inference outputs to the training run they came from.
-
-    Args:
-        run_info: ``{"run_id", "tracking_uri"}`` (as :meth:`MLflowTracker.state_dict` stores in checkpoints);
-            None or an empty run id does nothing.
-        files: files to upload.
-        artifact_path: folder inside the run's artifacts.
-        metrics: optional metrics to log.
-
-    Returns:
-        True if everything was logged; False (with a warning) if MLflow could not be reached.
-    """
-    if not run_info or not run_info.get("run_id"):
-        return False
-    try:
-        from mlflow.tracking import MlflowClient
-
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
-        os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
-        uri = run_info.get("tracking_uri")
-        if isinstance(uri, str) and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
-            # (a client on a missing SQLite file would create it, and its folders, as a new empty store)
-            raise FileNotFoundError(f"the run's SQLite store {uri[len('sqlite:///'):]} does not exist here")
-        client = MlflowClient(tracking_uri=uri)
-        for f in files:
-            client.log_artifact(run_info["run_id"], str(f), artifact_path)
-        for k, v in (metrics or {}).items():
-            client.log_metric(run_info["run_id"], k, float(v))
-        return True
-    except Exception as err:
-        warnings.warn(f"Could not log to MLflow run {run_info.get('run_id')} ({type(err).__name__}: {err}); "
-                      "the files are still on disk.", RuntimeWarning, stacklevel=2)
-        return False
