@@ -26,7 +26,7 @@ A case depends only on ``(seed, index)``; :func:`make_phantom_raw` returns what 
 
 Time: the demo default (4 cases of 64x64x40 at 5 mm) takes about 1 s; the test size (32x32x24) well under that.
 
-Length (over 450 lines): one concept, the offline stand-in download; its anatomy, series writer and defects are kept
+One module because it is one concept, the offline stand-in download; its anatomy, series writer and defects are kept
 together because each defect is defined by how the writer breaks the series.
 """
 

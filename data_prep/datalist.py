@@ -14,13 +14,14 @@ it: it checks that every file exists, keeps ``case`` and ``patient`` as ids and 
 
 from __future__ import annotations
 
-import json
 import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+
+from wdm3d.data import load_datalist as read_split
 
 __all__ = [
     "DATALIST_NAME",
@@ -143,12 +144,8 @@ def load_datalist(
     datalist: str | os.PathLike, split: str = "training", base_dir: str | os.PathLike | None = None
 ) -> list[dict[str, Any]]:
     """Load one split of a ``datalist.json`` written by :func:`data_prep.brats.prepare_brats` or
-    :func:`data_prep.lidc.prepare_lidc`, with absolute paths.
-
-    MONAI's ``load_decathlon_datalist`` does the path joining; this wrapper restores ``case`` and ``patient`` (MONAI
-    turns ``case`` into the case *folder* because that path exists), returns ``[]`` for an empty split (MONAI raises
-    an IndexError on an empty ``"test"``) and checks that every file exists (MONAI silently leaves a missing file's
-    path relative).
+    :func:`data_prep.lidc.prepare_lidc`, with absolute paths: :func:`wdm3d.data.load_datalist` with every path key
+    of each entry (the ids ``case`` and ``patient`` stay ids) and ``[]`` for an empty split.
 
     Args:
         datalist: path of ``datalist.json``.
@@ -157,32 +154,14 @@ def load_datalist(
 
     Returns:
         ``[{"case": id, "patient": id, "t1n": "/abs/path.nii.gz", ..., "seg": "/abs/path.nii.gz"}, ...]``.
-    """
-    # monai (and torch with it) takes seconds to import; only this loader needs it, not the preparation tools
-    from monai.data import load_decathlon_datalist
 
-    path = Path(datalist)
-    if not path.is_file():
-        raise FileNotFoundError(f"datalist {str(path)!r} does not exist; create it with python -m data_prep.brats.")
-    with open(path) as fh:
-        raw = json.load(fh)
-    if split not in raw:
-        raise ValueError(f"split {split!r} is not in {str(path)!r}; it has {[k for k in SPLIT_KEYS if k in raw]}.")
-    if not raw[split]:
-        return []
-    base = Path(base_dir) if base_dir is not None else path.parent
-    items = load_decathlon_datalist(path, is_segmentation=True, data_list_key=split, base_dir=base)
-    id_keys = ("case", "patient")
-    for item, orig in zip(items, raw[split]):
-        for key in id_keys:
-            if key in orig:
-                item[key] = orig[key]
-        for key, value in item.items():
-            if key in id_keys or not isinstance(value, str):
-                continue
-            if not os.path.isabs(value) or not os.path.exists(value):
-                raise FileNotFoundError(
-                    f"{key} of case {orig.get('case')!r} in {str(path)!r} does not exist below {str(base)!r}: "
-                    f"{value!r}. Pass base_dir= the folder that holds the case folders."
-                )
-    return items
+    Raises:
+        FileNotFoundError: the datalist, or a file it lists, does not exist (the message says to pass ``base_dir``).
+        KeyError: the datalist has no such split.
+    """
+    try:
+        return read_split(datalist, split, keys=None, base_dir=base_dir, allow_empty=True)
+    except FileNotFoundError as err:
+        if not Path(datalist).is_file():
+            raise
+        raise FileNotFoundError(f"{err} Pass base_dir= the folder that holds the case folders.") from None

@@ -33,7 +33,7 @@ default), or 32^3 at 8 mm (tiny).
 Time on a 2-core CPU: ``make_demo_dataset(num_cases=16)`` (resolution 2) about 17-28 s; the tiny setting
 (``num_cases=4, resolution=4``) about 5 s; ``resolution=1`` about 16 s per case.
 
-Length (over 450 lines): one concept, the demo dataset; template, lesion, augmentation and layout are the steps of
+One module because it is one concept, the demo dataset; template, lesion, augmentation and layout are the steps of
 one seeded case and read in order.
 """
 

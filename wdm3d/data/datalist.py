@@ -35,21 +35,36 @@ def read_datalist(path: str | os.PathLike) -> dict[str, Any]:
     return data
 
 
+#: entry keys that name a case, never a file
+ID_KEYS = ("case", "patient")
+
+
+def _path_keys(entry: Any) -> list[str]:
+    # every key of an entry whose value is a path or a list of paths (all but the ids)
+    if not isinstance(entry, dict):
+        return ["image"]
+    return [k for k, v in entry.items() if k not in ID_KEYS and (isinstance(v, str) or (
+        isinstance(v, list) and v and all(isinstance(p, str) for p in v)))]
+
+
 def load_datalist(
     path: str | os.PathLike,
     split: str = "training",
-    keys: Sequence[str] = ("image",),
+    keys: Sequence[str] | None = ("image",),
     base_dir: str | os.PathLike | None = None,
     check_files: bool = True,
+    allow_empty: bool = False,
 ) -> list[dict[str, Any]]:
     """The entries of one split with the paths under ``keys`` made absolute.
 
     Args:
         path: the datalist JSON file.
         split: which list to read (``"training"``, ``"validation"``, ``"test"``).
-        keys: entry keys that hold file paths (e.g. ``["t1n"]``); every entry must have all of them.
+        keys: entry keys that hold file paths (e.g. ``["t1n"]``); every entry must have all of them. None: every
+            string (or list of strings) of each entry except the ids ``case`` / ``patient``, as data_prep writes them.
         base_dir: folder the relative paths are relative to (default: the datalist's folder).
         check_files: raise if a listed file does not exist (naming it), instead of failing mid-training.
+        allow_empty: return ``[]`` for an empty split (a dataset too small for a test split) instead of raising.
 
     Returns:
         A list of dicts (copies of the entries) whose ``keys`` values are absolute paths.
@@ -60,23 +75,26 @@ def load_datalist(
         lists = [k for k, v in data.items() if isinstance(v, list)]
         raise KeyError(f"Datalist {path} has no split {split!r}; it has {lists}.")
     entries = data[split]
+    if allow_empty and entries == []:
+        return []
     if not isinstance(entries, list) or not entries:
         raise ValueError(f"Datalist {path}: split {split!r} is empty or not a list; it needs at least one entry.")
     base = Path(base_dir) if base_dir is not None else path.parent
     out = []
     for i, entry in enumerate(entries):
-        if isinstance(entry, str) and tuple(keys) == ("image",):
+        entry_keys = _path_keys(entry) if keys is None else list(keys)
+        if isinstance(entry, str) and entry_keys == ["image"]:
             entry = {"image": entry}
         if not isinstance(entry, dict):
             raise ValueError(f"Datalist {path}: entry {i} of {split!r} must be an object, got {entry!r}.")
-        missing = [k for k in keys if k not in entry]
+        missing = [k for k in entry_keys if k not in entry]
         if missing:
             raise KeyError(
                 f"Datalist {path}: entry {i} of {split!r} ({entry.get('case', '?')}) has no key(s) {missing}; "
                 f"it has {sorted(entry)}. Choose an available modality (e.g. image_key) or re-run data_prep."
             )
         item = dict(entry)
-        for k in keys:
+        for k in entry_keys:
             value = item[k]
             values = value if isinstance(value, list) else [value]
             resolved = [str(p if os.path.isabs(p) else (base / p)) for p in values]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 
+import torch
 from monai import transforms as mt
 
 from .safety import BadInputError, CheckVolumed, GuardedTransform, _first_bad_input
@@ -128,8 +129,6 @@ def latent_transforms(
     Returns:
         A ``Compose`` producing ``(Z, d, h, w)`` float32 MetaTensors.
     """
-    import torch
-
     if len(latent_shift) != len(latent_scale) or not latent_shift:
         raise ValueError(f"latent_shift and latent_scale need one value per channel, got {latent_shift} and {latent_scale}.")
     keys = [keys] if isinstance(keys, str) else list(keys)
