@@ -176,7 +176,7 @@ def run_variant(v: Variant, preset: str, size: int, batch: int, args, device: to
     except Exception as err:  # OOM, compile failure, ...: a row, not a crash
         res.status = f"FAILED {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"
     finally:
-        del model, opt, images
+        model = opt = images = None  # drop the references (the step closure keeps its cell) so the memory is freed
         gc.collect()
         if v.compile:
             torch._dynamo.reset()

@@ -4,11 +4,11 @@ import fnmatch
 import json
 import re
 import shlex
-import tomllib
 from importlib.metadata import requires
 from pathlib import Path
 
 import pytest
+import tomllib
 import yaml
 from dockerfile_parse import DockerfileParser
 from packaging.requirements import Requirement

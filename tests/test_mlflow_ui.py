@@ -17,9 +17,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
-from PIL import Image
-
 from mlflow_server import mlflow_server
+from PIL import Image
 from test_bundle import TINY_TRAIN, dataset, workflow  # noqa: F401 (fixture)
 
 # a learning rate that makes the 8-step loss curve visibly fall (seeded: the same curve every time)
@@ -59,7 +58,7 @@ def chart_card(dom: str, title: str) -> str | None:
     return None
 
 
-def test_the_dashboard_shows_the_runs_loss_chart(dataset, tmp_path):
+def test_the_dashboard_shows_the_runs_loss_chart(dataset, tmp_path):  # noqa: F811 (pytest injects the fixture)
     browser = find_chromium()
     if browser is None:
         pytest.skip("no Chromium found (tried $WDM3D_CHROMIUM, " + ", ".join(BROWSERS) + "): apt-get install chromium")
