@@ -2,16 +2,11 @@
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
 import os
 import platform
-import re
-import shutil
-import tempfile
 import time
-import uuid
 from collections.abc import Sequence
 from contextlib import nullcontext
 from datetime import datetime, timezone
@@ -28,7 +23,8 @@ from .diffusion import WaveletDiffusion
 from .engine.config_check import check_image_size
 from .engine.geometry import DataGeometry, reference_geometry
 from .engine.seeding import derive_seed
-from .io import atomic_write_text, new_file_mode, save_montage, save_nifti, write_dicom_series
+from .io import atomic_write_text, save_montage, save_nifti, write_dicom_series
+from .io.staging import MANIFEST, StagedOutput
 from .tracking import log_to_run
 
 __all__ = ["VolumeGenerator", "AUTOCAST_DTYPES", "batch_seed"]
@@ -40,97 +36,6 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 #: the generator seed of the batch that starts at sample ``first`` of a run with ``seed``: the project's one rule for
 #: per-batch and per-case seeds (:func:`wdm3d.engine.seeding.derive_seed`), under the name inference's callers use
 batch_seed = derive_seed
-
-
-_SAMPLE_FILE = re.compile(r"^sample_(\d{4,})(?:\.nii\.gz|\.png|_dicom)$")
-MANIFEST = "manifest.json"
-
-
-def _is_run_file(name: str) -> bool:
-    """A file a run writes (its samples and manifest), as opposed to the user's own files in the output folder."""
-    return name == MANIFEST or _SAMPLE_FILE.match(name) is not None
-
-
-class _Staging:
-    """A fresh folder that a run writes into, swapped in for ``output_dir`` once it is complete.
-
-    Normally a hidden sibling, ``.<name>.partial-XXXX`` (same filesystem, so the swap is two renames): until the swap
-    ``output_dir`` holds the previous run's complete output, untouched; a run that fails removes its folder, one that
-    is killed leaves it beside ``output_dir`` (named in a warning by the next run). At the swap the previous folder is
-    renamed aside, the new one renamed in, and the user's own files of the previous folder (anything that is not a
-    ``sample_NNNN`` file or the manifest, e.g. notes or an ``evaluation/`` folder) are moved into the new one; if the
-    process dies between the two renames both complete folders survive under their hidden names.
-
-    When ``output_dir`` is a mount point (which cannot be renamed) or its parent is not writable, the run is staged in
-    a hidden folder inside ``output_dir`` instead, and published by removing the previous manifest and samples and
-    moving the new ones in, the manifest last: an interruption in that short step leaves samples without a manifest,
-    which ``wdm3d evaluate`` refuses, never a manifest that describes other files.
-    """
-
-    def __init__(self, output_dir: Path) -> None:
-        self.target = output_dir.resolve()  # a symlinked output folder: swap the folder it points to, not the link
-        if self.target.exists() and not self.target.is_dir():
-            raise NotADirectoryError(f"output_dir {output_dir} is a file, not a folder; choose a folder for the samples.")
-        self.target.parent.mkdir(parents=True, exist_ok=True)
-        self.inside = False
-        if self.target.is_dir() and os.path.ismount(self.target):
-            self.inside = True
-        else:
-            try:
-                self.dir = Path(tempfile.mkdtemp(prefix=f".{self.target.name}.partial-", dir=self.target.parent))
-            except OSError as err:  # a parent this user may not write in (a shared project folder, a read-only mount)
-                if err.errno not in (errno.EACCES, errno.EPERM, errno.EROFS):
-                    raise
-                self.inside = True
-        if self.inside:
-            self.target.mkdir(parents=True, exist_ok=True)
-            self.dir = Path(tempfile.mkdtemp(prefix=".wdm3d-partial-", dir=self.target))
-        # mkdtemp makes 0700: give the folder the mode of the one it replaces, else what mkdir gives under the umask
-        mode = (self.target.stat().st_mode & 0o7777) if self.target.is_dir() else new_file_mode(directory=True)
-        os.chmod(self.dir, mode)
-
-    def leftovers(self) -> list[Path]:
-        """Staging or set-aside folders of earlier runs that were killed before they finished."""
-        if self.inside:
-            return sorted(p for p in self.target.glob(".wdm3d-partial-*") if p != self.dir)
-        pattern = [f".{self.target.name}.partial-*", f".{self.target.name}.old-*"]
-        return sorted(p for g in pattern for p in self.target.parent.glob(g) if p != self.dir)
-
-    def discard(self) -> None:
-        shutil.rmtree(self.dir, ignore_errors=True)
-
-    def publish(self) -> None:
-        """Swap the complete staging folder in for the output folder (see the class docstring)."""
-        if self.inside:
-            self._publish_inside()
-            return
-        if not self.target.exists():
-            os.rename(self.dir, self.target)
-            return
-        old = self.target.parent / f".{self.target.name}.old-{uuid.uuid4().hex[:8]}"
-        os.rename(self.target, old)
-        try:
-            os.rename(self.dir, self.target)
-        except OSError:
-            os.rename(old, self.target)  # the previous output back in place; the new one stays in self.dir
-            raise
-        for p in old.iterdir():
-            if not _is_run_file(p.name):
-                os.rename(p, self.target / p.name)
-        shutil.rmtree(old)
-
-    def _publish_inside(self) -> None:
-        (self.target / MANIFEST).unlink(missing_ok=True)
-        for p in self.target.iterdir():
-            if not _SAMPLE_FILE.match(p.name):
-                continue
-            if p.is_dir() and not p.is_symlink():
-                shutil.rmtree(p)
-            else:
-                p.unlink()
-        for p in sorted(self.dir.iterdir(), key=lambda p: p.name == MANIFEST):
-            os.rename(p, self.target / p.name)
-        self.dir.rmdir()
 
 
 class VolumeGenerator:
@@ -242,7 +147,9 @@ class VolumeGenerator:
         self.datalist, self.image_key = datalist, image_key
         self.reference_image = reference_image
         self.intensity_range = intensity_range
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.autocast = autocast
         self.progress = progress
         self.mlflow, self.mlflow_log_volumes = mlflow, mlflow_log_volumes
@@ -279,7 +186,9 @@ class VolumeGenerator:
         if self.reference_image is not None or has_datalist:
             if irange is None:  # a datalist that is not there says nothing: the checkpoint's range, then [0, 1]
                 irange = datalist_range(self.datalist) if has_datalist else stored.intensity_range
-            affine, shape = reference_geometry(self.reference_image, self.datalist, self.image_key, self.image_size, irange)
+            affine, shape = reference_geometry(
+                self.reference_image, self.datalist, self.image_key, self.image_size, irange
+            )
             source = str(self.reference_image or self.datalist)
         elif stored.affine is not None:
             affine, shape = stored.affine, stored.shape
@@ -315,16 +224,23 @@ class VolumeGenerator:
             self.decoder.to(self.device)
             sample_shape = self.decoder.latent_shape(shape)
             if sample_shape[0] != channels:
-                raise ValueError(f"the diffusion network makes {channels} latent channels but the autoencoder takes "
-                                 f"{sample_shape[0]}; check network_def's in_channels (8 per level x latent channels).")
-        staging = _Staging(self.output_dir)
+                raise ValueError(
+                    f"the diffusion network makes {channels} latent channels but the autoencoder takes "
+                    f"{sample_shape[0]}; check network_def's in_channels (8 per level x latent channels)."
+                )
+        staging = StagedOutput(self.output_dir)
         for p in staging.leftovers():
-            logger.warning("%s was left by an inference run into %s that was killed before it finished (or is one "
-                           "still running): a .partial- folder is an unfinished output, a .old- folder the complete "
-                           "output before that run; move or delete it.", p, self.output_dir)
+            logger.warning(
+                "%s was left by an inference run into %s that was killed before it finished (or is one "
+                "still running): a .partial- folder is an unfinished output, a .old- folder the complete "
+                "output before that run; move or delete it.",
+                p,
+                self.output_dir,
+            )
         try:
-            manifest = self._generate(staging.dir, ckpt, ckpt_path, weights, affine, shape, lo, hi, geometry_source,
-                                      sample_shape)
+            manifest = self._generate(
+                staging.dir, ckpt, ckpt_path, weights, affine, shape, lo, hi, geometry_source, sample_shape
+            )
         except BaseException:
             staging.discard()
             raise
@@ -336,15 +252,30 @@ class VolumeGenerator:
             if self.mlflow_log_volumes:
                 files += [self.output_dir / s["nifti"] for s in samples]
             stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-            if log_to_run(run_info, files, f"inference/{stamp}",
-                          {"inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples}):
+            if log_to_run(
+                run_info,
+                files,
+                f"inference/{stamp}",
+                {"inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples},
+            ):
                 print(f"Logged the samples to MLflow run {manifest['mlflow_run_id']} ({run_info.get('tracking_uri')})")
         kinds = "NIfTI + PNG + DICOM" if self.dicom else "NIfTI + PNG"
         print(f"Wrote {self.num_samples} synthetic volumes ({kinds}) and manifest.json to {self.output_dir}")
         return manifest
 
-    def _generate(self, folder: Path, ckpt: dict, ckpt_path: Path, weights: str, affine: np.ndarray,
-                  shape: list[int], lo: float, hi: float, geometry_source: str, sample_shape: list[int]) -> dict:
+    def _generate(
+        self,
+        folder: Path,
+        ckpt: dict,
+        ckpt_path: Path,
+        weights: str,
+        affine: np.ndarray,
+        shape: list[int],
+        lo: float,
+        hi: float,
+        geometry_source: str,
+        sample_shape: list[int],
+    ) -> dict:
         """Sample every volume into ``folder``, then write its manifest there (last); return the manifest."""
         c_lo, c_hi = self.diffusion.clip_range or (-1.0, 1.0)
         use_autocast = self.autocast is not None and self.device.type == "cuda"
@@ -353,8 +284,10 @@ class VolumeGenerator:
             torch.cuda.reset_peak_memory_stats(self.device)
         hu_window = self._hu_window() if self.dicom and self.dicom_modality == "CT" else None
         if self.dicom and self.dicom_modality == "CT" and hu_window is None:
-            logger.warning("DICOM CT without an HU window (dicom_hu_window, or a numeric hu_clip in the datalist): "
-                           "the series store the volumes' own intensities, marked RescaleType US, not HU.")
+            logger.warning(
+                "DICOM CT without an HU window (dicom_hu_window, or a numeric hu_clip in the datalist): "
+                "the series store the volumes' own intensities, marked RescaleType US, not HU."
+            )
         samples, t_start = [], time.perf_counter()
         for first in range(0, self.num_samples, self.batch_size):
             n = min(self.batch_size, self.num_samples - first)
@@ -362,8 +295,15 @@ class VolumeGenerator:
             t0 = time.perf_counter()
             with ctx:
                 vols = self.diffusion.sample(
-                    self.network, sample_shape, num_samples=n, sampler=self.sampler, num_steps=self.num_steps,
-                    eta=self.eta, clip_projection=self.clip_projection, seed=seed, device=self.device,
+                    self.network,
+                    sample_shape,
+                    num_samples=n,
+                    sampler=self.sampler,
+                    num_steps=self.num_steps,
+                    eta=self.eta,
+                    clip_projection=self.clip_projection,
+                    seed=seed,
+                    device=self.device,
                     progress=self.progress,
                 )
                 if self.decoder is not None:
@@ -377,15 +317,25 @@ class VolumeGenerator:
                 data = vols[j].cpu().numpy() if vols.shape[1] > 1 else vol  # NIfTI: every channel
                 nii = save_nifti(data, affine, folder / f"sample_{i:04d}.nii.gz", description="synthetic (wdm3d)")
                 png = save_montage(folder / f"sample_{i:04d}.png", [vol], affine=affine, value_range=(lo, hi))
-                entry = {"index": i, "seed": seed, "batch_position": j, "nifti": nii.name, "png": png.name,
-                         "seconds": round(seconds, 3)}
+                entry = {
+                    "index": i,
+                    "seed": seed,
+                    "batch_position": j,
+                    "nifti": nii.name,
+                    "png": png.name,
+                    "seconds": round(seconds, 3),
+                }
                 if self.dicom:
                     series = write_dicom_series(
                         (vol - lo) / (hi - lo) if hu_window is not None else vol,  # [0, 1] for the HU window
-                        affine, folder / f"sample_{i:04d}_dicom", modality=self.dicom_modality,
+                        affine,
+                        folder / f"sample_{i:04d}_dicom",
+                        modality=self.dicom_modality,
                         series_description=f"sample {i} seed {seed}",
-                        value_range=(lo, hi) if self.dicom_modality == "MR" else None, hu_window=hu_window,
-                        overwrite=True, series_number=i + 1,
+                        value_range=(lo, hi) if self.dicom_modality == "MR" else None,
+                        hu_window=hu_window,
+                        overwrite=True,
+                        series_number=i + 1,
                     )
                     entry["dicom"] = series["dir"].name
                     entry["dicom_series_uid"] = series["series_uid"]
@@ -397,7 +347,9 @@ class VolumeGenerator:
             "checkpoint": str(ckpt_path.resolve()),
             "weights": weights,
             "sampler": self.sampler,
-            "num_steps": self.num_steps if self.num_steps is not None else len(self.diffusion.sampling_timesteps(self.sampler)) - 1,
+            "num_steps": self.num_steps
+            if self.num_steps is not None
+            else len(self.diffusion.sampling_timesteps(self.sampler)) - 1,
             "eta": self.eta,
             "clip_projection": self.clip_projection,
             "seed": self.seed,
@@ -408,12 +360,17 @@ class VolumeGenerator:
             "geometry_source": geometry_source,
             "intensity_range": [lo, hi],
             "dicom": {"modality": self.dicom_modality, "hu_window": hu_window} if self.dicom else None,
-            "latent": ({"shape": sample_shape, "chunk": self.decoder.chunk, "autoencoder": self.decoder.info}
-                       if self.decoder is not None else None),
+            "latent": (
+                {"shape": sample_shape, "chunk": self.decoder.chunk, "autoencoder": self.decoder.info}
+                if self.decoder is not None
+                else None
+            ),
             "device": str(self.device),
             "autocast": self.autocast if use_autocast else None,
             "seconds_total": round(time.perf_counter() - t_start, 3),
-            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3) if self.device.type == "cuda" else None,
+            "peak_gpu_memory_gb": round(torch.cuda.max_memory_allocated(self.device) / 2**30, 3)
+            if self.device.type == "cuda"
+            else None,
             "versions": {"wdm3d": __version__, "torch": torch.__version__, "python": platform.python_version()},
             "samples": samples,
         }

@@ -4,6 +4,8 @@ After Kiruluta 2025 (arXiv 2504.13214, "wavelet-based VAE"): the latent space is
 coefficients, a learnable noise scale keeps it stochastic, and a sparsity (Laplacian / L1) prior on the detail
 coefficients replaces, or joins, the Gaussian KL. The paper has no public code; the design below is ours.
 
+One module because it is one network: its encoder, refinement networks and decoder are only meaningful together.
+
 Layout (``x`` is ``(B, C, D, H, W)``, ``L = levels``, ``f = 2**L``, ``Z = latent_channels``, ``Zd = Z - C``)::
 
     analysis      c_l = DWT(low_l), low_0 = x, low_{l+1} = LLL of c_l       c_l: (B, 8C, D/2^(l+1), ...), l = 0..L-1
@@ -104,8 +106,12 @@ class _ResBlock(nn.Module):
     def __init__(self, channels: int, groups: int) -> None:
         super().__init__()
         self.body = nn.Sequential(
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1),
-            nn.GroupNorm(groups, channels), nn.SiLU(), nn.Conv3d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv3d(channels, channels, 3, padding=1),
+            nn.GroupNorm(groups, channels),
+            nn.SiLU(),
+            nn.Conv3d(channels, channels, 3, padding=1),
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -168,9 +174,13 @@ class WaveletVAE3D(nn.Module):
         zero_init_residual: bool = True,
     ) -> None:
         super().__init__()
-        for name, value, low in (("in_channels", in_channels, 1), ("base_channels", base_channels, 1),
-                                 ("num_res_blocks", num_res_blocks, 0), ("norm_num_groups", norm_num_groups, 1),
-                                 ("refine_channels", refine_channels, 0)):
+        for name, value, low in (
+            ("in_channels", in_channels, 1),
+            ("base_channels", base_channels, 1),
+            ("num_res_blocks", num_res_blocks, 0),
+            ("norm_num_groups", norm_num_groups, 1),
+            ("refine_channels", refine_channels, 0),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < low:
                 raise ValueError(f"{name} must be an integer >= {low}, got {value!r}.")
         if levels not in (1, 2, 3) or isinstance(levels, bool):
@@ -229,8 +239,9 @@ class WaveletVAE3D(nn.Module):
         self.dec_low_in = nn.ModuleList(nn.Conv3d(c, w, 3, padding=1) for w in widths)
         self.dec_blocks = nn.ModuleList(blocks(w) for w in widths)
         self.dec_up = nn.ModuleList(
-            nn.Sequential(nn.Upsample(scale_factor=2, mode="nearest"),
-                          nn.Conv3d(widths[i + 1], widths[i], 3, padding=1))
+            nn.Sequential(
+                nn.Upsample(scale_factor=2, mode="nearest"), nn.Conv3d(widths[i + 1], widths[i], 3, padding=1)
+            )
             for i in range(levels - 1)
         )
         self.dec_detail = nn.ModuleList(_head(w, 7 * c, groups) for w in widths)  # q_d per level
@@ -239,8 +250,10 @@ class WaveletVAE3D(nn.Module):
         self.refine: nn.Sequential | None = None
         if refine_channels:
             self.refine = nn.Sequential(
-                nn.Conv3d(c, refine_channels, 3, padding=1), nn.SiLU(),
-                nn.Conv3d(refine_channels, refine_channels, 3, padding=1), nn.SiLU(),
+                nn.Conv3d(c, refine_channels, 3, padding=1),
+                nn.SiLU(),
+                nn.Conv3d(refine_channels, refine_channels, 3, padding=1),
+                nn.SiLU(),
                 nn.Conv3d(refine_channels, c, 3, padding=1),
             )
 
@@ -440,9 +453,17 @@ class WaveletVAE3D(nn.Module):
         extra: dict[str, torch.Tensor] = {}
         if self.prior == "laplace" or self.prior == "both":
             extra["sparsity"] = posterior.mean[:, self.in_channels :].abs().mean()
-        return VAEOutput(reconstruction=reconstruction, posterior=posterior, latent=z, enc_coeffs=coeffs,
-                         dec_coeffs=dec_coeffs, extra_losses=extra)
+        return VAEOutput(
+            reconstruction=reconstruction,
+            posterior=posterior,
+            latent=z,
+            enc_coeffs=coeffs,
+            dec_coeffs=dec_coeffs,
+            extra_losses=extra,
+        )
 
     def extra_repr(self) -> str:
-        return (f"in_channels={self.in_channels}, levels={self.levels}, latent_channels={self.latent_channels}, "
-                f"prior={self.prior!r}, min_std={self.min_std}")
+        return (
+            f"in_channels={self.in_channels}, levels={self.levels}, latent_channels={self.latent_channels}, "
+            f"prior={self.prior!r}, min_std={self.min_std}"
+        )

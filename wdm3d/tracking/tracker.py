@@ -1,6 +1,8 @@
 """The MLflow handler of the bundles' trainings: params, metric histories, previews, artifacts; safe against the
 usual traps.
 
+One module because it is one handler class whose methods share its run state (run id, pending metrics, server health).
+
 Why not MONAI's ``MLFlowHandler``: with no run name a new launch attaches to any unfinished (e.g. crashed) run of
 the experiment, a crashed run is never marked FAILED, a resumed training cannot continue its own run, file stores
 are rejected with mlflow >= 3, and an unreachable server stops training. :class:`MLflowTracker` gives every launch a
@@ -103,7 +105,9 @@ class MLflowTracker:
         self.output_dir = Path(output_dir)
         self.tracking_uri = default_tracking_uri(output_dir, tracking_uri)
         self.experiment_name = experiment_name
-        self.run_name = run_name or f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        self.run_name = (
+            run_name or f"{experiment_name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}-{uuid.uuid4().hex[:6]}"
+        )
         self.settings = settings
         self.params = dict(params or {})
         self.network, self.optimizer, self.diffusion = network, optimizer, diffusion
@@ -160,15 +164,22 @@ class MLflowTracker:
             yield True
         except Exception as err:  # network errors, server errors, mlflow exceptions
             if not pause:
-                logger.warning("MLflow at %s failed while %s (%s: %s); training goes on.", self.tracking_uri, what,
-                               type(err).__name__, err)
+                logger.warning(
+                    "MLflow at %s failed while %s (%s: %s); training goes on.",
+                    self.tracking_uri,
+                    what,
+                    type(err).__name__,
+                    err,
+                )
                 return
             self._failures += 1
             self._backoff = min(max(2 * self._backoff, self.retry_after), 1800.0)
             self._down_until = time.monotonic() + self._backoff
-            message = (f"MLflow at {self.tracking_uri} failed while {what} ({type(err).__name__}: {err}); training goes "
-                       f"on, MLflow is retried in {self._backoff:.0f} s and the metrics meanwhile are kept for it; "
-                       f"all of them also go to {self.output_dir / 'metrics.jsonl'}.")
+            message = (
+                f"MLflow at {self.tracking_uri} failed while {what} ({type(err).__name__}: {err}); training goes "
+                f"on, MLflow is retried in {self._backoff:.0f} s and the metrics meanwhile are kept for it; "
+                f"all of them also go to {self.output_dir / 'metrics.jsonl'}."
+            )
             if self._failures == 1:
                 warnings.warn(message, RuntimeWarning, stacklevel=3)
             logger.warning(message)
@@ -186,8 +197,11 @@ class MLflowTracker:
         except OSError as err:
             if not self._local_failed:
                 self._local_failed = True
-                logger.warning("Cannot write %s (%s): local metric records stop; MLflow goes on.",
-                               self.output_dir / "metrics.jsonl", err)
+                logger.warning(
+                    "Cannot write %s (%s): local metric records stop; MLflow goes on.",
+                    self.output_dir / "metrics.jsonl",
+                    err,
+                )
 
     def _start(self) -> None:
         # mlflow takes seconds to import: only once a run starts (not with --mlflow false, not on ranks > 0)
@@ -217,7 +231,10 @@ class MLflowTracker:
                 logger.warning(
                     "MLflow run %s from the checkpoint is not in %s (the output folder moved, another tracking URI, "
                     "or the run was deleted): a new run is started, tagged wdm3d.resumed_from=%s.",
-                    self.run_id, self.tracking_uri, where)
+                    self.run_id,
+                    self.tracking_uri,
+                    where,
+                )
                 self.tags["wdm3d.resumed_from"] = where
                 self.run_id = None
             exp = self._client.get_experiment_by_name(self.experiment_name)
@@ -241,8 +258,15 @@ class MLflowTracker:
             try:
                 self.output_dir.mkdir(parents=True, exist_ok=True)
                 (self.output_dir / "mlflow_run.json").write_text(
-                    json.dumps({"run_id": self.run_id, "run_name": self.run_name, "tracking_uri": self.tracking_uri,
-                                "experiment_name": self.experiment_name}, indent=2)
+                    json.dumps(
+                        {
+                            "run_id": self.run_id,
+                            "run_name": self.run_name,
+                            "tracking_uri": self.tracking_uri,
+                            "experiment_name": self.experiment_name,
+                        },
+                        indent=2,
+                    )
                 )
             except OSError as err:
                 logger.warning("Cannot write %s (%s).", self.output_dir / "mlflow_run.json", err)
@@ -265,9 +289,12 @@ class MLflowTracker:
         if changed:
             n = sum(1 for k in run.data.tags if k.startswith("wdm3d.resume")) + 1
             self._log_params({f"wdm3d.resume{n}.{k}"[:250]: v[:_MAX_TAG_LEN] for k, v in changed.items()}, tags=True)
-            logger.warning("Resumed with changed settings (the run's params keep the first launch's values; the new "
-                           "ones are tags wdm3d.resume%d.*): %s", n,
-                           {k: (old[k], v) for k, v in changed.items()})
+            logger.warning(
+                "Resumed with changed settings (the run's params keep the first launch's values; the new "
+                "ones are tags wdm3d.resume%d.*): %s",
+                n,
+                {k: (old[k], v) for k, v in changed.items()},
+            )
 
     def _log_params(self, values: Mapping[str, str], tags: bool = False) -> None:
         # in batches of MLflow's limit (a bundle's settings with the descriptions pass it)
@@ -277,7 +304,7 @@ class MLflowTracker:
         entity = RunTag if tags else Param
         items = [entity(k, v) for k, v in values.items()]
         for i in range(0, len(items), _PARAM_BATCH):
-            chunk = items[i:i + _PARAM_BATCH]
+            chunk = items[i : i + _PARAM_BATCH]
             self._client.log_batch(self.run_id, **({"tags": chunk} if tags else {"params": chunk}))
 
     def _all_params(self) -> dict[str, str]:
@@ -327,8 +354,9 @@ class MLflowTracker:
 
         metrics = {k: float(v) for k, v in metrics.items() if v is not None}
         # non-finite values are kept (a diverging loss is worth seeing): null in the JSON lines, as they are in MLflow
-        self._local({"step": step, "time": time.time(),
-                     **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}})
+        self._local(
+            {"step": step, "time": time.time(), **{k: (v if math.isfinite(v) else None) for k, v in metrics.items()}}
+        )
         now = int(time.time() * 1000)
         self._pending += [Metric(k, v, now, step) for k, v in metrics.items()]
         if len(self._pending) > _MAX_PENDING:
@@ -353,8 +381,11 @@ class MLflowTracker:
                 self._client.log_batch(self.run_id, metrics=chunk)
                 del self._pending[: len(chunk)]
         if self._dropped and not self._pending:
-            logger.warning("MLflow was down long enough that the oldest %d metric values were not kept for it; "
-                           "they are in %s.", self._dropped, self.output_dir / "metrics.jsonl")
+            logger.warning(
+                "MLflow was down long enough that the oldest %d metric values were not kept for it; they are in %s.",
+                self._dropped,
+                self.output_dir / "metrics.jsonl",
+            )
             self._dropped = 0
 
     def _on_iteration(self, engine) -> None:
@@ -374,8 +405,11 @@ class MLflowTracker:
         # their round and were logged again every epoch, as if new)
         fresh = getattr(engine.state, "val_round", 0) > self._val_round_logged
         self._val_round_logged = getattr(engine.state, "val_round", 0)
-        return {k: v for k, v in engine.state.metrics.items()
-                if isinstance(v, (int, float)) and (fresh or not k.startswith("val_"))}
+        return {
+            k: v
+            for k, v in engine.state.metrics.items()
+            if isinstance(v, (int, float)) and (fresh or not k.startswith("val_"))
+        }
 
     def _on_epoch(self, engine) -> None:
         metrics = self._state_metrics(engine)
@@ -438,5 +472,8 @@ class MLflowTracker:
                 self._client.set_terminated(self.run_id, status=status)
                 logger.info("MLflow: run %s ended as %s", self.run_id, status)
         if self._pending:
-            logger.warning("%d metric values could not be sent to MLflow; they are in %s.", len(self._pending),
-                           self.output_dir / "metrics.jsonl")
+            logger.warning(
+                "%d metric values could not be sent to MLflow; they are in %s.",
+                len(self._pending),
+                self.output_dir / "metrics.jsonl",
+            )
