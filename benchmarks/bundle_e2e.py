@@ -24,8 +24,12 @@ import torch
 
 CONFIGS = Path(__file__).resolve().parents[1] / "bundles" / "wdm3d_brats" / "configs"
 AFFINE = np.array([[-1.2, 0, 0, 100.0], [0, 1.0, 0, -130.0], [0, 0, 1.5, -80.0], [0, 0, 0, 1]])
-TINY = {"network_def#base_channels": 8, "network_def#channel_mult": [1, 2], "network_def#num_res_blocks": 1,
-        "network_def#norm_num_groups": 4}
+TINY = {
+    "network_def#base_channels": 8,
+    "network_def#channel_mult": [1, 2],
+    "network_def#num_res_blocks": 1,
+    "network_def#norm_num_groups": 4,
+}
 
 
 def make_dataset(root: Path, size: int, num: int) -> Path:
@@ -35,7 +39,9 @@ def make_dataset(root: Path, size: int, num: int) -> Path:
     entries = []
     for i in range(num):
         r = 0.6 + 0.2 * rng.random(3)
-        vol = ((zz / r[0]) ** 2 + (yy / r[1]) ** 2 + (xx / r[2]) ** 2 <= 1).astype(np.float32) * (0.5 + 0.5 * rng.random())
+        vol = ((zz / r[0]) ** 2 + (yy / r[1]) ** 2 + (xx / r[2]) ** 2 <= 1).astype(np.float32) * (
+            0.5 + 0.5 * rng.random()
+        )
         (root / f"c{i}").mkdir(parents=True, exist_ok=True)
         nib.save(nib.Nifti1Image(vol, AFFINE), root / f"c{i}" / "t1n.nii.gz")
         entries.append({"case": f"c{i}", "t1n": f"c{i}/t1n.nii.gz"})
@@ -62,13 +68,28 @@ def main() -> None:
     device = torch.device(args.device)
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        common = {"image_size": [args.size] * 3, "output_dir": str(tmp / "out"), "mlflow": False,
-                  "device": f"$torch.device('{device}')", **(TINY if args.tiny else {}), **extra}
+        common = {
+            "image_size": [args.size] * 3,
+            "output_dir": str(tmp / "out"),
+            "mlflow": False,
+            "device": f"$torch.device('{device}')",
+            **(TINY if args.tiny else {}),
+            **extra,
+        }
         batch = 2 if args.tiny else (1 if args.size == 256 else 10)
         data = make_dataset(tmp / "data", args.size, batch * args.iterations)
-        wf = ConfigWorkflow(config_file=files, workflow_type="train", run_id="training", dataset_dir=str(data),
-                            max_epochs=1, batch_size=batch, num_workers=0, val_interval=1000,
-                            **{"train#validator#enabled": False}, **common)  # no validation sampling here
+        wf = ConfigWorkflow(
+            config_file=files,
+            workflow_type="train",
+            run_id="training",
+            dataset_dir=str(data),
+            max_epochs=1,
+            batch_size=batch,
+            num_workers=0,
+            val_interval=1000,
+            **{"train#validator#enabled": False},
+            **common,
+        )  # no validation sampling here
         wf.initialize()
         trainer = wf.parser.get_parsed_content("train#trainer")
         times = []
@@ -93,8 +114,16 @@ def main() -> None:
             torch.cuda.reset_peak_memory_stats(device)
 
         inf_files = [str(CONFIGS / "inference.json")] + ([str(CONFIGS / "wdm_256.json")] if args.size == 256 else [])
-        wf = ConfigWorkflow(config_file=inf_files, workflow_type="infer", run_id="inference", dataset_dir=str(data),
-                            num_samples=1, sampler=args.sampler, num_steps=args.num_steps, **common)
+        wf = ConfigWorkflow(
+            config_file=inf_files,
+            workflow_type="infer",
+            run_id="inference",
+            dataset_dir=str(data),
+            num_samples=1,
+            sampler=args.sampler,
+            num_steps=args.num_steps,
+            **common,
+        )
         wf.initialize()
         t0 = time.perf_counter()
         wf.run()
@@ -103,13 +132,17 @@ def main() -> None:
         img = nib.load(tmp / "out" / "samples" / "sample_0000.nii.gz")
         result = {
             "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "size": args.size, "batch": batch, "parameters_M": round(net_params / 1e6, 2),
+            "torch": torch.__version__,
+            "size": args.size,
+            "batch": batch,
+            "parameters_M": round(net_params / 1e6, 2),
             "bf16": device.type == "cuda",
             "first_iteration_s": round(float(steps[0]), 3),
             "seconds_per_iteration": round(float(np.median(steps[1:])) if len(steps) > 1 else float(steps[0]), 3),
             "volumes_per_s": round(batch / float(np.median(steps[1:] if len(steps) > 1 else steps)), 2),
             "train_peak_gb": None if train_peak is None else round(train_peak, 2),
-            "sampler": f"{args.sampler}-{args.num_steps}", "sample_seconds": round(sample_s, 2),
+            "sampler": f"{args.sampler}-{args.num_steps}",
+            "sample_seconds": round(sample_s, 2),
             "sample_peak_gb": None if inf_peak is None else round(inf_peak, 2),
             "nifti_shape_ok": img.shape == (args.size,) * 3,
             "nifti_affine_ok": bool(np.allclose(img.affine, AFFINE)),

@@ -26,13 +26,25 @@ if str(REPO) not in sys.path:
 RECIPES: dict[str, dict] = {
     "default": {},
     # WDM's recipe as the demo ran it before issue 19: DDPM, x0 prediction, one Haar level, DDIM-50
-    "wdm": {"diffusion#process": "ddpm", "diffusion#prediction_type": "sample", "diffusion#loss_weighting": "none",
-            "diffusion#levels": 1, "sampler": "ddim", "num_steps": 50},
+    "wdm": {
+        "diffusion#process": "ddpm",
+        "diffusion#prediction_type": "sample",
+        "diffusion#loss_weighting": "none",
+        "diffusion#levels": 1,
+        "sampler": "ddim",
+        "num_steps": 50,
+    },
     # the quality benchmark's winner: rectified flow (logit-normal t), x prediction with a velocity loss (JiT), two
     # Haar levels, 50 Euler steps
-    "jit_2level": {"diffusion#process": "rflow", "diffusion#prediction_type": "sample",
-                   "diffusion#loss_weighting": "velocity", "diffusion#rflow_sample_method": "logit-normal",
-                   "diffusion#levels": 2, "sampler": "rflow", "num_steps": 50},
+    "jit_2level": {
+        "diffusion#process": "rflow",
+        "diffusion#prediction_type": "sample",
+        "diffusion#loss_weighting": "velocity",
+        "diffusion#rflow_sample_method": "logit-normal",
+        "diffusion#levels": 2,
+        "sampler": "rflow",
+        "num_steps": 50,
+    },
 }
 
 
@@ -58,8 +70,7 @@ def main(argv: list[str] | None = None) -> None:
         summary_path = out / name / "summary.json"
         if not summary_path.is_file():
             t0 = time.perf_counter()
-            run_demo(out / name, max_epochs=args.epochs, seed=args.seed, progress=False, mlflow=False,
-                     **RECIPES[name])
+            run_demo(out / name, max_epochs=args.epochs, seed=args.seed, progress=False, mlflow=False, **RECIPES[name])
             print(f"{name}: {time.perf_counter() - t0:.0f} s", flush=True)
         summary = json.loads(summary_path.read_text())
         timings[name] = {k: summary[k] for k in ("data_seconds", "train_seconds", "sample_seconds")}
@@ -75,9 +86,18 @@ def main(argv: list[str] | None = None) -> None:
     affine = nib.load(json.loads((out / args.recipes[0] / "summary.json").read_text())["samples"][0]).affine
     img = montage(volumes, affine=affine, value_range=(0.0, 1.0), zoom=2)
     Image.fromarray(img).save(out / "montage.png")
-    (out / "montage.json").write_text(json.dumps({"rows": labels, "timings": timings, "seed": args.seed,
-                                                  "epochs": args.epochs, "recipes": {k: RECIPES[k] for k in args.recipes}},
-                                                 indent=1))
+    (out / "montage.json").write_text(
+        json.dumps(
+            {
+                "rows": labels,
+                "timings": timings,
+                "seed": args.seed,
+                "epochs": args.epochs,
+                "recipes": {k: RECIPES[k] for k in args.recipes},
+            },
+            indent=1,
+        )
+    )
     if args.montage:
         Image.fromarray(img).save(args.montage)
     print(json.dumps(timings, indent=1))

@@ -44,8 +44,13 @@ def log(msg: str) -> None:
 def workflow(files: list[str], run_id: str, **overrides):
     from monai.bundle import ConfigWorkflow
 
-    wf = ConfigWorkflow(config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
-                        workflow_type="train" if run_id == "training" else "infer", run_id=run_id, **overrides)
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train" if run_id == "training" else "infer",
+        run_id=run_id,
+        **overrides,
+    )
     wf.initialize()
     return wf
 
@@ -69,15 +74,31 @@ def make_data(work: Path, size: int, num_cases: int, eval_cases: int) -> Path:
 
 
 def common(size: int, datalist: Path, out: Path, seed: int) -> dict:
-    return {"dataset_dir": str(datalist.parent), "datalist": str(datalist), "output_dir": str(out), "mlflow": False,
-            "seed": seed, **({"image_size": [32, 32, 32]} if size == 32 else {})}
+    return {
+        "dataset_dir": str(datalist.parent),
+        "datalist": str(datalist),
+        "output_dir": str(out),
+        "mlflow": False,
+        "seed": seed,
+        **({"image_size": [32, 32, 32]} if size == 32 else {}),
+    }
 
 
 def train(files: list[str], iterations: int, size: int, datalist: Path, out: Path, seed: int, **extra) -> float:
     """Train ``iterations`` iterations (one epoch of that length); returns seconds per iteration (the epoch's own
     time, without data caching, start-up and end-of-run handlers; the first iteration after a warm-up one)."""
-    wf = workflow(files, "training", **common(size, datalist, out, seed), max_epochs=1, epoch_length=iterations,
-                  save_interval=1, save_every_iterations=0, resume=False, val_num_steps=10, **extra)
+    wf = workflow(
+        files,
+        "training",
+        **common(size, datalist, out, seed),
+        max_epochs=1,
+        epoch_length=iterations,
+        save_interval=1,
+        save_every_iterations=0,
+        resume=False,
+        val_num_steps=10,
+        **extra,
+    )
     wf.run()
     state = wf.parser.get_parsed_content("train#trainer").state
     return float(state.times["EPOCH_COMPLETED"]) / iterations
@@ -85,22 +106,35 @@ def train(files: list[str], iterations: int, size: int, datalist: Path, out: Pat
 
 def synthesize(size: int, datalist: Path, out: Path, seed: int, steps: int, **extra) -> dict:
     files = ["inference.json", "demo.json"] + (["concat.json"] if extra.get("method") == "concat" else [])
-    wf = workflow(files, "inference", **common(size, datalist, out, seed), sampler="ddim", num_steps=steps,
-                  max_cases=None, progress=False, **extra)
+    wf = workflow(
+        files,
+        "inference",
+        **common(size, datalist, out, seed),
+        sampler="ddim",
+        num_steps=steps,
+        max_cases=None,
+        progress=False,
+        **extra,
+    )
     t0 = time.perf_counter()
     manifest = wf.parser.get_parsed_content("evaluator").run()
     folder = Path(wf.parser.get_parsed_content("synthesis_dir"))
     metrics = json.loads((folder / "metrics.json").read_text())
-    return {"metrics": metrics, "seconds": time.perf_counter() - t0, "folder": str(folder),
-            "failures": manifest["failures"]}
+    return {
+        "metrics": metrics,
+        "seconds": time.perf_counter() - t0,
+        "folder": str(folder),
+        "failures": manifest["failures"],
+    }
 
 
 def probe(work: Path, size: int, args) -> dict:
     """Seconds per training iteration (base, adapter) and per network forward at ``size``^3."""
     datalist = make_data(work, size, args.num_cases, args.eval_cases)
     out = work / f"probe{size}"
-    t_base = train(["train_base.json", "demo.json"], 4, size, datalist, out, args.seed,
-                   **{"train#validator#enabled": False})
+    t_base = train(
+        ["train_base.json", "demo.json"], 4, size, datalist, out, args.seed, **{"train#validator#enabled": False}
+    )
     t_adapter = train(["train.json", "demo.json"], 4, size, datalist, out, args.seed)
     wf = workflow(["train_base.json", "demo.json"], "training", **common(size, datalist, out, args.seed))
     net = wf.parser.get_parsed_content("network").eval()
@@ -140,8 +174,10 @@ def markdown(result: dict) -> str:
     ]
     for row in result["paired"]:
         m = row["summary"]
-        lines.append(f"| {row['label']} | {m['psnr_mean']:.2f} +- {m['psnr_std']:.2f} | {m['ssim_mean']:.4f} +- "
-                     f"{m['ssim_std']:.4f} | {m['mae_mean']:.4f} +- {m['mae_std']:.4f} |")
+        lines.append(
+            f"| {row['label']} | {m['psnr_mean']:.2f} +- {m['psnr_std']:.2f} | {m['ssim_mean']:.4f} +- "
+            f"{m['ssim_std']:.4f} | {m['mae_mean']:.4f} +- {m['mae_std']:.4f} |"
+        )
     lines += [
         "",
         f"Reference-guided generation (T1n from a T1n reference; {s['num_samples']} samples per reference and lambda, "
@@ -156,8 +192,10 @@ def markdown(result: dict) -> str:
         return "n/a" if v is None else f"{v:.{d}f}"
 
     for lam, m in result["reference_guided"].items():
-        lines.append(f"| {lam} | {f(m['ssim_to_reference'])} | {f(m['ssim_to_others'])} | {f(m['ssim_margin'])} | "
-                     f"{f(m['psnr_to_reference'], 2)} | {f(m['psnr_to_others'], 2)} | {f(m['ssim_between_samples'])} |")
+        lines.append(
+            f"| {lam} | {f(m['ssim_to_reference'])} | {f(m['ssim_to_others'])} | {f(m['ssim_margin'])} | "
+            f"{f(m['psnr_to_reference'], 2)} | {f(m['psnr_to_others'], 2)} | {f(m['ssim_between_samples'])} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -165,8 +203,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="results folder (results.json, results.md, work/)")
     parser.add_argument("--size", type=int, choices=(32, 64), default=None, help="volume size (default: measured)")
-    parser.add_argument("--iterations", type=int, default=None, help="training iterations per model (default: "
-                        "what fits the budget)")
+    parser.add_argument(
+        "--iterations", type=int, default=None, help="training iterations per model (default: what fits the budget)"
+    )
     parser.add_argument("--budget-minutes", type=float, default=25.0)
     parser.add_argument("--num-cases", type=int, default=16)
     parser.add_argument("--eval-cases", type=int, default=4)
@@ -174,8 +213,13 @@ def main() -> None:
     parser.add_argument("--num-samples", type=int, default=2, help="reference-guided samples per reference and lambda")
     parser.add_argument("--guidance", type=float, default=3.0, help="the second IP-Adapter guidance scale")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1, help="torch threads (default 1: on a 2-core machine shared "
-                        "with another job, 2 threads ran a 32^3 step 10x slower than 1; use 2 on an idle machine)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=1,
+        help="torch threads (default 1: on a 2-core machine shared "
+        "with another job, 2 threads ran a 32^3 step 10x slower than 1; use 2 on an idle machine)",
+    )
     args = parser.parse_args()
 
     torch.set_num_threads(args.threads)
@@ -190,17 +234,23 @@ def main() -> None:
     forwards = sampling_forwards(args)
     if size is None:
         probes[64] = p = probe(work, 64, args)
-        log(f"64^3: {p['train_base_s']:.2f} s/iteration (base), {p['train_adapter_s']:.2f} (adapter), "
-            f"{p['forward_s']:.3f} s/forward")
+        log(
+            f"64^3: {p['train_base_s']:.2f} s/iteration (base), {p['train_adapter_s']:.2f} (adapter), "
+            f"{p['forward_s']:.3f} s/forward"
+        )
         need = forwards * p["forward_s"] + 100 * (2 * p["train_base_s"] + p["train_adapter_s"])
         # a shared machine can be several times slower than a quiet probe: keep a wide margin
         size = 64 if need < 0.4 * budget - (time.perf_counter() - t_start) else 32
-        log(f"{forwards} sampling forwards + 100 iterations per model at 64^3 would take ~{need / 60:.1f} min: "
-            f"using {size}^3")
+        log(
+            f"{forwards} sampling forwards + 100 iterations per model at 64^3 would take ~{need / 60:.1f} min: "
+            f"using {size}^3"
+        )
     if size not in probes:
         probes[size] = p = probe(work, size, args)
-        log(f"{size}^3: {p['train_base_s']:.2f} s/iteration (base), {p['train_adapter_s']:.2f} (adapter), "
-            f"{p['forward_s']:.3f} s/forward")
+        log(
+            f"{size}^3: {p['train_base_s']:.2f} s/iteration (base), {p['train_adapter_s']:.2f} (adapter), "
+            f"{p['forward_s']:.3f} s/forward"
+        )
     p = probes[size]
     iterations = args.iterations
     if iterations is None:
@@ -214,21 +264,35 @@ def main() -> None:
     # 3: training, the same number of iterations each
     seconds = {}
     log(f"training the base ({iterations} iterations, {size}^3)")
-    seconds["base"] = train(["train_base.json", "demo.json"], iterations, size, datalist, out, args.seed,
-                            **{"train#validator#enabled": False})
+    seconds["base"] = train(
+        ["train_base.json", "demo.json"],
+        iterations,
+        size,
+        datalist,
+        out,
+        args.seed,
+        **{"train#validator#enabled": False},
+    )
     log(f"training the IP-Adapter on the frozen base ({iterations} iterations)")
     seconds["ip_adapter"] = train(["train.json", "demo.json"], iterations, size, datalist, out, args.seed)
     log(f"training the concat baseline from scratch ({iterations} iterations)")
-    seconds["concat"] = train(["train_base.json", "concat.json", "demo.json"], iterations, size, datalist, out,
-                              args.seed)
+    seconds["concat"] = train(
+        ["train_base.json", "concat.json", "demo.json"], iterations, size, datalist, out, args.seed
+    )
     log(f"seconds per iteration: {seconds}")
 
     # 4: paired synthesis
     runs = [
         ("IP-Adapter (lambda 1, guidance 1)", {"method": "ip_adapter", "ip_scale": 1.0, "guidance_scale": 1.0}),
-        (f"IP-Adapter (lambda 1, guidance {args.guidance:g} on the image)",
-         {"method": "ip_adapter", "ip_scale": 1.0, "guidance_scale": args.guidance,
-          "synthesis_dir": str(out / "synthesis" / f"paired_ip_adapter_g{args.guidance:g}")}),
+        (
+            f"IP-Adapter (lambda 1, guidance {args.guidance:g} on the image)",
+            {
+                "method": "ip_adapter",
+                "ip_scale": 1.0,
+                "guidance_scale": args.guidance,
+                "synthesis_dir": str(out / "synthesis" / f"paired_ip_adapter_g{args.guidance:g}"),
+            },
+        ),
         ("concat (cWDM-style)", {"method": "concat"}),
         ("unconditional (base, target modality only)", {"method": "base"}),
     ]
@@ -236,27 +300,54 @@ def main() -> None:
     for label, extra in runs:
         log(f"paired synthesis: {label}")
         r = synthesize(size, datalist, out, args.seed, args.num_steps, mode="paired", **extra)
-        paired.append({"label": label, "summary": r["metrics"]["summary"], "cases": r["metrics"]["cases"],
-                       "seconds": round(r["seconds"], 1), "folder": r["folder"], "failures": r["failures"]})
+        paired.append(
+            {
+                "label": label,
+                "summary": r["metrics"]["summary"],
+                "cases": r["metrics"]["cases"],
+                "seconds": round(r["seconds"], 1),
+                "folder": r["folder"],
+                "failures": r["failures"],
+            }
+        )
         m = r["metrics"]["summary"]
-        log(f"  PSNR {m['psnr_mean']:.2f} dB, SSIM {m['ssim_mean']:.4f}, MAE {m['mae_mean']:.4f} ({r['seconds']:.0f} s)")
+        log(
+            f"  PSNR {m['psnr_mean']:.2f} dB, SSIM {m['ssim_mean']:.4f}, MAE {m['mae_mean']:.4f} ({r['seconds']:.0f} s)"
+        )
 
     # 5: reference-guided generation
     log("reference-guided generation, lambda 0 / 0.5 / 1")
-    r = synthesize(size, datalist, out, args.seed, args.num_steps, mode="reference_guided", method="ip_adapter",
-                   ip_scales=[0.0, 0.5, 1.0], num_samples=args.num_samples)
+    r = synthesize(
+        size,
+        datalist,
+        out,
+        args.seed,
+        args.num_steps,
+        mode="reference_guided",
+        method="ip_adapter",
+        ip_scales=[0.0, 0.5, 1.0],
+        num_samples=args.num_samples,
+    )
     guided = r["metrics"]["summary"]
 
     result = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPU cores, no GPU, torch "
-                   f"{torch.__version__} ({torch.get_num_threads()} threads)",
+        f"{torch.__version__} ({torch.get_num_threads()} threads)",
         "settings": {
-            "size": size, "voxel_mm": 256 // size, "num_cases": args.num_cases,
-            "train_cases": len(data["training"]), "eval_cases": len(data["test"]),
-            "iterations": iterations, "batch_size": 4, "num_steps": args.num_steps, "num_samples": args.num_samples,
+            "size": size,
+            "voxel_mm": 256 // size,
+            "num_cases": args.num_cases,
+            "train_cases": len(data["training"]),
+            "eval_cases": len(data["test"]),
+            "iterations": iterations,
+            "batch_size": 4,
+            "num_steps": args.num_steps,
+            "num_samples": args.num_samples,
             "image_encoder": "random frozen conv net (RandomConv3dFeatures, 480 global features; no trained WF-VAE)",
             "configs": "train_base.json / train.json / train_base.json+concat.json, each + demo.json",
-            "seconds_per_iteration": seconds, "probes": probes, "seed": args.seed,
+            "seconds_per_iteration": seconds,
+            "probes": probes,
+            "seed": args.seed,
             "learning_rate": 2e-4,
         },
         "paired": paired,

@@ -62,46 +62,151 @@ JIT = {**RFLOW, "prediction_type": "sample", "loss_weighting": "velocity"}
 
 #: name -> (diffusion settings, network, loss settings, sampler, steps, what it is)
 CANDIDATES: dict[str, dict] = {
-    "wdm": dict(diffusion=WDM, net=UNET, loss={}, sampler="ddpm", steps=1000,
-                note="WDM's recipe: DDPM, x0 prediction, linear betas, 1000 ancestral steps"),
-    "wdm_ddim50": dict(diffusion=WDM, net=UNET, loss={}, sampler="ddim", steps=50,
-                       note="WDM's training, DDIM-50 sampling (today's bundle default)"),
-    "eps_minsnr": dict(diffusion={"process": "ddpm", "prediction_type": "epsilon", "loss_weighting": "min_snr"},
-                       net=UNET, loss={}, sampler="ddim", steps=50, note="DDPM, epsilon, min-SNR-5, DDIM-50"),
-    "v_minsnr": dict(diffusion={"process": "ddpm", "prediction_type": "v_prediction", "loss_weighting": "min_snr"},
-                     net=UNET, loss={}, sampler="ddim", steps=50, note="DDPM, v, min-SNR-5, DDIM-50"),
-    "eps": dict(diffusion={"process": "ddpm", "prediction_type": "epsilon"}, net=UNET, loss={}, sampler="ddim",
-                steps=50, note="control: DDPM, epsilon, unweighted (Ho et al.), DDIM-50"),
-    "v": dict(diffusion={"process": "ddpm", "prediction_type": "v_prediction"}, net=UNET, loss={}, sampler="ddim",
-              steps=50, note="control: DDPM, v, unweighted, DDIM-50"),
-    "rflow_v_uniform": dict(diffusion={**RFLOW, "rflow_sample_method": "uniform"}, net=UNET, loss={},
-                            sampler="rflow", steps=50, note="control: rflow_v with uniform t"),
-    "rflow_v": dict(diffusion=RFLOW, net=UNET, loss={}, sampler="rflow", steps=50,
-                    note="rectified flow, velocity, logit-normal t (SD3), 50 Euler steps"),
-    "rflow_x_vloss": dict(diffusion=JIT, net=UNET, loss={}, sampler="rflow", steps=50,
-                          note="rectified flow, x prediction, velocity loss (JiT), logit-normal t"),
+    "wdm": dict(
+        diffusion=WDM,
+        net=UNET,
+        loss={},
+        sampler="ddpm",
+        steps=1000,
+        note="WDM's recipe: DDPM, x0 prediction, linear betas, 1000 ancestral steps",
+    ),
+    "wdm_ddim50": dict(
+        diffusion=WDM,
+        net=UNET,
+        loss={},
+        sampler="ddim",
+        steps=50,
+        note="WDM's training, DDIM-50 sampling (today's bundle default)",
+    ),
+    "eps_minsnr": dict(
+        diffusion={"process": "ddpm", "prediction_type": "epsilon", "loss_weighting": "min_snr"},
+        net=UNET,
+        loss={},
+        sampler="ddim",
+        steps=50,
+        note="DDPM, epsilon, min-SNR-5, DDIM-50",
+    ),
+    "v_minsnr": dict(
+        diffusion={"process": "ddpm", "prediction_type": "v_prediction", "loss_weighting": "min_snr"},
+        net=UNET,
+        loss={},
+        sampler="ddim",
+        steps=50,
+        note="DDPM, v, min-SNR-5, DDIM-50",
+    ),
+    "eps": dict(
+        diffusion={"process": "ddpm", "prediction_type": "epsilon"},
+        net=UNET,
+        loss={},
+        sampler="ddim",
+        steps=50,
+        note="control: DDPM, epsilon, unweighted (Ho et al.), DDIM-50",
+    ),
+    "v": dict(
+        diffusion={"process": "ddpm", "prediction_type": "v_prediction"},
+        net=UNET,
+        loss={},
+        sampler="ddim",
+        steps=50,
+        note="control: DDPM, v, unweighted, DDIM-50",
+    ),
+    "rflow_v_uniform": dict(
+        diffusion={**RFLOW, "rflow_sample_method": "uniform"},
+        net=UNET,
+        loss={},
+        sampler="rflow",
+        steps=50,
+        note="control: rflow_v with uniform t",
+    ),
+    "rflow_v": dict(
+        diffusion=RFLOW,
+        net=UNET,
+        loss={},
+        sampler="rflow",
+        steps=50,
+        note="rectified flow, velocity, logit-normal t (SD3), 50 Euler steps",
+    ),
+    "rflow_x_vloss": dict(
+        diffusion=JIT,
+        net=UNET,
+        loss={},
+        sampler="rflow",
+        steps=50,
+        note="rectified flow, x prediction, velocity loss (JiT), logit-normal t",
+    ),
     # the second-stage switches on top of the x-prediction / velocity-loss base (the velocity-prediction base had not
     # converged at 600 steps, so its variants below were run for one seed only and say nothing about the switches)
-    "rflow_x_vloss_fixedsub": dict(diffusion=JIT, net=UNET, loss={"subband_weights": "inverse_variance"},
-                                   sampler="rflow", steps=50,
-                                   note="JiT + fixed per-subband weights (inverse of each subband's data variance)"),
-    "rflow_x_vloss_learnedsub": dict(diffusion=JIT, net=UNET, loss={"learned": True}, sampler="rflow", steps=50,
-                                     note="JiT + learned heteroscedastic per-subband weights (WaveDiT)"),
-    "rflow_x_vloss_2level": dict(diffusion={**JIT, "levels": 2}, net=UNET_2LEVEL, loss={}, sampler="rflow",
-                                 steps=50, note="JiT on two Haar levels (64 channels at 1/4 resolution)"),
-    "rflow_x_vloss_dit": dict(diffusion=JIT, net=DIT, loss={}, sampler="rflow", steps=50,
-                              note="JiT with a DiT (AdaLN-Zero, 2^3 patches) instead of the U-Net"),
-    "rflow_v_fixedsub": dict(diffusion=RFLOW, net=UNET, loss={"subband_weights": "inverse_variance"},
-                             sampler="rflow", steps=50, note="rflow_v + fixed per-subband weights (one seed)"),
-    "rflow_v_learnedsub": dict(diffusion=RFLOW, net=UNET, loss={"learned": True}, sampler="rflow", steps=50,
-                               note="rflow_v + learned per-subband weights (one seed)"),
-    "rflow_v_2level": dict(diffusion={**RFLOW, "levels": 2}, net=UNET_2LEVEL, loss={}, sampler="rflow", steps=50,
-                           note="rflow_v on two Haar levels (one seed)"),
+    "rflow_x_vloss_fixedsub": dict(
+        diffusion=JIT,
+        net=UNET,
+        loss={"subband_weights": "inverse_variance"},
+        sampler="rflow",
+        steps=50,
+        note="JiT + fixed per-subband weights (inverse of each subband's data variance)",
+    ),
+    "rflow_x_vloss_learnedsub": dict(
+        diffusion=JIT,
+        net=UNET,
+        loss={"learned": True},
+        sampler="rflow",
+        steps=50,
+        note="JiT + learned heteroscedastic per-subband weights (WaveDiT)",
+    ),
+    "rflow_x_vloss_2level": dict(
+        diffusion={**JIT, "levels": 2},
+        net=UNET_2LEVEL,
+        loss={},
+        sampler="rflow",
+        steps=50,
+        note="JiT on two Haar levels (64 channels at 1/4 resolution)",
+    ),
+    "rflow_x_vloss_dit": dict(
+        diffusion=JIT,
+        net=DIT,
+        loss={},
+        sampler="rflow",
+        steps=50,
+        note="JiT with a DiT (AdaLN-Zero, 2^3 patches) instead of the U-Net",
+    ),
+    "rflow_v_fixedsub": dict(
+        diffusion=RFLOW,
+        net=UNET,
+        loss={"subband_weights": "inverse_variance"},
+        sampler="rflow",
+        steps=50,
+        note="rflow_v + fixed per-subband weights (one seed)",
+    ),
+    "rflow_v_learnedsub": dict(
+        diffusion=RFLOW,
+        net=UNET,
+        loss={"learned": True},
+        sampler="rflow",
+        steps=50,
+        note="rflow_v + learned per-subband weights (one seed)",
+    ),
+    "rflow_v_2level": dict(
+        diffusion={**RFLOW, "levels": 2},
+        net=UNET_2LEVEL,
+        loss={},
+        sampler="rflow",
+        steps=50,
+        note="rflow_v on two Haar levels (one seed)",
+    ),
 }
 
 #: metric -> lower is better
-METRICS = {"param_w1": True, "param_w1_all": True, "param_ks": True, "valid": False, "fid_medicalnet_random": True, "fid_conv3d": True,
-           "mmd2": True, "ms_ssim_gap": True, "copy_fraction": True, "subband_energy_error": True}
+METRICS = {
+    "param_w1": True,
+    "param_w1_all": True,
+    "param_ks": True,
+    "valid": False,
+    "fid_medicalnet_random": True,
+    "fid_conv3d": True,
+    "mmd2": True,
+    "ms_ssim_gap": True,
+    "copy_fraction": True,
+    "subband_energy_error": True,
+}
 #: the headline metric per dataset; on the known-truth data it is ``param_w1_all``, which counts a sample without an
 #: organ as radius 0 (``param_w1`` leaves such samples out and so favours models that make empty volumes)
 PRIMARY = {"shapes32": "param_w1_all", "shapes64": "param_w1_all", "demo32": "fid_medicalnet_random"}
@@ -121,7 +226,7 @@ def load_dataset(name: str, work: Path) -> tuple[np.ndarray, np.ndarray]:
         data = np.load(cache)
         return data["train"], data["reference"]
     if name.startswith("shapes"):
-        size = int(name[len("shapes"):])
+        size = int(name[len("shapes") :])
         train, _ = make_volumes(256, size, seed=1000)
         reference, _ = make_volumes(256, size, seed=2000)
     elif name == "demo32":
@@ -171,8 +276,16 @@ def subband_inverse_variance(diffusion: WaveletDiffusion, train: np.ndarray) -> 
     return (1 / var.clamp(min=1e-6)).tolist()
 
 
-def train_and_sample(cand: dict, train: np.ndarray, seed: int, iterations: int, batch_size: int,
-                     num_samples: int, lr: float, ema_decay: float) -> tuple[np.ndarray, dict]:
+def train_and_sample(
+    cand: dict,
+    train: np.ndarray,
+    seed: int,
+    iterations: int,
+    batch_size: int,
+    num_samples: int,
+    lr: float,
+    ema_decay: float,
+) -> tuple[np.ndarray, dict]:
     torch.manual_seed(seed)
     diffusion = WaveletDiffusion(**cand["diffusion"])
     size = train.shape[-1]
@@ -203,12 +316,24 @@ def train_and_sample(cand: dict, train: np.ndarray, seed: int, iterations: int, 
         losses.append(loss.item())
     train_s = time.time() - t0
     t0 = time.time()
-    samples = diffusion.sample(ema.module.eval(), (1, size, size, size), num_samples=num_samples,
-                               sampler=cand["sampler"], num_steps=cand["steps"], seed=10_000 + seed, progress=False)
+    samples = diffusion.sample(
+        ema.module.eval(),
+        (1, size, size, size),
+        num_samples=num_samples,
+        sampler=cand["sampler"],
+        num_steps=cand["steps"],
+        seed=10_000 + seed,
+        progress=False,
+    )
     sample_s = time.time() - t0
-    info = {"parameters": count_parameters(net), "train_seconds": round(train_s, 1),
-            "sample_seconds": round(sample_s, 1), "nfe": cand["steps"],
-            "final_loss": float(np.mean(losses[-50:])), "diffusion": diffusion.config()}
+    info = {
+        "parameters": count_parameters(net),
+        "train_seconds": round(train_s, 1),
+        "sample_seconds": round(sample_s, 1),
+        "nfe": cand["steps"],
+        "final_loss": float(np.mean(losses[-50:])),
+        "diffusion": diffusion.config(),
+    }
     return ((samples[:, 0].clamp(-1, 1) + 1) / 2).numpy(), info
 
 
@@ -250,7 +375,10 @@ class Scorer:
 
         self.train, self.reference, self.known_truth = train, reference, known_truth
         torch.manual_seed(0)
-        self.extractors = {"medicalnet_random": MedicalNetResNet50().eval(), "conv3d": RandomConv3dFeatures(seed=0).eval()}
+        self.extractors = {
+            "medicalnet_random": MedicalNetResNet50().eval(),
+            "conv3d": RandomConv3dFeatures(seed=0).eval(),
+        }
         self.ref_features = {k: self._features(e, reference) for k, e in self.extractors.items()}
         self.ref_ms_ssim = ms_ssim_diversity(torch.from_numpy(reference[:64, None]), pairs=100, n_boot=0)["mean"]
         self.ref_energy = self._energy(reference)
@@ -324,8 +452,15 @@ def machine() -> dict:
                 break
     except OSError:
         pass
-    return {"cpu": cpu, "threads": torch.get_num_threads(), "gpu": None, "python": platform.python_version(),
-            "torch": torch.__version__, "monai": monai.__version__, "numpy": np.__version__}
+    return {
+        "cpu": cpu,
+        "threads": torch.get_num_threads(),
+        "gpu": None,
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "monai": monai.__version__,
+        "numpy": np.__version__,
+    }
 
 
 def _claimed_by_another(path: Path) -> bool:
@@ -363,22 +498,45 @@ def run(args: argparse.Namespace) -> None:
                 path.with_suffix(".running").write_text(str(os.getpid()))  # lets parallel studies share the work
                 scorer = scorer or Scorer(train, reference, dataset.startswith("shapes"))
                 log(f"{dataset} {name} seed {seed}: training {args.iterations} iterations")
-                fake, info = train_and_sample(CANDIDATES[name], train, seed, args.iterations, args.batch_size,
-                                              args.num_samples, args.lr, args.ema_decay)
+                fake, info = train_and_sample(
+                    CANDIDATES[name],
+                    train,
+                    seed,
+                    args.iterations,
+                    args.batch_size,
+                    args.num_samples,
+                    args.lr,
+                    args.ema_decay,
+                )
                 metrics = scorer(fake)
-                record = {"candidate": name, "dataset": dataset, "seed": seed, "iterations": args.iterations,
-                          "batch_size": args.batch_size, "num_samples": args.num_samples, "lr": args.lr,
-                          "ema_decay": args.ema_decay, "sampler": CANDIDATES[name]["sampler"], **info,
-                          "metrics": metrics, "machine": machine(),
-                          "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+                record = {
+                    "candidate": name,
+                    "dataset": dataset,
+                    "seed": seed,
+                    "iterations": args.iterations,
+                    "batch_size": args.batch_size,
+                    "num_samples": args.num_samples,
+                    "lr": args.lr,
+                    "ema_decay": args.ema_decay,
+                    "sampler": CANDIDATES[name]["sampler"],
+                    **info,
+                    "metrics": metrics,
+                    "machine": machine(),
+                    "finished": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+                }
                 path.parent.mkdir(parents=True, exist_ok=True)
                 tmp = path.with_suffix(".tmp")
                 tmp.write_text(json.dumps(record, indent=1, default=float))
                 os.replace(tmp, path)
-                np.save(path.with_suffix(".npy"), fake.astype(np.float16))  # all samples: lets a new metric rescore old runs
+                np.save(
+                    path.with_suffix(".npy"), fake.astype(np.float16)
+                )  # all samples: lets a new metric rescore old runs
                 path.with_suffix(".running").unlink(missing_ok=True)
-                log(f"  {name} seed {seed}: " + ", ".join(
-                    f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics) + f" ({info['train_seconds']} s)")
+                log(
+                    f"  {name} seed {seed}: "
+                    + ", ".join(f"{k} {metrics[k]:.4g}" for k in METRICS if k in metrics)
+                    + f" ({info['train_seconds']} s)"
+                )
 
 
 def t_interval(values: list[float]) -> tuple[float, float, float]:
@@ -407,17 +565,28 @@ def paired_difference(rows: list[dict], name: str, baseline: str, metric: str) -
     draws), with a 95% t-interval of the mean difference and the ratio of means; None without 2 common seeds."""
     if name == baseline:
         return None
+
     def by_seed(n):
         return {r["seed"]: r["metrics"].get(metric) for r in rows if r["candidate"] == n}
+
     a, b = by_seed(name), by_seed(baseline)
-    seeds = sorted(k for k in a.keys() & b.keys()
-                   if a[k] is not None and b[k] is not None and math.isfinite(a[k]) and math.isfinite(b[k]))
+    seeds = sorted(
+        k
+        for k in a.keys() & b.keys()
+        if a[k] is not None and b[k] is not None and math.isfinite(a[k]) and math.isfinite(b[k])
+    )
     if len(seeds) < 2:
         return None
     diff = dict(zip(("mean", "ci_low", "ci_high"), t_interval([a[k] - b[k] for k in seeds])))
     ratio = float(np.mean([a[k] for k in seeds]) / np.mean([b[k] for k in seeds]))
-    return {"candidate": name, "baseline": baseline, "metric": metric, "seeds": seeds, "difference": diff,
-            "ratio_of_means": ratio}
+    return {
+        "candidate": name,
+        "baseline": baseline,
+        "metric": metric,
+        "seeds": seeds,
+        "difference": diff,
+        "ratio_of_means": ratio,
+    }
 
 
 def _challenger(scored: dict, winner: str, primary: str) -> str:
@@ -437,31 +606,43 @@ def summarize(records: list[dict]) -> dict:
             mine = [r for r in rows if r["candidate"] == name]
             if not mine:
                 continue
-            entry = {"seeds": sorted(r["seed"] for r in mine), "nfe": mine[0]["nfe"],
-                     "parameters": mine[0]["parameters"],
-                     "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
-                     "sample_seconds": float(np.mean([r["sample_seconds"] for r in mine]))}
+            entry = {
+                "seeds": sorted(r["seed"] for r in mine),
+                "nfe": mine[0]["nfe"],
+                "parameters": mine[0]["parameters"],
+                "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
+                "sample_seconds": float(np.mean([r["sample_seconds"] for r in mine])),
+            }
             for metric in {**METRICS, **{f"spread_{p}": True for p in PARAMETERS}}:
                 vals = [r["metrics"][metric] for r in mine if metric in r["metrics"]]
                 if vals and all(math.isfinite(v) for v in vals):
                     entry[metric] = dict(zip(("mean", "ci_low", "ci_high"), t_interval(vals)))
                 elif vals:  # e.g. no sample with a measurable organ: the distance is undefined, the candidate lost
-                    entry[metric] = {"mean": None, "ci_low": None, "ci_high": None, "non_finite_seeds": sum(
-                        not math.isfinite(v) for v in vals)}
+                    entry[metric] = {
+                        "mean": None,
+                        "ci_low": None,
+                        "ci_high": None,
+                        "non_finite_seeds": sum(not math.isfinite(v) for v in vals),
+                    }
             table[name] = entry
         primary = PRIMARY[dataset]
-        scored = {k: v for k, v in table.items()
-                  if primary in v and v[primary]["mean"] is not None and len(v["seeds"]) >= 3}
+        scored = {
+            k: v for k, v in table.items() if primary in v and v[primary]["mean"] is not None and len(v["seeds"]) >= 3
+        }
         winner = None
         if scored:
             best = min(scored, key=lambda k: scored[k][primary]["mean"])
             # candidates whose interval overlaps the best's are not distinguishable from it: the cheapest sampler wins
             tied = [k for k, v in scored.items() if v[primary]["ci_low"] <= scored[best][primary]["ci_high"]]
             winner = min(tied, key=lambda k: (scored[k]["nfe"], scored[k][primary]["mean"]))
-            out[key] = {"primary": primary, "best_mean": best, "tied_with_best": sorted(tied),
-                        "winner": winner, "candidates": table,
-                        "versus_baseline": paired_difference(rows, _challenger(scored, winner, primary), BASELINE,
-                                                             primary)}
+            out[key] = {
+                "primary": primary,
+                "best_mean": best,
+                "tied_with_best": sorted(tied),
+                "winner": winner,
+                "candidates": table,
+                "versus_baseline": paired_difference(rows, _challenger(scored, winner, primary), BASELINE, primary),
+            }
         else:
             out[key] = {"primary": primary, "winner": None, "candidates": table}
     return out
@@ -472,18 +653,33 @@ def markdown(summary: dict) -> str:
     for key, res in summary.items():
         primary = res["primary"]
         dataset, iterations = key.split("@")
-        lines.append(f"**{dataset}, {iterations} steps** (headline: `{primary}`, lower is better; winner: "
-                     f"`{res.get('winner')}`; indistinguishable from the best mean: {res.get('tied_with_best', [])})")
+        lines.append(
+            f"**{dataset}, {iterations} steps** (headline: `{primary}`, lower is better; winner: "
+            f"`{res.get('winner')}`; indistinguishable from the best mean: {res.get('tied_with_best', [])})"
+        )
         vs = res.get("versus_baseline")
         if vs:
             lines.append("")
             d = vs["difference"]
-            lines.append(f"`{vs['candidate']}` minus `{vs['baseline']}`, paired by seed ({len(vs['seeds'])} seeds): "
-                         f"{d['mean']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}] `{vs['metric']}` (ratio of means "
-                         f"{vs['ratio_of_means']:.2f}; an interval that excludes 0 is a difference beyond seed noise)")
+            lines.append(
+                f"`{vs['candidate']}` minus `{vs['baseline']}`, paired by seed ({len(vs['seeds'])} seeds): "
+                f"{d['mean']:.3g} [{d['ci_low']:.3g}, {d['ci_high']:.3g}] `{vs['metric']}` (ratio of means "
+                f"{vs['ratio_of_means']:.2f}; an interval that excludes 0 is a difference beyond seed noise)"
+            )
         lines.append("")
-        cols = ["param_w1", "param_w1_all", "valid", "spread_radius", "spread_intensity", "fid_medicalnet_random", "fid_conv3d",
-                "mmd2", "ms_ssim_gap", "copy_fraction", "subband_energy_error"]
+        cols = [
+            "param_w1",
+            "param_w1_all",
+            "valid",
+            "spread_radius",
+            "spread_intensity",
+            "fid_medicalnet_random",
+            "fid_conv3d",
+            "mmd2",
+            "ms_ssim_gap",
+            "copy_fraction",
+            "subband_energy_error",
+        ]
         cols = [c for c in cols if any(c in v for v in res["candidates"].values())]
         lines.append("| candidate | params | NFE | train s | seeds | " + " | ".join(cols) + " |")
         lines.append("|---" * (5 + len(cols)) + "|")
@@ -499,14 +695,18 @@ def markdown(summary: dict) -> str:
                     cells.append(f"{m['mean']:.3g}")
                 else:
                     cells.append(f"{m['mean']:.3g} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]")
-            lines.append(f"| `{name}` | {v['parameters'] / 1e6:.2f}M | {v['nfe']} | {v['train_seconds']:.0f} | "
-                         f"{len(v['seeds'])} | " + " | ".join(cells) + " |")
+            lines.append(
+                f"| `{name}` | {v['parameters'] / 1e6:.2f}M | {v['nfe']} | {v['train_seconds']:.0f} | "
+                f"{len(v['seeds'])} | " + " | ".join(cells) + " |"
+            )
         lines.append("")
     return "\n".join(lines)
 
 
 def report(args: argparse.Namespace) -> None:
-    records = [json.loads(p.read_text()) for out in args.out for p in sorted((Path(out) / "runs").glob("*/*/seed*.json"))]
+    records = [
+        json.loads(p.read_text()) for out in args.out for p in sorted((Path(out) / "runs").glob("*/*/seed*.json"))
+    ]
     if not records:
         raise SystemExit(f"no finished runs under {[str(Path(o) / 'runs') for o in args.out]}")
     summary = summarize(records)
@@ -514,12 +714,18 @@ def report(args: argparse.Namespace) -> None:
     print(table)
     if not args.write:
         return
-    doc = {"benchmark": "benchmarks/quality.py", "machine": records[-1]["machine"],
-           "command": "python benchmarks/quality.py run OUT " + (args.command or ""),
-           "candidates": {k: {**v, "net": {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v["net"].items()}}
-                          for k, v in CANDIDATES.items()},
-           "summary": summary, "records": records,
-           "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")}
+    doc = {
+        "benchmark": "benchmarks/quality.py",
+        "machine": records[-1]["machine"],
+        "command": "python benchmarks/quality.py run OUT " + (args.command or ""),
+        "candidates": {
+            k: {**v, "net": {kk: list(vv) if isinstance(vv, tuple) else vv for kk, vv in v["net"].items()}}
+            for k, v in CANDIDATES.items()
+        },
+        "summary": summary,
+        "records": records,
+        "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
     RESULTS_JSON.parent.mkdir(parents=True, exist_ok=True)
     RESULTS_JSON.write_text(json.dumps(doc, indent=1, default=float) + "\n")
     text = BENCHMARKS_MD.read_text()

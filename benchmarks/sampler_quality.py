@@ -66,8 +66,9 @@ def make_data(work: Path, size: int, num_cases: int, seed: int) -> Path:
     if not datalist.is_file():
         make_demo_dataset(dst, num_cases=num_cases, seed=seed, resolution=RESOLUTION[size], pool=2, progress=False)
     data = json.loads(datalist.read_text())
-    cases = sorted((e for split in ("training", "validation", "test") for e in data.get(split, [])),
-                   key=lambda e: e["case"])
+    cases = sorted(
+        (e for split in ("training", "validation", "test") for e in data.get(split, [])), key=lambda e: e["case"]
+    )
     everything = {k: v for k, v in data.items() if not isinstance(v, list) or k == "modalities"}
     everything.update(training=cases, validation=[], test=[])
     path = dst / "prepared" / "datalist_all.json"
@@ -77,11 +78,22 @@ def make_data(work: Path, size: int, num_cases: int, seed: int) -> Path:
 
 def common(process: str, size: int, datalist: Path, work: Path, device: str) -> dict:
     # the two processes as issue 9 measured them (one Haar level, unweighted loss), not the bundle's current default
-    extra = {"diffusion#process": process, "diffusion#levels": 1, "diffusion#loss_weighting": "none",
-             "diffusion#prediction_type": "v_prediction" if process == "rflow" else "sample",
-             "diffusion#rflow_sample_method": "uniform"}
-    return {"dataset_dir": str(datalist.parent), "datalist": str(datalist), "output_dir": str(work / process),
-            "image_size": [size] * 3, "mlflow": False, "device": f"$torch.device('{device}')", **extra}
+    extra = {
+        "diffusion#process": process,
+        "diffusion#levels": 1,
+        "diffusion#loss_weighting": "none",
+        "diffusion#prediction_type": "v_prediction" if process == "rflow" else "sample",
+        "diffusion#rflow_sample_method": "uniform",
+    }
+    return {
+        "dataset_dir": str(datalist.parent),
+        "datalist": str(datalist),
+        "output_dir": str(work / process),
+        "image_size": [size] * 3,
+        "mlflow": False,
+        "device": f"$torch.device('{device}')",
+        **extra,
+    }
 
 
 def checkpoint_of(work: Path, process: str) -> Path | None:
@@ -103,10 +115,20 @@ def train(process: str, args, datalist: Path, work: Path) -> dict:
         return json.loads(done.read_text())
     log(f"{process}: training {info['iterations']} iterations ({epochs} epochs of {per_epoch})")
     t0 = time.perf_counter()
-    run_bundle("wdm3d_brats", "training", ["train.json", "demo.json"], **common(process, args.size, datalist, work,
-               args.device), seed=args.seed, max_epochs=epochs, batch_size=args.batch_size, resume=False,
-               save_interval=epochs, val_interval=epochs, val_sampler="rflow" if process == "rflow" else "ddim",
-               **({"learning_rate": args.learning_rate} if args.learning_rate else {}))
+    run_bundle(
+        "wdm3d_brats",
+        "training",
+        ["train.json", "demo.json"],
+        **common(process, args.size, datalist, work, args.device),
+        seed=args.seed,
+        max_epochs=epochs,
+        batch_size=args.batch_size,
+        resume=False,
+        save_interval=epochs,
+        val_interval=epochs,
+        val_sampler="rflow" if process == "rflow" else "ddim",
+        **({"learning_rate": args.learning_rate} if args.learning_rate else {}),
+    )
     info["seconds"] = round(time.perf_counter() - t0, 1)
     done.write_text(json.dumps(info))
     return info
@@ -118,15 +140,28 @@ def generate(name: str, process: str, sampler: str, steps: int, seed: int, args,
 
     out = work / "samples" / name
     manifest, timing_file = out / "manifest.json", out / "timing.json"
-    if (manifest.is_file() and timing_file.is_file()
-            and len(json.loads(manifest.read_text())["samples"]) == args.num_samples):
+    if (
+        manifest.is_file()
+        and timing_file.is_file()
+        and len(json.loads(manifest.read_text())["samples"]) == args.num_samples
+    ):
         log(f"{name}: reusing {out}")
         return json.loads(timing_file.read_text())
     log(f"{name}: {args.num_samples} volumes, {sampler}-{steps}, seed {seed}")
     t0 = time.perf_counter()
-    run_bundle("wdm3d_brats", "inference", ["inference.json", "demo.json"], **common(process, args.size, datalist,
-               work, args.device), samples_dir=str(out), num_samples=args.num_samples, batch_size=args.sample_batch,
-               sampler=sampler, num_steps=steps, seed=seed, eta=0.0)
+    run_bundle(
+        "wdm3d_brats",
+        "inference",
+        ["inference.json", "demo.json"],
+        **common(process, args.size, datalist, work, args.device),
+        samples_dir=str(out),
+        num_samples=args.num_samples,
+        batch_size=args.sample_batch,
+        sampler=sampler,
+        num_steps=steps,
+        seed=seed,
+        eta=0.0,
+    )
     seconds = time.perf_counter() - t0
     timing = {"seconds": round(seconds, 1), "seconds_per_volume": round(seconds / args.num_samples, 3)}
     timing_file.write_text(json.dumps(timing))
@@ -136,15 +171,30 @@ def generate(name: str, process: str, sampler: str, steps: int, seed: int, args,
 def evaluate_set(name: str, args, datalist: Path, work: Path) -> dict:
     from wdm3d.evaluate import evaluate
 
-    res = evaluate(datalist, work / "samples" / name, out_dir=work / "samples" / name / "evaluation",
-                   weights=args.weights, features="medicalnet" if args.weights else "random_conv3d", mlflow=False,
-                   progress=False, device=args.device, seed=0, pairs=args.pairs, image_key="t1n")
+    res = evaluate(
+        datalist,
+        work / "samples" / name,
+        out_dir=work / "samples" / name / "evaluation",
+        weights=args.weights,
+        features="medicalnet" if args.weights else "random_conv3d",
+        mlflow=False,
+        progress=False,
+        device=args.device,
+        seed=0,
+        pairs=args.pairs,
+        image_key="t1n",
+    )
     return {
-        "fid": res["fid"]["fid"], "extractor": res["fid"]["extractor"],
-        "ms_ssim": res["ms_ssim"]["fake"]["mean"], "ms_ssim_real": res["ms_ssim"]["real"]["mean"],
-        "wasserstein": res["wasserstein"]["wasserstein"], "mmd_features": res["mmd_features"]["mmd"],
-        "mmd_voxels": res["mmd_voxels"]["mmd"], "copy_fraction": res["memorization"]["copy_fraction"],
-        "n_fake": res["n_fake"], "n_real": res["n_real"],
+        "fid": res["fid"]["fid"],
+        "extractor": res["fid"]["extractor"],
+        "ms_ssim": res["ms_ssim"]["fake"]["mean"],
+        "ms_ssim_real": res["ms_ssim"]["real"]["mean"],
+        "wasserstein": res["wasserstein"]["wasserstein"],
+        "mmd_features": res["mmd_features"]["mmd"],
+        "mmd_voxels": res["mmd_voxels"]["mmd"],
+        "copy_fraction": res["memorization"]["copy_fraction"],
+        "n_fake": res["n_fake"],
+        "n_real": res["n_real"],
     }
 
 
@@ -162,27 +212,69 @@ def compare(values: dict, reference: dict, tolerance: float) -> dict:
 
 def sets(args) -> list[dict]:
     """The sample sets: name, model, sampler, steps, seed, role."""
-    rows = [{"name": f"ddpm{args.ddpm_steps}", "process": "ddpm", "sampler": "ddpm", "steps": args.ddpm_steps,
-             "seed": args.seed + 1, "role": "reference"},
-            {"name": f"ddpm{args.ddpm_steps}_seed2", "process": "ddpm", "sampler": "ddpm", "steps": args.ddpm_steps,
-             "seed": args.seed + 2, "role": "noise floor (same sampler, other seed)"}]
-    rows += [{"name": f"ddim{n}", "process": "ddpm", "sampler": "ddim", "steps": n, "seed": args.seed + 1,
-              "role": "few-step"} for n in args.ddim_steps]
+    rows = [
+        {
+            "name": f"ddpm{args.ddpm_steps}",
+            "process": "ddpm",
+            "sampler": "ddpm",
+            "steps": args.ddpm_steps,
+            "seed": args.seed + 1,
+            "role": "reference",
+        },
+        {
+            "name": f"ddpm{args.ddpm_steps}_seed2",
+            "process": "ddpm",
+            "sampler": "ddpm",
+            "steps": args.ddpm_steps,
+            "seed": args.seed + 2,
+            "role": "noise floor (same sampler, other seed)",
+        },
+    ]
+    rows += [
+        {
+            "name": f"ddim{n}",
+            "process": "ddpm",
+            "sampler": "ddim",
+            "steps": n,
+            "seed": args.seed + 1,
+            "role": "few-step",
+        }
+        for n in args.ddim_steps
+    ]
     if not args.no_rflow:
-        rows += [{"name": f"rflow{n}", "process": "rflow", "sampler": "rflow", "steps": n, "seed": args.seed + 1,
-                  "role": "few-step (rflow model)"} for n in args.rflow_steps]
+        rows += [
+            {
+                "name": f"rflow{n}",
+                "process": "rflow",
+                "sampler": "rflow",
+                "steps": n,
+                "seed": args.seed + 1,
+                "role": "few-step (rflow model)",
+            }
+            for n in args.rflow_steps
+        ]
     return rows
 
 
 def environment(device: str) -> dict:
-    env = {"date": datetime.date.today().isoformat(), "torch": torch.__version__, "python": platform.python_version(),
-           "device": device, "threads": torch.get_num_threads()}
+    env = {
+        "date": datetime.date.today().isoformat(),
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "device": device,
+        "threads": torch.get_num_threads(),
+    }
     if device.startswith("cuda"):
         env["gpu"] = torch.cuda.get_device_name(torch.device(device))
     else:
-        env["cpu"] = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                           if line.startswith("model name")), platform.processor()) if os.path.isfile(
-            "/proc/cpuinfo") else platform.processor()
+        env["cpu"] = (
+            next(
+                (line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                platform.processor(),
+            )
+            if os.path.isfile("/proc/cpuinfo")
+            else platform.processor()
+        )
         env["cores"] = os.cpu_count()
     return env
 
@@ -198,7 +290,8 @@ def markdown(result: dict) -> str:
         f"{ref['metrics']['extractor']} ({'comparable with papers' if ref['metrics']['extractor'] == 'medicalnet' else 'NOT comparable with papers: relative use only'}); "
         f"tolerance {a['tolerance']:.0%} of {ref['name'].upper()}'s value.",
         "",
-        "| set | model | role | s / volume | " + " | ".join(label for label, _ in METRICS.values())
+        "| set | model | role | s / volume | "
+        + " | ".join(label for label, _ in METRICS.values())
         + " | ratios to the reference | within |",
         "|---|---|---|---|" + "---|" * len(METRICS) + "---|---|",
     ]
@@ -206,12 +299,22 @@ def markdown(result: dict) -> str:
         m, c = s["metrics"], s["comparison"]
         vals = " | ".join(f"{m[k]:.4g}" for k in METRICS)
         ratios = ", ".join(f"{METRICS[k][0]} {c[k]['ratio']:.2f}" for k in METRICS)
-        within = "reference" if s["role"] == "reference" else ("yes" if c["all_within"] else "no: " + ", ".join(
-            METRICS[k][0] for k in METRICS if not c[k]["within"]))
-        lines.append(f"| {s['sampler'].upper()}-{s['steps']} (seed {s['seed']}) | {s['process']} | {s['role']} "
-                     f"| {s['timing']['seconds_per_volume']:.2f} | {vals} | {ratios} | {within} |")
-    lines += ["", f"Real set's own MS-SSIM: {ref['metrics']['ms_ssim_real']:.4g}. Training: "
-              + "; ".join(f"{p} {t['iterations']} its in {t.get('seconds', '?')} s" for p, t in result["training"].items())]
+        within = (
+            "reference"
+            if s["role"] == "reference"
+            else (
+                "yes" if c["all_within"] else "no: " + ", ".join(METRICS[k][0] for k in METRICS if not c[k]["within"])
+            )
+        )
+        lines.append(
+            f"| {s['sampler'].upper()}-{s['steps']} (seed {s['seed']}) | {s['process']} | {s['role']} "
+            f"| {s['timing']['seconds_per_volume']:.2f} | {vals} | {ratios} | {within} |"
+        )
+    lines += [
+        "",
+        f"Real set's own MS-SSIM: {ref['metrics']['ms_ssim_real']:.4g}. Training: "
+        + "; ".join(f"{p} {t['iterations']} its in {t.get('seconds', '?')} s" for p, t in result["training"].items()),
+    ]
     return "\n".join(lines) + "\n"
 
 

@@ -77,10 +77,27 @@ def sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def run_one(net: nn.Module, size: int, sampler: str, steps: int, timed: int, precision: str, device, tiny: bool,
-            compile_s: float | None) -> Result:
-    res = Result(size, sampler, steps, precision, timed_steps=timed, extrapolated=timed < steps,
-                 wdm_memory_gb=None if tiny else WDM_MEMORY_GB.get(size), compile_s=compile_s)
+def run_one(
+    net: nn.Module,
+    size: int,
+    sampler: str,
+    steps: int,
+    timed: int,
+    precision: str,
+    device,
+    tiny: bool,
+    compile_s: float | None,
+) -> Result:
+    res = Result(
+        size,
+        sampler,
+        steps,
+        precision,
+        timed_steps=timed,
+        extrapolated=timed < steps,
+        wdm_memory_gb=None if tiny else WDM_MEMORY_GB.get(size),
+        compile_s=compile_s,
+    )
     try:
         diffusion = WaveletDiffusion(process="rflow" if sampler == "rflow" else "ddpm")
         kwargs = dict(image_shape=(1, size, size, size), num_samples=1, sampler=sampler, device=device, progress=False)
@@ -160,11 +177,22 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--ddpm-steps", type=int, default=50, help="DDPM-1000 steps actually timed (extrapolated)")
     parser.add_argument("--compile", action="store_true", help="also bf16 + torch.compile (RFlow-30 and DDIM-50)")
     parser.add_argument("--compile-only", action="store_true", help="only the bf16 + torch.compile rows")
-    parser.add_argument("--compile-samplers", nargs="+", default=["rflow"], choices=["ddim", "rflow"],
-                        help="samplers timed with the compiled network (each timestep dtype compiles once more)")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; tiny: aot_eager)")
-    parser.add_argument("--max-timed-steps", type=int, default=None,
-                        help="time at most this many steps of any sampler and extrapolate (default: none; tiny: 3)")
+    parser.add_argument(
+        "--compile-samplers",
+        nargs="+",
+        default=["rflow"],
+        choices=["ddim", "rflow"],
+        help="samplers timed with the compiled network (each timestep dtype compiles once more)",
+    )
+    parser.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default inductor; tiny: aot_eager)"
+    )
+    parser.add_argument(
+        "--max-timed-steps",
+        type=int,
+        default=None,
+        help="time at most this many steps of any sampler and extrapolate (default: none; tiny: 3)",
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny U-Net on 16^3 images: checks the script in seconds")
     parser.add_argument("--json", default=None)
     parser.add_argument("--markdown", default=None)
@@ -179,8 +207,10 @@ def main(argv: list[str] | None = None) -> list[Result]:
     print(json.dumps(env), flush=True)
     dtypes = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-    plan = [(name, steps, min(timed, cap)) for name, steps, timed in
-            [("ddpm", 1000, args.ddpm_steps), ("ddim", 50, 50), ("rflow", 30, 30)]]
+    plan = [
+        (name, steps, min(timed, cap))
+        for name, steps, timed in [("ddpm", 1000, args.ddpm_steps), ("ddim", 50, 50), ("rflow", 30, 30)]
+    ]
     results: list[Result] = []
 
     def record(r: Result) -> None:
@@ -221,8 +251,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 compile_s = time.perf_counter() - t0
                 for sampler, steps, timed in plan:
                     if sampler in args.compile_samplers:
-                        record(run_one(net, size, sampler, steps, timed, "bf16 + compile", device, args.tiny,
-                                       compile_s))
+                        record(
+                            run_one(net, size, sampler, steps, timed, "bf16 + compile", device, args.tiny, compile_s)
+                        )
             except Exception as err:
                 r = Result(size, "rflow", 30, "bf16 + compile")
                 r.status = f"FAILED {type(err).__name__}: {str(err).splitlines()[0][:160] if str(err) else ''}"

@@ -111,8 +111,14 @@ def sync(device: torch.device) -> None:
 
 def build_network(preset: str, tiny: bool, checkpoint: bool, fp32_io: bool = False) -> WDMUNet:
     if tiny:
-        return WDMUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4,
-                       use_checkpoint=checkpoint, fp32_io=fp32_io)
+        return WDMUNet(
+            base_channels=8,
+            channel_mult=(1, 2),
+            num_res_blocks=1,
+            norm_num_groups=4,
+            use_checkpoint=checkpoint,
+            fp32_io=fp32_io,
+        )
     return wdm_unet(preset, use_checkpoint=checkpoint, fp32_io=fp32_io)
 
 
@@ -218,8 +224,10 @@ def environment(device: torch.device) -> dict:
     }
     if device.type == "cuda":
         env["gpu"] = torch.cuda.get_device_name(device)
-        env["tf32_defaults"] = {"matmul": torch.backends.cuda.matmul.allow_tf32,
-                                "cudnn": torch.backends.cudnn.allow_tf32}
+        env["tf32_defaults"] = {
+            "matmul": torch.backends.cuda.matmul.allow_tf32,
+            "cudnn": torch.backends.cudnn.allow_tf32,
+        }
     else:
         env["cpu_threads"] = torch.get_num_threads()
     return env
@@ -255,9 +263,15 @@ def main(argv: list[str] | None = None) -> list[Result]:
     parser.add_argument("--batch", type=int, default=None, help="override the preset's batch size")
     parser.add_argument("--steps", type=int, default=None, help="timed steps (default 10; tiny: 2)")
     parser.add_argument("--warmup", type=int, default=None, help="untimed steps first (default 3; tiny: 1)")
-    parser.add_argument("--variants", nargs="+", default=None, help="run only variants whose name contains one of these")
-    parser.add_argument("--compile-backend", default=None, help="torch.compile backend (default inductor; tiny: aot_eager)")
-    parser.add_argument("--profile", default=None, help="append a torch.profiler table of 2 extra steps per variant here")
+    parser.add_argument(
+        "--variants", nargs="+", default=None, help="run only variants whose name contains one of these"
+    )
+    parser.add_argument(
+        "--compile-backend", default=None, help="torch.compile backend (default inductor; tiny: aot_eager)"
+    )
+    parser.add_argument(
+        "--profile", default=None, help="append a torch.profiler table of 2 extra steps per variant here"
+    )
     parser.add_argument("--tiny", action="store_true", help="tiny U-Net on 16^3 images: checks the script in seconds")
     parser.add_argument("--json", default=None, help="write the rows (and the environment) to this JSON file")
     parser.add_argument("--markdown", default=None, help="write the table to this Markdown file")

@@ -121,8 +121,10 @@ def environment(device: torch.device, threads: int) -> dict:
 def machine_line(env: dict) -> str:
     if env.get("gpu"):
         return f"{env['gpu']}; torch {env['torch']}, CUDA {env['cuda']}, cuDNN {env.get('cudnn')}; {env['date']}"
-    return (f"{env['cpu']}, {env['logical_cores']} logical cores, {env['torch_threads']} torch threads; "
-            f"torch {env['torch']}; {env['date']}; load average at start {env.get('load_average_at_start')}")
+    return (
+        f"{env['cpu']}, {env['logical_cores']} logical cores, {env['torch_threads']} torch threads; "
+        f"torch {env['torch']}; {env['date']}; load average at start {env.get('load_average_at_start')}"
+    )
 
 
 def fmt(v, spec: str) -> str:
@@ -217,13 +219,19 @@ def measure(cfg: dict) -> dict:
     _sync(device)
     first = time.perf_counter() - t0
     if device.type == "cuda":
-        row.update(peak_mb=(torch.cuda.max_memory_allocated(device) - base) / 2**20,
-                   memory_method="torch.cuda.max_memory_allocated")
+        row.update(
+            peak_mb=(torch.cuda.max_memory_allocated(device) - base) / 2**20,
+            memory_method="torch.cuda.max_memory_allocated",
+        )
     else:  # resident memory: allocator- and OS-dependent, kept for reference; the peak comes from the profiled call
         rss = (_proc_status_mb("VmHWM") if rss_method == "VmHWM reset" else _maxrss_mb()) - base
         row.update(rss_peak_mb=rss, rss_method=rss_method)
-    row.update(first_call_s=first, input_mb=inp.numel() * inp.element_size() / 2**20,
-               output_mb=out.numel() * out.element_size() / 2**20, output_shape=list(out.shape))
+    row.update(
+        first_call_s=first,
+        input_mb=inp.numel() * inp.element_size() / 2**20,
+        output_mb=out.numel() * out.element_size() / 2**20,
+        output_shape=list(out.shape),
+    )
     if cfg.get("save"):
         torch.save(out.float().cpu(), cfg["save"])
     del out
@@ -258,8 +266,10 @@ def cpu_profiled_call(call, inp: torch.Tensor) -> dict:
         prof.export_chrome_trace(path)
         with open(path) as fh:
             events = json.load(fh)["traceEvents"]
-    mem = sorted((e for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})),
-                 key=lambda e: (e.get("ts", 0), e["args"].get("Ev Idx", 0)))
+    mem = sorted(
+        (e for e in events if e.get("name") == "[memory]" and "Total Allocated" in e.get("args", {})),
+        key=lambda e: (e.get("ts", 0), e["args"].get("Ev Idx", 0)),
+    )
     peak = None
     if mem:
         base = mem[0]["args"]["Total Allocated"] - mem[0]["args"]["Bytes"]
@@ -267,8 +277,11 @@ def cpu_profiled_call(call, inp: torch.Tensor) -> dict:
     averages = prof.key_averages()
     slow = sum(e.self_cpu_time_total for e in averages if e.key == "aten::slow_conv3d_forward")
     onednn = sum(e.self_cpu_time_total for e in averages if e.key == "aten::mkldnn_convolution")
-    return {"peak_mb": peak, "memory_method": "torch.profiler CPU allocator total (profile_memory)",
-            "slow_conv3d_share_of_conv": slow / (slow + onednn) if slow + onednn else None}
+    return {
+        "peak_mb": peak,
+        "memory_method": "torch.profiler CPU allocator total (profile_memory)",
+        "slow_conv3d_share_of_conv": slow / (slow + onednn) if slow + onednn else None,
+    }
 
 
 def run_config(cfg: dict, subprocess_timeout: float) -> dict:
@@ -312,12 +325,25 @@ def run_jobs(jobs: list[dict], args, tmp: str) -> list[dict]:
             modes = ("whole", "chunked") if job.get("whole", True) else ("chunked",)
             for mode in modes:
                 key = (tuple(job["shape"]), job["width"], op)
-                path = os.path.join(tmp, f"{job['set']}_{'x'.join(map(str, job['shape']))}_w{job['width']}_{op}_{mode}"
-                                         f"_{job['enc_chunk']}_{job['dec_chunk']}.pt")
-                cfg = {"op": op, "mode": mode, "shape": job["shape"], "width": job["width"],
-                       "enc_chunk": job["enc_chunk"], "dec_chunk": job["dec_chunk"], "device": args.device,
-                       "bf16": args.bf16, "repeats": job["repeats"], "max_repeat_s": args.max_repeat_s,
-                       "threads": args.threads, "save": path}
+                path = os.path.join(
+                    tmp,
+                    f"{job['set']}_{'x'.join(map(str, job['shape']))}_w{job['width']}_{op}_{mode}"
+                    f"_{job['enc_chunk']}_{job['dec_chunk']}.pt",
+                )
+                cfg = {
+                    "op": op,
+                    "mode": mode,
+                    "shape": job["shape"],
+                    "width": job["width"],
+                    "enc_chunk": job["enc_chunk"],
+                    "dec_chunk": job["dec_chunk"],
+                    "device": args.device,
+                    "bf16": args.bf16,
+                    "repeats": job["repeats"],
+                    "max_repeat_s": args.max_repeat_s,
+                    "threads": args.threads,
+                    "save": path,
+                }
                 t0 = time.perf_counter()
                 row = run_config(cfg, args.worker_timeout)
                 row.setdefault("status", "ok")
@@ -330,12 +356,15 @@ def run_jobs(jobs: list[dict], args, tmp: str) -> list[dict]:
                     with contextlib.suppress(OSError):
                         os.remove(path)
                 rows.append(row)
-                print(f"[{job['set']}] {'x'.join(map(str, job['shape']))} width {job['width']} {op} {mode}"
-                      f"{'' if mode == 'whole' else ' chunk ' + str(row.get('chunk'))}: "
-                      f"median {fmt(row.get('median_s'), '.3f')} s, peak {fmt(row.get('peak_mb'), '.0f')} MB, "
-                      f"diff {fmt(row.get('max_abs_diff'), '.2e')}, slow_conv3d share "
-                      f"{fmt(row.get('slow_conv3d_share_of_conv'), '.2f')}, {row['status']} "
-                      f"({time.perf_counter() - t0:.0f} s wall)", flush=True)
+                print(
+                    f"[{job['set']}] {'x'.join(map(str, job['shape']))} width {job['width']} {op} {mode}"
+                    f"{'' if mode == 'whole' else ' chunk ' + str(row.get('chunk'))}: "
+                    f"median {fmt(row.get('median_s'), '.3f')} s, peak {fmt(row.get('peak_mb'), '.0f')} MB, "
+                    f"diff {fmt(row.get('max_abs_diff'), '.2e')}, slow_conv3d share "
+                    f"{fmt(row.get('slow_conv3d_share_of_conv'), '.2f')}, {row['status']} "
+                    f"({time.perf_counter() - t0:.0f} s wall)",
+                    flush=True,
+                )
     return rows
 
 
@@ -354,16 +383,31 @@ def check_chunks(args) -> list[dict]:
             recon = model.decode(whole)
             for chunk in args.check_enc_chunks:
                 got = model.encode_chunked(x, chunk).mean
-                rows.append({"op": "encode", "shape": [depth, hw, hw], "chunk": chunk,
-                             "max_abs_diff": float((got - whole).abs().max()),
-                             "max_abs_value": float(whole.abs().max())})
+                rows.append(
+                    {
+                        "op": "encode",
+                        "shape": [depth, hw, hw],
+                        "chunk": chunk,
+                        "max_abs_diff": float((got - whole).abs().max()),
+                        "max_abs_value": float(whole.abs().max()),
+                    }
+                )
             for chunk in args.check_dec_chunks:
                 got = model.decode_chunked(whole, chunk)
-                rows.append({"op": "decode", "shape": [depth, hw, hw], "chunk": chunk,
-                             "max_abs_diff": float((got - recon).abs().max()),
-                             "max_abs_value": float(recon.abs().max())})
-        print(f"[check] depth {depth} (latent {depth // f}): max diff "
-              f"{max(r['max_abs_diff'] for r in rows if r['shape'][0] == depth):.2e}", flush=True)
+                rows.append(
+                    {
+                        "op": "decode",
+                        "shape": [depth, hw, hw],
+                        "chunk": chunk,
+                        "max_abs_diff": float((got - recon).abs().max()),
+                        "max_abs_value": float(recon.abs().max()),
+                    }
+                )
+        print(
+            f"[check] depth {depth} (latent {depth // f}): max diff "
+            f"{max(r['max_abs_diff'] for r in rows if r['shape'][0] == depth):.2e}",
+            flush=True,
+        )
     return rows
 
 
@@ -380,21 +424,41 @@ def train_models(tiny: bool) -> dict:
 
     def kl() -> torch.nn.Module:
         ch = (4, 8, 8) if tiny else (16, 32, 32)
-        return MonaiKLAdapter(AutoencoderKL(
-            spatial_dims=3, in_channels=1, out_channels=1, channels=ch, latent_channels=LATENT_CHANNELS,
-            num_res_blocks=(2, 2, 2), norm_num_groups=4 if tiny else 8, attention_levels=(False, False, False),
-            with_encoder_nonlocal_attn=False, with_decoder_nonlocal_attn=False,
-        ))
+        return MonaiKLAdapter(
+            AutoencoderKL(
+                spatial_dims=3,
+                in_channels=1,
+                out_channels=1,
+                channels=ch,
+                latent_channels=LATENT_CHANNELS,
+                num_res_blocks=(2, 2, 2),
+                norm_num_groups=4 if tiny else 8,
+                attention_levels=(False, False, False),
+                with_encoder_nonlocal_attn=False,
+                with_decoder_nonlocal_attn=False,
+            )
+        )
 
     return {
-        "WF-VAE-3D": (lambda: WFVAE3D(latent_channels=LATENT_CHANNELS, levels=LEVELS, base_channels=4 if tiny else 16),
-                      f"WFVAE3D(levels=2, latent_channels=8, base_channels={4 if tiny else 16}), defaults otherwise"),
-        "Wavelet-VAE-3D": (lambda: WaveletVAE3D(levels=LEVELS, latent_channels=LATENT_CHANNELS,
-                                                base_channels=4 if tiny else 24, norm_num_groups=4 if tiny else 8),
-                           f"WaveletVAE3D(levels=2, latent_channels=8, base_channels={4 if tiny else 24}), "
-                           "prior='both', defaults otherwise"),
-        "MONAI AutoencoderKL": (kl, f"AutoencoderKL(channels={(4, 8, 8) if tiny else (16, 32, 32)}, "
-                                    "num_res_blocks=2, latent_channels=8, no attention)"),
+        "WF-VAE-3D": (
+            lambda: WFVAE3D(latent_channels=LATENT_CHANNELS, levels=LEVELS, base_channels=4 if tiny else 16),
+            f"WFVAE3D(levels=2, latent_channels=8, base_channels={4 if tiny else 16}), defaults otherwise",
+        ),
+        "Wavelet-VAE-3D": (
+            lambda: WaveletVAE3D(
+                levels=LEVELS,
+                latent_channels=LATENT_CHANNELS,
+                base_channels=4 if tiny else 24,
+                norm_num_groups=4 if tiny else 8,
+            ),
+            f"WaveletVAE3D(levels=2, latent_channels=8, base_channels={4 if tiny else 24}), "
+            "prior='both', defaults otherwise",
+        ),
+        "MONAI AutoencoderKL": (
+            kl,
+            f"AutoencoderKL(channels={(4, 8, 8) if tiny else (16, 32, 32)}, "
+            "num_res_blocks=2, latent_channels=8, no attention)",
+        ),
     }
 
 
@@ -413,6 +477,7 @@ def load_volumes(datalist: str, splits: list[str], key: str, size: list[int] | N
         for entry in entries:
             if size is None:
                 import nibabel as nib
+
                 size = list(nib.load(entry[key]).shape[:3])
             chain = volume_transforms(key, size, intensity_range=intensity_range(datalist))
             vols.append(torch.as_tensor(chain(entry)[key]).float())
@@ -444,9 +509,19 @@ def train_one(name: str, build, description: str, train: torch.Tensor, held_out:
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=args.weight_decay)
     loss_fn = VAELoss()
     order = torch.Generator().manual_seed(args.seed)  # same batch order for every model
-    res = {"model": name, "description": description, "parameters_M": count_parameters(model) / 1e6,
-           "steps": args.steps, "batch": args.batch, "lr": args.lr, "weight_decay": args.weight_decay,
-           "seed": args.seed, "image_size": list(train.shape[2:]), "evals": [], "status": "ok"}
+    res = {
+        "model": name,
+        "description": description,
+        "parameters_M": count_parameters(model) / 1e6,
+        "steps": args.steps,
+        "batch": args.batch,
+        "lr": args.lr,
+        "weight_decay": args.weight_decay,
+        "seed": args.seed,
+        "image_size": list(train.shape[2:]),
+        "evals": [],
+        "status": "ok",
+    }
     res["evals"].append({"step": 0, **evaluate(model, held_out)})
     step_times, recon_hist, terms_last = [], [], {}
     t_start = time.perf_counter()
@@ -469,17 +544,22 @@ def train_one(name: str, build, description: str, train: torch.Tensor, held_out:
             break
         if step % args.log_every == 0 or step == args.steps:
             terms_last = {k: float(v.detach()) for k, v in terms.items()}
-            print(f"[train] {name} step {step}/{args.steps}: total {float(total):.4f} recon {terms_last['recon']:.4f} "
-                  f"wavelet {terms_last['wavelet']:.4f} kl {terms_last['kl']:.2f} "
-                  f"sparsity {terms_last.get('sparsity', 0.0):.4f}; median {statistics.median(step_times):.3f} s/step",
-                  flush=True)
+            print(
+                f"[train] {name} step {step}/{args.steps}: total {float(total):.4f} recon {terms_last['recon']:.4f} "
+                f"wavelet {terms_last['wavelet']:.4f} kl {terms_last['kl']:.2f} "
+                f"sparsity {terms_last.get('sparsity', 0.0):.4f}; median {statistics.median(step_times):.3f} s/step",
+                flush=True,
+            )
         if step % args.eval_every == 0 or step == args.steps:
             t0 = time.perf_counter()
             res["evals"].append({"step": step, **evaluate(model, held_out)})
             eval_s += time.perf_counter() - t0
             e = res["evals"][-1]
-            print(f"[eval] {name} step {step}: PSNR {e['psnr_mean']:.2f} SSIM {e['ssim_mean']:.4f} "
-                  f"MAE {e['mae_mean']:.4f}", flush=True)
+            print(
+                f"[eval] {name} step {step}: PSNR {e['psnr_mean']:.2f} SSIM {e['ssim_mean']:.4f} "
+                f"MAE {e['mae_mean']:.4f}",
+                flush=True,
+            )
     res.update(
         wall_s=time.perf_counter() - t_start - eval_s,
         eval_wall_s=eval_s,
@@ -502,15 +582,21 @@ def run_train(args) -> dict:
         datalist = demo / "prepared" / "datalist.json"
         if not datalist.is_file():
             t0 = time.perf_counter()
-            datalist = make_demo_dataset(demo, num_cases=args.demo_cases, seed=args.seed,
-                                         resolution=args.demo_resolution, progress=False)
-            print(f"[train] demo dataset ({args.demo_cases} cases) written in {time.perf_counter() - t0:.1f} s: "
-                  f"{datalist}", flush=True)
+            datalist = make_demo_dataset(
+                demo, num_cases=args.demo_cases, seed=args.seed, resolution=args.demo_resolution, progress=False
+            )
+            print(
+                f"[train] demo dataset ({args.demo_cases} cases) written in {time.perf_counter() - t0:.1f} s: "
+                f"{datalist}",
+                flush=True,
+            )
     size = [args.train_size] * 3 if args.train_size else None
     train, size = load_volumes(str(datalist), ["training"], args.key, size)
     held_out, _ = load_volumes(str(datalist), ["validation", "test"], args.key, size)
-    print(f"[train] {train.shape[0]} training and {held_out.shape[0]} held-out volumes of {size} from {datalist}",
-          flush=True)
+    print(
+        f"[train] {train.shape[0]} training and {held_out.shape[0]} held-out volumes of {size} from {datalist}",
+        flush=True,
+    )
     results = []
     models = train_models(args.tiny)
     for name, (build, description) in models.items():
@@ -519,10 +605,20 @@ def run_train(args) -> dict:
         try:
             results.append(train_one(name, build, description, train, held_out, args))
         except Exception as err:
-            results.append({"model": name, "description": description,
-                            "status": f"FAILED {type(err).__name__}: {str(err).splitlines()[0][:160]}"})
-    return {"datalist": str(datalist), "num_train": int(train.shape[0]), "num_held_out": int(held_out.shape[0]),
-            "image_size": size, "rows": results}
+            results.append(
+                {
+                    "model": name,
+                    "description": description,
+                    "status": f"FAILED {type(err).__name__}: {str(err).splitlines()[0][:160]}",
+                }
+            )
+    return {
+        "datalist": str(datalist),
+        "num_train": int(train.shape[0]),
+        "num_held_out": int(held_out.shape[0]),
+        "image_size": size,
+        "rows": results,
+    }
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -549,10 +645,10 @@ def markdown_memory(rows: list[dict], checks: list[dict], env: dict, args) -> st
     lines = [
         f"Machine: {machine_line(env)}. WFVAE3D(levels=2, latent_channels=8, base_channels=width), untrained, "
         f"batch 1, {prec}; unless stated, encoder chunk {args.enc_chunk} input slices and decoder chunk "
-        f"{args.dec_chunk} latent slices ({args.dec_chunk * 2 ** LEVELS} output slices). Time: median of up to "
+        f"{args.dec_chunk} latent slices ({args.dec_chunk * 2**LEVELS} output slices). Time: median of up to "
         f"{args.repeats} calls after a first one (sweeps: {args.sweep_repeats}). Peak: {method} (see the script's "
-        "docstring), output included, weights and input not. \"slow_conv3d\": share of the convolution time spent "
-        "in PyTorch's im2col fallback instead of oneDNN (CPU only). \"RSS growth\": resident-set growth during the "
+        'docstring), output included, weights and input not. "slow_conv3d": share of the convolution time spent '
+        'in PyTorch\'s im2col fallback instead of oneDNN (CPU only). "RSS growth": resident-set growth during the '
         "first call (CPU only; allocator- and OS-dependent, but it also sees memory oneDNN allocates outside PyTorch).",
         "",
     ]
@@ -624,8 +720,15 @@ def markdown_memory(rows: list[dict], checks: list[dict], env: dict, args) -> st
                 if not r:
                     continue
                 f = 2**LEVELS
-                ch = "whole" if r.get("mode") == "whole" else (
-                    str(r.get("chunk")) if op == "encode" else f"{r.get('chunk')} latent = {f * (r.get('chunk') or 0)}")
+                ch = (
+                    "whole"
+                    if r.get("mode") == "whole"
+                    else (
+                        str(r.get("chunk"))
+                        if op == "encode"
+                        else f"{r.get('chunk')} latent = {f * (r.get('chunk') or 0)}"
+                    )
+                )
                 lines.append(
                     f"| {op} | {ch} | {fmt(r.get('median_s'), '.3f')} | {_ratio(r.get('median_s'), w.get('median_s'))} "
                     f"| {fmt(r.get('peak_mb'), '.0f')} | {_ratio(r.get('peak_mb'), w.get('peak_mb'))} | {_share(r)} "
@@ -644,8 +747,10 @@ def markdown_memory(rows: list[dict], checks: list[dict], env: dict, args) -> st
         for op, shape in keys:
             these = [c for c in checks if c["op"] == op and tuple(c["shape"]) == shape]
             cells = [f"{c['chunk']}: {c['max_abs_diff']:.1e}" for c in these]
-            lines.append(f"| {op} | {'x'.join(map(str, shape))} | {', '.join(cells)} "
-                         f"({max(c['max_abs_value'] for c in these):.2f}) |")
+            lines.append(
+                f"| {op} | {'x'.join(map(str, shape))} | {', '.join(cells)} "
+                f"({max(c['max_abs_value'] for c in these):.2f}) |"
+            )
         lines.append("")
     return "\n".join(lines)
 
@@ -709,35 +814,59 @@ def main(argv: list[str] | None = None) -> dict:
         print(json.dumps(measure(json.loads(argv[1]))), flush=True)
         return {}
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("mode", nargs="?", default="all", choices=["memory", "train", "all"],
-                        help="memory: whole vs chunked time/memory/equality; train: side-by-side training; all: both")
+    parser.add_argument(
+        "mode",
+        nargs="?",
+        default="all",
+        choices=["memory", "train", "all"],
+        help="memory: whole vs chunked time/memory/equality; train: side-by-side training; all: both",
+    )
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all logical cores)")
     parser.add_argument("--tiny", action="store_true", help="tiny shapes, widths and models: checks the script")
     parser.add_argument("--json", default=None, help="write everything measured (and the machine) here")
     parser.add_argument("--markdown", default=None, help="write the tables here")
-    parser.add_argument("--from-json", default=None, metavar="JSON",
-                        help="measure nothing: rebuild the tables from a JSON this script wrote (to --markdown/stdout)")
+    parser.add_argument(
+        "--from-json",
+        default=None,
+        metavar="JSON",
+        help="measure nothing: rebuild the tables from a JSON this script wrote (to --markdown/stdout)",
+    )
     g = parser.add_argument_group("memory mode")
     g.add_argument("--sizes", type=int, nargs="+", default=[64, 128, 256], help="cube sizes N (N^3 volumes)")
-    g.add_argument("--widths", nargs="+", default=None, metavar="SIZE:WIDTH",
-                   help=f"base_channels per cube size (default: CPU {CPU_WIDTHS}, CUDA 128 for every size)")
+    g.add_argument(
+        "--widths",
+        nargs="+",
+        default=None,
+        metavar="SIZE:WIDTH",
+        help=f"base_channels per cube size (default: CPU {CPU_WIDTHS}, CUDA 128 for every size)",
+    )
     g.add_argument("--depths", type=int, nargs="+", default=[32, 64, 128, 192, 256], help="depth sweep depths")
-    g.add_argument("--depth-hw", type=int, default=None,
-                   help="slice size H = W of the sweep (default CPU 128, CUDA 256)")
+    g.add_argument(
+        "--depth-hw", type=int, default=None, help="slice size H = W of the sweep (default CPU 128, CUDA 256)"
+    )
     g.add_argument("--depth-width", type=int, default=None, help="width of the sweep (default CPU 16, CUDA 128)")
     g.add_argument("--no-sweep", action="store_true", help="skip the depth sweep")
     g.add_argument("--enc-chunk", type=int, default=16, help="encoder slab, input slices (multiple of 4)")
     g.add_argument("--dec-chunk", type=int, default=4, help="decoder slab, latent slices")
     g.add_argument("--repeats", type=int, default=3, help="timed calls per cube configuration (after a first call)")
     g.add_argument("--sweep-repeats", type=int, default=1, help="timed calls per depth-sweep configuration")
-    g.add_argument("--max-repeat-s", type=float, default=60.0,
-                   help="stop repeating a configuration once its timed calls took this long (at least one)")
+    g.add_argument(
+        "--max-repeat-s",
+        type=float,
+        default=60.0,
+        help="stop repeating a configuration once its timed calls took this long (at least one)",
+    )
     g.add_argument("--chunk-sweep", action="store_true", help="also time/measure several chunk sizes at one size")
     g.add_argument("--chunk-sweep-size", type=int, default=128, help="cube size of the chunk sweep")
     g.add_argument("--chunk-sweep-width", type=int, default=None, help="width of the chunk sweep (default: as cubes)")
-    g.add_argument("--chunk-sweep-enc", type=int, nargs="+", default=[8, 16, 32, 64, 128],
-                   help="encoder chunks of the chunk sweep (paired with --chunk-sweep-dec)")
+    g.add_argument(
+        "--chunk-sweep-enc",
+        type=int,
+        nargs="+",
+        default=[8, 16, 32, 64, 128],
+        help="encoder chunks of the chunk sweep (paired with --chunk-sweep-dec)",
+    )
     g.add_argument("--chunk-sweep-dec", type=int, nargs="+", default=[2, 4, 8, 16, 32])
     g.add_argument("--bf16", action="store_true", help="run encode/decode under bf16 autocast (CUDA)")
     g.add_argument("--worker-timeout", type=float, default=900, help="seconds allowed per CPU subprocess")
@@ -749,8 +878,11 @@ def main(argv: list[str] | None = None) -> dict:
     g.add_argument("--no-check", action="store_true", help="skip the equality check")
     t = parser.add_argument_group("train mode")
     t.add_argument("--datalist", default=None, help="a prepared datalist (default: the demo dataset, see --demo-dir)")
-    t.add_argument("--demo-dir", default=os.path.join(tempfile.gettempdir(), "wdm3d_vae_bench_demo"),
-                   help="where the demo dataset is written (reused if already there)")
+    t.add_argument(
+        "--demo-dir",
+        default=os.path.join(tempfile.gettempdir(), "wdm3d_vae_bench_demo"),
+        help="where the demo dataset is written (reused if already there)",
+    )
     t.add_argument("--demo-cases", type=int, default=24)
     t.add_argument("--demo-resolution", type=int, default=4, choices=[1, 2, 4], help="4: 32^3 volumes, 2: 64^3")
     t.add_argument("--key", default="t1n", help="datalist key of the volumes")
@@ -771,8 +903,9 @@ def main(argv: list[str] | None = None) -> dict:
         old = argparse.Namespace(**saved["settings"])
         parts = [f"<!-- python benchmarks/vae.py {' '.join(saved.get('argv', []))} -->", ""]
         if "memory_rows" in saved:
-            parts.append(markdown_memory(saved["memory_rows"], saved.get("chunk_checks", []), saved["environment"],
-                                         old))
+            parts.append(
+                markdown_memory(saved["memory_rows"], saved.get("chunk_checks", []), saved["environment"], old)
+            )
         if "train" in saved:
             parts.append(markdown_train(saved["train"], saved["environment"]))
         text = "\n".join(parts)
@@ -787,7 +920,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.bf16 and device.type != "cuda":
         parser.error("--bf16 is for CUDA (CPU bf16 convolutions are not what this benchmark measures)")
     if args.enc_chunk % 2**LEVELS:
-        parser.error(f"--enc-chunk must be a multiple of {2 ** LEVELS}")
+        parser.error(f"--enc-chunk must be a multiple of {2**LEVELS}")
     args.threads = args.threads or os.cpu_count() or 1
     cuda = device.type == "cuda"
     if args.tiny:
@@ -803,8 +936,12 @@ def main(argv: list[str] | None = None) -> dict:
     widths = _widths(args.widths, args.sizes, cuda, args.tiny)
     env = environment(device, args.threads)
     print(json.dumps(env), flush=True)
-    result: dict = {"environment": env, "argv": list(argv), "settings": {k: v for k, v in vars(args).items()},
-                    "widths": widths}
+    result: dict = {
+        "environment": env,
+        "argv": list(argv),
+        "settings": {k: v for k, v in vars(args).items()},
+        "widths": widths,
+    }
     md = [f"<!-- python benchmarks/vae.py {' '.join(argv)} -->", ""]
 
     def write() -> None:  # after every part, so a timeout keeps what was measured
@@ -816,18 +953,45 @@ def main(argv: list[str] | None = None) -> dict:
                 fh.write("\n".join(md))
 
     if args.mode in ("memory", "all"):
-        jobs = [{"set": "cube", "shape": [n, n, n], "width": w, "enc_chunk": args.enc_chunk,
-                 "dec_chunk": args.dec_chunk, "repeats": args.repeats} for n in args.sizes for w in widths[n]]
+        jobs = [
+            {
+                "set": "cube",
+                "shape": [n, n, n],
+                "width": w,
+                "enc_chunk": args.enc_chunk,
+                "dec_chunk": args.dec_chunk,
+                "repeats": args.repeats,
+            }
+            for n in args.sizes
+            for w in widths[n]
+        ]
         if not args.no_sweep:
-            jobs += [{"set": "sweep", "shape": [d, args.depth_hw, args.depth_hw], "width": args.depth_width,
-                      "enc_chunk": args.enc_chunk, "dec_chunk": args.dec_chunk, "repeats": args.sweep_repeats}
-                     for d in args.depths]
+            jobs += [
+                {
+                    "set": "sweep",
+                    "shape": [d, args.depth_hw, args.depth_hw],
+                    "width": args.depth_width,
+                    "enc_chunk": args.enc_chunk,
+                    "dec_chunk": args.dec_chunk,
+                    "repeats": args.sweep_repeats,
+                }
+                for d in args.depths
+            ]
         if args.chunk_sweep:
             n = args.chunk_sweep_size
             w = args.chunk_sweep_width or widths.get(n, [args.depth_width])[0]
             for i, (ec, dc) in enumerate(zip(args.chunk_sweep_enc, args.chunk_sweep_dec)):
-                jobs.append({"set": "chunks", "shape": [n, n, n], "width": w, "enc_chunk": ec, "dec_chunk": dc,
-                             "repeats": args.sweep_repeats, "whole": i == 0})
+                jobs.append(
+                    {
+                        "set": "chunks",
+                        "shape": [n, n, n],
+                        "width": w,
+                        "enc_chunk": ec,
+                        "dec_chunk": dc,
+                        "repeats": args.sweep_repeats,
+                        "whole": i == 0,
+                    }
+                )
         with tempfile.TemporaryDirectory(prefix="wdm3d_vae_bench_") as tmp:
             rows = []
             for label in ("cube", "sweep", "chunks"):  # written after each set, so a timeout keeps what was measured

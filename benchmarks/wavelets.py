@@ -31,13 +31,17 @@ from wdm3d.wavelets import _generic_forward, dwt3d, idwt3d
 def naive_matrix_dwt(x: torch.Tensor) -> torch.Tensor:
     """Per-axis dense Haar matrices built on every call (the approach WDM's code takes), then matmuls along each
     axis and a stack of the 8 subbands. Written here only as a baseline."""
+
     def mats(n: int):
         lo = np.zeros((n // 2, n))
         hi = np.zeros((n // 2, n))
         for i in range(n // 2):
             lo[i, 2 * i] = lo[i, 2 * i + 1] = 1 / np.sqrt(2)
             hi[i, 2 * i], hi[i, 2 * i + 1] = 1 / np.sqrt(2), -1 / np.sqrt(2)
-        return (torch.as_tensor(lo, dtype=x.dtype, device=x.device), torch.as_tensor(hi, dtype=x.dtype, device=x.device))
+        return (
+            torch.as_tensor(lo, dtype=x.dtype, device=x.device),
+            torch.as_tensor(hi, dtype=x.dtype, device=x.device),
+        )
 
     d, h, w = x.shape[-3:]
     (ld, hd), (lh, hh), (lw, hw) = mats(d), mats(h), mats(w)
@@ -83,6 +87,7 @@ def machine(device: torch.device) -> str:
         pass
     return f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}"
 
+
 # ----------------------------------------------------------------------------------------------------------------------
 # GPU: fused Triton kernel vs the torch path
 # ----------------------------------------------------------------------------------------------------------------------
@@ -126,6 +131,7 @@ def fused(split: bool, inverse: bool):
     def fn(v):
         wv._FUSED_CONFIG["split"] = split
         return wv._fused_haar_launch(v, inverse)
+
     return fn
 
 
@@ -145,32 +151,47 @@ def equality_checks(device: torch.device) -> list[dict]:
                 y_once = torch_path_dwt(x.float()).to(dtype)
                 r = fused(split, True)(y)
                 r_torch = torch_path_idwt(y)
-                rows.append({
-                    "split": split, "shape": list(shape), "dtype": str(dtype).replace("torch.", ""),
-                    "dwt_max_abs_vs_torch_path": (y.double() - y_torch.double()).abs().max().item(),
-                    "dwt_equal_torch_path": bool(torch.equal(y, y_torch)),
-                    "dwt_equal_fp32_rounded_once": bool(torch.equal(y, y_once)),
-                    "dwt_max_abs_vs_fp64": (y.double() - y_ref).abs().max().item(),
-                    "torch_path_dwt_max_abs_vs_fp64": (y_torch.double() - y_ref).abs().max().item(),
-                    "idwt_max_abs_vs_torch_path": (r.double() - r_torch.double()).abs().max().item(),
-                    "round_trip_max_abs": (r.double() - x.double()).abs().max().item(),
-                })
+                rows.append(
+                    {
+                        "split": split,
+                        "shape": list(shape),
+                        "dtype": str(dtype).replace("torch.", ""),
+                        "dwt_max_abs_vs_torch_path": (y.double() - y_torch.double()).abs().max().item(),
+                        "dwt_equal_torch_path": bool(torch.equal(y, y_torch)),
+                        "dwt_equal_fp32_rounded_once": bool(torch.equal(y, y_once)),
+                        "dwt_max_abs_vs_fp64": (y.double() - y_ref).abs().max().item(),
+                        "torch_path_dwt_max_abs_vs_fp64": (y_torch.double() - y_ref).abs().max().item(),
+                        "idwt_max_abs_vs_torch_path": (r.double() - r_torch.double()).abs().max().item(),
+                        "round_trip_max_abs": (r.double() - x.double()).abs().max().item(),
+                    }
+                )
     wv._FUSED_CONFIG["split"] = default_split
     # autograd through the public functions (fused path): gradient of the DWT is the IDWT of the upstream gradient
     x = torch.randn(2, 2, 16, 16, 16, device=device, requires_grad=True)
     g = torch.randn(2, 16, 8, 8, 8, device=device)
     (dwt3d(x) * g).sum().backward()
-    rows.append({"check": "grad(DWT) == IDWT(grad), cuda fp32",
-                 "max_abs": (x.grad - idwt3d(g)).abs().max().item(),
-                 "fused_used": wv.fused_haar_available(x), "fused_failed": wv._fused_haar["failed"]})
+    rows.append(
+        {
+            "check": "grad(DWT) == IDWT(grad), cuda fp32",
+            "max_abs": (x.grad - idwt3d(g)).abs().max().item(),
+            "fused_used": wv.fused_haar_available(x),
+            "fused_failed": wv._fused_haar["failed"],
+        }
+    )
     return rows
 
 
 def cuda_main(args, device: torch.device) -> None:
-    env = {"gpu": torch.cuda.get_device_name(device), "torch": torch.__version__, "cuda": torch.version.cuda,
-           "triton": None, "fused_available": wv.fused_haar_available(device)}
+    env = {
+        "gpu": torch.cuda.get_device_name(device),
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": None,
+        "fused_available": wv.fused_haar_available(device),
+    }
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         pass
@@ -178,12 +199,19 @@ def cuda_main(args, device: torch.device) -> None:
     checks = equality_checks(device) if env["fused_available"] else []
     for c in checks:
         print(json.dumps(c), flush=True)
-    header = ("| input | dtype | copy us | DWT fused us | IDWT fused us | DWT+IDWT fused us | DWT / copy "
-              "| round trip / copy | DWT fused (strided) us | DWT torch path us | round trip torch path us "
-              "| DWT eager wall us (fused / torch path / copy) |")
-    rows = [f"Device: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}. GPU time per "
-            "call from CUDA graphs of 20 calls (median of 7 replays); eager wall time: median of "
-            f"{args.repeats} synchronised calls.", "", header, "|" + "---|" * 12]
+    header = (
+        "| input | dtype | copy us | DWT fused us | IDWT fused us | DWT+IDWT fused us | DWT / copy "
+        "| round trip / copy | DWT fused (strided) us | DWT torch path us | round trip torch path us "
+        "| DWT eager wall us (fused / torch path / copy) |"
+    )
+    rows = [
+        f"Device: {env['gpu']}, torch {env['torch']}, CUDA {env['cuda']}, Triton {env['triton']}. GPU time per "
+        "call from CUDA graphs of 20 calls (median of 7 replays); eager wall time: median of "
+        f"{args.repeats} synchronised calls.",
+        "",
+        header,
+        "|" + "---|" * 12,
+    ]
     print(header, flush=True)
     results = []
     split_default = wv._FUSED_CONFIG["split"]
@@ -203,15 +231,27 @@ def cuda_main(args, device: torch.device) -> None:
             tfwd = gpu_time_ms(torch_path_dwt, x) * 1e3
             trt = gpu_time_ms(lambda v: torch_path_idwt(torch_path_dwt(v)), x) * 1e3
             wall = [timeit(f, x, args.repeats, device) * 1e3 for f in (dwt3d, torch_path_dwt, torch.clone)]
-            row = (f"| ({batch}, 1, {n}^3) | {str(dtype).replace('torch.', '')} | {copy:.1f} | {fwd:.1f} | {inv:.1f} "
-                   f"| {rt:.1f} | {fwd / copy:.2f} | {rt / copy:.2f} | {other:.1f} | {tfwd:.1f} | {trt:.1f} "
-                   f"| {wall[0]:.0f} / {wall[1]:.0f} / {wall[2]:.0f} |")
+            row = (
+                f"| ({batch}, 1, {n}^3) | {str(dtype).replace('torch.', '')} | {copy:.1f} | {fwd:.1f} | {inv:.1f} "
+                f"| {rt:.1f} | {fwd / copy:.2f} | {rt / copy:.2f} | {other:.1f} | {tfwd:.1f} | {trt:.1f} "
+                f"| {wall[0]:.0f} / {wall[1]:.0f} / {wall[2]:.0f} |"
+            )
             rows.append(row)
-            results.append({"batch": batch, "size": n, "dtype": str(dtype), "copy_us": copy, "dwt_fused_us": fwd,
-                            "idwt_fused_us": inv, "round_trip_fused_us": rt,
-                            ("dwt_fused_strided_us" if split_default else "dwt_fused_split_us"): other,
-                            "dwt_torch_path_us": tfwd, "round_trip_torch_path_us": trt,
-                            "wall_us_fused_torch_copy": wall})
+            results.append(
+                {
+                    "batch": batch,
+                    "size": n,
+                    "dtype": str(dtype),
+                    "copy_us": copy,
+                    "dwt_fused_us": fwd,
+                    "idwt_fused_us": inv,
+                    "round_trip_fused_us": rt,
+                    ("dwt_fused_strided_us" if split_default else "dwt_fused_split_us"): other,
+                    "dwt_torch_path_us": tfwd,
+                    "round_trip_torch_path_us": trt,
+                    "wall_us_fused_torch_copy": wall,
+                }
+            )
             print(row, flush=True)
             del x, y
             torch.cuda.empty_cache()
@@ -244,8 +284,12 @@ def main() -> None:
         "| size | copy ms | DWT ms | IDWT ms | DWT+IDWT ms | DWT / copy | round trip / copy "
         "| naive matrices ms (x DWT) | per-axis pytorch_wavelets ms (x DWT) |"
     )
-    rows = [f"Device: {machine(device)}; fp32, one (1, 1, N, N, N) volume; median of {args.repeats}.", "",
-            header, "|" + "---|" * 9]
+    rows = [
+        f"Device: {machine(device)}; fp32, one (1, 1, N, N, N) volume; median of {args.repeats}.",
+        "",
+        header,
+        "|" + "---|" * 9,
+    ]
     print(rows[0])
     print(header)
     for n in args.sizes:
@@ -262,8 +306,10 @@ def main() -> None:
             nm = timeit(naive_matrix_dwt, x, reps, device)
             pa = timeit(lambda v: _generic_forward(v, "haar", "periodization"), x, reps, device)
             naive, axis = f"{nm:.1f} ({nm / fwd:.1f}x)", f"{pa:.1f} ({pa / fwd:.1f}x)"
-        row = (f"| {n}^3 | {copy:.2f} | {fwd:.2f} | {inv:.2f} | {rt:.2f} | {fwd / copy:.2f} | {rt / copy:.2f} "
-               f"| {naive} | {axis} |")
+        row = (
+            f"| {n}^3 | {copy:.2f} | {fwd:.2f} | {inv:.2f} | {rt:.2f} | {fwd / copy:.2f} | {rt / copy:.2f} "
+            f"| {naive} | {axis} |"
+        )
         rows.append(row)
         print(row, flush=True)
     if args.markdown:

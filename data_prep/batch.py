@@ -180,8 +180,12 @@ def run_cases(
                     try:
                         records[key] = alone.submit(fn, *args_of[key]).result()
                     except BrokenProcessPool:
-                        records[key] = crashed(key, RuntimeError(
-                            "its worker process died (killed, e.g. by the out-of-memory killer; try fewer workers)"))
+                        records[key] = crashed(
+                            key,
+                            RuntimeError(
+                                "its worker process died (killed, e.g. by the out-of-memory killer; try fewer workers)"
+                            ),
+                        )
                     except Exception as err:  # noqa: BLE001
                         records[key] = crashed(key, err)
                 bar.update()
@@ -219,9 +223,18 @@ def run_batch(
         None; the ids of the cases not started because of it.
     """
     records = run_cases(
-        fn, jobs, workers, desc, progress,
-        lambda key, err: {"case": key, "patient": patients[key], "status": "failed", "file": "",
-                          "reason": f"worker error {type(err).__name__}: {err}"},
+        fn,
+        jobs,
+        workers,
+        desc,
+        progress,
+        lambda key, err: {
+            "case": key,
+            "patient": patients[key],
+            "status": "failed",
+            "file": "",
+            "reason": f"worker error {type(err).__name__}: {err}",
+        },
         stop=stops_batch,
     )
     full = next((records[key] for key, _ in jobs if key in records and stops_batch(records[key])), None)
@@ -258,11 +271,20 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     Args:
         parser: the tool's parser (returned, with the options added).
     """
-    parser.add_argument("--split", nargs=3, type=float, default=(0.8, 0.1, 0.1), metavar=("TRAIN", "VAL", "TEST"),
-                        help="fractions of patients per split (default: 0.8 0.1 0.1)")
+    parser.add_argument(
+        "--split",
+        nargs=3,
+        type=float,
+        default=(0.8, 0.1, 0.1),
+        metavar=("TRAIN", "VAL", "TEST"),
+        help="fractions of patients per split (default: 0.8 0.1 0.1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="seed of the patient split (default: 0)")
     parser.add_argument("--workers", type=int, default=1, help="parallel processes (default: 1)")
-    parser.add_argument("--overwrite", action="store_true",
-                        help="prepare every case again (default: cases whose outputs are up to date are skipped)")
+    parser.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="prepare every case again (default: cases whose outputs are up to date are skipped)",
+    )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser

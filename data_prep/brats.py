@@ -252,17 +252,27 @@ def prepare_brats(
             fingerprint = input_fingerprint(case.files.values()) if case.files else ""
         except Exception as err:  # noqa: BLE001 - e.g. a dangling or looping symlink: this case fails, others go on
             records[case.case_id] = {
-                "case": case.case_id, "patient": case.patient_id, "status": "failed",
+                "case": case.case_id,
+                "patient": case.patient_id,
+                "status": "failed",
                 "file": str(getattr(err, "filename", None) or ""),
                 "reason": f"cannot read the file: {os_error_text(err)}",
             }
             continue
-        previous = None if overwrite or not fingerprint else read_case_record(
-            dst_path / case.case_id, fingerprint, case_settings)
+        previous = (
+            None
+            if overwrite or not fingerprint
+            else read_case_record(dst_path / case.case_id, fingerprint, case_settings)
+        )
         if previous is not None:
             records[case.case_id] = {
-                "case": case.case_id, "patient": case.patient_id, "status": "skipped", "reason": UP_TO_DATE,
-                "outputs": previous["outputs"], "shape": previous["shape"], "spacing": previous["spacing"],
+                "case": case.case_id,
+                "patient": case.patient_id,
+                "status": "skipped",
+                "reason": UP_TO_DATE,
+                "outputs": previous["outputs"],
+                "shape": previous["shape"],
+                "spacing": previous["spacing"],
             }
         else:
             jobs.append((case.case_id, (case, wanted, str(dst_path), case_settings, fingerprint)))
@@ -280,8 +290,10 @@ def prepare_brats(
             logger.warning("skipped %s: %s", entry["case"], entry["reason"])
     for entry in summary["failed"]:
         logger.warning("failed %s (%s): %s", entry["case"], entry["file"], entry["reason"])
-    nothing_prepared = (f"None of the {len(cases)} BraTS cases below {str(src_path)!r} could be prepared "
-                        f"({counts['skipped']} skipped, {counts['failed']} failed); see {dst_path / SUMMARY_NAME}.")
+    nothing_prepared = (
+        f"None of the {len(cases)} BraTS cases below {str(src_path)!r} could be prepared "
+        f"({counts['skipped']} skipped, {counts['failed']} failed); see {dst_path / SUMMARY_NAME}."
+    )
     close_batch(summary, ordered, full, waiting, "cases", start, None if current else nothing_prepared)
 
     entries = split_entries(current, fractions, seed)
@@ -290,8 +302,11 @@ def prepare_brats(
     challenges = sorted({subchallenge(r["case"]) for r in current})
     labels, convention = label_table(challenges, harmonize_labels) if has_seg else ({}, None)
     if has_seg and len(challenges) > 1:
-        logger.warning("the datalist mixes BraTS sub-challenges %s, whose label maps use the same values for "
-                       "different regions; the datalist's 'labels' cannot describe them.", challenges)
+        logger.warning(
+            "the datalist mixes BraTS sub-challenges %s, whose label maps use the same values for "
+            "different regions; the datalist's 'labels' cannot describe them.",
+            challenges,
+        )
     shape = same_or_none([r["shape"] for r in current], tol=0)  # None when cases differ (a -1 in spatial_size)
     datalist: dict[str, Any] = {
         "name": "BraTS (prepared by data_prep.brats)",
@@ -341,22 +356,47 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--src", required=True, help="folder with the extracted BraTS download (only read)")
     parser.add_argument("--dst", required=True, help="output folder, outside --src")
-    parser.add_argument("--modalities", nargs="+", default=None, metavar="MOD",
-                        help="subset of t1n t1c t2w t2f seg, 2021 names accepted (default: every modality found)")
-    parser.add_argument("--preset", default="wdm", choices=sorted(PRESETS),
-                        help="wdm: clip 0.1/99.9 percentiles, [0, 1], pad to 256^3; cwdm: 224x224x160 (default: wdm)")
-    parser.add_argument("--percentiles", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
-                        help="clip percentiles (default: the preset's, 0.1 99.9; 0 100 disables clipping)")
-    parser.add_argument("--spatial-size", nargs=3, type=int, default=None, metavar=("X", "Y", "Z"),
-                        help="size after centre pad/crop, before pooling; -1 keeps an axis (default: the preset's)")
-    parser.add_argument("--pool", type=int, default=None,
-                        help="average-pooling factor, 2 turns 256^3 into 128^3 (default: the preset's, 1)")
-    parser.add_argument("--seg-pool", default="mode", choices=SEG_POOL_MODES,
-                        help="how the label map is pooled (default: mode)")
+    parser.add_argument(
+        "--modalities",
+        nargs="+",
+        default=None,
+        metavar="MOD",
+        help="subset of t1n t1c t2w t2f seg, 2021 names accepted (default: every modality found)",
+    )
+    parser.add_argument(
+        "--preset",
+        default="wdm",
+        choices=sorted(PRESETS),
+        help="wdm: clip 0.1/99.9 percentiles, [0, 1], pad to 256^3; cwdm: 224x224x160 (default: wdm)",
+    )
+    parser.add_argument(
+        "--percentiles",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="clip percentiles (default: the preset's, 0.1 99.9; 0 100 disables clipping)",
+    )
+    parser.add_argument(
+        "--spatial-size",
+        nargs=3,
+        type=int,
+        default=None,
+        metavar=("X", "Y", "Z"),
+        help="size after centre pad/crop, before pooling; -1 keeps an axis (default: the preset's)",
+    )
+    parser.add_argument(
+        "--pool",
+        type=int,
+        default=None,
+        help="average-pooling factor, 2 turns 256^3 into 128^3 (default: the preset's, 1)",
+    )
+    parser.add_argument(
+        "--seg-pool", default="mode", choices=SEG_POOL_MODES, help="how the label map is pooled (default: mode)"
+    )
     parser.add_argument("--no-harmonize-labels", action="store_true", help="keep BraTS 2021 label 4 instead of 3")
     add_batch_arguments(parser)
     return parser
-
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -371,9 +411,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         summary = prepare_brats(
-            args.src, args.dst, modalities=args.modalities, preset=args.preset, percentiles=args.percentiles,
-            spatial_size=args.spatial_size, pool=args.pool, seg_pool=args.seg_pool, split=args.split, seed=args.seed,
-            harmonize_labels=not args.no_harmonize_labels, workers=args.workers, progress=not args.quiet,
+            args.src,
+            args.dst,
+            modalities=args.modalities,
+            preset=args.preset,
+            percentiles=args.percentiles,
+            spatial_size=args.spatial_size,
+            pool=args.pool,
+            seg_pool=args.seg_pool,
+            split=args.split,
+            seed=args.seed,
+            harmonize_labels=not args.no_harmonize_labels,
+            workers=args.workers,
+            progress=not args.quiet,
             overwrite=args.overwrite,
         )
     except (FileNotFoundError, ValueError, OutputError) as err:
@@ -384,8 +434,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     counts = summary["counts"]
     if args.quiet:
-        print(f"Prepared {counts['done']} cases ({counts['skipped']} skipped, {counts['failed']} failed) into "
-              f"{summary['dst']} (datalist: {summary['datalist']})")
+        print(
+            f"Prepared {counts['done']} cases ({counts['skipped']} skipped, {counts['failed']} failed) into "
+            f"{summary['dst']} (datalist: {summary['datalist']})"
+        )
     if counts["failed"]:
         print(f"error: {counts['failed']} case(s) failed; see {summary['report_csv']}", file=sys.stderr)
         return 1

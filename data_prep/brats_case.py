@@ -34,6 +34,7 @@ from .volume import SEG_POOL_MODES, check_array3d, normalize_intensity, pad_or_c
 
 __all__ = ["preprocess_image", "preprocess_label", "read_volume", "process_case"]
 
+
 def preprocess_image(
     x: np.ndarray,
     affine: np.ndarray,
@@ -195,7 +196,10 @@ def process_case(
                 )
             else:
                 out, out_affine = preprocess_image(
-                    data, affine, settings["percentiles"], settings["spatial_size"],
+                    data,
+                    affine,
+                    settings["percentiles"],
+                    settings["spatial_size"],
                     settings["pool"],
                 )
             del data

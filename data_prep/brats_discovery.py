@@ -80,8 +80,10 @@ def label_table(challenges: Sequence[str], harmonize_labels: bool) -> tuple[dict
     if list(challenges) in ([], ["GLI"]):
         table = BRATS_LABELS if harmonize_labels else BRATS_LABELS | {"4": "enhancing tumour (ET), BraTS 2021 label"}
         return table, "BraTS glioma (2023 values)"
-    return {}, (f"as defined by BraTS {'/'.join(challenges)}, not the glioma table; see that sub-challenge's "
-                "documentation (data_prep keeps the values as they are)")
+    return {}, (
+        f"as defined by BraTS {'/'.join(challenges)}, not the glioma table; see that sub-challenge's "
+        "documentation (data_prep keeps the values as they are)"
+    )
 
 
 _SCHEME_2021 = re.compile(r"^(?P<case>BraTS\d*_[A-Za-z0-9_]+?)_(?P<mod>t1ce|t1|t2|flair|seg)\.nii(?:\.gz)?$")
@@ -164,8 +166,12 @@ def find_cases(src: str | os.PathLike) -> list[BratsCase]:
     for dirpath, dirnames, filenames in os.walk(root):
         dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
         folder = Path(dirpath).name
-        if dirpath != str(root) and _CASE_DIR.match(folder) and not any(not f.startswith(".") for f in filenames) \
-                and not dirnames:
+        if (
+            dirpath != str(root)
+            and _CASE_DIR.match(folder)
+            and not any(not f.startswith(".") for f in filenames)
+            and not dirnames
+        ):
             # an empty case folder (a failed or partial extraction): reported as a case with no files
             found.setdefault(folder, BratsCase(folder, "2023" if folder.startswith("BraTS-") else "2021"))
         for name in sorted(filenames):

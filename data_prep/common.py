@@ -100,8 +100,10 @@ def check_output_dir(path: str | os.PathLike) -> None:
     """
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
-        raise OutputError(f"cannot write to the output folder {str(folder)!r}: it is a file, not a folder; choose "
-                          "another --dst", errno.ENOTDIR)
+        raise OutputError(
+            f"cannot write to the output folder {str(folder)!r}: it is a file, not a folder; choose another --dst",
+            errno.ENOTDIR,
+        )
     created = _missing_parents(folder)
     try:
         folder.mkdir(parents=True, exist_ok=True)
@@ -109,8 +111,11 @@ def check_output_dir(path: str | os.PathLike) -> None:
         os.close(fd)
         os.remove(probe)
     except OSError as err:
-        raise OutputError(f"cannot write to the output folder {str(folder)!r}: {os_error_text(err)}; choose "
-                          "another --dst or fix its permissions / free space", err.errno) from err
+        raise OutputError(
+            f"cannot write to the output folder {str(folder)!r}: {os_error_text(err)}; choose "
+            "another --dst or fix its permissions / free space",
+            err.errno,
+        ) from err
     finally:
         for p in created:  # deepest first; only the empty folders this check made
             try:
@@ -156,8 +161,7 @@ def make_output_dir(path: str | os.PathLike) -> Path:
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
-        raise OutputError(f"cannot create the output folder {str(folder)!r}: {os_error_text(err)}", err.errno) \
-            from err
+        raise OutputError(f"cannot create the output folder {str(folder)!r}: {os_error_text(err)}", err.errno) from err
     return folder
 
 
@@ -212,13 +216,16 @@ def not_started(record: dict[str, Any], stopped_by: dict[str, Any]) -> dict[str,
         stopped_by: the record of the case whose write failed for lack of space.
     """
     why = stopped_by.get("errno") or "disk full"
-    return record | {"status": "skipped", "file": "",
-                     "reason": f"{NOT_STARTED}: the batch stopped when the disk filled up ({why} writing "
-                               f"{stopped_by['file']})"}
+    return record | {
+        "status": "skipped",
+        "file": "",
+        "reason": f"{NOT_STARTED}: the batch stopped when the disk filled up ({why} writing {stopped_by['file']})",
+    }
 
 
-def write_nifti(data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1),
-                qform: np.ndarray | None = None) -> None:
+def write_nifti(
+    data: np.ndarray, affine: np.ndarray, path: Path, codes: tuple[int, int] = (1, 1), qform: np.ndarray | None = None
+) -> None:
     """Write ``data`` atomically, keeping its dtype and the given (qform, sform) codes (and qform matrix).
 
     Args:

@@ -46,8 +46,16 @@ import pydicom
 from pydicom.dataset import FileDataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, generate_uid
 
-__all__ = ["DEFECTS", "SYNTHETIC_DESCRIPTION", "PhantomCase", "phantom_case_id", "phantom_hu", "write_series",
-           "make_phantom_raw", "main"]
+__all__ = [
+    "DEFECTS",
+    "SYNTHETIC_DESCRIPTION",
+    "PhantomCase",
+    "phantom_case_id",
+    "phantom_hu",
+    "write_series",
+    "make_phantom_raw",
+    "main",
+]
 
 #: What ``defects`` can ask for, and what each one does to the written series.
 DEFECTS: dict[str, str] = {
@@ -177,10 +185,15 @@ def phantom_hu(
     hu[lungs] = -850.0 + rng.normal(0.0, 20.0, size=int(lungs.sum()))
 
     # heart and mediastinum: anterior, slightly to the left, in the lower two thirds
-    heart = (((gx - 0.12 * half_w) / (0.3 * half_w)) ** 2 + ((gy + 0.25 * half_d) / (0.45 * half_d)) ** 2
-             + ((zr - 0.3) / 0.3) ** 2 <= 1.0)
-    myocardium = heart & ~(((gx - 0.12 * half_w) / (0.22 * half_w)) ** 2 + ((gy + 0.25 * half_d) / (0.35 * half_d)) ** 2
-                           + ((zr - 0.3) / 0.24) ** 2 <= 1.0)
+    heart = ((gx - 0.12 * half_w) / (0.3 * half_w)) ** 2 + ((gy + 0.25 * half_d) / (0.45 * half_d)) ** 2 + (
+        (zr - 0.3) / 0.3
+    ) ** 2 <= 1.0
+    myocardium = heart & ~(
+        ((gx - 0.12 * half_w) / (0.22 * half_w)) ** 2
+        + ((gy + 0.25 * half_d) / (0.35 * half_d)) ** 2
+        + ((zr - 0.3) / 0.24) ** 2
+        <= 1.0
+    )
     mediastinum = (np.abs(gx) < 0.12 * half_w) & (np.abs(gy + 0.1 * half_d) < 0.5 * half_d) & (zr > 0.3)
     hu[heart | mediastinum] = 40.0
     hu[myocardium] = 55.0
@@ -199,12 +212,18 @@ def phantom_hu(
     for side in (-1.0, 1.0):
         hilum = np.array([side * 0.22 * half_w, -0.05 * half_d, 0.5 * height])
         for _ in range(6):
-            end = np.array([side * rng.uniform(0.45, 0.7) * half_w, rng.uniform(-0.45, 0.35) * half_d,
-                            rng.uniform(0.15, 0.85) * height])
+            end = np.array(
+                [
+                    side * rng.uniform(0.45, 0.7) * half_w,
+                    rng.uniform(-0.45, 0.35) * half_d,
+                    rng.uniform(0.15, 0.85) * height,
+                ]
+            )
             mid = hilum + 0.5 * (end - hilum)
             hu[_tube(gx, gy, gz, hilum, end, r_vessel) & (lungs | heart)] = 40.0
-            twig = mid + np.array([side * 0.15 * half_w, rng.uniform(-0.2, 0.2) * half_d,
-                                   rng.uniform(-0.1, 0.1) * height])
+            twig = mid + np.array(
+                [side * 0.15 * half_w, rng.uniform(-0.2, 0.2) * half_d, rng.uniform(-0.1, 0.1) * height]
+            )
             hu[_tube(gx, gy, gz, mid, twig, 0.7 * r_vessel) & lungs] = 40.0
 
     # spine: vertebral body (cancellous 700 HU, cortical shell 1200 HU) and spinal canal, posterior midline
@@ -215,8 +234,9 @@ def phantom_hu(
     hu[np.sqrt(gx**2 + (gy - (vy + vr + 6.0)) ** 2) <= 7.0] = 20.0
     # ribs: arcs just inside the soft tissue, one every ~25 mm in z, lateral and posterior only
     rib_width = max(8.0, 1.2 * max(sx, sy))
-    shell = ((gx / (half_w - 14.0)) ** 2 + (gy / (half_d - 14.0)) ** 2 <= 1.0) & \
-            ((gx / (half_w - 14.0 - rib_width)) ** 2 + (gy / (half_d - 14.0 - rib_width)) ** 2 > 1.0)
+    shell = ((gx / (half_w - 14.0)) ** 2 + (gy / (half_d - 14.0)) ** 2 <= 1.0) & (
+        (gx / (half_w - 14.0 - rib_width)) ** 2 + (gy / (half_d - 14.0 - rib_width)) ** 2 > 1.0
+    )
     rib_band = np.abs(((gz + 0.3 * gy) % 25.0) - 12.5) < max(4.0, 0.6 * sz)
     ribs = shell & rib_band & (gy > -0.5 * half_d) & (zr > 0.1) & (zr < 0.9)
     hu[ribs] = 1000.0
@@ -413,8 +433,18 @@ def make_phantom_raw(
             overrides[Z // 2] = {"RescaleSlope": "NaN"}
         study, series = generate_uid(), generate_uid()
         series_dir = root / case_id / study / series
-        files = write_series(hu, series_dir, origin, spacing, case_id, study, series, positions=positions,
-                             modality="MR" if "non_ct" in todo else "CT", slice_overrides=overrides)
+        files = write_series(
+            hu,
+            series_dir,
+            origin,
+            spacing,
+            case_id,
+            study,
+            series,
+            positions=positions,
+            modality="MR" if "non_ct" in todo else "CT",
+            slice_overrides=overrides,
+        )
         if "missing_slice" in todo:
             gone = files.pop(len(files) // 2)
             gone.unlink()
@@ -427,10 +457,20 @@ def make_phantom_raw(
             n = min(24, Z)
             extra_hu = hu[:, :, :n] if kind == "MR" else hu[:, :, ::2]
             extra_spacing = (sx, sy, sz) if kind == "MR" else (sx, sy, 2 * sz)
-            write_series(extra_hu, root / case_id / study / generate_uid(), origin, extra_spacing, case_id, study,
-                         generate_uid(), modality=kind)
-        case_nodules = [{"center_lps": [float(v) for v in origin + np.array(n["center_mm"])],
-                         "radius_mm": n["radius_mm"]} for n in nodules]
+            write_series(
+                extra_hu,
+                root / case_id / study / generate_uid(),
+                origin,
+                extra_spacing,
+                case_id,
+                study,
+                generate_uid(),
+                modality=kind,
+            )
+        case_nodules = [
+            {"center_lps": [float(v) for v in origin + np.array(n["center_mm"])], "radius_mm": n["radius_mm"]}
+            for n in nodules
+        ]
         out.append(PhantomCase(case_id, series_dir, files, todo, case_nodules, marker_lps, case_shape, (sx, sy, sz)))
     return out
 
@@ -451,10 +491,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dst", required=True, help="raw output folder (LIDC layout)")
     parser.add_argument("--num-cases", type=int, default=4, help="number of patients (default: 4)")
     parser.add_argument("--seed", type=int, default=0, help="seed (default: 0)")
-    parser.add_argument("--size", nargs=3, type=int, default=(64, 64, 40), metavar=("X", "Y", "Z"),
-                        help="columns rows slices (default: 64 64 40)")
-    parser.add_argument("--spacing", nargs=3, type=float, default=(5.0, 5.0, 5.0), metavar=("X", "Y", "Z"),
-                        help="voxel size in mm (default: 5 5 5)")
+    parser.add_argument(
+        "--size",
+        nargs=3,
+        type=int,
+        default=(64, 64, 40),
+        metavar=("X", "Y", "Z"),
+        help="columns rows slices (default: 64 64 40)",
+    )
+    parser.add_argument(
+        "--spacing",
+        nargs=3,
+        type=float,
+        default=(5.0, 5.0, 5.0),
+        metavar=("X", "Y", "Z"),
+        help="voxel size in mm (default: 5 5 5)",
+    )
     return parser
 
 

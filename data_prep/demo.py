@@ -180,8 +180,9 @@ def _template(resolution: int) -> _Template:
     z_world = affine[2, 2] * np.arange(brain.shape[2]) + affine[2, 3]
     ok = (wm > 0.5) & (depth > 18.0) & (z_world[None, None, :] > -10.0)
     centres = np.argwhere(ok)
-    return _Template(t1, gm.astype(np.float32), wm.astype(np.float32), csf.astype(np.float32), brain, affine,
-                     spacing, centres)
+    return _Template(
+        t1, gm.astype(np.float32), wm.astype(np.float32), csf.astype(np.float32), brain, affine, spacing, centres
+    )
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -197,9 +198,7 @@ def _random_rotation(rng: np.random.Generator) -> np.ndarray:
     return q
 
 
-def _add_lesion(
-    tpl: _Template, t1: np.ndarray, t2: np.ndarray, seg: np.ndarray, rng: np.random.Generator
-) -> None:
+def _add_lesion(tpl: _Template, t1: np.ndarray, t2: np.ndarray, seg: np.ndarray, rng: np.random.Generator) -> None:
     """Paint one nested lesion (labels 2 > 3 > 1 from outside in) into ``seg`` and change ``t1`` / ``t2`` in place."""
     sp = tpl.spacing
     centre = tpl.lesion_centres[rng.integers(len(tpl.lesion_centres))]
@@ -254,14 +253,17 @@ def _augment(arrays: dict[str, np.ndarray], affine: np.ndarray, seed: int, resol
         t2w=tio.ScalarImage(tensor=torch.from_numpy(arrays["t2w"])[None], affine=affine),
         labels=tio.LabelMap(tensor=torch.from_numpy(labels)[None], affine=affine),
     )
-    transform = tio.Compose([
-        tio.RandomAffine(scales=(0.92, 1.04), degrees=6, translation=4, default_pad_value=0.0, copy=False),
-        tio.RandomElasticDeformation(num_control_points=7, max_displacement=4.0, copy=False),
-        tio.RandomBiasField(coefficients=0.25, order=2, copy=False),
-        tio.RandomGamma(log_gamma=0.12, copy=False),
-        tio.RandomNoise(std=(0.005, 0.02), copy=False),
-        tio.CropOrPad(RAW_SHAPES[resolution], padding_mode=0, mask_name="labels", copy=False),
-    ], copy=False)
+    transform = tio.Compose(
+        [
+            tio.RandomAffine(scales=(0.92, 1.04), degrees=6, translation=4, default_pad_value=0.0, copy=False),
+            tio.RandomElasticDeformation(num_control_points=7, max_displacement=4.0, copy=False),
+            tio.RandomBiasField(coefficients=0.25, order=2, copy=False),
+            tio.RandomGamma(log_gamma=0.12, copy=False),
+            tio.RandomNoise(std=(0.005, 0.02), copy=False),
+            tio.CropOrPad(RAW_SHAPES[resolution], padding_mode=0, mask_name="labels", copy=False),
+        ],
+        copy=False,
+    )
     with torch.random.fork_rng(devices=[]):  # torchio draws from torch's global RNG; keep the caller's untouched
         torch.manual_seed(seed)
         out = transform(subject)
@@ -369,8 +371,12 @@ def make_demo_raw(
     _prepare_folder(root, set(ids))
     info = {
         "source": "MNI152 2009a symmetric template, GM and WM maps from the nilearn wheel",
-        "num_cases": int(num_cases), "seed": int(seed), "lesions": bool(lesions), "resolution_mm": int(resolution),
-        "shape": list(RAW_SHAPES[resolution]), "cases": ids,
+        "num_cases": int(num_cases),
+        "seed": int(seed),
+        "lesions": bool(lesions),
+        "resolution_mm": int(resolution),
+        "shape": list(RAW_SHAPES[resolution]),
+        "cases": ids,
     }
     (root / _MARKER).write_text(json.dumps(info, indent=2) + "\n")
     for i in tqdm(range(num_cases), desc="demo cases", unit="case", disable=not progress):
@@ -414,8 +420,9 @@ def make_demo_dataset(
     if isinstance(pool, bool) or not isinstance(pool, (int, np.integer)) or pool < 1 or size % pool:
         raise ValueError(f"pool must be an integer >= 1 that divides {size} (256 mm at {resolution} mm), got {pool!r}.")
     root = Path(dst)
-    raw = make_demo_raw(root / "raw", num_cases=num_cases, seed=seed, lesions=lesions, resolution=resolution,
-                        progress=progress)
+    raw = make_demo_raw(
+        root / "raw", num_cases=num_cases, seed=seed, lesions=lesions, resolution=resolution, progress=progress
+    )
     prepared = root / "prepared"
     # drop cases an earlier, larger demo left behind, but only in a folder the demo wrote: real data prepared
     # there has the same case names and would otherwise be deleted or overwritten
@@ -424,8 +431,9 @@ def make_demo_dataset(
         (prepared / _MARKER).write_text(marker)  # adopt it, so that _prepare_folder accepts it
     _prepare_folder(prepared, {demo_case_id(i) for i in range(num_cases)})
     (prepared / _MARKER).write_text(marker)
-    summary = prepare_brats(raw, prepared, preset="wdm", spatial_size=(size,) * 3, pool=pool, seed=seed,
-                            progress=progress)
+    summary = prepare_brats(
+        raw, prepared, preset="wdm", spatial_size=(size,) * 3, pool=pool, seed=seed, progress=progress
+    )
     return Path(summary["datalist"])
 
 
@@ -438,12 +446,18 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--dst", required=True, help="output folder (raw/ and prepared/ are written inside it)")
     parser.add_argument("--num-cases", type=int, default=16, help="number of cases (default: 16)")
-    parser.add_argument("--seed", type=int, default=0,
-                        help="random seed; the same seed writes the same data (default: 0)")
+    parser.add_argument(
+        "--seed", type=int, default=0, help="random seed; the same seed writes the same data (default: 0)"
+    )
     parser.add_argument("--no-lesions", action="store_true", help="healthy brains (all-zero seg)")
-    parser.add_argument("--resolution", type=int, default=2, choices=sorted(RAW_SHAPES),
-                        help="raw voxel size in mm: 1 (240x240x155, like BraTS), 2 (120x120x78; default) or "
-                        "4 (60x60x39, tiny, for tests)")
+    parser.add_argument(
+        "--resolution",
+        type=int,
+        default=2,
+        choices=sorted(RAW_SHAPES),
+        help="raw voxel size in mm: 1 (240x240x155, like BraTS), 2 (120x120x78; default) or "
+        "4 (60x60x39, tiny, for tests)",
+    )
     parser.add_argument("--raw-only", action="store_true", help="write only the raw BraTS-layout folder into --dst")
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
@@ -457,8 +471,13 @@ def main(argv: list[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     start = time.perf_counter()
-    kwargs: dict[str, Any] = dict(num_cases=args.num_cases, seed=args.seed, lesions=not args.no_lesions,
-                                  resolution=args.resolution, progress=not args.quiet)
+    kwargs: dict[str, Any] = dict(
+        num_cases=args.num_cases,
+        seed=args.seed,
+        lesions=not args.no_lesions,
+        resolution=args.resolution,
+        progress=not args.quiet,
+    )
     try:
         if args.raw_only:
             out = make_demo_raw(args.dst, **kwargs)

@@ -82,7 +82,7 @@ def _render(p: dict, size: int, rng: np.random.Generator) -> np.ndarray:
     x = np.arange(size) + 0.5 - start
     rod = np.clip(np.minimum(x, length - x + 1), 0, 1)  # partial volume at the far end
     lo = round(2 * s)
-    vol[:, lo:lo + t, lo:lo + t] = np.maximum(vol[:, lo:lo + t, lo:lo + t], _ROD_VALUE * rod[:, None, None])
+    vol[:, lo : lo + t, lo : lo + t] = np.maximum(vol[:, lo : lo + t, lo : lo + t], _ROD_VALUE * rod[:, None, None])
     return np.clip(vol, 0, 1).astype(np.float32)
 
 
@@ -134,7 +134,7 @@ def measure(volume: np.ndarray) -> dict[str, float]:
     out = {k: math.nan for k in PARAMETERS}
     t = max(1, round(s))
     lo = round(2 * s)
-    out["rod_length"] = float(np.clip(v[:, lo:lo + t, lo:lo + t].mean(axis=(1, 2)) / _ROD_VALUE, 0, 1).sum())
+    out["rod_length"] = float(np.clip(v[:, lo : lo + t, lo : lo + t].mean(axis=(1, 2)) / _ROD_VALUE, 0, 1).sum())
     body = v.copy()
     body[:, : round(4 * s), : round(4 * s)] = 0  # the rod's corner
     labels, num = ndimage.label(body > 0.2)

@@ -83,6 +83,7 @@ __all__ = [
 
 logger = logging.getLogger(__name__)
 
+
 def prepare_lidc(
     src: str | os.PathLike,
     dst: str | os.PathLike,
@@ -186,35 +187,58 @@ def prepare_lidc(
             fingerprint = input_fingerprint(files) if files else ""
         except Exception as err:  # noqa: BLE001 - e.g. a file removed since discovery: this patient fails alone
             records[case.case_id] = {
-                "case": case.case_id, "patient": case.case_id, "status": "failed",
+                "case": case.case_id,
+                "patient": case.case_id,
+                "status": "failed",
                 "file": str(getattr(err, "filename", None) or case.folder),
-                "reason": f"cannot read the file: {os_error_text(err)}", **dropped_note(case)}
+                "reason": f"cannot read the file: {os_error_text(err)}",
+                **dropped_note(case),
+            }
             continue
-        previous = None if overwrite or not fingerprint else read_case_record(dst_path / case.case_id, fingerprint,
-                                                                               settings)
+        previous = (
+            None if overwrite or not fingerprint else read_case_record(dst_path / case.case_id, fingerprint, settings)
+        )
         if previous is not None:
             records[case.case_id] = {
-                "case": case.case_id, "patient": case.case_id, "status": "skipped", "reason": UP_TO_DATE,
-                "outputs": previous["outputs"], "shape": previous["shape"], "spacing": previous["spacing"],
-                "series": previous.get("series"), **dropped_note(case),
+                "case": case.case_id,
+                "patient": case.case_id,
+                "status": "skipped",
+                "reason": UP_TO_DATE,
+                "outputs": previous["outputs"],
+                "shape": previous["shape"],
+                "spacing": previous["spacing"],
+                "series": previous.get("series"),
+                **dropped_note(case),
             }
         else:
             jobs.append((case.case_id, (case, str(dst_path), settings, fingerprint)))
-    ran, full, waiting = run_batch(process_case, jobs, {c.case_id: c.case_id for c in cases}, workers, "LIDC patients",
-                                   progress)
+    ran, full, waiting = run_batch(
+        process_case, jobs, {c.case_id: c.case_id for c in cases}, workers, "LIDC patients", progress
+    )
     records |= ran
 
-    current = [records[c.case_id] for c in cases
-               if records[c.case_id]["status"] == "done" or records[c.case_id].get("reason") == UP_TO_DATE]
+    current = [
+        records[c.case_id]
+        for c in cases
+        if records[c.case_id]["status"] == "done" or records[c.case_id].get("reason") == UP_TO_DATE
+    ]
     ordered = [with_dropped(records[c.case_id]) for c in cases]
     datalist_path = dst_path / DATALIST_NAME
-    summary = run_summary(src_path, dst_path, settings | {"split": list(fractions), "seed": int(seed)}, ordered,
-                          datalist_path if current and full is None else None, {"series": "", "dropped": []})
+    summary = run_summary(
+        src_path,
+        dst_path,
+        settings | {"split": list(fractions), "seed": int(seed)},
+        ordered,
+        datalist_path if current and full is None else None,
+        {"series": "", "dropped": []},
+    )
     counts = summary["counts"]
     for entry in summary["failed"]:
         logger.warning("failed %s (%s): %s", entry["case"], entry["file"], entry["reason"])
-    nothing_prepared = (f"None of the {len(cases)} LIDC patients below {str(src_path)!r} could be prepared "
-                        f"({counts['failed']} failed); see {dst_path / SUMMARY_NAME}.")
+    nothing_prepared = (
+        f"None of the {len(cases)} LIDC patients below {str(src_path)!r} could be prepared "
+        f"({counts['failed']} failed); see {dst_path / SUMMARY_NAME}."
+    )
     close_batch(summary, ordered, full, waiting, "patients", start, None if current else nothing_prepared)
 
     entries = split_entries(current, fractions, seed)
@@ -228,8 +252,10 @@ def prepare_lidc(
         "spatial_size": [int(v) for v in shape] if shape is not None else None,
         "spacing": same_or_none([r["spacing"] for r in current]),
         "intensity_range": [0.0, 1.0],
-        "hu_clip": {"low": settings["window"][0] if settings["window"] else AIR_HU,
-                    "high": settings["window"][1] if settings["window"] else f"percentile {settings['percentile']:g}"},
+        "hu_clip": {
+            "low": settings["window"][0] if settings["window"] else AIR_HU,
+            "high": settings["window"][1] if settings["window"] else f"percentile {settings['percentile']:g}",
+        },
         "series_rule": series_rule,
         "resample_spacing": settings["spacing"],
         "pool": settings["pool"],
@@ -265,21 +291,48 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--src", required=True, help="folder with the DICOM download (only read)")
     parser.add_argument("--dst", required=True, help="output folder, outside --src")
-    parser.add_argument("--series-rule", default="most_slices", choices=sorted(SERIES_RULES),
-                        help="which CT series per patient: most_slices (default) or thinnest")
-    parser.add_argument("--spacing", nargs="+", type=float, default=[1.0], metavar="MM",
-                        help="voxel size after resampling, one value or three (default: 1)")
-    parser.add_argument("--spatial-size", nargs=3, type=int, default=(256, 256, 256), metavar=("X", "Y", "Z"),
-                        help="size after centre crop / air padding, before pooling (default: 256 256 256)")
-    parser.add_argument("--window", nargs=2, type=float, default=None, metavar=("LOW", "HIGH"),
-                        help="fixed HU clip (default: -1000 up to the --percentile of each scan, as WDM)")
+    parser.add_argument(
+        "--series-rule",
+        default="most_slices",
+        choices=sorted(SERIES_RULES),
+        help="which CT series per patient: most_slices (default) or thinnest",
+    )
+    parser.add_argument(
+        "--spacing",
+        nargs="+",
+        type=float,
+        default=[1.0],
+        metavar="MM",
+        help="voxel size after resampling, one value or three (default: 1)",
+    )
+    parser.add_argument(
+        "--spatial-size",
+        nargs=3,
+        type=int,
+        default=(256, 256, 256),
+        metavar=("X", "Y", "Z"),
+        help="size after centre crop / air padding, before pooling (default: 256 256 256)",
+    )
+    parser.add_argument(
+        "--window",
+        nargs=2,
+        type=float,
+        default=None,
+        metavar=("LOW", "HIGH"),
+        help="fixed HU clip (default: -1000 up to the --percentile of each scan, as WDM)",
+    )
     parser.add_argument("--percentile", type=float, default=99.9, help="top clip percentile (default: 99.9)")
     parser.add_argument("--pool", type=int, default=1, help="average-pooling factor, 2 gives 128^3 (default: 1)")
     parser.add_argument("--min-slices", type=int, default=10, help="reject series with fewer slices (default: 10)")
-    parser.add_argument("--spacing-tolerance", type=float, default=0.02,
-                        help="relative slice-step deviation that rejects a series (default: 0.02)")
-    parser.add_argument("--tilt-tolerance", type=float, default=0.5,
-                        help="degrees of gantry tilt that reject a series (default: 0.5)")
+    parser.add_argument(
+        "--spacing-tolerance",
+        type=float,
+        default=0.02,
+        help="relative slice-step deviation that rejects a series (default: 0.02)",
+    )
+    parser.add_argument(
+        "--tilt-tolerance", type=float, default=0.5, help="degrees of gantry tilt that reject a series (default: 0.5)"
+    )
     add_batch_arguments(parser)
     return parser
 
@@ -296,10 +349,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     spacing = args.spacing[0] if len(args.spacing) == 1 else args.spacing
     try:
         summary = prepare_lidc(
-            args.src, args.dst, series_rule=args.series_rule, spacing=spacing, spatial_size=args.spatial_size,
-            window=args.window, percentile=args.percentile, pool=args.pool, split=args.split, seed=args.seed,
-            min_slices=args.min_slices, spacing_tolerance=args.spacing_tolerance, tilt_tolerance=args.tilt_tolerance,
-            workers=args.workers, progress=not args.quiet, overwrite=args.overwrite,
+            args.src,
+            args.dst,
+            series_rule=args.series_rule,
+            spacing=spacing,
+            spatial_size=args.spatial_size,
+            window=args.window,
+            percentile=args.percentile,
+            pool=args.pool,
+            split=args.split,
+            seed=args.seed,
+            min_slices=args.min_slices,
+            spacing_tolerance=args.spacing_tolerance,
+            tilt_tolerance=args.tilt_tolerance,
+            workers=args.workers,
+            progress=not args.quiet,
+            overwrite=args.overwrite,
         )
     except (FileNotFoundError, ValueError, OutputError) as err:
         print(f"error: {err}", file=sys.stderr)
@@ -309,8 +374,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 1
     counts = summary["counts"]
     if args.quiet:
-        print(f"Prepared {counts['done']} patients ({counts['skipped']} skipped, {counts['failed']} failed) into "
-              f"{summary['dst']} (datalist: {summary['datalist']})")
+        print(
+            f"Prepared {counts['done']} patients ({counts['skipped']} skipped, {counts['failed']} failed) into "
+            f"{summary['dst']} (datalist: {summary['datalist']})"
+        )
     if counts["failed"]:
         print(f"error: {counts['failed']} patient(s) failed; see {summary['report_csv']}", file=sys.stderr)
         return 1

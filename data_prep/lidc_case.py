@@ -88,8 +88,9 @@ def resample(
     offset = (ratio - 1.0) / 2.0
     if np.allclose(ratio, 1.0, atol=1e-6) and shape == x.shape:
         return x, np.asarray(affine, dtype=np.float64)
-    out = ndi.affine_transform(x, ratio, offset=offset, output_shape=shape, order=order, mode="nearest",
-                               output=np.float32)
+    out = ndi.affine_transform(
+        x, ratio, offset=offset, output_shape=shape, order=order, mode="nearest", output=np.float32
+    )
     step = np.diag([*ratio, 1.0])
     step[:3, 3] = offset
     return out, np.asarray(affine, dtype=np.float64) @ step
@@ -187,22 +188,27 @@ def process_case(case: LidcCase, dst: str, settings: dict[str, Any], fingerprint
     if case.unreadable:
         path, reason = case.unreadable[0]
         more = f" (and {len(case.unreadable) - 1} more)" if len(case.unreadable) > 1 else ""
-        return record | {"status": "failed", "file": path,
-                         "reason": f"corrupt DICOM file{more}, its series is unknown: {reason}"}
+        return record | {
+            "status": "failed",
+            "file": path,
+            "reason": f"corrupt DICOM file{more}, its series is unknown: {reason}",
+        }
     if not case.series and case.dropped:
         return record | {"status": "failed", "file": case.folder, "reason": "no readable DICOM file"}
     if not case.series:
         return record | {"status": "failed", "file": case.folder, "reason": "empty folder: no DICOM files"}
     candidates, others = rank_series(case, settings["series_rule"])
     if not candidates:
-        found = ", ".join(f"{s.modality or '?'}{' localizer' if s.localizer else ''} ({len(s.files)} files)"
-                          for s in others)
+        found = ", ".join(
+            f"{s.modality or '?'}{' localizer' if s.localizer else ''} ({len(s.files)} files)" for s in others
+        )
         return record | {"status": "failed", "file": case.folder, "reason": f"no CT series (found {found})"}
     rejected: dict[str, str] = {}
     for series in candidates:
         try:
-            hu, affine_lps = read_ct_series(series.files, settings["spacing_tolerance"], settings["tilt_tolerance"],
-                                            settings["min_slices"])
+            hu, affine_lps = read_ct_series(
+                series.files, settings["spacing_tolerance"], settings["tilt_tolerance"], settings["min_slices"]
+            )
             break
         except SeriesError as err:
             rejected[series.uid] = str(err)
@@ -215,8 +221,13 @@ def process_case(case: LidcCase, dst: str, settings: dict[str, Any], fingerprint
     writing: Path | None = None  # the output being written: an OSError while it is set is the destination's fault
     try:
         out, out_affine = preprocess_ct(
-            hu, lps_to_ras(affine_lps), settings["spacing"], settings["spatial_size"], settings["window"],
-            settings["percentile"], settings["pool"],
+            hu,
+            lps_to_ras(affine_lps),
+            settings["spacing"],
+            settings["spatial_size"],
+            settings["window"],
+            settings["percentile"],
+            settings["pool"],
         )
         del hu
         writing = out_dir
@@ -242,8 +253,9 @@ def process_case(case: LidcCase, dst: str, settings: dict[str, Any], fingerprint
         remove_partial(out_dir, [path])
         if writing is not None and isinstance(err, OSError):
             return write_failure(record, writing, err)
-        return record | {"status": "failed", "file": str(series.files[0].parent),
-                         "reason": f"{type(err).__name__}: {err}"}
+        return record | {
+            "status": "failed",
+            "file": str(series.files[0].parent),
+            "reason": f"{type(err).__name__}: {err}",
+        }
     return record | result
-
-

@@ -28,8 +28,17 @@ from .common import os_error_text
 
 __all__ = ["SeriesError", "not_dicom", "read_header", "hu_from_dataset", "read_ct_series", "lps_to_ras"]
 
-_HEADER_TAGS = ["PatientID", "SeriesInstanceUID", "Modality", "ImageType", "ImagePositionPatient",
-                "ImageOrientationPatient", "SliceThickness", "Rows", "Columns"]
+_HEADER_TAGS = [
+    "PatientID",
+    "SeriesInstanceUID",
+    "Modality",
+    "ImageType",
+    "ImagePositionPatient",
+    "ImageOrientationPatient",
+    "SliceThickness",
+    "Rows",
+    "Columns",
+]
 
 
 class SeriesError(ValueError):
@@ -143,8 +152,11 @@ def read_ct_series(
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 ds = pydicom.dcmread(str(f))
-            missing = [t for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
-                       if t not in ds]
+            missing = [
+                t
+                for t in ("ImagePositionPatient", "ImageOrientationPatient", "PixelSpacing", "Rows", "Columns")
+                if t not in ds
+            ]
             if missing:
                 raise SeriesError(f"missing tag(s) {missing}")
             slices.append((Path(f), ds))
@@ -165,8 +177,11 @@ def read_ct_series(
         if not np.allclose([float(v) for v in ds.PixelSpacing], ps0, rtol=1e-4):
             raise SeriesError(f"mixed PixelSpacing: {p}")
     row_dir, col_dir = iop0[:3], iop0[3:]
-    if abs(np.linalg.norm(row_dir) - 1) > 1e-3 or abs(np.linalg.norm(col_dir) - 1) > 1e-3 \
-            or abs(row_dir @ col_dir) > 1e-3:
+    if (
+        abs(np.linalg.norm(row_dir) - 1) > 1e-3
+        or abs(np.linalg.norm(col_dir) - 1) > 1e-3
+        or abs(row_dir @ col_dir) > 1e-3
+    ):
         raise SeriesError(f"ImageOrientationPatient {iop0.tolist()} is not two orthonormal directions")
     normal = np.cross(row_dir, col_dir)
     ipps = np.asarray([[float(v) for v in ds.ImagePositionPatient] for _, ds in slices])

@@ -57,8 +57,12 @@ def _case_id(patient_id: str | None, folder: Path) -> str:
     if patient_id and _SAFE_ID.match(patient_id) and ".." not in patient_id:
         return patient_id
     if patient_id:
-        logger.warning("PatientID %r under %s is not a safe file name; the case is named after its folder %r.",
-                       patient_id, folder, folder.name)
+        logger.warning(
+            "PatientID %r under %s is not a safe file name; the case is named after its folder %r.",
+            patient_id,
+            folder,
+            folder.name,
+        )
     return folder.name
 
 
@@ -104,7 +108,6 @@ class LidcCase:
     def files(self) -> list[Path]:
         """Every DICOM file of the patient (readable or not): the input of its fingerprint."""
         return sorted([f for s in self.series.values() for f in s.files] + [Path(p) for p, _ in self.unreadable])
-
 
 
 def _patient_folder(path: Path, root: Path) -> Path:
@@ -234,5 +237,3 @@ def rank_series(case: LidcCase, rule: str) -> tuple[list[DicomSeries], list[Dico
     else:
         ct.sort(key=lambda s: (s.slice_spacing, -len(s.files), s.uid))
     return ct, other
-
-

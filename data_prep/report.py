@@ -51,16 +51,25 @@ def write_report(rows: Sequence[dict[str, Any]], dst: Path) -> Path:
     writer.writeheader()
     for r in rows:
         outputs = r.get("outputs") or {}
-        writer.writerow({
-            "case": r.get("case", ""), "patient": r.get("patient", ""), "status": r.get("status", ""),
-            "reason": r.get("reason", ""), "file": r.get("file", ""),
-            "outputs": ";".join(f"{k}={v}" for k, v in outputs.items()),
-        })
+        writer.writerow(
+            {
+                "case": r.get("case", ""),
+                "patient": r.get("patient", ""),
+                "status": r.get("status", ""),
+                "reason": r.get("reason", ""),
+                "file": r.get("file", ""),
+                "outputs": ";".join(f"{k}={v}" for k, v in outputs.items()),
+            }
+        )
     return atomic_write_text(dst / REPORT_CSV_NAME, buf.getvalue())
 
 
 def stopped_by_full_disk(
-    full: dict[str, Any], summary: dict[str, Any], rows: Sequence[dict[str, Any]], dst: Path, noun: str,
+    full: dict[str, Any],
+    summary: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    dst: Path,
+    noun: str,
     waiting: int,
 ) -> OutputError:
     """Write the report and summary of a batch stopped by a full disk (if they still fit) and return the error to
@@ -89,7 +98,11 @@ def stopped_by_full_disk(
 
 
 def run_summary(
-    src: Path, dst: Path, settings: dict[str, Any], rows: Sequence[dict[str, Any]], datalist: Path | None,
+    src: Path,
+    dst: Path,
+    settings: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    datalist: Path | None,
     case_fields: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     """The run summary written to ``dst/prepare_summary.json``: where, with what settings, and every case's outcome.
@@ -122,14 +135,18 @@ def run_summary(
         "done": done,
         "skipped": skipped,
         "failed": failed,
-        "cases": [{k: r.get(k, "") for k in REPORT_COLUMNS} | {k: r.get(k, v) for k, v in extra.items()}
-                  for r in rows],
+        "cases": [{k: r.get(k, "") for k in REPORT_COLUMNS} | {k: r.get(k, v) for k, v in extra.items()} for r in rows],
     }
 
 
 def close_batch(
-    summary: dict[str, Any], rows: Sequence[dict[str, Any]], full: dict[str, Any] | None, waiting: Sequence[str],
-    noun: str, start: float, nothing_prepared: str | None,
+    summary: dict[str, Any],
+    rows: Sequence[dict[str, Any]],
+    full: dict[str, Any] | None,
+    waiting: Sequence[str],
+    noun: str,
+    start: float,
+    nothing_prepared: str | None,
 ) -> None:
     """Write the CSV report, unless the batch stopped; raise when there is no datalist to write.
 

@@ -223,7 +223,6 @@ def pool_volume(
     return np.ascontiguousarray(out), affine @ scale
 
 
-
 def voxel_spacing(affine: np.ndarray) -> list[float]:
     """The voxel size along each array axis (column norms of the affine), rounded to 6 decimals for the reports.
 

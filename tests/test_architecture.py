@@ -34,7 +34,9 @@ def _function_local_imports(tree: ast.AST) -> list[ast.stmt]:
 
 
 def _comment_lines(source: str) -> set[int]:
-    return {tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT}
+    return {
+        tok.start[0] for tok in tokenize.generate_tokens(io.StringIO(source).readline) if tok.type == tokenize.COMMENT
+    }
 
 
 def _reasonless_local_imports(source: str) -> list[int]:
@@ -59,7 +61,9 @@ def test_sources_found():
     assert len(SOURCES) > 40 and any(p.name == "cli.py" for p in SOURCES)
 
 
-@pytest.mark.skipif(shutil.which("lint-imports") is None, reason="import-linter is not installed (pip install -e .[dev])")
+@pytest.mark.skipif(
+    shutil.which("lint-imports") is None, reason="import-linter is not installed (pip install -e .[dev])"
+)
 def test_layers_contract_holds():
     # the contract lives in pyproject.toml ([tool.importlinter]); a broken contract names the offending import
     result = subprocess.run(["lint-imports"], cwd=ROOT, capture_output=True, text=True, timeout=300)
@@ -77,8 +81,14 @@ def test_layers_contract_catches_an_upward_import(tmp_path):
     shutil.copy(ROOT / "pyproject.toml", copy / "pyproject.toml")
     bad = copy / "wdm3d" / "networks" / "_upward.py"
     bad.write_text("from wdm3d.engine import RunConfig\n")
-    result = subprocess.run(["lint-imports"], cwd=copy, capture_output=True, text=True, timeout=300,
-                            env={"PYTHONPATH": str(copy), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"})
+    result = subprocess.run(
+        ["lint-imports"],
+        cwd=copy,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={"PYTHONPATH": str(copy), "PATH": str(Path(sys.executable).parent) + ":/usr/bin:/bin"},
+    )
     assert result.returncode != 0
     assert "wdm3d.networks._upward -> wdm3d.engine" in result.stdout
 
@@ -90,8 +100,10 @@ def test_long_modules_state_why():
         lines = text.count("\n")
         if lines > MAX_LINES and REASON not in (ast.get_docstring(ast.parse(text)) or ""):
             long[_rel(path)] = lines
-    assert not long, (f"modules over {MAX_LINES} lines: split them by concept, or say in the module docstring "
-                      f"'{REASON} ...' why not: {long}")
+    assert not long, (
+        f"modules over {MAX_LINES} lines: split them by concept, or say in the module docstring "
+        f"'{REASON} ...' why not: {long}"
+    )
 
 
 def test_function_local_imports_give_a_reason():
@@ -100,8 +112,10 @@ def test_function_local_imports_give_a_reason():
         lines = _reasonless_local_imports(path.read_text())
         if lines:
             missing[_rel(path)] = lines
-    assert not missing, ("function-local imports need a one-line comment saying why (an optional dependency, a "
-                         f"cycle, a slow import kept off a fast path), or should move to the top: {missing}")
+    assert not missing, (
+        "function-local imports need a one-line comment saying why (an optional dependency, a "
+        f"cycle, a slow import kept off a fast path), or should move to the top: {missing}"
+    )
 
 
 def test_reason_check_sees_a_missing_reason():
@@ -119,13 +133,19 @@ def test_reason_check_sees_a_missing_reason():
 ONE_HOME = {
     "torch.load (weights_only loading)": (r"\btorch \. load \(", "wdm3d/artifacts/files.py"),
     "unwrapping torch.compile": (r"_orig_mod\b", "wdm3d/artifacts/unwrap.py"),
-    "newest-checkpoint resolution": (r"\bdef (latest_checkpoint|resolve_checkpoint|_checkpoint_file) \(",
-                                     "wdm3d/artifacts/files.py"),
-    "state mismatch reporting": (r"\bdef (check_state_fits|state_mismatch|_state_mismatch) \(",
-                                 "wdm3d/artifacts/weights.py"),
+    "newest-checkpoint resolution": (
+        r"\bdef (latest_checkpoint|resolve_checkpoint|_checkpoint_file) \(",
+        "wdm3d/artifacts/files.py",
+    ),
+    "state mismatch reporting": (
+        r"\bdef (check_state_fits|state_mismatch|_state_mismatch) \(",
+        "wdm3d/artifacts/weights.py",
+    ),
     "freezing a loaded network": (r"\. eval \( \) \. requires_grad_ \( False \)", "wdm3d/artifacts/weights.py"),
-    "reading a datalist file": (r"\bdef read_datalist \(|\bdef load_datalist \( path|load_decathlon_datalist",
-                                "wdm3d/data/datalist.py"),
+    "reading a datalist file": (
+        r"\bdef read_datalist \(|\bdef load_datalist \( path|load_decathlon_datalist",
+        "wdm3d/data/datalist.py",
+    ),
 }
 
 

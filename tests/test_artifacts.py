@@ -91,8 +91,11 @@ def test_load_frozen_prefers_ema_freezes_and_reports_the_file(tmp_path):
     net, info = load_frozen(nn.Linear(2, 2), tmp_path)
     assert torch.equal(net.weight, ema.weight) and not net.training
     assert not any(p.requires_grad for p in net.parameters())
-    assert info == {"checkpoint": str(path.resolve()), "weights": "ema",
-                    "sha256": hashlib.sha256(path.read_bytes()).hexdigest()}
+    assert info == {
+        "checkpoint": str(path.resolve()),
+        "weights": "ema",
+        "sha256": hashlib.sha256(path.read_bytes()).hexdigest(),
+    }
     raw, info = load_frozen(nn.Linear(2, 2), path, use_ema=False)
     assert torch.equal(raw.weight, model.weight) and info["weights"] == "model"
 
@@ -107,7 +110,13 @@ def test_build_network_refuses_classes_outside_the_network_modules(tmp_path):
     save_checkpoint_file(ckpt, tmp_path / "func.pt")
     with pytest.raises(ValueError, match="not a network class"):
         build_network(tmp_path / "func.pt")
-    ckpt["run_config"]["network"] = {"class": "monai.networks.nets.UNet", "spatial_dims": 3, "in_channels": 1,
-                                     "out_channels": 1, "channels": [4, 8], "strides": [2]}
+    ckpt["run_config"]["network"] = {
+        "class": "monai.networks.nets.UNet",
+        "spatial_dims": 3,
+        "in_channels": 1,
+        "out_channels": 1,
+        "channels": [4, 8],
+        "strides": [2],
+    }
     save_checkpoint_file(ckpt, tmp_path / "ok.pt")
     assert type(build_network(tmp_path / "ok.pt")).__name__ == "UNet"

@@ -28,8 +28,16 @@ TINY = {
     "network_def#num_res_blocks": 1,
     "network_def#norm_num_groups": 4,
 }
-TINY_TRAIN = {**TINY, "mlflow": False, "batch_size": 2, "num_workers": 0, "val_interval": 1, "val_num_steps": 2, "save_interval": 1,
-              "ema_decay": 0.5}
+TINY_TRAIN = {
+    **TINY,
+    "mlflow": False,
+    "batch_size": 2,
+    "num_workers": 0,
+    "val_interval": 1,
+    "val_num_steps": 2,
+    "save_interval": 1,
+    "ema_decay": 0.5,
+}
 
 
 @pytest.fixture(scope="module")
@@ -55,16 +63,25 @@ def root_cause(err):
 
 def workflow(files, run_id, **overrides):
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="train" if run_id == "training" else "infer", run_id=run_id, **overrides,
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train" if run_id == "training" else "infer",
+        run_id=run_id,
+        **overrides,
     )
     wf.initialize()
     return wf
 
 
 def train(dataset, out, max_epochs, **extra):
-    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(out), max_epochs=max_epochs,
-                  **{**TINY_TRAIN, **extra})
+    wf = workflow(
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        max_epochs=max_epochs,
+        **{**TINY_TRAIN, **extra},
+    )
     wf.run()
     return wf
 
@@ -124,8 +141,9 @@ def test_training_writes_checkpoints_with_model_ema_optimizer_and_iteration(data
 def test_training_resumes_from_the_latest_checkpoint(dataset, tmp_path):
     train(dataset, tmp_path, max_epochs=1)
     saved = load_checkpoint(latest_checkpoint(tmp_path / "models"))
-    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), max_epochs=2,
-                  **TINY_TRAIN)
+    wf = workflow(
+        ["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), max_epochs=2, **TINY_TRAIN
+    )
     trainer = wf.parser.get_parsed_content("train#trainer")
     seen = {}
 
@@ -152,8 +170,17 @@ def test_resume_can_be_turned_off(dataset, tmp_path):
 
 def test_inference_writes_nifti_with_the_dataset_geometry(dataset, tmp_path):
     train(dataset, tmp_path, max_epochs=1)
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                  num_samples=3, sampler="ddim", num_steps=3, seed=7, **TINY)
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        num_samples=3,
+        sampler="ddim",
+        num_steps=3,
+        seed=7,
+        **TINY,
+    )
     wf.run()
     out = tmp_path / "samples"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -176,8 +203,16 @@ def test_inference_writes_nifti_with_the_dataset_geometry(dataset, tmp_path):
 
 def test_inference_uses_the_checkpoint_geometry_without_the_dataset(dataset, tmp_path):
     train(dataset, tmp_path, max_epochs=1)
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(tmp_path / "gone"), output_dir=str(tmp_path),
-                  num_samples=1, sampler="ddim", num_steps=2, **TINY)
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(tmp_path / "gone"),
+        output_dir=str(tmp_path),
+        num_samples=1,
+        sampler="ddim",
+        num_steps=2,
+        **TINY,
+    )
     wf.run()
     manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
     assert manifest["geometry_source"] == "checkpoint"
@@ -186,8 +221,16 @@ def test_inference_uses_the_checkpoint_geometry_without_the_dataset(dataset, tmp
 
 def test_inference_rejects_a_size_the_model_was_not_trained_on(dataset, tmp_path):
     train(dataset, tmp_path, max_epochs=1)
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(tmp_path / "gone"), output_dir=str(tmp_path),
-                  num_samples=1, sampler="ddim", num_steps=2, **{**TINY, "image_size": [32, 32, 32]})
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(tmp_path / "gone"),
+        output_dir=str(tmp_path),
+        num_samples=1,
+        sampler="ddim",
+        num_steps=2,
+        **{**TINY, "image_size": [32, 32, 32]},
+    )
     with pytest.raises(Exception) as err:
         wf.run()
     assert isinstance(root_cause(err.value), ValueError)
@@ -196,11 +239,23 @@ def test_inference_rejects_a_size_the_model_was_not_trained_on(dataset, tmp_path
 
 def test_inference_refuses_another_diffusion_process_than_the_checkpoint_was_trained_with(dataset, tmp_path):
     train(dataset, tmp_path, max_epochs=1)  # ddpm
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                  num_samples=1, num_steps=2, **{**TINY, "diffusion#process": "rflow"})
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        num_samples=1,
+        num_steps=2,
+        **{**TINY, "diffusion#process": "rflow"},
+    )
     assert wf.parser.get_parsed_content("sampler") == "rflow"  # the default sampler follows the process
-    trainer = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path / "rf"),
-                       **{**TINY_TRAIN, "diffusion#process": "rflow"})
+    trainer = workflow(
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path / "rf"),
+        **{**TINY_TRAIN, "diffusion#process": "rflow"},
+    )
     assert trainer.parser.get_parsed_content("val_sampler") == "rflow"  # (was ddim: the run stopped at start)
     with pytest.raises(Exception) as err:
         wf.run()  # used to sample an x0-trained ddpm network as a rectified flow, without an error
@@ -226,8 +281,20 @@ def _torchrun(dataset, out, **extra):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     # --standalone: torchrun picks a free rendezvous port itself (a port probed here first could be taken by another
     # process before torchrun binds it)
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-           "-m", "monai.bundle", "run", "training", "--config_file", configs, *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        configs,
+        *overrides,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
@@ -264,20 +331,41 @@ def _generator(tmp_path, out, num_samples, channels=1, **kw):
     from wdm3d.inference import VolumeGenerator
 
     torch.manual_seed(0)
-    net = WDMUNet(in_channels=8 * channels, out_channels=8 * channels, base_channels=8, channel_mult=(1, 2),
-                  num_res_blocks=1, norm_num_groups=4)
+    net = WDMUNet(
+        in_channels=8 * channels,
+        out_channels=8 * channels,
+        base_channels=8,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        norm_num_groups=4,
+    )
     with torch.no_grad():  # "trained": the zero-initialised output layer would make every voxel the same
         for p in net.parameters():
             p.add_(torch.randn_like(p) * 0.1)
-    geometry = {"affine": torch.as_tensor(AFFINE), "shape": torch.tensor([16, 16, 16]),
-                "intensity_range": torch.tensor([-1000.0, 1000.0], dtype=torch.float64)}
+    geometry = {
+        "affine": torch.as_tensor(AFFINE),
+        "shape": torch.tensor([16, 16, 16]),
+        "intensity_range": torch.tensor([-1000.0, 1000.0], dtype=torch.float64),
+    }
     torch.save({"model": net.state_dict(), "geometry": geometry}, tmp_path / "net.pt")
     ref = tmp_path / "ref.nii.gz"
     if not ref.exists():
         nib.save(nib.Nifti1Image(np.zeros((16, 16, 16), np.float32), AFFINE), ref)
-    return VolumeGenerator(net, WaveletDiffusion(), tmp_path / "net.pt", out, image_size=(16, 16, 16),
-                           num_samples=num_samples, sampler="ddim", num_steps=2, reference_image=ref,
-                           device="cpu", progress=False, mlflow=False, **{"intensity_range": (0.0, 1.0), **kw})
+    return VolumeGenerator(
+        net,
+        WaveletDiffusion(),
+        tmp_path / "net.pt",
+        out,
+        image_size=(16, 16, 16),
+        num_samples=num_samples,
+        sampler="ddim",
+        num_steps=2,
+        reference_image=ref,
+        device="cpu",
+        progress=False,
+        mlflow=False,
+        **{"intensity_range": (0.0, 1.0), **kw},
+    )
 
 
 def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_the_previous_output(tmp_path):
@@ -287,7 +375,13 @@ def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_the_previous_o
     (out / "notes.txt").write_text("mine")  # not a sample: left alone
     manifest = _generator(tmp_path, out, 2, seed=5).run()
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "notes.txt", "sample_0000.nii.gz", "sample_0000.png", "sample_0001.nii.gz", "sample_0001.png"]
+        "manifest.json",
+        "notes.txt",
+        "sample_0000.nii.gz",
+        "sample_0000.png",
+        "sample_0001.nii.gz",
+        "sample_0001.png",
+    ]
     assert len(manifest["samples"]) == 2
     broken = _generator(tmp_path, out, 2, seed=6)
     broken.diffusion.sample = lambda *a, **k: (_ for _ in ()).throw(RuntimeError("out of memory"))
@@ -296,7 +390,13 @@ def test_a_rerun_replaces_the_earlier_run_and_a_failed_run_leaves_the_previous_o
     # the failed run wrote into a temporary folder: the previous run's output is there, whole, manifest and all
     assert json.loads((out / "manifest.json").read_text())["seed"] == 5
     assert sorted(p.name for p in out.iterdir()) == [
-        "manifest.json", "notes.txt", "sample_0000.nii.gz", "sample_0000.png", "sample_0001.nii.gz", "sample_0001.png"]
+        "manifest.json",
+        "notes.txt",
+        "sample_0000.nii.gz",
+        "sample_0000.png",
+        "sample_0001.nii.gz",
+        "sample_0001.png",
+    ]
     assert not [p for p in out.parent.iterdir() if p.name.startswith(".")]  # no temporary folder left behind
 
 
@@ -318,8 +418,13 @@ def test_a_missing_datalist_does_not_override_the_checkpoint_intensity_range(tmp
 
 def test_recipe_switches_train_and_sample_through_the_bundle(dataset, tmp_path):
     """Two wavelet levels, min-SNR weighting and learned subband weights, set from the command line only."""
-    switches = {"diffusion#process": "rflow", "diffusion#prediction_type": "v_prediction", "diffusion#levels": 2,
-                "diffusion#loss_weighting": "min_snr", "learned_subband_weights": True}
+    switches = {
+        "diffusion#process": "rflow",
+        "diffusion#prediction_type": "v_prediction",
+        "diffusion#levels": 2,
+        "diffusion#loss_weighting": "min_snr",
+        "learned_subband_weights": True,
+    }
     wf = train(dataset, tmp_path, max_epochs=1, **switches)
     net = wf.parser.get_parsed_content("network")
     assert net.in_channels == 64  # 8**2 wavelet channels of one modality, at 1/4 resolution
@@ -329,14 +434,31 @@ def test_recipe_switches_train_and_sample_through_the_bundle(dataset, tmp_path):
     assert ckpt["run_config"]["diffusion"]["levels"] == 2
     assert ckpt["run_config"]["diffusion"]["loss_weighting"] == "min_snr"
     inference = {k: v for k, v in switches.items() if k.startswith("diffusion#") and "loss" not in k}
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                  num_samples=2, num_steps=3, seed=1, **TINY, **inference)
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        num_samples=2,
+        num_steps=3,
+        seed=1,
+        **TINY,
+        **inference,
+    )
     wf.run()
     manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
     assert [nib.load(tmp_path / "samples" / s["nifti"]).shape for s in manifest["samples"]] == [(16, 16, 16)] * 2
-    one_level = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path / "x"),
-                         checkpoint=str(tmp_path / "models"), num_samples=1, num_steps=2, **TINY,
-                         **{**inference, "diffusion#levels": 1})
+    one_level = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path / "x"),
+        checkpoint=str(tmp_path / "models"),
+        num_samples=1,
+        num_steps=2,
+        **TINY,
+        **{**inference, "diffusion#levels": 1},
+    )
     with pytest.raises(Exception) as err:
         one_level.run()  # a two-level model sampled as one level
     assert "levels" in str(root_cause(err.value))
@@ -349,16 +471,32 @@ def test_dit_overlay_and_wdm_paper_preset(dataset, tmp_path):
     parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "wdm_paper.json")])
     d = parser.get_parsed_content("diffusion")
     assert (d.process, d.prediction_type, d.num_train_timesteps, d.lll_scale, d.levels, d.loss_weighting) == (
-        "ddpm", "sample", 1000, 3.0, 1, "none")
+        "ddpm",
+        "sample",
+        1000,
+        3.0,
+        1,
+        "none",
+    )
     assert d.schedule == {"schedule": "linear_beta", "beta_start": 1e-4, "beta_end": 0.02}
     assert parser["learning_rate"] == 1e-5 and parser["batch_size"] == 10 and parser["unet_preset"] == "wdm_128"
     assert (parser["sampler"], parser["num_steps"]) == ("ddpm", 1000)
-    wf = ConfigWorkflow(config_file=[str(CONFIGS / f) for f in ("train.json", "dit.json")],
-                        meta_file=str(CONFIGS / "metadata.json"), workflow_type="train", run_id="training",
-                        dataset_dir=str(dataset), output_dir=str(tmp_path), max_epochs=1,
-                        **{**{k: v for k, v in TINY_TRAIN.items() if not k.startswith("network_def#")},
-                           "network_def#patch_size": 2, "network_def#hidden_size": 24, "network_def#depth": 1,
-                           "network_def#num_heads": 2})
+    wf = ConfigWorkflow(
+        config_file=[str(CONFIGS / f) for f in ("train.json", "dit.json")],
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train",
+        run_id="training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        max_epochs=1,
+        **{
+            **{k: v for k, v in TINY_TRAIN.items() if not k.startswith("network_def#")},
+            "network_def#patch_size": 2,
+            "network_def#hidden_size": 24,
+            "network_def#depth": 1,
+            "network_def#num_heads": 2,
+        },
+    )
     wf.initialize()
     wf.run()
     from wdm3d.networks import DiT3D

@@ -126,10 +126,12 @@ def test_normalize_intensity_matches_independent_numpy(percentiles):
 
     # independent computation: percentiles over all voxels (background zeros included), clip, min-max
     flat = np.sort(x.ravel())
+
     def pct(q):  # numpy's default 'linear' method written out
         pos = q / 100 * (flat.size - 1)
         i = int(np.floor(pos))
         return flat[i] + (pos - i) * (flat[min(i + 1, flat.size - 1)] - flat[i])
+
     lo, hi = pct(percentiles[0]), pct(percentiles[1])
     expected = (np.minimum(np.maximum(x, lo), hi) - lo) / (hi - lo)
 
@@ -216,8 +218,9 @@ def test_a_qform_that_differs_from_the_sform_moves_with_the_volume(tmp_path):
     src = tmp_path / "raw" / "BraTS-GLI-00000-000"
     src.mkdir(parents=True)
     nib.save(img, src / "BraTS-GLI-00000-000-t1n.nii.gz")
-    prepare_brats(tmp_path / "raw", tmp_path / "out", percentiles=(0, 100), spatial_size=(12, 10, 12), pool=2,
-                  progress=False)
+    prepare_brats(
+        tmp_path / "raw", tmp_path / "out", percentiles=(0, 100), spatial_size=(12, 10, 12), pool=2, progress=False
+    )
     out = nib.load(str(tmp_path / "out" / "BraTS-GLI-00000-000" / "BraTS-GLI-00000-000-t1n.nii.gz"))
     shift = np.array([[1, 0, 0, 0], [0, 1, 0, 2], [0, 0, 1, -1], [0, 0, 0, 1]], dtype=float)  # as above
     pool = np.array([[2, 0, 0, 0.5], [0, 2, 0, 0.5], [0, 0, 2, 0.5], [0, 0, 0, 1]])
@@ -371,8 +374,14 @@ def _dies_on_zero(i):  # module level: picklable for the worker processes
 
 def test_a_worker_that_dies_fails_only_its_own_case():
     jobs = [(i, (i,)) for i in range(6)]
-    records = brats.run_cases(_dies_on_zero, jobs, workers=2, desc="x", progress=False,
-                              crashed=lambda key, err: {"case": key, "status": "failed", "reason": str(err)})
+    records = brats.run_cases(
+        _dies_on_zero,
+        jobs,
+        workers=2,
+        desc="x",
+        progress=False,
+        crashed=lambda key, err: {"case": key, "status": "failed", "reason": str(err)},
+    )
     assert sorted(records) == list(range(6))
     assert [records[i]["status"] for i in range(6)] == ["failed"] + ["done"] * 5
     assert "worker process died" in records[0]["reason"]
@@ -428,8 +437,25 @@ def test_cli(tmp_path, capsys):
     rng = np.random.default_rng(10)
     for i in range(3):
         _case_2023(tmp_path / "raw", f"BraTS-GLI-{i:05d}-000", rng, mods=("t1n", "seg"))
-    argv = ["--src", str(tmp_path / "raw"), "--dst", str(tmp_path / "out"), "--spatial-size", "8", "8", "8",
-            "--pool", "2", "--split", "0.6", "0.2", "0.2", "--seed", "1", "--quiet"]
+    argv = [
+        "--src",
+        str(tmp_path / "raw"),
+        "--dst",
+        str(tmp_path / "out"),
+        "--spatial-size",
+        "8",
+        "8",
+        "8",
+        "--pool",
+        "2",
+        "--split",
+        "0.6",
+        "0.2",
+        "0.2",
+        "--seed",
+        "1",
+        "--quiet",
+    ]
     assert brats.main(argv) == 0
     assert str(tmp_path / "out") in capsys.readouterr().out
     datalist = json.loads((tmp_path / "out" / "datalist.json").read_text())
@@ -465,8 +491,11 @@ def test_rerun_skips_up_to_date_cases_and_overwrite_redoes_them(tmp_path):
     assert json.loads((dst / "datalist.json").read_text())["training"] == datalist["training"]  # still listed
     rows = list(csv.DictReader((dst / "prepare_report.csv").open()))
     assert [(r["case"], r["status"]) for r in rows] == [
-        ("BraTS-GLI-00000-000", "skipped"), ("BraTS-GLI-00001-000", "skipped"), ("BraTS-GLI-00002-000", "skipped"),
-        ("BraTS-GLI-00009-000", "failed")]
+        ("BraTS-GLI-00000-000", "skipped"),
+        ("BraTS-GLI-00001-000", "skipped"),
+        ("BraTS-GLI-00002-000", "skipped"),
+        ("BraTS-GLI-00009-000", "failed"),
+    ]
     assert rows[0]["reason"] == "up to date" and "t1n=BraTS-GLI-00000-000/" in rows[0]["outputs"]
 
     # a changed input, or changed settings, redo that case / every case; --overwrite redoes everything
@@ -518,7 +547,8 @@ def test_demo_never_deletes_or_overwrites_real_prepared_data(demo_dataset, tmp_p
     (root / "prepared" / "demo_info.json").unlink()
     make_demo_dataset(root, num_cases=3, seed=0, resolution=4, progress=False)
     assert sorted(p.name for p in (root / "prepared").iterdir() if p.is_dir()) == [
-        f"BraTS-GLI-0000{i}-000" for i in range(3)]
+        f"BraTS-GLI-0000{i}-000" for i in range(3)
+    ]
     make_demo_dataset(root, num_cases=4, seed=0, resolution=4, progress=False)  # back to the fixture's state
 
 

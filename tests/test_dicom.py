@@ -225,8 +225,21 @@ def test_cli_exports_good_files_and_names_the_bad_one(tmp_path, capsys):
     write_training_nifti(tmp_path / "c.nii", good[::-1], FLIPPED)
     (tmp_path / "bad.nii.gz").write_bytes(b"not a nifti at all")
     out = tmp_path / "out"
-    code = cli(["export-dicom", str(tmp_path / "a.nii.gz"), str(tmp_path / "bad.nii.gz"), str(tmp_path / "c.nii"),
-                "--out", str(out), "--modality", "CT", "--hu", "-1000", "500"])
+    code = cli(
+        [
+            "export-dicom",
+            str(tmp_path / "a.nii.gz"),
+            str(tmp_path / "bad.nii.gz"),
+            str(tmp_path / "c.nii"),
+            "--out",
+            str(out),
+            "--modality",
+            "CT",
+            "--hu",
+            "-1000",
+            "500",
+        ]
+    )
     captured = capsys.readouterr()
     assert code == 1
     assert "bad.nii.gz" in captured.err and "a.nii.gz" not in captured.err
@@ -239,13 +252,29 @@ def test_cli_exports_good_files_and_names_the_bad_one(tmp_path, capsys):
     # a second run refuses to overwrite without --overwrite, and succeeds with it
     assert cli(["export-dicom", str(tmp_path / "a.nii.gz"), "--out", str(out), "--modality", "MR"]) == 1
     assert "already exists" in capsys.readouterr().err
-    assert cli(["export-dicom", str(tmp_path / "a.nii.gz"), "--out", str(out), "--modality", "MR",
-                "--intensity-range", "0", "1", "--overwrite"]) == 0
+    assert (
+        cli(
+            [
+                "export-dicom",
+                str(tmp_path / "a.nii.gz"),
+                "--out",
+                str(out),
+                "--modality",
+                "MR",
+                "--intensity-range",
+                "0",
+                "1",
+                "--overwrite",
+            ]
+        )
+        == 0
+    )
     assert_same_volume(out / "a_dicom", good, PERMUTED, atol=0.5 / MR_STORED_MAX + 1e-6)
     assert cli(["export-dicom", str(tmp_path / "missing.nii.gz"), "--out", str(out), "--modality", "MR"]) == 1
     assert "missing.nii.gz" in capsys.readouterr().err
-    assert cli(["export-dicom", str(tmp_path / "a.nii.gz"), "--out", str(out), "--modality", "MR",
-                "--hu", "0", "1"]) == 2
+    assert (
+        cli(["export-dicom", str(tmp_path / "a.nii.gz"), "--out", str(out), "--modality", "MR", "--hu", "0", "1"]) == 2
+    )
     # two runs' samples with one file name would share a series folder: refused before anything is written
     for run in ("runA", "runB"):
         (tmp_path / run).mkdir()
@@ -273,12 +302,30 @@ def test_inference_option_writes_a_series_per_sample(tmp_path):
         name = f"case{i}/case{i}-t1n.nii.gz"
         write_training_nifti(root / name, (v[0].numpy() + 1) / 2, AFFINE)
         entries.append({"case": f"case{i}", "t1n": name})
-    (root / "datalist.json").write_text(json.dumps(
-        {"intensity_range": [0.0, 1.0], "hu_clip": {"low": -1000.0, "high": 500.0}, "training": entries[:4],
-         "validation": entries[4:], "test": []}))
+    (root / "datalist.json").write_text(
+        json.dumps(
+            {
+                "intensity_range": [0.0, 1.0],
+                "hu_clip": {"low": -1000.0, "high": 500.0},
+                "training": entries[:4],
+                "validation": entries[4:],
+                "test": [],
+            }
+        )
+    )
     train(root, tmp_path, max_epochs=1)
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(root), output_dir=str(tmp_path), num_samples=2,
-                  sampler="ddim", num_steps=2, mlflow=False, dicom=True, **TINY)
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(root),
+        output_dir=str(tmp_path),
+        num_samples=2,
+        sampler="ddim",
+        num_steps=2,
+        mlflow=False,
+        dicom=True,
+        **TINY,
+    )
     wf.run()
     out = tmp_path / "samples"
     manifest = json.loads((out / "manifest.json").read_text())
@@ -297,9 +344,20 @@ def test_inference_option_writes_a_series_per_sample(tmp_path):
     assert not [p for p in out.iterdir() if p.name.startswith(".")]
     # CT: [0, 1] samples go back to HU through the datalist's numeric hu_clip
     ct_out = tmp_path / "samples_ct"
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(root), output_dir=str(tmp_path), num_samples=1,
-                  sampler="ddim", num_steps=2, mlflow=False, dicom=True, dicom_modality="CT",
-                  samples_dir=str(ct_out), **TINY)
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(root),
+        output_dir=str(tmp_path),
+        num_samples=1,
+        sampler="ddim",
+        num_steps=2,
+        mlflow=False,
+        dicom=True,
+        dicom_modality="CT",
+        samples_dir=str(ct_out),
+        **TINY,
+    )
     wf.run()
     manifest = json.loads((ct_out / "manifest.json").read_text())
     assert manifest["dicom"] == {"modality": "CT", "hu_window": [-1000.0, 500.0]}

@@ -209,9 +209,40 @@ def is_animal(ds) -> bool:
 
 # Body Part Examined (0018,0015) Defined Terms of paired structures (PS3.16 Annex L, laterality "paired")
 PAIRED_BODY_PARTS = {
-    "ADRENAL", "ANKLE", "ARM", "BREAST", "CALCANEUS", "CLAVICLE", "EAR", "ELBOW", "EYE", "FEMUR", "FIBULA", "FINGER",
-    "FOOT", "FOREARM", "HAND", "HIP", "HUMERUS", "KIDNEY", "KNEE", "LEG", "LUNG", "OVARY", "PAROTID", "RADIUS",
-    "SCAPULA", "SHOULDER", "TESTIS", "THIGH", "THUMB", "TIBIA", "TOE", "ULNA", "UPPER ARM", "WRIST",
+    "ADRENAL",
+    "ANKLE",
+    "ARM",
+    "BREAST",
+    "CALCANEUS",
+    "CLAVICLE",
+    "EAR",
+    "ELBOW",
+    "EYE",
+    "FEMUR",
+    "FIBULA",
+    "FINGER",
+    "FOOT",
+    "FOREARM",
+    "HAND",
+    "HIP",
+    "HUMERUS",
+    "KIDNEY",
+    "KNEE",
+    "LEG",
+    "LUNG",
+    "OVARY",
+    "PAROTID",
+    "RADIUS",
+    "SCAPULA",
+    "SHOULDER",
+    "TESTIS",
+    "THIGH",
+    "THUMB",
+    "TIBIA",
+    "TOE",
+    "ULNA",
+    "UPPER ARM",
+    "WRIST",
 }
 
 
@@ -253,211 +284,488 @@ def A(keyword, tag, type_, valid=None, cond=None, cond_text=""):
     return Attr(keyword, tag, type_, valid, cond, cond_text)
 
 
-PATIENT = ("Patient (C.7.1.1)", [
-    A("PatientName", 0x00100010, "2"),
-    A("PatientID", 0x00100020, "2"),
-    A("PatientBirthDate", 0x00100030, "2"),
-    A("PatientSex", 0x00100040, "2", one_of("M", "F", "O")),
-    A("PatientSpeciesDescription", 0x00102201, "1C",
-      cond=lambda ds: is_animal(ds) and not present(ds, "PatientSpeciesCodeSequence"),
-      cond_text="the patient is an animal and Patient Species Code Sequence is absent"),
-    A("PatientSpeciesCodeSequence", 0x00102202, "1C",
-      cond=lambda ds: is_animal(ds) and not present(ds, "PatientSpeciesDescription"),
-      cond_text="the patient is an animal and Patient Species Description is absent"),
-    A("PatientBreedDescription", 0x00102292, "2C",
-      cond=lambda ds: is_animal(ds) and not has_value(ds, "PatientBreedCodeSequence"),
-      cond_text="the patient is an animal and Patient Breed Code Sequence is empty"),
-    A("PatientBreedCodeSequence", 0x00102293, "2C", cond=is_animal, cond_text="the patient is an animal"),
-    A("BreedRegistrationSequence", 0x00102294, "2C", cond=is_animal, cond_text="the patient is an animal"),
-    A("ResponsiblePerson", 0x00102297, "2C",
-      cond=lambda ds: is_animal(ds) and not present(ds, "ResponsibleOrganization"),
-      cond_text="the patient is an animal and Responsible Organization is absent"),
-    A("ResponsiblePersonRole", 0x00102298, "1C", cond=lambda ds: has_value(ds, "ResponsiblePerson"),
-      cond_text="Responsible Person is present with a value"),
-    A("ResponsibleOrganization", 0x00102299, "2C",
-      cond=lambda ds: is_animal(ds) and not present(ds, "ResponsiblePerson"),
-      cond_text="the patient is an animal and Responsible Person is absent"),
-    A("DeidentificationMethod", 0x00120063, "1C",
-      cond=lambda ds: ds.get("PatientIdentityRemoved") == "YES" and not present(ds, "DeidentificationMethodCodeSequence"),
-      cond_text="Patient Identity Removed is YES and De-identification Method Code Sequence is absent"),
-    A("DeidentificationMethodCodeSequence", 0x00120064, "1C",
-      cond=lambda ds: ds.get("PatientIdentityRemoved") == "YES" and not present(ds, "DeidentificationMethod"),
-      cond_text="Patient Identity Removed is YES and De-identification Method is absent"),
-])
+PATIENT = (
+    "Patient (C.7.1.1)",
+    [
+        A("PatientName", 0x00100010, "2"),
+        A("PatientID", 0x00100020, "2"),
+        A("PatientBirthDate", 0x00100030, "2"),
+        A("PatientSex", 0x00100040, "2", one_of("M", "F", "O")),
+        A(
+            "PatientSpeciesDescription",
+            0x00102201,
+            "1C",
+            cond=lambda ds: is_animal(ds) and not present(ds, "PatientSpeciesCodeSequence"),
+            cond_text="the patient is an animal and Patient Species Code Sequence is absent",
+        ),
+        A(
+            "PatientSpeciesCodeSequence",
+            0x00102202,
+            "1C",
+            cond=lambda ds: is_animal(ds) and not present(ds, "PatientSpeciesDescription"),
+            cond_text="the patient is an animal and Patient Species Description is absent",
+        ),
+        A(
+            "PatientBreedDescription",
+            0x00102292,
+            "2C",
+            cond=lambda ds: is_animal(ds) and not has_value(ds, "PatientBreedCodeSequence"),
+            cond_text="the patient is an animal and Patient Breed Code Sequence is empty",
+        ),
+        A("PatientBreedCodeSequence", 0x00102293, "2C", cond=is_animal, cond_text="the patient is an animal"),
+        A("BreedRegistrationSequence", 0x00102294, "2C", cond=is_animal, cond_text="the patient is an animal"),
+        A(
+            "ResponsiblePerson",
+            0x00102297,
+            "2C",
+            cond=lambda ds: is_animal(ds) and not present(ds, "ResponsibleOrganization"),
+            cond_text="the patient is an animal and Responsible Organization is absent",
+        ),
+        A(
+            "ResponsiblePersonRole",
+            0x00102298,
+            "1C",
+            cond=lambda ds: has_value(ds, "ResponsiblePerson"),
+            cond_text="Responsible Person is present with a value",
+        ),
+        A(
+            "ResponsibleOrganization",
+            0x00102299,
+            "2C",
+            cond=lambda ds: is_animal(ds) and not present(ds, "ResponsiblePerson"),
+            cond_text="the patient is an animal and Responsible Person is absent",
+        ),
+        A(
+            "DeidentificationMethod",
+            0x00120063,
+            "1C",
+            cond=lambda ds: (
+                ds.get("PatientIdentityRemoved") == "YES" and not present(ds, "DeidentificationMethodCodeSequence")
+            ),
+            cond_text="Patient Identity Removed is YES and De-identification Method Code Sequence is absent",
+        ),
+        A(
+            "DeidentificationMethodCodeSequence",
+            0x00120064,
+            "1C",
+            cond=lambda ds: ds.get("PatientIdentityRemoved") == "YES" and not present(ds, "DeidentificationMethod"),
+            cond_text="Patient Identity Removed is YES and De-identification Method is absent",
+        ),
+    ],
+)
 
-GENERAL_STUDY = ("General Study (C.7.2.1)", [
-    A("StudyInstanceUID", 0x0020000D, "1", valid_uid),
-    A("StudyDate", 0x00080020, "2"),
-    A("StudyTime", 0x00080030, "2"),
-    A("ReferringPhysicianName", 0x00080090, "2"),
-    A("StudyID", 0x00200010, "2"),
-    A("AccessionNumber", 0x00080050, "2"),
-])
+GENERAL_STUDY = (
+    "General Study (C.7.2.1)",
+    [
+        A("StudyInstanceUID", 0x0020000D, "1", valid_uid),
+        A("StudyDate", 0x00080020, "2"),
+        A("StudyTime", 0x00080030, "2"),
+        A("ReferringPhysicianName", 0x00080090, "2"),
+        A("StudyID", 0x00200010, "2"),
+        A("AccessionNumber", 0x00080050, "2"),
+    ],
+)
 
-PATIENT_POSITIONS = ("HFP", "HFS", "HFDR", "HFDL", "FFDR", "FFDL", "FFP", "FFS", "LFP", "LFS", "RFP", "RFS", "AFDR",
-                     "AFDL", "PFDR", "PFDL")
-GENERAL_SERIES = ("General Series (C.7.3.1)", [
-    A("Modality", 0x00080060, "1", modality_of_sop_class),
-    A("SeriesInstanceUID", 0x0020000E, "1", valid_uid),
-    A("SeriesNumber", 0x00200011, "2"),
-    A("Laterality", 0x00200060, "2C", one_of("R", "L"), cond=laterality_required,
-      cond_text="the body part examined is paired and Image/Frame/Measurement Laterality is not sent"),
-    A("PatientPosition", 0x00185100, "2C", one_of(*PATIENT_POSITIONS),
-      cond=lambda ds: str(ds.get("SOPClassUID", "")) in MODALITY_OF and not present(ds, "PatientOrientationCodeSequence"),
-      cond_text="CT/MR Image Storage without Patient Orientation Code Sequence"),
-    A("AnatomicalOrientationType", 0x00102210, "1C", one_of("BIPED", "QUADRUPED"), cond=is_animal,
-      cond_text="the patient is an animal (conservative: the standard adds 'whose frame is not bipedal')"),
-])
+PATIENT_POSITIONS = (
+    "HFP",
+    "HFS",
+    "HFDR",
+    "HFDL",
+    "FFDR",
+    "FFDL",
+    "FFP",
+    "FFS",
+    "LFP",
+    "LFS",
+    "RFP",
+    "RFS",
+    "AFDR",
+    "AFDL",
+    "PFDR",
+    "PFDL",
+)
+GENERAL_SERIES = (
+    "General Series (C.7.3.1)",
+    [
+        A("Modality", 0x00080060, "1", modality_of_sop_class),
+        A("SeriesInstanceUID", 0x0020000E, "1", valid_uid),
+        A("SeriesNumber", 0x00200011, "2"),
+        A(
+            "Laterality",
+            0x00200060,
+            "2C",
+            one_of("R", "L"),
+            cond=laterality_required,
+            cond_text="the body part examined is paired and Image/Frame/Measurement Laterality is not sent",
+        ),
+        A(
+            "PatientPosition",
+            0x00185100,
+            "2C",
+            one_of(*PATIENT_POSITIONS),
+            cond=lambda ds: (
+                str(ds.get("SOPClassUID", "")) in MODALITY_OF and not present(ds, "PatientOrientationCodeSequence")
+            ),
+            cond_text="CT/MR Image Storage without Patient Orientation Code Sequence",
+        ),
+        A(
+            "AnatomicalOrientationType",
+            0x00102210,
+            "1C",
+            one_of("BIPED", "QUADRUPED"),
+            cond=is_animal,
+            cond_text="the patient is an animal (conservative: the standard adds 'whose frame is not bipedal')",
+        ),
+    ],
+)
 
-FRAME_OF_REFERENCE = ("Frame of Reference (C.7.4.1)", [
-    A("FrameOfReferenceUID", 0x00200052, "1", valid_uid),
-    A("PositionReferenceIndicator", 0x00201040, "2"),
-])
+FRAME_OF_REFERENCE = (
+    "Frame of Reference (C.7.4.1)",
+    [
+        A("FrameOfReferenceUID", 0x00200052, "1", valid_uid),
+        A("PositionReferenceIndicator", 0x00201040, "2"),
+    ],
+)
 
-GENERAL_EQUIPMENT = ("General Equipment (C.7.5.1)", [
-    A("Manufacturer", 0x00080070, "2"),
-    A("PixelPaddingValue", 0x00280120, "1C", cond=lambda ds: present(ds, "PixelPaddingRangeLimit"),
-      cond_text="Pixel Padding Range Limit is present (and Pixel Data is)"),
-])
+GENERAL_EQUIPMENT = (
+    "General Equipment (C.7.5.1)",
+    [
+        A("Manufacturer", 0x00080070, "2"),
+        A(
+            "PixelPaddingValue",
+            0x00280120,
+            "1C",
+            cond=lambda ds: present(ds, "PixelPaddingRangeLimit"),
+            cond_text="Pixel Padding Range Limit is present (and Pixel Data is)",
+        ),
+    ],
+)
 
-GENERAL_IMAGE = ("General Image (C.7.6.1)", [
-    A("InstanceNumber", 0x00200013, "2", positive_int),
-    A("PatientOrientation", 0x00200020, "2C",
-      cond=lambda ds: not (present(ds, "ImageOrientationPatient") and present(ds, "ImagePositionPatient")),
-      cond_text="the image has no Image Orientation / Position (Patient)"),
-    # required if the images of the series are temporally related; the slices of one volume are taken as such
-    A("ContentDate", 0x00080023, "2C", cond=lambda ds: True, cond_text="images temporally related (conservative)"),
-    A("ContentTime", 0x00080033, "2C", cond=lambda ds: True, cond_text="images temporally related (conservative)"),
-])
+GENERAL_IMAGE = (
+    "General Image (C.7.6.1)",
+    [
+        A("InstanceNumber", 0x00200013, "2", positive_int),
+        A(
+            "PatientOrientation",
+            0x00200020,
+            "2C",
+            cond=lambda ds: not (present(ds, "ImageOrientationPatient") and present(ds, "ImagePositionPatient")),
+            cond_text="the image has no Image Orientation / Position (Patient)",
+        ),
+        # required if the images of the series are temporally related; the slices of one volume are taken as such
+        A("ContentDate", 0x00080023, "2C", cond=lambda ds: True, cond_text="images temporally related (conservative)"),
+        A("ContentTime", 0x00080033, "2C", cond=lambda ds: True, cond_text="images temporally related (conservative)"),
+    ],
+)
 
-IMAGE_PLANE = ("Image Plane (C.7.6.2)", [
-    A("PixelSpacing", 0x00280030, "1", pixel_spacing),
-    A("ImageOrientationPatient", 0x00200037, "1", orientation),
-    A("ImagePositionPatient", 0x00200032, "1", position),
-    A("SliceThickness", 0x00180050, "2", positive),
-])
+IMAGE_PLANE = (
+    "Image Plane (C.7.6.2)",
+    [
+        A("PixelSpacing", 0x00280030, "1", pixel_spacing),
+        A("ImageOrientationPatient", 0x00200037, "1", orientation),
+        A("ImagePositionPatient", 0x00200032, "1", position),
+        A("SliceThickness", 0x00180050, "2", positive),
+    ],
+)
 
-PHOTOMETRIC = ("MONOCHROME1", "MONOCHROME2", "PALETTE COLOR", "RGB", "YBR_FULL", "YBR_FULL_422", "YBR_PARTIAL_420",
-               "YBR_ICT", "YBR_RCT", "XYB")
-IMAGE_PIXEL = ("Image Pixel (C.7.6.3)", [
-    A("SamplesPerPixel", 0x00280002, "1", positive_int),
-    A("PhotometricInterpretation", 0x00280004, "1", one_of(*PHOTOMETRIC)),
-    A("Rows", 0x00280010, "1", positive_int),
-    A("Columns", 0x00280011, "1", positive_int),
-    A("BitsAllocated", 0x00280100, "1", bits_allocated),
-    A("BitsStored", 0x00280101, "1", bits_stored),
-    A("HighBit", 0x00280102, "1", high_bit),
-    A("PixelRepresentation", 0x00280103, "1", one_of("0", "1")),
-    A("PixelData", 0x7FE00010, "1C", pixel_data_length, cond=lambda ds: not present(ds, "PixelDataProviderURL"),
-      cond_text="Pixel Data Provider URL is absent"),
-    A("PlanarConfiguration", 0x00280006, "1C", one_of("0", "1"), cond=lambda ds: int(ds.get("SamplesPerPixel", 1)) > 1,
-      cond_text="Samples per Pixel > 1"),
-    # required if the aspect ratio is not 1:1 and no Pixel Spacing gives it (conservative: whenever none does)
-    A("PixelAspectRatio", 0x00280034, "1C",
-      cond=lambda ds: not (present(ds, "PixelSpacing") or present(ds, "ImagerPixelSpacing")),
-      cond_text="no Pixel Spacing / Imager Pixel Spacing gives the aspect ratio"),
-    *[A(f"{c}PaletteColorLookupTable{part}", tag, "1C",
-        cond=lambda ds: ds.get("PhotometricInterpretation") in ("PALETTE COLOR", "ENHANCED MONOCHROME2"),
-        cond_text="Photometric Interpretation PALETTE COLOR")
-      for c, part, tag in (("Red", "Descriptor", 0x00281101), ("Green", "Descriptor", 0x00281102),
-                           ("Blue", "Descriptor", 0x00281103), ("Red", "Data", 0x00281201),
-                           ("Green", "Data", 0x00281202), ("Blue", "Data", 0x00281203))],
-])
+PHOTOMETRIC = (
+    "MONOCHROME1",
+    "MONOCHROME2",
+    "PALETTE COLOR",
+    "RGB",
+    "YBR_FULL",
+    "YBR_FULL_422",
+    "YBR_PARTIAL_420",
+    "YBR_ICT",
+    "YBR_RCT",
+    "XYB",
+)
+IMAGE_PIXEL = (
+    "Image Pixel (C.7.6.3)",
+    [
+        A("SamplesPerPixel", 0x00280002, "1", positive_int),
+        A("PhotometricInterpretation", 0x00280004, "1", one_of(*PHOTOMETRIC)),
+        A("Rows", 0x00280010, "1", positive_int),
+        A("Columns", 0x00280011, "1", positive_int),
+        A("BitsAllocated", 0x00280100, "1", bits_allocated),
+        A("BitsStored", 0x00280101, "1", bits_stored),
+        A("HighBit", 0x00280102, "1", high_bit),
+        A("PixelRepresentation", 0x00280103, "1", one_of("0", "1")),
+        A(
+            "PixelData",
+            0x7FE00010,
+            "1C",
+            pixel_data_length,
+            cond=lambda ds: not present(ds, "PixelDataProviderURL"),
+            cond_text="Pixel Data Provider URL is absent",
+        ),
+        A(
+            "PlanarConfiguration",
+            0x00280006,
+            "1C",
+            one_of("0", "1"),
+            cond=lambda ds: int(ds.get("SamplesPerPixel", 1)) > 1,
+            cond_text="Samples per Pixel > 1",
+        ),
+        # required if the aspect ratio is not 1:1 and no Pixel Spacing gives it (conservative: whenever none does)
+        A(
+            "PixelAspectRatio",
+            0x00280034,
+            "1C",
+            cond=lambda ds: not (present(ds, "PixelSpacing") or present(ds, "ImagerPixelSpacing")),
+            cond_text="no Pixel Spacing / Imager Pixel Spacing gives the aspect ratio",
+        ),
+        *[
+            A(
+                f"{c}PaletteColorLookupTable{part}",
+                tag,
+                "1C",
+                cond=lambda ds: ds.get("PhotometricInterpretation") in ("PALETTE COLOR", "ENHANCED MONOCHROME2"),
+                cond_text="Photometric Interpretation PALETTE COLOR",
+            )
+            for c, part, tag in (
+                ("Red", "Descriptor", 0x00281101),
+                ("Green", "Descriptor", 0x00281102),
+                ("Blue", "Descriptor", 0x00281103),
+                ("Red", "Data", 0x00281201),
+                ("Green", "Data", 0x00281202),
+                ("Blue", "Data", 0x00281203),
+            )
+        ],
+    ],
+)
 
-CT_IMAGE = ("CT Image (C.8.2.1)", [
-    A("ImageType", 0x00080008, "1", image_type("AXIAL", "LOCALIZER")),
-    A("SamplesPerPixel", 0x00280002, "1", one_of("1")),
-    A("PhotometricInterpretation", 0x00280004, "1", one_of("MONOCHROME1", "MONOCHROME2")),
-    A("BitsAllocated", 0x00280100, "1", one_of("16")),
-    A("BitsStored", 0x00280101, "1", ct_bits_stored),
-    A("HighBit", 0x00280102, "1", high_bit),
-    A("RescaleIntercept", 0x00281052, "1", finite),
-    A("RescaleSlope", 0x00281053, "1", finite_nonzero),
-    # required if the rescaled values are not HU: only the writer knows; valid whenever present (and see
-    # test_project_rules: wdm3d always writes it)
-    A("RescaleType", 0x00281054, "1C", one_of("HU", "US", "OD", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"),
-      cond=lambda ds: False, cond_text="the rescaled values are not HU"),
-    A("KVP", 0x00180060, "2", positive),
-    A("AcquisitionNumber", 0x00200012, "2"),
-    A("EnergyWeightingFactor", 0x00189353, "1C",
-      cond=lambda ds: len(values(ds.get("ImageType", []))) > 3 and values(ds.ImageType)[3] == "ENERGY_PROP_WT",
-      cond_text="Image Type value 4 is ENERGY_PROP_WT"),
-])
+CT_IMAGE = (
+    "CT Image (C.8.2.1)",
+    [
+        A("ImageType", 0x00080008, "1", image_type("AXIAL", "LOCALIZER")),
+        A("SamplesPerPixel", 0x00280002, "1", one_of("1")),
+        A("PhotometricInterpretation", 0x00280004, "1", one_of("MONOCHROME1", "MONOCHROME2")),
+        A("BitsAllocated", 0x00280100, "1", one_of("16")),
+        A("BitsStored", 0x00280101, "1", ct_bits_stored),
+        A("HighBit", 0x00280102, "1", high_bit),
+        A("RescaleIntercept", 0x00281052, "1", finite),
+        A("RescaleSlope", 0x00281053, "1", finite_nonzero),
+        # required if the rescaled values are not HU: only the writer knows; valid whenever present (and see
+        # test_project_rules: wdm3d always writes it)
+        A(
+            "RescaleType",
+            0x00281054,
+            "1C",
+            one_of("HU", "US", "OD", "MGML", "Z_EFF", "ED", "EDW", "HU_MOD", "PCT"),
+            cond=lambda ds: False,
+            cond_text="the rescaled values are not HU",
+        ),
+        A("KVP", 0x00180060, "2", positive),
+        A("AcquisitionNumber", 0x00200012, "2"),
+        A(
+            "EnergyWeightingFactor",
+            0x00189353,
+            "1C",
+            cond=lambda ds: len(values(ds.get("ImageType", []))) > 3 and values(ds.ImageType)[3] == "ENERGY_PROP_WT",
+            cond_text="Image Type value 4 is ENERGY_PROP_WT",
+        ),
+    ],
+)
 
-MR_IMAGE_TYPE_3 = ("MPR", "T2 MAP", "PHASE MAP", "PHASE SUBTRACT", "PROJECTION IMAGE", "DIFFUSION MAP",
-                   "VELOCITY MAP", "MODULUS SUBTRACT", "T1 MAP", "DENSITY MAP", "IMAGE ADDITION", "OTHER")
-MR_IMAGE = ("MR Image (C.8.3.1)", [
-    A("ImageType", 0x00080008, "1", image_type(*MR_IMAGE_TYPE_3)),
-    A("SamplesPerPixel", 0x00280002, "1", one_of("1")),
-    A("PhotometricInterpretation", 0x00280004, "1", one_of("MONOCHROME1", "MONOCHROME2")),
-    A("BitsAllocated", 0x00280100, "1", one_of("16")),
-    A("ScanningSequence", 0x00180020, "1", one_of("SE", "IR", "GR", "EP", "RM")),
-    A("SequenceVariant", 0x00180021, "1", one_of("SK", "MTC", "SS", "TRSS", "SP", "MP", "OSP", "NONE")),
-    A("ScanOptions", 0x00180022, "2", one_of("PER", "RG", "CG", "PPG", "FC", "PFF", "PFP", "SP", "FS")),
-    A("MRAcquisitionType", 0x00180023, "2", one_of("2D", "3D")),
-    A("RepetitionTime", 0x00180080, "2C", positive,
-      cond=lambda ds: not ("EP" in scanning(ds) and "SK" not in values(ds.get("SequenceVariant", []))),
-      cond_text="not (Scanning Sequence EP and Sequence Variant without SK)"),
-    A("EchoTime", 0x00180081, "2"),
-    A("EchoTrainLength", 0x00180091, "2"),
-    A("InversionTime", 0x00180082, "2C", cond=lambda ds: "IR" in scanning(ds),
-      cond_text="Scanning Sequence includes IR"),
-    A("TriggerTime", 0x00181060, "2C", cond=lambda ds: bool({"CG", "PPG"} & set(scan_options(ds))),
-      cond_text="cardiac or peripheral pulse gating (Scan Options CG or PPG)"),
-])
+MR_IMAGE_TYPE_3 = (
+    "MPR",
+    "T2 MAP",
+    "PHASE MAP",
+    "PHASE SUBTRACT",
+    "PROJECTION IMAGE",
+    "DIFFUSION MAP",
+    "VELOCITY MAP",
+    "MODULUS SUBTRACT",
+    "T1 MAP",
+    "DENSITY MAP",
+    "IMAGE ADDITION",
+    "OTHER",
+)
+MR_IMAGE = (
+    "MR Image (C.8.3.1)",
+    [
+        A("ImageType", 0x00080008, "1", image_type(*MR_IMAGE_TYPE_3)),
+        A("SamplesPerPixel", 0x00280002, "1", one_of("1")),
+        A("PhotometricInterpretation", 0x00280004, "1", one_of("MONOCHROME1", "MONOCHROME2")),
+        A("BitsAllocated", 0x00280100, "1", one_of("16")),
+        A("ScanningSequence", 0x00180020, "1", one_of("SE", "IR", "GR", "EP", "RM")),
+        A("SequenceVariant", 0x00180021, "1", one_of("SK", "MTC", "SS", "TRSS", "SP", "MP", "OSP", "NONE")),
+        A("ScanOptions", 0x00180022, "2", one_of("PER", "RG", "CG", "PPG", "FC", "PFF", "PFP", "SP", "FS")),
+        A("MRAcquisitionType", 0x00180023, "2", one_of("2D", "3D")),
+        A(
+            "RepetitionTime",
+            0x00180080,
+            "2C",
+            positive,
+            cond=lambda ds: not ("EP" in scanning(ds) and "SK" not in values(ds.get("SequenceVariant", []))),
+            cond_text="not (Scanning Sequence EP and Sequence Variant without SK)",
+        ),
+        A("EchoTime", 0x00180081, "2"),
+        A("EchoTrainLength", 0x00180091, "2"),
+        A(
+            "InversionTime",
+            0x00180082,
+            "2C",
+            cond=lambda ds: "IR" in scanning(ds),
+            cond_text="Scanning Sequence includes IR",
+        ),
+        A(
+            "TriggerTime",
+            0x00181060,
+            "2C",
+            cond=lambda ds: bool({"CG", "PPG"} & set(scan_options(ds))),
+            cond_text="cardiac or peripheral pulse gating (Scan Options CG or PPG)",
+        ),
+    ],
+)
 
-SPECIFIC_CHARACTER_SETS = ("ISO_IR 6", "ISO_IR 100", "ISO_IR 101", "ISO_IR 109", "ISO_IR 110", "ISO_IR 144",
-                           "ISO_IR 127", "ISO_IR 126", "ISO_IR 138", "ISO_IR 148", "ISO_IR 203", "ISO_IR 13",
-                           "ISO_IR 166", "ISO_IR 192", "GB18030", "GBK")
-SOP_COMMON = ("SOP Common (C.12.1)", [
-    A("SOPClassUID", 0x00080016, "1", ct_or_mr_storage),
-    A("SOPInstanceUID", 0x00080018, "1", valid_uid),
-    A("SpecificCharacterSet", 0x00080005, "1C", one_of(*SPECIFIC_CHARACTER_SETS), cond=non_ascii_text,
-      cond_text="text uses characters beyond the default repertoire"),
-])
+SPECIFIC_CHARACTER_SETS = (
+    "ISO_IR 6",
+    "ISO_IR 100",
+    "ISO_IR 101",
+    "ISO_IR 109",
+    "ISO_IR 110",
+    "ISO_IR 144",
+    "ISO_IR 127",
+    "ISO_IR 126",
+    "ISO_IR 138",
+    "ISO_IR 148",
+    "ISO_IR 203",
+    "ISO_IR 13",
+    "ISO_IR 166",
+    "ISO_IR 192",
+    "GB18030",
+    "GBK",
+)
+SOP_COMMON = (
+    "SOP Common (C.12.1)",
+    [
+        A("SOPClassUID", 0x00080016, "1", ct_or_mr_storage),
+        A("SOPInstanceUID", 0x00080018, "1", valid_uid),
+        A(
+            "SpecificCharacterSet",
+            0x00080005,
+            "1C",
+            one_of(*SPECIFIC_CHARACTER_SETS),
+            cond=non_ascii_text,
+            cond_text="text uses characters beyond the default repertoire",
+        ),
+    ],
+)
 
 # VOI LUT (C.11.2) is a U module: its conditions apply once any of its attributes is present
-VOI_LUT = ("VOI LUT (C.11.2)", [
-    A("WindowCenter", 0x00281050, "1C", finite, cond=lambda ds: not present(ds, "VOILUTSequence"),
-      cond_text="VOI LUT Sequence is absent"),
-    A("WindowWidth", 0x00281051, "1C", window_width, cond=lambda ds: present(ds, "WindowCenter"),
-      cond_text="Window Center is present"),
-    A("VOILUTSequence", 0x00283010, "1C", cond=lambda ds: not present(ds, "WindowCenter"),
-      cond_text="Window Center is absent"),
-])
+VOI_LUT = (
+    "VOI LUT (C.11.2)",
+    [
+        A(
+            "WindowCenter",
+            0x00281050,
+            "1C",
+            finite,
+            cond=lambda ds: not present(ds, "VOILUTSequence"),
+            cond_text="VOI LUT Sequence is absent",
+        ),
+        A(
+            "WindowWidth",
+            0x00281051,
+            "1C",
+            window_width,
+            cond=lambda ds: present(ds, "WindowCenter"),
+            cond_text="Window Center is present",
+        ),
+        A(
+            "VOILUTSequence",
+            0x00283010,
+            "1C",
+            cond=lambda ds: not present(ds, "WindowCenter"),
+            cond_text="Window Center is absent",
+        ),
+    ],
+)
 
 # items of the Real World Value Mapping Sequence (General Image, Type 3): Real World Value Mapping Item Macro
-RWVM_ITEM = ("Real World Value Mapping Item (C.7.6.16.2.11.1)", [
-    A("RealWorldValueFirstValueMapped", 0x00409216, "1C", finite,
-      cond=lambda it: not present(it, "DoubleFloatRealWorldValueFirstValueMapped"),
-      cond_text="Double Float Real World Value First Value Mapped is absent"),
-    A("RealWorldValueLastValueMapped", 0x00409211, "1C", last_mapped,
-      cond=lambda it: not present(it, "DoubleFloatRealWorldValueLastValueMapped"),
-      cond_text="Double Float Real World Value Last Value Mapped is absent"),
-    A("RealWorldValueLUTData", 0x00409212, "1C", cond=lambda it: not present(it, "RealWorldValueSlope"),
-      cond_text="Real World Value Intercept / Slope are absent"),
-    A("RealWorldValueIntercept", 0x00409224, "1C", finite, cond=lambda it: not present(it, "RealWorldValueLUTData"),
-      cond_text="Real World Value LUT Data is absent"),
-    A("RealWorldValueSlope", 0x00409225, "1C", finite_nonzero,
-      cond=lambda it: not present(it, "RealWorldValueLUTData"), cond_text="Real World Value LUT Data is absent"),
-    A("LUTExplanation", 0x00283003, "1"),
-    A("LUTLabel", 0x00409210, "1"),
-    A("MeasurementUnitsCodeSequence", 0x004008EA, "1", one_item),
-])
+RWVM_ITEM = (
+    "Real World Value Mapping Item (C.7.6.16.2.11.1)",
+    [
+        A(
+            "RealWorldValueFirstValueMapped",
+            0x00409216,
+            "1C",
+            finite,
+            cond=lambda it: not present(it, "DoubleFloatRealWorldValueFirstValueMapped"),
+            cond_text="Double Float Real World Value First Value Mapped is absent",
+        ),
+        A(
+            "RealWorldValueLastValueMapped",
+            0x00409211,
+            "1C",
+            last_mapped,
+            cond=lambda it: not present(it, "DoubleFloatRealWorldValueLastValueMapped"),
+            cond_text="Double Float Real World Value Last Value Mapped is absent",
+        ),
+        A(
+            "RealWorldValueLUTData",
+            0x00409212,
+            "1C",
+            cond=lambda it: not present(it, "RealWorldValueSlope"),
+            cond_text="Real World Value Intercept / Slope are absent",
+        ),
+        A(
+            "RealWorldValueIntercept",
+            0x00409224,
+            "1C",
+            finite,
+            cond=lambda it: not present(it, "RealWorldValueLUTData"),
+            cond_text="Real World Value LUT Data is absent",
+        ),
+        A(
+            "RealWorldValueSlope",
+            0x00409225,
+            "1C",
+            finite_nonzero,
+            cond=lambda it: not present(it, "RealWorldValueLUTData"),
+            cond_text="Real World Value LUT Data is absent",
+        ),
+        A("LUTExplanation", 0x00283003, "1"),
+        A("LUTLabel", 0x00409210, "1"),
+        A("MeasurementUnitsCodeSequence", 0x004008EA, "1", one_item),
+    ],
+)
 
 # items of a code sequence: Basic Code Sequence Macro (Table 8.8-1a)
-CODE_ITEM = ("Code Sequence Macro (8.8)", [
-    A("CodeValue", 0x00080100, "1C",
-      cond=lambda it: not (present(it, "LongCodeValue") or present(it, "URNCodeValue")),
-      cond_text="Long Code Value and URN Code Value are absent"),
-    A("CodingSchemeDesignator", 0x00080102, "1C",
-      cond=lambda it: present(it, "CodeValue") or present(it, "LongCodeValue"),
-      cond_text="Code Value or Long Code Value is present"),
-    A("CodeMeaning", 0x00080104, "1"),
-])
+CODE_ITEM = (
+    "Code Sequence Macro (8.8)",
+    [
+        A(
+            "CodeValue",
+            0x00080100,
+            "1C",
+            cond=lambda it: not (present(it, "LongCodeValue") or present(it, "URNCodeValue")),
+            cond_text="Long Code Value and URN Code Value are absent",
+        ),
+        A(
+            "CodingSchemeDesignator",
+            0x00080102,
+            "1C",
+            cond=lambda it: present(it, "CodeValue") or present(it, "LongCodeValue"),
+            cond_text="Code Value or Long Code Value is present",
+        ),
+        A("CodeMeaning", 0x00080104, "1"),
+    ],
+)
 
-COMMON = [PATIENT, GENERAL_STUDY, GENERAL_SERIES, FRAME_OF_REFERENCE, GENERAL_EQUIPMENT, GENERAL_IMAGE, IMAGE_PLANE,
-          IMAGE_PIXEL, SOP_COMMON]
+COMMON = [
+    PATIENT,
+    GENERAL_STUDY,
+    GENERAL_SERIES,
+    FRAME_OF_REFERENCE,
+    GENERAL_EQUIPMENT,
+    GENERAL_IMAGE,
+    IMAGE_PLANE,
+    IMAGE_PIXEL,
+    SOP_COMMON,
+]
 # PS3.3 A.3.3 / A.4.3: the mandatory modules (General Acquisition is M too, with only Type 3 attributes)
 IODS = {CT_STORAGE: ("CT Image IOD", [*COMMON, CT_IMAGE]), MR_STORAGE: ("MR Image IOD", [*COMMON, MR_IMAGE])}
 # attributes the IOD has no module for: the Modality LUT module is part of CT Image, not of MR Image
@@ -686,8 +994,11 @@ def edit_rwvm(keyword):
         ("CT_hu", put(PatientSex="X"), "PatientSex (0010,0040) Type 2: invalid"),
         ("CT_hu", put(PatientSpeciesDescription="dog"), "PatientBreedCodeSequence (0010,2293) Type 2C: missing"),
         ("CT_hu", put(HighBit=11), "HighBit (0028,0102) Type 1: invalid"),
-        ("CT_hu", put(PatientName="Jos\u00e9^SYNTHETIC", SpecificCharacterSet=""),
-         "SpecificCharacterSet (0008,0005) Type 1C: empty"),
+        (
+            "CT_hu",
+            put(PatientName="Jos\u00e9^SYNTHETIC", SpecificCharacterSet=""),
+            "SpecificCharacterSet (0008,0005) Type 1C: empty",
+        ),
         ("CT_hu", remove("PositionReferenceIndicator"), "PositionReferenceIndicator (0020,1040) Type 2: missing"),
     ],
 )

@@ -94,7 +94,8 @@ def test_rflow_noising_matches_closed_form_and_monai():
 
 
 @pytest.mark.parametrize(
-    "process,prediction", [("ddpm", "sample"), ("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("rflow", "v_prediction"), ("rflow", "sample")]
+    "process,prediction",
+    [("ddpm", "sample"), ("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("rflow", "v_prediction"), ("rflow", "sample")],
 )
 def test_target_and_x0_recovery_are_inverse(process, prediction):
     d = WaveletDiffusion(process=process, prediction_type=prediction)
@@ -117,7 +118,10 @@ def test_posterior_matches_ddpm_closed_form():
     for t in (1, 37, 999):
         mean, small, large = maths.ddpm_posterior(x0, xt, ab[t], ab[t - 1])
         # DDPM eq. 7 with the schedule's own beta_t
-        mu = math.sqrt(ab[t - 1]) * betas[t] / (1 - ab[t]) * x0 + math.sqrt(1 - betas[t]) * (1 - ab[t - 1]) / (1 - ab[t]) * xt
+        mu = (
+            math.sqrt(ab[t - 1]) * betas[t] / (1 - ab[t]) * x0
+            + math.sqrt(1 - betas[t]) * (1 - ab[t - 1]) / (1 - ab[t]) * xt
+        )
         assert torch.allclose(mean, mu, atol=1e-10)
         assert torch.allclose(small, (1 - ab[t - 1]) / (1 - ab[t]) * betas[t], rtol=1e-8)
         assert torch.allclose(large, betas[t], rtol=1e-6)
@@ -193,8 +197,17 @@ def test_exact_denoiser_samples_the_data_distribution(process, prediction, sampl
     # wrong noise scales, wrong coefficients or a wrong step order all show up as a biased std
     mu, sigma = 0.3, 0.5
     d = WaveletDiffusion(process=process, prediction_type=prediction, ddpm_variance="fixed_small", clip_range=None)
-    y = d.sample(GaussianDenoiser(d, mu, sigma), (1, 16, 16, 16), num_samples=8, sampler=sampler, num_steps=steps,
-                 clip_projection=False, seed=0, progress=False, return_coeffs=True).double()
+    y = d.sample(
+        GaussianDenoiser(d, mu, sigma),
+        (1, 16, 16, 16),
+        num_samples=8,
+        sampler=sampler,
+        num_steps=steps,
+        clip_projection=False,
+        seed=0,
+        progress=False,
+        return_coeffs=True,
+    ).double()
     assert abs(y.mean().item() - mu) < tol
     assert abs(y.std().item() / sigma - 1) < tol
 
@@ -206,8 +219,17 @@ def test_deterministic_samplers_converge_as_steps_grow(process, sampler):
     d = WaveletDiffusion(process=process, prediction_type="sample", clip_range=None)
     errors = []
     for steps in (10, 40, 160):
-        y = d.sample(GaussianDenoiser(d, mu, sigma), (1, 8, 8, 8), num_samples=8, sampler=sampler, num_steps=steps,
-                     clip_projection=False, seed=0, progress=False, return_coeffs=True)
+        y = d.sample(
+            GaussianDenoiser(d, mu, sigma),
+            (1, 8, 8, 8),
+            num_samples=8,
+            sampler=sampler,
+            num_steps=steps,
+            clip_projection=False,
+            seed=0,
+            progress=False,
+            return_coeffs=True,
+        )
         errors.append(abs(y.std().item() / sigma - 1))
     assert errors[0] > errors[1] > errors[2]
     assert errors[2] < 0.03
@@ -255,8 +277,16 @@ def test_conditioning_reaches_the_model():
         seen["shape"], seen["context"], seen["cond"] = x.shape, context, x[:, 8:].clone()
         return torch.zeros(x.shape[0], 8, *x.shape[2:])
 
-    d.sample(model, (1, 8, 8, 8), num_samples=2, sampler="ddim", num_steps=2, concat=cond_image, context=context,
-             progress=False)
+    d.sample(
+        model,
+        (1, 8, 8, 8),
+        num_samples=2,
+        sampler="ddim",
+        num_steps=2,
+        concat=cond_image,
+        context=context,
+        progress=False,
+    )
     assert seen["shape"] == (2, 32, 4, 4, 4)
     assert seen["context"] is context
     assert torch.allclose(seen["cond"], d.encode(cond_image))
@@ -354,8 +384,9 @@ def test_prepare_batch_concat_condition_and_errors():
     WaveletDiffusionInferer(d)(inputs, model, **kwargs)
     assert seen["x"].shape == (2, 8, 4, 4, 4) and torch.equal(seen["context"], tokens["cond"])
     with pytest.raises(ValueError, match="concat .* must match the noisy input"):
-        WaveletDiffusionInferer(d)(inputs, model, noise=kwargs["noise"], timesteps=kwargs["timesteps"],
-                                   concat=torch.zeros(2, 16, 2, 2, 2))
+        WaveletDiffusionInferer(d)(
+            inputs, model, noise=kwargs["noise"], timesteps=kwargs["timesteps"], concat=torch.zeros(2, 16, 2, 2, 2)
+        )
     with pytest.raises(TypeError, match="WaveletDiffusion"):
         WaveletDiffusionInferer(d.scheduler)
     with pytest.raises(KeyError, match="'img'"):
@@ -389,8 +420,10 @@ def test_config_records_the_noise_schedule_and_resuming_warns_on_a_change(caplog
         RunConfig(diffusion=steep).load_state_dict(saved)
     assert "Resuming with different diffusion settings" in caplog.text and "beta_end" in caplog.text
     caplog.clear()
-    older = {**saved, "diffusion": {k: v for k, v in saved["diffusion"].items() if k not in ("schedule", "beta_start",
-                                                                                             "beta_end")}}
+    older = {
+        **saved,
+        "diffusion": {k: v for k, v in saved["diffusion"].items() if k not in ("schedule", "beta_start", "beta_end")},
+    }
     with caplog.at_level("WARNING", logger="wdm3d.engine.checkpoint"):
         RunConfig(diffusion=linear).load_state_dict(older)  # a checkpoint from before these were recorded
     assert "Resuming with different" not in caplog.text

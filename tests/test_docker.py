@@ -21,7 +21,8 @@ COMPOSE = DOCKER / "compose.yaml"
 CONTEXT = REPO  # `docker build -f docker/Dockerfile .` from the repository root
 IGNORE = DOCKER / "Dockerfile.dockerignore"  # BuildKit reads <Dockerfile>.dockerignore beside the Dockerfile
 PYTORCH_TAG = re.compile(
-    r"^pytorch/pytorch:(?P<torch>\d+\.\d+\.\d+)-cuda(?P<cuda>\d+\.\d+)-cudnn(?P<cudnn>\d+)-runtime$")
+    r"^pytorch/pytorch:(?P<torch>\d+\.\d+\.\d+)-cuda(?P<cuda>\d+\.\d+)-cudnn(?P<cudnn>\d+)-runtime$"
+)
 ROOT_USERS = {"root", "0"}
 
 
@@ -91,7 +92,7 @@ def _ignore_regex(pattern: str) -> re.Pattern:
             out, i = out + "[^/]", i + 1
         elif pattern[i] == "[":
             j = pattern.index("]", i)
-            out, i = out + pattern[i:j + 1], j + 1
+            out, i = out + pattern[i : j + 1], j + 1
         else:
             out, i = out + re.escape(pattern[i]), i + 1
     return re.compile(out + "$")
@@ -130,7 +131,8 @@ def test_base_image_is_an_official_cuda_pytorch_runtime_that_our_torch_range_acc
     assert len(torch_reqs) == 2, f"expected torch requirements from pyproject.toml and monai: {torch_reqs}"
     for req in torch_reqs:
         assert req.specifier.contains(torch_version, prereleases=True), (
-            f"the base image's torch {torch_version} does not satisfy {req}: pip would replace the image's CUDA torch")
+            f"the base image's torch {torch_version} does not satisfy {req}: pip would replace the image's CUDA torch"
+        )
 
 
 def test_a_non_root_user_is_created_and_set_before_the_command(dockerfile):
@@ -143,8 +145,11 @@ def test_a_non_root_user_is_created_and_set_before_the_command(dockerfile):
     assert user not in ROOT_USERS, f"USER {user} is root"
     created = any(cmd[:1] == ["useradd"] and cmd[-1] == user for cmd in shell_commands(dockerfile))
     assert created, f"no `useradd ... {user}` in a RUN: USER {user} would not exist"
-    assert not [i for i in dockerfile.structure[first_cmd:] if i["instruction"] == "USER" and
-                i["value"].split(":")[0].strip() in ROOT_USERS], "USER switches back to root after the command"
+    assert not [
+        i
+        for i in dockerfile.structure[first_cmd:]
+        if i["instruction"] == "USER" and i["value"].split(":")[0].strip() in ROOT_USERS
+    ], "USER switches back to root after the command"
 
 
 def test_the_default_command_is_wdm3d_info(dockerfile):
@@ -175,12 +180,19 @@ def test_every_copied_path_exists_and_is_in_the_build_context(dockerfile):
 
 def test_the_ignore_file_keeps_environments_data_and_outputs_out():
     rules = ignore_rules()
-    for path in (".venv/bin/python", ".git/HEAD", "tests/test_docker.py", "mlruns/0/meta.yaml",
-                 "data/brats128/datalist.json", "wdm3d_demo/samples/sample_0000.nii.gz",
-                 "outputs/wdm3d_brats/models/checkpoint_epoch=1.pt",
-                 "bundles/wdm3d_brats/output/validation/epoch_0001.png",
-                 "bundles/wdm3d_brats/models/model.pt", "wdm3d/networks/resnet_50_23dataset.pth",
-                 "wdm3d/__pycache__/cli.cpython-311.pyc"):
+    for path in (
+        ".venv/bin/python",
+        ".git/HEAD",
+        "tests/test_docker.py",
+        "mlruns/0/meta.yaml",
+        "data/brats128/datalist.json",
+        "wdm3d_demo/samples/sample_0000.nii.gz",
+        "outputs/wdm3d_brats/models/checkpoint_epoch=1.pt",
+        "bundles/wdm3d_brats/output/validation/epoch_0001.png",
+        "bundles/wdm3d_brats/models/model.pt",
+        "wdm3d/networks/resnet_50_23dataset.pth",
+        "wdm3d/__pycache__/cli.cpython-311.pyc",
+    ):
         assert not in_context(path, rules), f"{path} would be sent to the builder"
     # the matcher itself: the sources the image needs are in
     for path in ("pyproject.toml", "wdm3d/cli.py", "bundles/wdm3d_brats/configs/train.json"):
@@ -195,8 +207,11 @@ def test_the_project_is_installed_without_touching_torch(dockerfile):
     cmds = [c for c in shell_commands(dockerfile) if is_pip_install(c)]
     project = [c for c in cmds if "." in c]  # `pip install [-e] .`
     # the sources must be in the image before the (last) install of the project
-    source_copies = [dockerfile.structure.index(ins) for ins, sources in copy_sources(dockerfile)
-                     if any(s.rstrip("/") == "wdm3d" for s in sources)]
+    source_copies = [
+        dockerfile.structure.index(ins)
+        for ins, sources in copy_sources(dockerfile)
+        if any(s.rstrip("/") == "wdm3d" for s in sources)
+    ]
     assert source_copies, "the wdm3d package is never copied into the image"
     final = [c for c in shell_commands(dockerfile, after=max(source_copies)) if is_pip_install(c) and "." in c]
     assert final, "no `pip install .` / `pip install -e .` after the sources are copied"
@@ -209,7 +224,8 @@ def test_the_project_is_installed_without_touching_torch(dockerfile):
     constraint = pin[0][pin[0].index(">") + 1]
     for c in project:
         assert "--no-deps" in c or ("-c" in c and c[c.index("-c") + 1] == constraint), (
-            f"`{' '.join(c)}` may resolve torch without the constraint {constraint}")
+            f"`{' '.join(c)}` may resolve torch without the constraint {constraint}"
+        )
 
 
 def test_the_bundle_configs_the_compose_command_uses_are_copied(dockerfile, compose):
@@ -218,7 +234,8 @@ def test_the_bundle_configs_the_compose_command_uses_are_copied(dockerfile, comp
     assert (REPO / config).is_file(), config
     copied = [s for _, sources in copy_sources(dockerfile) for s in sources]
     assert any(config == s or config.startswith(s.rstrip("/") + "/") for s in copied), (
-        f"{config} is not copied into the image ({copied})")
+        f"{config} is not copied into the image ({copied})"
+    )
 
 
 # -- compose.yaml ----------------------------------------------------------------------------------------------------
@@ -283,7 +300,7 @@ def test_the_mlflow_server_is_reachable_by_the_trainer_and_keeps_its_data(compos
     mounts, named = _mounts(services["mlflow"]), set(compose.get("volumes") or {})
     store = flags["--backend-store-uri"]
     assert store.startswith("sqlite:////"), store
-    db_dir = str(Path(store[len("sqlite:///"):]).parent)
+    db_dir = str(Path(store[len("sqlite:///") :]).parent)
     assert mounts.get(db_dir) in named, f"the SQLite file's folder {db_dir} is not on a named volume ({mounts})"
     assert "--serve-artifacts" in flags and mounts.get(flags["--artifacts-destination"]) in named
 

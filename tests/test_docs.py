@@ -16,8 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 DOCS = [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted(REPO.glob("bundles/*/docs/README.md"))]
 TORCHRUN = {"nproc_per_node", "nnodes", "rdzv_backend", "rdzv_endpoint", "rdzv_id", "max_restarts", "standalone"}
 # the arguments of the other monai.bundle commands the READMEs show (ckpt_export, verify_net_in_out, verify_metadata)
-BUNDLE_COMMANDS = {name for f in (ckpt_export, verify_net_in_out, verify_metadata)
-                   for name in inspect.signature(f).parameters}
+BUNDLE_COMMANDS = {
+    name for f in (ckpt_export, verify_net_in_out, verify_metadata) for name in inspect.signature(f).parameters
+}
 
 
 def _commands():
@@ -38,7 +39,7 @@ def _commands():
 @pytest.mark.parametrize(("doc", "line"), list(_commands()))
 def test_documented_bundle_commands_use_keys_their_configs_define(doc, line):
     argv = shlex.split(line)
-    argv = argv[argv.index("run") + 1:]
+    argv = argv[argv.index("run") + 1 :]
     run_id, args = argv[0], argv[1:]
     files_arg = args[args.index("--config_file") + 1]
     files = eval(files_arg) if files_arg.startswith("[") else [files_arg]  # noqa: S307 - the doc's own literal
@@ -61,6 +62,11 @@ def test_flags_named_in_a_bundle_readme_are_config_keys_or_data_prep_options(bun
     text = re.sub(r"```.*?```", "", readme.read_text(), flags=re.S)  # fenced commands: the test above
     spans = [s for s in re.findall(r"`([^`]+)`", text) if not s.startswith("wdm3d ")]  # (the wdm3d CLI has --help)
     flags = {m.rstrip("-") for span in spans for m in re.findall(r"--([a-z][a-z0-9_#-]*)", span)}
-    unknown = sorted(f for f in flags if f not in known and not any(k.startswith(f + "#") for k in known)
-                     and not (f.endswith("_") and any(k.startswith(f) for k in known)))  # --image_encoder_*
+    unknown = sorted(
+        f
+        for f in flags
+        if f not in known
+        and not any(k.startswith(f + "#") for k in known)
+        and not (f.endswith("_") and any(k.startswith(f) for k in known))
+    )  # --image_encoder_*
     assert not unknown, f"{readme} names flags that no config key or data_prep option defines: {unknown}"

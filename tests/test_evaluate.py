@@ -39,15 +39,29 @@ def folders(tmp_path_factory):
 
 def test_cli_end_to_end_writes_json_markdown_and_png(folders, tmp_path, capsys):
     out = tmp_path / "report"
-    rc = main(["evaluate", "--real", str(folders / "real"), "--fake", str(folders / "fake"), "--out", str(out),
-               "--pairs", "6", "--no-mlflow"])
+    rc = main(
+        [
+            "evaluate",
+            "--real",
+            str(folders / "real"),
+            "--fake",
+            str(folders / "fake"),
+            "--out",
+            str(out),
+            "--pairs",
+            "6",
+            "--no-mlflow",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     for step in ("fid", "ms_ssim", "wasserstein", "mmd", "memorization"):
         assert f"  {step}: " in printed  # the cost of each metric
     assert "resnet_50_23dataset.pth" in printed and str(out) in printed
     res = json.loads((out / "results.json").read_text())
-    assert {"fid", "ms_ssim", "wasserstein", "mmd_features", "mmd_voxels", "memorization", "timings", "metrics"} <= set(res)
+    assert {"fid", "ms_ssim", "wasserstein", "mmd_features", "mmd_voxels", "memorization", "timings", "metrics"} <= set(
+        res
+    )
     assert res["n_fake"] == 5 and res["n_real"] == 6 and res["shape"] == [16, 16, 16]
     assert res["fid"]["extractor"] == "random_conv3d" and not res["fid"]["comparable_with_papers"]
     assert (res["fid"]["n_fake"], res["fid"]["n_real"]) == (5, 6) and res["fid"]["fid"] > 0
@@ -55,7 +69,12 @@ def test_cli_end_to_end_writes_json_markdown_and_png(folders, tmp_path, capsys):
     assert res["ms_ssim"]["fake"]["adapted"] and "not comparable" in res["ms_ssim"]["fake"]["note"]
     assert [c["fake"] for c in res["memorization"]["suspected_copies"]] == ["sample_04.nii.gz"]
     assert res["memorization"]["suspected_copies"][0]["train"] == "real_02.nii.gz"
-    assert set(res["metrics"]) >= {"eval_fid_random_conv3d", "eval_ms_ssim_fake", "eval_ms_ssim_real", "eval_copy_fraction"}
+    assert set(res["metrics"]) >= {
+        "eval_fid_random_conv3d",
+        "eval_ms_ssim_fake",
+        "eval_ms_ssim_real",
+        "eval_copy_fraction",
+    }
     report = (out / "report.md").read_text()
     assert "3D FID (random_conv3d)" in report and "NOT comparable" in report and "sample_04.nii.gz" in report
     for name in ("intensity_histogram", "nn_ncc", "ms_ssim", "montage_synthetic", "montage_real"):
@@ -90,8 +109,23 @@ def test_shape_mismatch_names_the_file(folders, tmp_path, capsys):
 
 
 def test_medicalnet_without_weights_says_which_file(folders, tmp_path, capsys):
-    assert main(["evaluate", "--real", str(folders / "real"), "--fake", str(folders / "fake"), "--out", str(tmp_path),
-                 "--features", "medicalnet", "--no-mlflow"]) == 2
+    assert (
+        main(
+            [
+                "evaluate",
+                "--real",
+                str(folders / "real"),
+                "--fake",
+                str(folders / "fake"),
+                "--out",
+                str(tmp_path),
+                "--features",
+                "medicalnet",
+                "--no-mlflow",
+            ]
+        )
+        == 2
+    )
     err = capsys.readouterr().err
     assert "resnet_50_23dataset.pth" in err and "--weights" in err
 
@@ -103,8 +137,9 @@ def test_datalist_input_and_logging_to_the_generating_run(folders, tmp_path, mon
     data = tmp_path / "data"
     write(data / "case", list(load_volumes(folders / "real")[0]), "t1n")
     entries = [{"case": f"c{i}", "t1n": f"case/t1n_{i:02d}.nii.gz"} for i in range(6)]
-    (data / "datalist.json").write_text(json.dumps({"intensity_range": [0.0, 1.0], "training": entries[:4],
-                                                    "test": entries[4:]}))
+    (data / "datalist.json").write_text(
+        json.dumps({"intensity_range": [0.0, 1.0], "training": entries[:4], "test": entries[4:]})
+    )
     # an inference output inside a training output: output/{mlflow_run.json, samples/manifest.json}
     output = tmp_path / "output"
     samples = output / "samples"
@@ -123,7 +158,9 @@ def test_datalist_input_and_logging_to_the_generating_run(folders, tmp_path, mon
     assert logged["eval_fid_random_conv3d"] == pytest.approx(res["fid"]["fid"])
     assert logged["eval_copy_fraction"] == pytest.approx(res["memorization"]["copy_fraction"])
     (folder,) = client.list_artifacts(run_id, "evaluation")
-    assert {"report.md", "results.json", "nn_ncc.png"} <= {Path(a.path).name for a in client.list_artifacts(run_id, folder.path)}
+    assert {"report.md", "results.json", "nn_ncc.png"} <= {
+        Path(a.path).name for a in client.list_artifacts(run_id, folder.path)
+    }
     assert (samples / "evaluation" / "report.md").is_file()
 
     test_split = evaluate(data / "datalist.json", samples, split="test", image_key="t1n", mlflow=False, progress=False)
@@ -133,8 +170,14 @@ def test_datalist_input_and_logging_to_the_generating_run(folders, tmp_path, mon
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     with pytest.warns(RuntimeWarning, match="Could not log to MLflow"):
-        res = evaluate(data / "datalist.json", samples, pairs=4, progress=False, tracking_uri="http://127.0.0.1:9",
-                       out_dir=tmp_path / "offline")
+        res = evaluate(
+            data / "datalist.json",
+            samples,
+            pairs=4,
+            progress=False,
+            tracking_uri="http://127.0.0.1:9",
+            out_dir=tmp_path / "offline",
+        )
     assert not res["mlflow_logged"] and (tmp_path / "offline" / "results.json").is_file()
 
 
@@ -155,20 +198,39 @@ def test_bundle_evaluate_step_after_train_and_inference(tmp_path):
         (data / f"case{i}").mkdir(parents=True)
         nib.save(nib.Nifti1Image(((v[0].numpy() + 1) / 2).astype(np.float32), AFFINE), data / name)
         entries.append({"case": f"case{i}", "t1n": name})
-    (data / "datalist.json").write_text(json.dumps({"intensity_range": [0.0, 1.0], "training": entries[:4],
-                                                    "test": entries[4:]}))
+    (data / "datalist.json").write_text(
+        json.dumps({"intensity_range": [0.0, 1.0], "training": entries[:4], "test": entries[4:]})
+    )
     out = tmp_path / "output"
 
     def workflow(config, run_id, workflow_type, **overrides):
-        wf = ConfigWorkflow(config_file=str(CONFIGS / config), meta_file=str(CONFIGS / "metadata.json"),
-                            workflow_type=workflow_type, run_id=run_id, dataset_dir=str(data), output_dir=str(out),
-                            **overrides)
+        wf = ConfigWorkflow(
+            config_file=str(CONFIGS / config),
+            meta_file=str(CONFIGS / "metadata.json"),
+            workflow_type=workflow_type,
+            run_id=run_id,
+            dataset_dir=str(data),
+            output_dir=str(out),
+            **overrides,
+        )
         wf.initialize()
         return wf
 
-    workflow("train.json", "training", "train", max_epochs=1, mlflow=False, batch_size=2, num_workers=0,
-             val_interval=5, save_interval=1, **TINY).run()
-    workflow("inference.json", "inference", "infer", num_samples=3, sampler="ddim", num_steps=2, mlflow=False, **TINY).run()
+    workflow(
+        "train.json",
+        "training",
+        "train",
+        max_epochs=1,
+        mlflow=False,
+        batch_size=2,
+        num_workers=0,
+        val_interval=5,
+        save_interval=1,
+        **TINY,
+    ).run()
+    workflow(
+        "inference.json", "inference", "infer", num_samples=3, sampler="ddim", num_steps=2, mlflow=False, **TINY
+    ).run()
     wf = workflow("evaluate.json", "evaluate", "infer", pairs=3, mlflow=False)
     assert wf.check_properties() == []
     wf.run()

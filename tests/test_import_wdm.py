@@ -118,8 +118,11 @@ def wdm_forward(sd, plan, x, t, base, groups):
     freqs = torch.exp(-math.log(10000) * torch.arange(half, dtype=torch.float32) / half)
     args = t[:, None].float() * freqs[None]
     temb = torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
-    emb = F.linear(F.silu(F.linear(temb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
-                   sd["time_embed.2.weight"], sd["time_embed.2.bias"])
+    emb = F.linear(
+        F.silu(F.linear(temb, sd["time_embed.0.weight"], sd["time_embed.0.bias"])),
+        sd["time_embed.2.weight"],
+        sd["time_embed.2.bias"],
+    )
 
     def gn(h, p):
         return F.group_norm(h, groups, sd[f"{p}.weight"], sd[f"{p}.bias"])
@@ -131,9 +134,13 @@ def wdm_forward(sd, plan, x, t, base, groups):
         elif resample == "up":
             r, h = F.interpolate(r, scale_factor=2, mode="nearest"), F.interpolate(h, scale_factor=2, mode="nearest")
         r = F.conv3d(r, sd[f"{p}.in_layers.2.weight"], sd[f"{p}.in_layers.2.bias"], padding=1)
-        r = r + F.linear(F.silu(emb), sd[f"{p}.emb_layers.1.weight"], sd[f"{p}.emb_layers.1.bias"])[..., None, None, None]
-        r = F.conv3d(F.silu(gn(r, f"{p}.out_layers.0")), sd[f"{p}.out_layers.3.weight"], sd[f"{p}.out_layers.3.bias"],
-                     padding=1)
+        r = (
+            r
+            + F.linear(F.silu(emb), sd[f"{p}.emb_layers.1.weight"], sd[f"{p}.emb_layers.1.bias"])[..., None, None, None]
+        )
+        r = F.conv3d(
+            F.silu(gn(r, f"{p}.out_layers.0")), sd[f"{p}.out_layers.3.weight"], sd[f"{p}.out_layers.3.bias"], padding=1
+        )
         if f"{p}.skip_connection.weight" in sd:
             h = F.conv3d(h, sd[f"{p}.skip_connection.weight"], sd[f"{p}.skip_connection.bias"])
         return h + r
@@ -262,9 +269,19 @@ def test_the_bundle_inference_samples_the_converted_checkpoint(converted, tmp_pa
     configs = REPO / "bundles/wdm3d_brats/configs"
     wf = ConfigWorkflow(
         config_file=[str(configs / "inference.json"), str(configs / "wdm_paper.json")],
-        meta_file=str(configs / "metadata.json"), workflow_type="infer", run_id="inference",
-        checkpoint=str(out), output_dir=str(tmp_path / "run"), reference_image=str(ref), image_size=[32, 32, 32],
-        num_samples=1, num_steps=1, autocast=None, use_ema=False, mlflow=False, device="$torch.device('cpu')",
+        meta_file=str(configs / "metadata.json"),
+        workflow_type="infer",
+        run_id="inference",
+        checkpoint=str(out),
+        output_dir=str(tmp_path / "run"),
+        reference_image=str(ref),
+        image_size=[32, 32, 32],
+        num_samples=1,
+        num_steps=1,
+        autocast=None,
+        use_ema=False,
+        mlflow=False,
+        device="$torch.device('cpu')",
     )
     wf.initialize()
     wf.run()
@@ -333,8 +350,12 @@ def test_a_file_that_is_no_state_dict_gets_a_clear_error_naming_it(tmp_path, con
         read_wdm_state_dict(path)
     msg = str(err.value)
     assert str(path) in msg
-    assert {"garbage": "not a readable PyTorch checkpoint", "list": "not a WDM-3D checkpoint",
-            "non_tensor": "'input_blocks.0.0.weight' is a str", "empty": "empty dict"}[content] in msg
+    assert {
+        "garbage": "not a readable PyTorch checkpoint",
+        "list": "not a WDM-3D checkpoint",
+        "non_tensor": "'input_blocks.0.0.weight' is a str",
+        "empty": "empty dict",
+    }[content] in msg
     with pytest.raises(FileNotFoundError, match="does not exist"):
         read_wdm_state_dict(tmp_path / "absent.pt")
 

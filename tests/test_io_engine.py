@@ -159,8 +159,11 @@ def test_latest_checkpoint_follows_the_save_log_then_files_added_after_it(tmp_pa
         torch.save({"i": torch.tensor(i)}, tmp_path / name)
         os.utime(tmp_path / name, (1e9 + 10 * (3 - i), 1e9 + 10 * (3 - i)))  # mtimes say epoch 1 is the newest
     log = tmp_path / "checkpoints.json"
-    log.write_text(json.dumps({"saved": [{"file": "checkpoint_epoch=1.pt"}, {"file": "gone.pt"},
-                                         {"file": "checkpoint_epoch=2.pt"}]}))
+    log.write_text(
+        json.dumps(
+            {"saved": [{"file": "checkpoint_epoch=1.pt"}, {"file": "gone.pt"}, {"file": "checkpoint_epoch=2.pt"}]}
+        )
+    )
     os.utime(log, (1e9 + 100, 1e9 + 100))
     assert latest_checkpoint(tmp_path).name == "checkpoint_epoch=2.pt"  # the log's last existing entry
     torch.save({}, tmp_path / "dropped_in.pt")  # not in the log, and newer than it: someone put it there to resume
@@ -231,7 +234,9 @@ def test_sampling_with_other_diffusion_settings_than_trained_is_refused():
     check_diffusion_matches(trained, WaveletDiffusion(), "a.pt")  # the same process
     check_diffusion_matches(trained, WaveletDiffusion(ddpm_variance="fixed_small"), "a.pt")  # a sampling choice
     check_diffusion_matches({"model": {}}, WaveletDiffusion(process="rflow"), "old.pt")  # nothing recorded: no check
-    with pytest.raises(ValueError, match=r"a\.pt .*'prediction_type': \('sample', 'epsilon'\).*--diffusion#prediction_type \"sample\""):
+    with pytest.raises(
+        ValueError, match=r"a\.pt .*'prediction_type': \('sample', 'epsilon'\).*--diffusion#prediction_type \"sample\""
+    ):
         check_diffusion_matches(trained, WaveletDiffusion(prediction_type="epsilon"), "a.pt")
     with pytest.raises(ValueError, match=r"'lll_scale': \(3\.0, 1\.0\)"):
         check_diffusion_matches(trained, WaveletDiffusion(lll_scale=1.0), "a.pt")

@@ -32,8 +32,14 @@ def randomise(module: nn.Module, seed: int, std: float = 0.1) -> nn.Module:
 
 def tiny_base(context_dim=CTX, seed=0, base_channels=8, **kw) -> WDMUNet:
     """A 'trained' base: random weights everywhere (zero-initialised layers included)."""
-    args = dict(base_channels=base_channels, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4,
-                context_dim=context_dim, head_dim=8)
+    args = dict(
+        base_channels=base_channels,
+        channel_mult=(1, 2),
+        num_res_blocks=1,
+        norm_num_groups=4,
+        context_dim=context_dim,
+        head_dim=8,
+    )
     args.update(kw)
     return randomise(WDMUNet(**args), seed)
 
@@ -185,8 +191,11 @@ def test_training_changes_only_the_adapter():
     assert list(after) == list(before) and all(torch.equal(before[k], after[k]) for k in before)
     assert all(torch.equal(encoder_before[k], v) for k, v in adapter.image_encoder.state_dict().items())
     # ... while the adapter did learn
-    changed = [k for k, v in adapter.adapter_state_dict()["ip_adapter"].items()
-               if not torch.equal(v, adapter_before["ip_adapter"][k])]
+    changed = [
+        k
+        for k, v in adapter.adapter_state_dict()["ip_adapter"].items()
+        if not torch.equal(v, adapter_before["ip_adapter"][k])
+    ]
     assert changed
 
 
@@ -237,7 +246,9 @@ def test_one_forward_at_a_time_and_copies_get_their_own_prompt():
     assert twin.__dict__["_prompt"] is not prompt
     assert all(p.__dict__["prompt"] is twin.__dict__["_prompt"] for p in twin.ip_layers.values())
     with torch.no_grad():
-        assert torch.equal(twin(x, t, context=ctx, image=ref, scale=0.6), adapter(x, t, context=ctx, image=ref, scale=0.6))
+        assert torch.equal(
+            twin(x, t, context=ctx, image=ref, scale=0.6), adapter(x, t, context=ctx, image=ref, scale=0.6)
+        )
 
 
 # --- saving and loading ---------------------------------------------------------------------------------------------
@@ -255,9 +266,17 @@ def test_saved_adapter_reproduces_outputs_on_a_fresh_base(tmp_path):
     saved = torch.load(path, weights_only=True)
     assert set(saved) == {"image_proj", "ip_adapter", "meta"}
     assert saved["meta"]["image_encoder"] == weights_fingerprint(tiny_encoder())  # what the weights only fit
-    assert saved["meta"]["base"] == weights_fingerprint(tiny_base(CTX, seed=0)) != weights_fingerprint(tiny_base(CTX, seed=1))
-    assert {"down.3.attn.to_k_ip.weight", "middle.1.attn.to_v_ip.weight", "down.0.ip_block.attn.to_q.weight",
-            "up.3.0.ip_block.norm.weight"} <= set(saved["ip_adapter"])
+    assert (
+        saved["meta"]["base"]
+        == weights_fingerprint(tiny_base(CTX, seed=0))
+        != weights_fingerprint(tiny_base(CTX, seed=1))
+    )
+    assert {
+        "down.3.attn.to_k_ip.weight",
+        "middle.1.attn.to_v_ip.weight",
+        "down.0.ip_block.attn.to_q.weight",
+        "up.3.0.ip_block.norm.weight",
+    } <= set(saved["ip_adapter"])
     assert all(v.device.type == "cpu" for v in saved["ip_adapter"].values())
 
     fresh_base = tiny_base(CTX, seed=0)  # the same base weights, a new object
@@ -274,20 +293,27 @@ def test_wrong_base_gives_an_error_naming_the_key(tmp_path):
     path = adapter.save_adapter(tmp_path / "ip.pt")
     wider = tiny_base(CTX, base_channels=16)
     other = IPAdapter(wider, tiny_encoder(), feature_dim=8, added_levels=[0])
-    msg = re.escape("ip_adapter: 'down.3.attn.to_k_ip.weight' has shape (16, 16) in ") + ".*ip.pt" + re.escape(
-        " but (32, 16) in this base"
+    msg = (
+        re.escape("ip_adapter: 'down.3.attn.to_k_ip.weight' has shape (16, 16) in ")
+        + ".*ip.pt"
+        + re.escape(" but (32, 16) in this base")
     )
     with pytest.raises(ValueError, match=msg):
         other.load_adapter(path)
     # another adapter configuration on the same architecture: the first missing key is named
     base = tiny_base(CTX)
     no_added = IPAdapter(base, tiny_encoder(), feature_dim=8)
-    with pytest.raises(ValueError, match=r"ip_adapter: .*ip\.pt has 'down.0.ip_block.norm.weight' \(shape \(8,\)\) that this base lacks"):
+    with pytest.raises(
+        ValueError,
+        match=r"ip_adapter: .*ip\.pt has 'down.0.ip_block.norm.weight' \(shape \(8,\)\) that this base lacks",
+    ):
         no_added.load_adapter(path)
     # ... and a key this adapter has but the file lacks
     path_without = no_added.save_adapter(tmp_path / "without_added.pt")
     _, with_added = mixed_adapter()
-    with pytest.raises(ValueError, match=r"ip_adapter: 'down.0.ip_block.norm.weight' \(shape \(8,\)\) of this base is missing"):
+    with pytest.raises(
+        ValueError, match=r"ip_adapter: 'down.0.ip_block.norm.weight' \(shape \(8,\)\) of this base is missing"
+    ):
         with_added.load_adapter(path_without)
     with pytest.raises(ValueError, match="expected keys 'image_proj' and 'ip_adapter'"):
         no_added.load_adapter_state_dict({"ip_adapter": {}})
@@ -322,8 +348,10 @@ def test_an_adapter_file_is_refused_with_another_image_encoder(tmp_path):
         other.load_adapter(path)
     assert all(torch.equal(v, before["image_proj"][k]) for k, v in other.adapter_state_dict()["image_proj"].items())
     other.load_adapter(path, check_encoder=False)  # on purpose
-    assert torch.equal(other.adapter_state_dict()["image_proj"]["proj.weight"],
-                       adapter.adapter_state_dict()["image_proj"]["proj.weight"])
+    assert torch.equal(
+        other.adapter_state_dict()["image_proj"]["proj.weight"],
+        adapter.adapter_state_dict()["image_proj"]["proj.weight"],
+    )
     # another base (e.g. fine-tuned): loads, with a warning
     on_other_base = IPAdapter(tiny_base(CTX, seed=1), tiny_encoder(), feature_dim=8, added_levels=[0])
     with pytest.warns(UserWarning, match="trained on a base with other weights"):
@@ -395,8 +423,9 @@ def test_guidance_wrapper():
 
     # as the model of WaveletDiffusion.sample: g = 1 samples exactly what the adapter samples
     diffusion = WaveletDiffusion()
-    kw = dict(image_shape=(1, 16, 16, 16), num_samples=2, sampler="ddim", num_steps=2, seed=0, progress=False,
-              context=ctx)
+    kw = dict(
+        image_shape=(1, 16, 16, 16), num_samples=2, sampler="ddim", num_steps=2, seed=0, progress=False, context=ctx
+    )
     guided.guidance_scale = 1.0
     a = diffusion.sample(guided, **kw)
     b = diffusion.sample(lambda x_, t_, context: adapter(x_, t_, context=context, image=ref[:1], scale=0.7), **kw)
@@ -428,8 +457,9 @@ def test_projections_from_feature_maps_and_vectors():
 def test_vector_encoder_and_perceiver_adapter_train():
     base = tiny_base(None)
     encoder = RandomConv3dFeatures(seed=0)  # (B, 1, D, H, W) -> (B, 480), feature_dim read from the module
-    adapter = IPAdapter(base, encoder, projection="perceiver", num_tokens=8, perceiver_depth=1, token_dim=CTX,
-                        added_levels=[1])
+    adapter = IPAdapter(
+        base, encoder, projection="perceiver", num_tokens=8, perceiver_depth=1, token_dim=CTX, added_levels=[1]
+    )
     assert adapter.feature_dim == 480 and adapter.num_tokens == 8
     for m in adapter.added_blocks.values():
         randomise(m, seed=2)
@@ -501,6 +531,8 @@ def test_attention_block_is_identity_when_fresh_and_processor_is_swappable():
     attn.set_processor(AttnProcessor())
     h = torch.randn(2, 5, 16)
     q, k, v = attn.to_q(h), attn.to_k(c), attn.to_v(c)
-    heads = [torch.softmax(q[..., i:i + 8] @ k[..., i:i + 8].transpose(1, 2) / 8**0.5, -1) @ v[..., i:i + 8]
-             for i in (0, 8)]
+    heads = [
+        torch.softmax(q[..., i : i + 8] @ k[..., i : i + 8].transpose(1, 2) / 8**0.5, -1) @ v[..., i : i + 8]
+        for i in (0, 8)
+    ]
     assert torch.allclose(attn(h, c), attn.to_out(torch.cat(heads, -1)), atol=1e-5)

@@ -39,8 +39,17 @@ TINY = {
     "modalities": ["t1n", "t2w"],
     "mlflow": False,
 }
-TINY_TRAIN = {**TINY, "batch_size": 2, "num_workers": 0, "max_epochs": 1, "epoch_length": 2, "save_interval": 1,
-              "val_interval": 1, "val_num_steps": 2, "ema_decay": 0.5}
+TINY_TRAIN = {
+    **TINY,
+    "batch_size": 2,
+    "num_workers": 0,
+    "max_epochs": 1,
+    "epoch_length": 2,
+    "save_interval": 1,
+    "val_interval": 1,
+    "val_num_steps": 2,
+    "ema_decay": 0.5,
+}
 ADAPTER = {"image_encoder_type": "random"}
 SAMPLE = {"sampler": "ddim", "num_steps": 2, "max_cases": 2}
 
@@ -76,8 +85,11 @@ def root_cause(err):
 
 def workflow(files, run_id, **overrides):
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="train" if run_id == "training" else "infer", run_id=run_id, **overrides,
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train" if run_id == "training" else "infer",
+        run_id=run_id,
+        **overrides,
     )
     wf.initialize()
     return wf
@@ -101,7 +113,9 @@ def test_configs_parse_and_have_the_bundle_properties(dataset, tmp_path):
     for files in (["train_base.json"], ["train_base.json", "concat.json"]):
         wf = workflow(files, "training", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY_TRAIN)
         assert wf.check_properties() == []
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY, **ADAPTER)
+    wf = workflow(
+        ["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY, **ADAPTER
+    )
     assert wf.check_properties() == []
     meta = json.loads((CONFIGS / "metadata.json").read_text())
     assert meta["version"] in meta["changelog"]
@@ -148,8 +162,11 @@ def test_adapter_training_keeps_the_base_and_saves_the_adapter_alone(trained, da
     ctx = fresh.indices({"modality": "t2w", "dataset": "brats"})
     adapter.eval()
     with torch.no_grad():
-        assert torch.allclose(loaded(x, torch.tensor([50]), context=ctx, image=ref),
-                              adapter(x, torch.tensor([50]), context=ctx, image=ref), atol=1e-6)
+        assert torch.allclose(
+            loaded(x, torch.tensor([50]), context=ctx, image=ref),
+            adapter(x, torch.tensor([50]), context=ctx, image=ref),
+            atol=1e-6,
+        )
     # resumable checkpoints hold the adapter weights, not the frozen base again
     ckpt = load_checkpoint(latest_checkpoint(out / "models" / "ip_adapter"))
     assert "model" not in ckpt and set(ckpt["adapter"]) == {"image_proj", "ip_adapter"}
@@ -167,8 +184,9 @@ def test_synthesis_writes_the_target_on_the_reference_grid_with_metrics(trained,
     out = trained["out"]
     extra = {"method": method, **({"guidance_scale": 2.0} if method == "ip_adapter" else {})}
     files = ["inference.json", "concat.json"] if method == "concat" else ["inference.json"]
-    wf = workflow(files, "inference", dataset_dir=str(dataset), output_dir=str(out), **TINY, **ADAPTER, **SAMPLE,
-                  **extra)
+    wf = workflow(
+        files, "inference", dataset_dir=str(dataset), output_dir=str(out), **TINY, **ADAPTER, **SAMPLE, **extra
+    )
     wf.run()
     folder = out / "synthesis" / f"paired_{method}"
     for case in ("case2", "case3"):
@@ -189,19 +207,39 @@ def test_a_failing_case_is_reported_and_the_rest_continue(trained, dataset, tmp_
     absolute = [{k: str(dataset / v) if k in ("t1n", "t2w") else v for k, v in e.items()} for e in data["test"]]
     data["test"] = [{"case": "broken", "t1n": str(tmp_path / "missing.nii.gz")}] + absolute
     (tmp_path / "datalist.json").write_text(json.dumps(data))
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), datalist=str(tmp_path / "datalist.json"),
-                  output_dir=str(trained["out"]), synthesis_dir=str(tmp_path / "syn"), **TINY, **ADAPTER,
-                  **{**SAMPLE, "max_cases": 3})
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        datalist=str(tmp_path / "datalist.json"),
+        output_dir=str(trained["out"]),
+        synthesis_dir=str(tmp_path / "syn"),
+        **TINY,
+        **ADAPTER,
+        **{**SAMPLE, "max_cases": 3},
+    )
     wf.run()
     manifest = json.loads((tmp_path / "syn" / "manifest.json").read_text())
-    assert [f["case"] for f in manifest["failures"]] == ["broken"] and "missing.nii.gz" in manifest["failures"][0]["error"]
+    assert [f["case"] for f in manifest["failures"]] == ["broken"] and "missing.nii.gz" in manifest["failures"][0][
+        "error"
+    ]
     assert [c["case"] for c in manifest["cases"]] == ["case2", "case3"]
 
 
 def test_reference_guided_generation_reports_similarity_per_lambda(trained, dataset):
     out = trained["out"]
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(out), mode="reference_guided",
-                  num_samples=2, ip_scales=[0.0, 1.0], **TINY, **ADAPTER, **SAMPLE)
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        mode="reference_guided",
+        num_samples=2,
+        ip_scales=[0.0, 1.0],
+        **TINY,
+        **ADAPTER,
+        **SAMPLE,
+    )
     wf.run()
     folder = out / "synthesis" / "reference_guided_ip_adapter"
     metrics = json.loads((folder / "metrics.json").read_text())
@@ -219,8 +257,9 @@ def test_reference_guided_generation_reports_similarity_per_lambda(trained, data
 
 
 def test_a_missing_base_checkpoint_says_so(dataset, tmp_path):
-    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY_TRAIN,
-                  **ADAPTER)
+    wf = workflow(
+        ["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY_TRAIN, **ADAPTER
+    )
     with pytest.raises(Exception) as info:
         wf.run()
     err = root_cause(info.value)
@@ -252,11 +291,15 @@ def test_the_trained_wfvae_is_the_default_image_encoder(tmp_path):
     from wdm3d.networks import WFVAE3D
 
     vae = WFVAE3D(latent_channels=4, levels=2, base_channels=8, num_res_blocks=1, num_mid_blocks=1)
-    torch.save({"model": vae.state_dict(), "ema": vae.state_dict(), "run_config": RunConfig(network=vae).state_dict()},
-               tmp_path / "checkpoint_epoch=1.pt")
+    torch.save(
+        {"model": vae.state_dict(), "ema": vae.state_dict(), "run_config": RunConfig(network=vae).state_dict()},
+        tmp_path / "checkpoint_epoch=1.pt",
+    )
     encoder = build_image_encoder("wfvae", tmp_path)  # the folder: its newest checkpoint, rebuilt from run_config
     assert isinstance(encoder, WFVAE3D) and not any(p.requires_grad for p in encoder.parameters())
-    base = ContextConditionedUNet(WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB)
+    base = ContextConditionedUNet(
+        WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB
+    )
     adapter = IPAdapter(base, encoder)
     ref = torch.rand(1, 1, 16, 16, 16) * 2 - 1
     features = adapter.image_encoder(ref)
@@ -276,11 +319,17 @@ def test_a_missing_wfvae_encoder_says_so(tmp_path):
 def test_expansion_gives_one_sample_per_target_modality(dataset):
     datalist = dataset / "datalist.json"
     base = expand_paired_datalist(datalist, "training", ["t1n", "t2w", "t2f"])
-    assert [(s["case"], s["modality"]) for s in base] == [("case0", "t1n"), ("case0", "t2w"), ("case1", "t1n"),
-                                                         ("case1", "t2w")]
+    assert [(s["case"], s["modality"]) for s in base] == [
+        ("case0", "t1n"),
+        ("case0", "t2w"),
+        ("case1", "t1n"),
+        ("case1", "t2w"),
+    ]
     assert all(Path(s["target"]).is_file() and "reference" not in s and s["dataset"] == "brats" for s in base)
     paired = expand_paired_datalist(datalist, "training", ["t1n", "t2w"], reference="t1n", self_pairs=False)
-    assert [s["modality"] for s in paired] == ["t2w", "t2w"] and all(s["reference"].endswith("t1n.nii.gz") for s in paired)
+    assert [s["modality"] for s in paired] == ["t2w", "t2w"] and all(
+        s["reference"].endswith("t1n.nii.gz") for s in paired
+    )
     with pytest.raises(ValueError, match="t1c"):
         expand_paired_datalist(datalist, "training", ["t1c"])
     with pytest.raises(KeyError, match="'nope'"):
@@ -301,7 +350,9 @@ def test_condition_dropout_rates_are_honoured_through_the_prepare_batch(mode):
     null = torch.tensor([4, 1])
     dropped_ctx = (kw["context"] == null).all(1)
     assert ((kw["context"] == null).any(1) == dropped_ctx).all()  # a dropped context is null in every field
-    assert not (kw["context"][~dropped_ctx] == null).any() and (kw["context"][~dropped_ctx] == torch.tensor([2, 0])).all()
+    assert (
+        not (kw["context"][~dropped_ctx] == null).any() and (kw["context"][~dropped_ctx] == torch.tensor([2, 0])).all()
+    )
     tol = 4 * (0.25 / n) ** 0.5
     assert abs(dropped_ctx.float().mean() - 0.4) < tol  # context-only 0.1 + both 0.3
     if mode == "ip_adapter":
@@ -330,7 +381,9 @@ def test_conditional_prepare_batch_carries_the_loss_weights_of_the_process():
 
 def test_inferer_zeroes_the_image_tokens_of_dropped_samples():
     torch.manual_seed(0)
-    base = ContextConditionedUNet(WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB)
+    base = ContextConditionedUNet(
+        WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB
+    )
     for p in base.parameters():  # a trained-looking base (a fresh one outputs zeros)
         torch.nn.init.normal_(p, std=0.1)
     adapter = IPAdapter(base, RandomConv3dFeatures(seed=0))
@@ -348,7 +401,9 @@ def test_inferer_zeroes_the_image_tokens_of_dropped_samples():
 
 
 def test_context_indices_out_of_range_are_refused_on_cpu():
-    base = ContextConditionedUNet(WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB)
+    base = ContextConditionedUNet(
+        WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB
+    )
     x, t = torch.randn(2, 8, 8, 8, 8), torch.tensor([3, 700])
     with torch.no_grad():
         base(x, t, context=torch.tensor([[4, 1], [0, 0]]))  # the null index of each field is in range
@@ -361,7 +416,9 @@ def test_context_indices_out_of_range_are_refused_on_cpu():
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 def test_context_embedding_on_the_gpu_does_not_synchronise():
-    base = ContextConditionedUNet(WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB)
+    base = ContextConditionedUNet(
+        WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, context_dim=16), VOCAB
+    )
     base = base.cuda()
     idx = torch.tensor([[1, 0], [4, 1]], device="cuda")
     expected = base.tokens(idx.cpu())
@@ -384,7 +441,9 @@ def test_context_embedding_on_the_gpu_does_not_synchronise():
     )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
     assert proc.returncode != 0
-    assert "context indices must be in [0, n)" in proc.stderr or "device-side assert" in proc.stderr, proc.stderr[-2000:]
+    assert "context indices must be in [0, n)" in proc.stderr or "device-side assert" in proc.stderr, proc.stderr[
+        -2000:
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -401,8 +460,9 @@ def test_restore_grid_puts_every_voxel_back_in_its_place(shape):
 
     image_size = (8, 8, 6)
     original = torch.arange(1, 1 + np.prod(shape), dtype=torch.float32).reshape(1, *shape)
-    model_grid = torch.as_tensor(ResizeWithPadOrCrop(spatial_size=image_size, mode="constant",
-                                                     constant_values=-1.0)(original))
+    model_grid = torch.as_tensor(
+        ResizeWithPadOrCrop(spatial_size=image_size, mode="constant", constant_values=-1.0)(original)
+    )
     back = _restore_grid(model_grid, shape, fill=-1.0)
     assert back.shape == original.shape
     kept = back != -1.0
@@ -422,9 +482,19 @@ def test_reference_grid_carries_the_qform_and_sform_separately(tmp_path):
     nib.save(img, tmp_path / "ref.nii.gz")
     grid = reference_grid(tmp_path / "ref.nii.gz")
     assert grid.shape == (6, 5, 4) and grid.codes == (0, 2)
-    out = nib.load(save_nifti(np.ones(grid.shape), grid.affine, tmp_path / "out.nii.gz", codes=grid.codes,
-                              qform=grid.qform))
+    out = nib.load(
+        save_nifti(np.ones(grid.shape), grid.affine, tmp_path / "out.nii.gz", codes=grid.codes, qform=grid.qform)
+    )
     ref = nib.load(tmp_path / "ref.nii.gz")
-    for key in ("qform_code", "sform_code", "quatern_b", "quatern_c", "quatern_d", "qoffset_x", "srow_x", "srow_y",
-                "srow_z"):
+    for key in (
+        "qform_code",
+        "sform_code",
+        "quatern_b",
+        "quatern_c",
+        "quatern_d",
+        "qoffset_x",
+        "srow_x",
+        "srow_y",
+        "srow_z",
+    ):
         np.testing.assert_allclose(out.header[key], ref.header[key], err_msg=key)

@@ -48,8 +48,11 @@ def workflow(bundle: str, section: dict, **paths: str) -> ConfigWorkflow:
     configs = REPO / "bundles" / bundle / "configs"
     run_id = section["run_id"]
     wf = ConfigWorkflow(
-        config_file=[str(configs / f) for f in section["config_file"]], meta_file=str(configs / "metadata.json"),
-        workflow_type="train" if run_id == "training" else "infer", run_id=run_id, **overrides,
+        config_file=[str(configs / f) for f in section["config_file"]],
+        meta_file=str(configs / "metadata.json"),
+        workflow_type="train" if run_id == "training" else "infer",
+        run_id=run_id,
+        **overrides,
     )
     wf.initialize()
     return wf
@@ -76,18 +79,25 @@ def assert_same_volume(actual: Path, expected: Path) -> None:
 
 
 def test_the_fixture_files_are_the_recorded_ones():
-    on_disk = {p.relative_to(FIXTURE).as_posix() for p in FIXTURE.rglob("*")
-               if p.is_file() and p.name not in NOT_HASHED and "__pycache__" not in p.parts}
+    on_disk = {
+        p.relative_to(FIXTURE).as_posix()
+        for p in FIXTURE.rglob("*")
+        if p.is_file() and p.name not in NOT_HASHED and "__pycache__" not in p.parts
+    }
     recorded = MANIFEST["md5"]
     described = {f for part in ("datalist", "wdm", "wfvae") for f in MANIFEST[part]["files"]}
     assert described == set(recorded), "every fixture file has an md5 and a description in manifest.json"
     missing = sorted(set(recorded) - on_disk)
-    assert not missing, (f"{missing} are missing from {FIXTURE}; .gitignore ignores *.pt, so a checkout lacks the "
-                         "checkpoints unless they were added with `git add -f`.")
+    assert not missing, (
+        f"{missing} are missing from {FIXTURE}; .gitignore ignores *.pt, so a checkout lacks the "
+        "checkpoints unless they were added with `git add -f`."
+    )
     assert not on_disk - set(recorded), f"{sorted(on_disk - set(recorded))} are in the fixture but not in its manifest"
     changed = [f for f, md5 in recorded.items() if hashlib.md5((FIXTURE / f).read_bytes()).hexdigest() != md5]
-    assert not changed, f"{changed} differ from what commit {MANIFEST['commit']} wrote: restore them with git, do not " \
-                        "regenerate them with the current code."
+    assert not changed, (
+        f"{changed} differ from what commit {MANIFEST['commit']} wrote: restore them with git, do not "
+        "regenerate them with the current code."
+    )
 
 
 def test_the_datalist_loads_to_the_recorded_entries():
@@ -108,8 +118,15 @@ def test_the_diffusion_checkpoint_samples_the_recorded_volumes(tmp_path):
     legacy = fixture_copy(tmp_path)
     recorded = MANIFEST["wdm"]
     out = tmp_path / "samples"
-    run(workflow("wdm3d_brats", recorded["sample"], dataset_dir=str(legacy / "data"),
-                 checkpoint=str(legacy / "wdm" / "models"), samples_dir=str(out)))
+    run(
+        workflow(
+            "wdm3d_brats",
+            recorded["sample"],
+            dataset_dir=str(legacy / "data"),
+            checkpoint=str(legacy / "wdm" / "models"),
+            samples_dir=str(out),
+        )
+    )
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert written == [Path(s).name for s in recorded["samples"]]
     for sample in recorded["samples"]:
@@ -124,8 +141,13 @@ def test_the_diffusion_checkpoint_resumes_training_where_it_stopped(tmp_path):
     legacy = fixture_copy(tmp_path)
     recorded = MANIFEST["wdm"]
     saved = torch.load(FIXTURE / recorded["checkpoint"], map_location="cpu", weights_only=True)
-    wf = workflow("wdm3d_brats", recorded["train"], dataset_dir=str(legacy / "data"),
-                  output_dir=str(legacy / "wdm"), max_epochs=recorded["checkpoint_epoch"] + 1)
+    wf = workflow(
+        "wdm3d_brats",
+        recorded["train"],
+        dataset_dir=str(legacy / "data"),
+        output_dir=str(legacy / "wdm"),
+        max_epochs=recorded["checkpoint_epoch"] + 1,
+    )
     trainer = wf.parser.get_parsed_content("train#trainer")
     first = {}
 
@@ -148,8 +170,15 @@ def test_the_vae_checkpoint_reconstructs_the_recorded_volume(tmp_path):
     legacy = fixture_copy(tmp_path)
     recorded = MANIFEST["wfvae"]
     out = tmp_path / "reconstruction"
-    run(workflow("wfvae", recorded["reconstruct"], dataset_dir=str(legacy / "data"),
-                 checkpoint=str(legacy / "wfvae" / "models"), reconstruction_dir=str(out)))
+    run(
+        workflow(
+            "wfvae",
+            recorded["reconstruct"],
+            dataset_dir=str(legacy / "data"),
+            checkpoint=str(legacy / "wfvae" / "models"),
+            reconstruction_dir=str(out),
+        )
+    )
     for expected in recorded["reconstructions"].values():
         assert_same_volume(out / Path(expected).name, FIXTURE / expected)
     metrics = json.loads((out / "metrics.json").read_text())

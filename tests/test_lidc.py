@@ -43,8 +43,13 @@ def _series_hu(folder: Path) -> tuple[np.ndarray, list[float]]:
     for f in folder.glob("*.dcm"):
         ds = pydicom.dcmread(f)
         raw = np.frombuffer(ds.PixelData, dtype="<i2").reshape(ds.Rows, ds.Columns)
-        slices.append((float(ds.ImagePositionPatient[2]), raw * float(ds.RescaleSlope) + float(ds.RescaleIntercept),
-                       [float(v) for v in ds.ImagePositionPatient]))
+        slices.append(
+            (
+                float(ds.ImagePositionPatient[2]),
+                raw * float(ds.RescaleSlope) + float(ds.RescaleIntercept),
+                [float(v) for v in ds.ImagePositionPatient],
+            )
+        )
     slices.sort(key=lambda s: s[0])
     return np.stack([s[1].T for s in slices], axis=-1).astype(np.float32), slices[0][2]
 
@@ -52,8 +57,9 @@ def _series_hu(folder: Path) -> tuple[np.ndarray, list[float]]:
 @pytest.fixture(scope="module")
 def raw(tmp_path_factory):
     root = tmp_path_factory.mktemp("lidc_raw")
-    cases = make_phantom_raw(root, num_cases=6, seed=0, shape=SHAPE, spacing=SPACING, marker=True,
-                             extra_series={0: "CT", 1: "MR"})
+    cases = make_phantom_raw(
+        root, num_cases=6, seed=0, shape=SHAPE, spacing=SPACING, marker=True, extra_series={0: "CT", 1: "MR"}
+    )
     return root, cases
 
 
@@ -174,8 +180,14 @@ def test_prepared_volumes_datalist_and_split(raw, prepared):
     assert json.loads((dst.parent / "again" / "datalist.json").read_text())["test"] == datalist["test"]
     assert again["splits"] == summary["splits"]
     other = prepare_lidc(raw[0], dst.parent / "seed1", seed=1, **TINY_PREP)
-    assert sorted(e["patient"] for k in SPLIT_KEYS
-                  for e in json.loads((dst.parent / "seed1" / "datalist.json").read_text())[k]) == ids
+    assert (
+        sorted(
+            e["patient"]
+            for k in SPLIT_KEYS
+            for e in json.loads((dst.parent / "seed1" / "datalist.json").read_text())[k]
+        )
+        == ids
+    )
     assert other["counts"]["done"] == 6
 
 
@@ -183,8 +195,7 @@ def test_hu_clipping_matches_an_independent_numpy_computation(raw, tmp_path):
     _, cases = raw
     # no resampling (3 mm in, 3 mm out): x 32 -> 28 is cropped, y 32 -> 36 and z 24 -> 30 are padded with air
     prepare_lidc(raw[0], tmp_path / "out", spacing=3.0, spatial_size=(28, 36, 30), progress=False)
-    prepare_lidc(raw[0], tmp_path / "win", spacing=3.0, spatial_size=(28, 36, 30), window=(-1200, 400),
-                 progress=False)
+    prepare_lidc(raw[0], tmp_path / "win", spacing=3.0, spatial_size=(28, 36, 30), window=(-1200, 400), progress=False)
     case = cases[3]
     hu, _ = _series_hu(case.series_dir)
     cropped = hu[2:30]
@@ -224,8 +235,12 @@ def test_sources_untouched_rerun_skips_and_overwrite_redoes(raw, tmp_path):
     root, cases = raw
     before = _tree_hash(root)
     dst = tmp_path / "out"
-    assert lidc.main(["--src", str(root), "--dst", str(dst), "--spacing", "6", "--spatial-size", "16", "16", "16",
-                      "--quiet"]) == 0
+    assert (
+        lidc.main(
+            ["--src", str(root), "--dst", str(dst), "--spacing", "6", "--spatial-size", "16", "16", "16", "--quiet"]
+        )
+        == 0
+    )
     out_file = dst / cases[0].case_id / f"{cases[0].case_id}-ct.nii.gz"
     mtime = out_file.stat().st_mtime_ns
     again = prepare_lidc(root, dst, **TINY_PREP)
@@ -242,10 +257,19 @@ def test_sources_untouched_rerun_skips_and_overwrite_redoes(raw, tmp_path):
 
 def test_each_bad_input_fails_alone_and_the_exit_status_says_so(tmp_path):
     src = tmp_path / "raw"
-    bad = {1: "missing_slice", 2: "uneven_spacing", 3: "gantry_tilt", 4: "mixed_sizes", 5: "non_ct", 6: "truncated",
-           7: "nan", 8: "empty"}
-    cases = make_phantom_raw(src, num_cases=10, seed=2, shape=SHAPE, spacing=SPACING,
-                             defects={k: [v] for k, v in bad.items()})
+    bad = {
+        1: "missing_slice",
+        2: "uneven_spacing",
+        3: "gantry_tilt",
+        4: "mixed_sizes",
+        5: "non_ct",
+        6: "truncated",
+        7: "nan",
+        8: "empty",
+    }
+    cases = make_phantom_raw(
+        src, num_cases=10, seed=2, shape=SHAPE, spacing=SPACING, defects={k: [v] for k, v in bad.items()}
+    )
     corrupt = src / phantom_case_id(9) / "x" / "y" / "garbage.dcm"  # a DICOM preamble, then noise
     corrupt.parent.mkdir(parents=True)
     corrupt.write_bytes(b"\0" * 128 + b"DICM" + bytes(np.random.default_rng(0).integers(0, 255, 300, dtype=np.uint8)))
@@ -270,16 +294,29 @@ def test_each_bad_input_fails_alone_and_the_exit_status_says_so(tmp_path):
     garbage = status[phantom_case_id(9)]
     assert garbage["status"] == "failed" and "corrupt DICOM file" in garbage["reason"]
     assert garbage["file"] == str(corrupt)
-    assert status[phantom_case_id(6)]["reason"].startswith("series ") and cases[6].files[12].name in \
-        status[phantom_case_id(6)]["reason"]  # the truncated file is named
+    assert (
+        status[phantom_case_id(6)]["reason"].startswith("series ")
+        and cases[6].files[12].name in status[phantom_case_id(6)]["reason"]
+    )  # the truncated file is named
     assert status[phantom_case_id(0)]["status"] == "done" and summary["counts"]["failed"] == 9
     assert not (tmp_path / "out" / phantom_case_id(1)).exists()  # nothing half-written for a rejected series
     rows = list(csv.DictReader((tmp_path / "out" / "prepare_report.csv").open()))
     assert len(rows) == 10 and sum(r["status"] == "failed" for r in rows) == 9
     assert _tree_hash(src) == before
     # the command line: non-zero as soon as one case failed, with the report named
-    argv = ["--src", str(src), "--dst", str(tmp_path / "cli"), "--spacing", "6", "--spatial-size", "16", "16", "16",
-            "--quiet"]
+    argv = [
+        "--src",
+        str(src),
+        "--dst",
+        str(tmp_path / "cli"),
+        "--spacing",
+        "6",
+        "--spatial-size",
+        "16",
+        "16",
+        "16",
+        "--quiet",
+    ]
     assert lidc.main(argv) == 1
     assert lidc.main(["--src", str(tmp_path / "nope"), "--dst", str(tmp_path / "o"), "--quiet"]) == 2
     with pytest.raises(RuntimeError, match="None of the 1"):
@@ -293,13 +330,28 @@ def test_a_patient_id_that_is_not_a_file_name_cannot_write_outside_the_output(tm
 
     hu = np.full((16, 16, 12), -1000.0)
     hu[4:12, 4:12, 3:9] = 40
-    write_series(hu, tmp_path / "src" / "LIDC-IDRI-0001" / "st" / "se", (0, 0, 0), (2, 2, 2), "LIDC-IDRI-0001",
-                 generate_uid(), generate_uid())
+    write_series(
+        hu,
+        tmp_path / "src" / "LIDC-IDRI-0001" / "st" / "se",
+        (0, 0, 0),
+        (2, 2, 2),
+        "LIDC-IDRI-0001",
+        generate_uid(),
+        generate_uid(),
+    )
     # PatientID is free text (VR LO): a path in it must not become an output path
-    write_series(hu, tmp_path / "src" / "LIDC-IDRI-0002" / "st" / "se", (0, 0, 0), (2, 2, 2), "../../escaped",
-                 generate_uid(), generate_uid())
-    summary = prepare_lidc(tmp_path / "src", tmp_path / "work" / "out", spacing=2, spatial_size=(16, 16, 16),
-                           min_slices=2, progress=False)
+    write_series(
+        hu,
+        tmp_path / "src" / "LIDC-IDRI-0002" / "st" / "se",
+        (0, 0, 0),
+        (2, 2, 2),
+        "../../escaped",
+        generate_uid(),
+        generate_uid(),
+    )
+    summary = prepare_lidc(
+        tmp_path / "src", tmp_path / "work" / "out", spacing=2, spatial_size=(16, 16, 16), min_slices=2, progress=False
+    )
     assert sorted(c["case"] for c in summary["cases"]) == ["LIDC-IDRI-0001", "LIDC-IDRI-0002"]  # the folder's name
     assert summary["counts"]["done"] == 2
     written = sorted(p.relative_to(tmp_path) for p in tmp_path.rglob("*.nii.gz") if "src" not in p.parts)
@@ -332,16 +384,27 @@ TINY_NET = {
     "network_def#num_res_blocks": 1,
     "network_def#norm_num_groups": 4,
 }
-TINY_TRAIN = {**TINY_NET, "mlflow": False, "batch_size": 2, "num_workers": 0, "val_interval": 1, "val_num_steps": 2,
-              "save_interval": 1, "max_epochs": 1}
+TINY_TRAIN = {
+    **TINY_NET,
+    "mlflow": False,
+    "batch_size": 2,
+    "num_workers": 0,
+    "val_interval": 1,
+    "val_num_steps": 2,
+    "save_interval": 1,
+    "max_epochs": 1,
+}
 
 
 def _workflow(files, run_id, **overrides):
     from monai.bundle import ConfigWorkflow
 
     wf = ConfigWorkflow(
-        config_file=[str(CONFIGS / f) for f in files], meta_file=str(CONFIGS / "metadata.json"),
-        workflow_type="train" if run_id == "training" else "infer", run_id=run_id, **overrides,
+        config_file=[str(CONFIGS / f) for f in files],
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train" if run_id == "training" else "infer",
+        run_id=run_id,
+        **overrides,
     )
     wf.initialize()
     return wf
@@ -372,8 +435,9 @@ def test_bundle_trains_on_the_prepared_phantom_and_generates_with_its_geometry(p
     from wdm3d.engine import latest_checkpoint, load_checkpoint
 
     dst, _ = prepared
-    wf = _workflow(["train.json", "demo.json"], "training", dataset_dir=str(dst), output_dir=str(tmp_path),
-                   **TINY_TRAIN)
+    wf = _workflow(
+        ["train.json", "demo.json"], "training", dataset_dir=str(dst), output_dir=str(tmp_path), **TINY_TRAIN
+    )
     wf.run()
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     assert ckpt["trainer"]["iteration"] == 2  # 4 training patients, batch 2
@@ -381,8 +445,17 @@ def test_bundle_trains_on_the_prepared_phantom_and_generates_with_its_geometry(p
     affine = nib.load(dst / first).affine
     np.testing.assert_allclose(ckpt["geometry"]["affine"].numpy(), affine, atol=1e-5)
 
-    wf = _workflow(["inference.json", "demo.json"], "inference", dataset_dir=str(dst), output_dir=str(tmp_path),
-                   num_samples=1, sampler="ddim", num_steps=2, mlflow=False, **TINY_NET)
+    wf = _workflow(
+        ["inference.json", "demo.json"],
+        "inference",
+        dataset_dir=str(dst),
+        output_dir=str(tmp_path),
+        num_samples=1,
+        sampler="ddim",
+        num_steps=2,
+        mlflow=False,
+        **TINY_NET,
+    )
     wf.run()
     img = nib.load(tmp_path / "samples" / "sample_0000.nii.gz")
     assert img.shape == (16, 16, 16)

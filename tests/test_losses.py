@@ -62,8 +62,9 @@ def _output(x: torch.Tensor, extra: dict | None = None) -> VAEOutput:
     rec = x + 0.25
     enc = [torch.ones(x.shape[0], 8, 2, 2, 2)]
     dec = [torch.ones(x.shape[0], 8, 2, 2, 2) * 1.5]
-    return VAEOutput(reconstruction=rec, posterior=post, latent=mean, enc_coeffs=enc, dec_coeffs=dec,
-                     extra_losses=extra or {})
+    return VAEOutput(
+        reconstruction=rec, posterior=post, latent=mean, enc_coeffs=enc, dec_coeffs=dec, extra_losses=extra or {}
+    )
 
 
 def test_vae_loss_terms_and_weights_by_hand():
@@ -204,8 +205,9 @@ class _ToyVAE(nn.Module):
     def forward(self, x):
         rec = self.out(x)
         mean = torch.zeros(x.shape[0], 2, 1, 1, 1)
-        return VAEOutput(reconstruction=rec, posterior=LatentDistribution(mean=mean, logvar=torch.zeros_like(mean)),
-                         latent=mean)
+        return VAEOutput(
+            reconstruction=rec, posterior=LatentDistribution(mean=mean, logvar=torch.zeros_like(mean)), latent=mean
+        )
 
 
 def test_terms_stay_on_the_graph_for_an_engine_side_adaptive_weight():
@@ -225,8 +227,9 @@ def test_kl_left_out_when_the_model_says_so():
     model = _ToyVAE()
     x = torch.randn(1, 1, 4, 4, 4)
     mean = torch.ones(1, 2, 1, 1, 1)
-    out = VAEOutput(reconstruction=x, posterior=LatentDistribution(mean=mean, logvar=torch.zeros_like(mean)),
-                    latent=mean)
+    out = VAEOutput(
+        reconstruction=x, posterior=LatentDistribution(mean=mean, logvar=torch.zeros_like(mean)), latent=mean
+    )
     _, logs = VAELoss(kl_weight=1.0)(out, x, model=model)
     assert logs["kl"].item() == pytest.approx(0.5)
     model.use_gaussian_kl = False
@@ -303,7 +306,20 @@ def test_vgg16_layout_taps_are_lpips_layers():
     net = SliceFeatureNet2D()  # VGG16 trunk: relu1_2, relu2_2, relu3_3, relu4_3, relu5_3
     assert net.taps == (3, 8, 15, 22, 29)
     assert sorted({k.split(".")[1] for k in net.state_dict()}, key=int) == [
-        "0", "2", "5", "7", "10", "12", "14", "17", "19", "21", "24", "26", "28"]
+        "0",
+        "2",
+        "5",
+        "7",
+        "10",
+        "12",
+        "14",
+        "17",
+        "19",
+        "21",
+        "24",
+        "26",
+        "28",
+    ]
 
 
 def test_perceptual_input_checks(tiny_weights):
@@ -337,10 +353,14 @@ def test_kl_of_a_bf16_posterior_is_computed_in_float32():
     kl = LatentDistribution(mean, logvar).kl()
     assert kl.dtype == torch.float32
     torch.testing.assert_close(kl.double(), exact, rtol=1e-4, atol=1e-7)
-    assert gaussian_kl(LatentDistribution(mean, logvar)).item() == pytest.approx(exact.sum().item() / mean.numel(), rel=1e-4)
+    assert gaussian_kl(LatentDistribution(mean, logvar)).item() == pytest.approx(
+        exact.sum().item() / mean.numel(), rel=1e-4
+    )
     std = logvar.float().mul(0.5).exp().bfloat16()  # the explicit-std path too
     ref = 0.5 * (m.square() + std.double().square() - 1 - std.double().square().log())
-    torch.testing.assert_close(LatentDistribution(mean, std=std).kl().double(), ref.flatten(1).sum(1), rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(
+        LatentDistribution(mean, std=std).kl().double(), ref.flatten(1).sum(1), rtol=1e-4, atol=1e-7
+    )
 
 
 def test_perceptual_settings_that_would_silently_do_something_else_are_refused(tiny_weights):

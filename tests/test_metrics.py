@@ -42,6 +42,7 @@ def random_spd(rng, f):
 
 # --- Fréchet distance / FID -------------------------------------------------------------------------------------------
 
+
 def test_frechet_distance_matches_the_closed_form_for_commuting_covariances():
     rng = np.random.default_rng(0)
     f = 6
@@ -100,24 +101,36 @@ def test_normalisation_presets():
 
 # --- MedicalNet --------------------------------------------------------------------------------------------------------
 
+
 def test_medicalnet_architecture_strides_dilations_and_feature_size():
     net = MedicalNetResNet50().eval()
     assert [len(getattr(net, f"layer{i}")) for i in range(1, 5)] == [3, 4, 6, 3]
     assert net.conv1.kernel_size == (7, 7, 7) and net.conv1.stride == (2, 2, 2)
     assert net.layer2[0].conv2.stride == (2, 2, 2) and net.layer2[0].conv2.dilation == (1, 1, 1)
     for block in net.layer3:
-        assert block.conv2.stride == (1, 1, 1) and block.conv2.dilation == (2, 2, 2) and block.conv2.padding == (2, 2, 2)
+        assert (
+            block.conv2.stride == (1, 1, 1) and block.conv2.dilation == (2, 2, 2) and block.conv2.padding == (2, 2, 2)
+        )
     for block in net.layer4:
         assert block.conv2.stride == (1, 1, 1) and block.conv2.dilation == (4, 4, 4)
     # shortcut B: 1^3 conv + BN where the shape changes, identity elsewhere
-    assert isinstance(net.layer1[0].downsample[0], torch.nn.Conv3d) and net.layer1[0].downsample[0].kernel_size == (1, 1, 1)
+    assert isinstance(net.layer1[0].downsample[0], torch.nn.Conv3d) and net.layer1[0].downsample[0].kernel_size == (
+        1,
+        1,
+        1,
+    )
     assert net.layer3[0].downsample[0].stride == (1, 1, 1) and net.layer3[1].downsample is None
     with torch.no_grad():
         maps = net.feature_maps(torch.rand(1, 1, 32, 24, 16))
         feats = net(torch.rand(2, 1, 16, 16, 16))
     assert {k: tuple(v.shape[1:]) for k, v in maps.items()} == {
-        "conv1": (64, 16, 12, 8), "maxpool": (64, 8, 6, 4), "layer1": (256, 8, 6, 4),
-        "layer2": (512, 4, 3, 2), "layer3": (1024, 4, 3, 2), "layer4": (2048, 4, 3, 2)}
+        "conv1": (64, 16, 12, 8),
+        "maxpool": (64, 8, 6, 4),
+        "layer1": (256, 8, 6, 4),
+        "layer2": (512, 4, 3, 2),
+        "layer3": (1024, 4, 3, 2),
+        "layer4": (2048, 4, 3, 2),
+    }
     assert feats.shape == (2, 2048)
     torch.testing.assert_close(net(maps["conv1"].new_ones(1, 1, 8, 8, 8)).shape, torch.Size([1, 2048]))
 
@@ -182,6 +195,7 @@ def test_medicalnet_features_are_batched_identically():
 
 # --- MS-SSIM diversity ------------------------------------------------------------------------------------------------
 
+
 def test_ms_ssim_of_identical_volumes_is_one():
     vol = phantoms(1, 16)[0]
     out = ms_ssim_diversity(np.stack([vol] * 4), pairs="all", device="cpu")
@@ -225,6 +239,7 @@ def test_ms_ssim_random_pairs_ci_contains_the_all_pairs_value_and_threads_agree(
 
 
 # --- distribution checks ---------------------------------------------------------------------------------------------
+
 
 def test_wasserstein_and_mmd_are_zero_for_identical_sets_and_grow_with_a_shift():
     vols = phantoms(5, 16, seed=2)
@@ -281,6 +296,7 @@ def test_wasserstein_sees_a_shift_smaller_than_a_coarse_bin():
 
 # --- memorization -----------------------------------------------------------------------------------------------------
 
+
 def test_planted_copies_are_caught_and_independent_samples_are_not():
     train = phantoms(8, 16, seed=5)
     independent = phantoms(4, 16, seed=99)
@@ -289,8 +305,14 @@ def test_planted_copies_are_caught_and_independent_samples_are_not():
     rescaled = 2.0 * train[6] + 0.1  # NCC ignores a global intensity change
     fake = np.concatenate([independent, train[1:2], noisy[None], rescaled[None]])
     names = [f"ind{i}" for i in range(4)] + ["exact", "noisy", "rescaled"]
-    out = memorization_audit(fake, train, names, [f"train{i}" for i in range(8)], fake_embeddings=fake.reshape(7, -1),
-                             train_embeddings=train.reshape(8, -1))
+    out = memorization_audit(
+        fake,
+        train,
+        names,
+        [f"train{i}" for i in range(8)],
+        fake_embeddings=fake.reshape(7, -1),
+        train_embeddings=train.reshape(8, -1),
+    )
     flagged = {c["fake"]: c["train"] for c in out["suspected_copies"]}
     assert flagged == {"exact": "train1", "noisy": "train3", "rescaled": "train6"}
     assert out["copy_fraction"] == pytest.approx(3 / 7)

@@ -37,14 +37,29 @@ def find_chromium() -> str | None:
 
 def capture(browser: str, url: str, png: Path, profile: Path, budget_ms: int) -> str:
     """Load `url` headless, write a WINDOW-sized screenshot to `png` and return the rendered DOM."""
-    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-           "--disable-background-networking", "--disable-component-update", "--disable-sync",
-           f"--user-data-dir={profile}", f"--window-size={WINDOW[0]},{WINDOW[1]}",
-           f"--virtual-time-budget={budget_ms}", "--hide-scrollbars",
-           # without these a cold page is often captured before its charts have fetched their data
-           "--run-all-compositor-stages-before-draw", "--disable-renderer-backgrounding",
-           "--disable-background-timer-throttling", "--disable-backgrounding-occluded-windows",
-           "--dump-dom", f"--screenshot={png}", url]
+    cmd = [
+        browser,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--window-size={WINDOW[0]},{WINDOW[1]}",
+        f"--virtual-time-budget={budget_ms}",
+        "--hide-scrollbars",
+        # without these a cold page is often captured before its charts have fetched their data
+        "--run-all-compositor-stages-before-draw",
+        "--disable-renderer-backgrounding",
+        "--disable-background-timer-throttling",
+        "--disable-backgrounding-occluded-windows",
+        "--dump-dom",
+        f"--screenshot={png}",
+        url,
+    ]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0 and png.is_file(), f"chromium failed ({proc.returncode}): {proc.stderr[-2000:]}"
     return proc.stdout
@@ -66,8 +81,15 @@ def test_the_dashboard_shows_the_runs_loss_chart(dataset, tmp_path):  # noqa: F8
     png = tmp_path / "mlflow_run_metrics.png"
     with mlflow_server(tmp_path / "mlflow") as (server, _):
         out = tmp_path / "out"
-        wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(out), max_epochs=EPOCHS,
-                      tracking_uri=server, **TRACKED)
+        wf = workflow(
+            ["train.json"],
+            "training",
+            dataset_dir=str(dataset),
+            output_dir=str(out),
+            max_epochs=EPOCHS,
+            tracking_uri=server,
+            **TRACKED,
+        )
         wf.run()
         info = json.loads((out / "mlflow_run.json").read_text())
         client = MlflowClient(tracking_uri=server)

@@ -44,12 +44,28 @@ NAMES = [b.name for b in BUNDLES]
 SCHEMA = REPO / "tests" / "data" / "monai_meta_schema_20240725.json"
 SCHEMA_MD5 = "06954cad2cc5d3784e72077ac76f0fc8"  # tests/data/monai_meta_schema_20240725.SOURCE.txt
 SCHEMA_URL = "https://github.com/Project-MONAI/MONAI-extra-test-data/releases/download/0.8.1/meta_schema_20240725.json"
-README_SECTIONS = ("Model Overview", "Data", "Training configuration", "Performance", "MONAI Bundle Commands",
-                   "References", "License")
+README_SECTIONS = (
+    "Model Overview",
+    "Data",
+    "Training configuration",
+    "Performance",
+    "MONAI Bundle Commands",
+    "References",
+    "License",
+)
 HASH_TYPES = {"", "md5", "sha1", "sha256", "sha512"}  # the zoo's SUPPORTED_HASH_TYPES, or none
 INFERENCE_KEYS = ("bundle_root", "device", "network_def", "inferer", "output_dir")
-TRAIN_KEYS = ("bundle_root", "device", "dataset_dir", "output_dir", "train#trainer", "train#trainer#max_epochs",
-              "train#dataset", "train#dataset#data", "train#handlers")
+TRAIN_KEYS = (
+    "bundle_root",
+    "device",
+    "dataset_dir",
+    "output_dir",
+    "train#trainer",
+    "train#trainer#max_epochs",
+    "train#dataset",
+    "train#dataset#data",
+    "train#handlers",
+)
 VALIDATE_KEYS = ("validate#evaluator", "validate#handlers", "validate#dataset", "validate#dataset#data")
 
 
@@ -76,8 +92,11 @@ def _large_files(bundle: Path) -> list[dict]:
 
 def file_problems(bundle: Path) -> list[str]:
     """Necessary and preferred files (verify_bundle_directory), plus the README and data license the guide asks for."""
-    problems = [f"no {name}" for name in ("configs/metadata.json", "LICENSE", "docs/README.md", "docs/data_license.txt")
-                if not (bundle / name).is_file()]
+    problems = [
+        f"no {name}"
+        for name in ("configs/metadata.json", "LICENSE", "docs/README.md", "docs/data_license.txt")
+        if not (bundle / name).is_file()
+    ]
     if (bundle / "configs").is_dir() and _find(bundle / "configs", "inference") is None:
         problems.append("no configs/inference.json (.yaml, .yml)")
     listed = {entry.get("path") for entry in _large_files(bundle)}
@@ -91,8 +110,9 @@ def file_problems(bundle: Path) -> list[str]:
         text, source = data_license.read_text(), json.loads((bundle / "configs" / "metadata.json").read_text())
         for named, needed in (("BraTS", "BraTS"), ("LIDC", "LIDC-IDRI"), ("demo", "MNI")):
             if named in source.get("data_source", "") and needed not in text:
-                problems.append(f"the metadata's data_source names {named} but docs/data_license.txt says nothing "
-                                f"about {needed}")
+                problems.append(
+                    f"the metadata's data_source names {named} but docs/data_license.txt says nothing about {needed}"
+                )
     return problems
 
 
@@ -119,10 +139,16 @@ def _installed(package: str) -> str:
 
 def version_problems(meta: dict) -> list[str]:
     """The versions the zoo's CI installs before testing (get_bundle_requirements) against the ones installed here."""
-    installed = {"monai_version": monai.__version__, "pytorch_version": Version(torch.__version__).public,
-                 "numpy_version": numpy.__version__}
-    problems = [f"{key} {meta.get(key)!r} but {value} is installed" for key, value in installed.items()
-                if meta.get(key) != value]
+    installed = {
+        "monai_version": monai.__version__,
+        "pytorch_version": Version(torch.__version__).public,
+        "numpy_version": numpy.__version__,
+    }
+    problems = [
+        f"{key} {meta.get(key)!r} but {value} is installed"
+        for key, value in installed.items()
+        if meta.get(key) != value
+    ]
     for field in ("required_packages_version", "optional_packages_version"):
         for package, pinned in (meta.get(field) or {}).items():
             try:
@@ -200,8 +226,11 @@ def readme_problems(readme: Path) -> list[str]:
 
 def _configs_with(bundle: Path, run_id: str) -> list[Path]:
     # the stand-alone configs (with imports) that define this run
-    return [p for p in sorted((bundle / "configs").glob("*.json"))
-            if p.name != "metadata.json" and run_id in (data := json.loads(p.read_text())) and "imports" in data]
+    return [
+        p
+        for p in sorted((bundle / "configs").glob("*.json"))
+        if p.name != "metadata.json" and run_id in (data := json.loads(p.read_text())) and "imports" in data
+    ]
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -280,9 +309,13 @@ def test_readme_follows_the_zoo_template(bundle):
 @pytest.mark.parametrize("bundle", [b for b in BUNDLES if b.name.startswith("wdm3d_")], ids=lambda b: b.name)
 def test_wdm_readmes_say_how_to_use_wdm_released_weights(bundle):
     text = (bundle / "docs" / "README.md").read_text()
-    section = text[text.index("## Using WDM's released weights"):text.index("# References")]
-    for needed in ("wdm3d import-wdm CKPT --preset wdm_128 --out DIR", "--preset wdm_256",
-                   "configs/wdm_paper.json']\"", "--sampler ddim --num_steps 50"):  # WDM's recipe pinned, a fast sampler
+    section = text[text.index("## Using WDM's released weights") : text.index("# References")]
+    for needed in (
+        "wdm3d import-wdm CKPT --preset wdm_128 --out DIR",
+        "--preset wdm_256",
+        "configs/wdm_paper.json']\"",
+        "--sampler ddim --num_steps 50",
+    ):  # WDM's recipe pinned, a fast sampler
         assert needed in section, needed
 
 
@@ -303,8 +336,9 @@ def test_the_vae_inferer_is_the_chunked_mean_reconstruction(tmp_path):
     with pytest.raises(ValueError, match="chunk must be a positive number of slices"):
         ReconstructionInferer(chunk=0)
     with pytest.raises(ValueError, match="not to both"):
-        reconstruct_dataset(net, tmp_path / "a.pt", tmp_path / "datalist.json", "t1n", tmp_path, [16] * 3,
-                            chunk=8, inferer=inferer)
+        reconstruct_dataset(
+            net, tmp_path / "a.pt", tmp_path / "datalist.json", "t1n", tmp_path, [16] * 3, chunk=8, inferer=inferer
+        )
 
 
 def test_verify_metadata_on_the_command_line_needs_no_download(tmp_path):
@@ -326,7 +360,7 @@ HANDLER_INDEX = re.compile(r"handlers#\d")  # a handler found by its place in th
 
 def _flat(config, prefix=""):
     out = {}
-    for k, v in (config.items() if isinstance(config, dict) else enumerate(config)):
+    for k, v in config.items() if isinstance(config, dict) else enumerate(config):
         key = f"{prefix}#{k}" if prefix else str(k)
         out.update(_flat(v, key) if isinstance(v, (dict, list)) and v else {key: v})
     return out
@@ -339,15 +373,19 @@ def test_the_committed_configs_are_the_ones_the_family_sources_give():
     written = {p.relative_to(REPO / "bundles").as_posix() for p in family_configs()}
     for name in ("wdm3d_brats", "wdm3d_lidc", "wfvae", "wavelet_vae"):
         assert {f"{name}/configs/train.json", f"{name}/configs/inference.json"} <= written
-    assert {"ip_adapter_brats/configs/train_base.json", "ip_adapter_brats/configs/train.json",
-            "ip_adapter_brats/configs/inference.json"} <= written
+    assert {
+        "ip_adapter_brats/configs/train_base.json",
+        "ip_adapter_brats/configs/train.json",
+        "ip_adapter_brats/configs/inference.json",
+    } <= written
 
 
 def test_a_generated_config_is_monai_list_form_of_its_sources():
     # what `--config_file "['base.json','train.json','lidc.json']"` merges, but for the bundle file's keys the
     # training does not use (the DICOM modality is inference's)
-    listed = ConfigParser.load_config_files([str(FAMILIES / "wdm3d" / f) for f in ("base.json", "train.json",
-                                                                                   "lidc.json")])
+    listed = ConfigParser.load_config_files(
+        [str(FAMILIES / "wdm3d" / f) for f in ("base.json", "train.json", "lidc.json")]
+    )
     written = json.loads((REPO / "bundles" / "wdm3d_lidc" / "configs" / "train.json").read_text())
     assert set(listed) - set(written) == {"dicom_modality"}
     listed.pop("dicom_modality")
@@ -356,15 +394,21 @@ def test_a_generated_config_is_monai_list_form_of_its_sources():
 
 def test_brats_and_lidc_differ_only_in_their_data():
     sources = {name: json.loads((FAMILIES / "wdm3d" / f"{name}.json").read_text()) for name in ("brats", "lidc")}
-    assert set(sources["brats"]) == set(sources["lidc"]) == {"bundle_root", "image_key", "experiment_name",
-                                                            "dicom_modality"}
+    assert (
+        set(sources["brats"])
+        == set(sources["lidc"])
+        == {"bundle_root", "image_key", "experiment_name", "dicom_modality"}
+    )
     for config in ("train.json", "inference.json"):
-        a, b = (_flat(json.loads((REPO / "bundles" / n / "configs" / config).read_text()))
-                for n in ("wdm3d_brats", "wdm3d_lidc"))
+        a, b = (
+            _flat(json.loads((REPO / "bundles" / n / "configs" / config).read_text()))
+            for n in ("wdm3d_brats", "wdm3d_lidc")
+        )
         assert {k for k in a.keys() | b.keys() if a.get(k) != b.get(k)} <= set(sources["brats"]), config
     for overlay in json.loads((FAMILIES / "wdm3d" / "recipe.json").read_text())["overlays"]:
-        assert (REPO / "bundles" / "wdm3d_brats" / "configs" / overlay).read_text() == \
-            (REPO / "bundles" / "wdm3d_lidc" / "configs" / overlay).read_text(), overlay
+        assert (REPO / "bundles" / "wdm3d_brats" / "configs" / overlay).read_text() == (
+            REPO / "bundles" / "wdm3d_lidc" / "configs" / overlay
+        ).read_text(), overlay
 
 
 @pytest.mark.parametrize("family", sorted(p.name for p in FAMILIES.iterdir() if p.is_dir()))
@@ -446,7 +490,9 @@ def test_missing_files_are_reported(broken):
     (broken / "configs" / "inference.json").rename(broken / "configs" / "infer.json")
     (broken / "large_files.yml").write_text("large_files: []\n")
     assert file_problems(broken) == [
-        "no LICENSE", "no docs/data_license.txt", "no configs/inference.json (.yaml, .yml)",
+        "no LICENSE",
+        "no docs/data_license.txt",
+        "no configs/inference.json (.yaml, .yml)",
         "models/model.pt is neither in the bundle nor listed in large_files.yml",
     ]
     (broken / "models").mkdir()
@@ -458,18 +504,29 @@ def test_a_data_license_that_leaves_out_a_data_source_is_reported(broken):
     path = broken / "docs" / "data_license.txt"
     path.write_text(path.read_text().replace("LIDC-IDRI", "LIDC"))
     assert file_problems(broken) == [
-        "the metadata's data_source names LIDC but docs/data_license.txt says nothing about LIDC-IDRI"]
+        "the metadata's data_source names LIDC but docs/data_license.txt says nothing about LIDC-IDRI"
+    ]
 
 
-@pytest.mark.parametrize(("change", "expected"), [
-    (lambda m: m["network_data_format"].pop("outputs"), "verify_metadata"),
-    (lambda m: m.update(task=5), "verify_metadata"),
-    (lambda m: m.pop("required_packages_version"), "verify_metadata"),
-    (lambda m: m["changelog"].pop(m["version"]), "is not in the changelog"),
-    (lambda m: m.pop("changelog"), "'version' or 'changelog' is missing"),
-    (lambda m: m.update(schema=SCHEMA_URL.replace("20240725", "20220324")), "not the one tested"),
-], ids=["no outputs", "task not a string", "no required packages", "version not in changelog", "no changelog",
-        "another schema"])
+@pytest.mark.parametrize(
+    ("change", "expected"),
+    [
+        (lambda m: m["network_data_format"].pop("outputs"), "verify_metadata"),
+        (lambda m: m.update(task=5), "verify_metadata"),
+        (lambda m: m.pop("required_packages_version"), "verify_metadata"),
+        (lambda m: m["changelog"].pop(m["version"]), "is not in the changelog"),
+        (lambda m: m.pop("changelog"), "'version' or 'changelog' is missing"),
+        (lambda m: m.update(schema=SCHEMA_URL.replace("20240725", "20220324")), "not the one tested"),
+    ],
+    ids=[
+        "no outputs",
+        "task not a string",
+        "no required packages",
+        "version not in changelog",
+        "no changelog",
+        "another schema",
+    ],
+)
 def test_broken_metadata_is_rejected(broken, change, expected):
     path = broken / "configs" / "metadata.json"
     meta = json.loads(path.read_text())
@@ -501,16 +558,26 @@ def test_versions_other_than_the_installed_ones_are_reported():
     ]
 
 
-@pytest.mark.parametrize(("text", "expected"), [
-    ("large_files: []\n", ["large_files does not list models/model.pt"]),
-    ('large_files:\n  - path: "models/model.pt"\n    url: ""\n    hash_val: "abc"\n    hash_type: "md5"\n',
-     ["models/model.pt: a hash without a url (a hash is only given for a file that is hosted)"]),
-    ('large_files:\n  - path: "models/model.pt"\n    url: "http://example.org/model.pt"\n    hash_type: "crc32"\n',
-     ["models/model.pt: hash_type 'crc32' is none of ['md5', 'sha1', 'sha256', 'sha512']",
-      "models/model.pt: url 'http://example.org/model.pt' is not an https address",
-      "models/model.pt: hash_val and hash_type go together"]),
-    ('large_files:\n  - path: "models/model.pt"\n', ["models/model.pt: needs path and url"]),
-], ids=["empty", "hash of nothing", "bad hash type and url", "no url"])
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        ("large_files: []\n", ["large_files does not list models/model.pt"]),
+        (
+            'large_files:\n  - path: "models/model.pt"\n    url: ""\n    hash_val: "abc"\n    hash_type: "md5"\n',
+            ["models/model.pt: a hash without a url (a hash is only given for a file that is hosted)"],
+        ),
+        (
+            'large_files:\n  - path: "models/model.pt"\n    url: "http://example.org/model.pt"\n    hash_type: "crc32"\n',
+            [
+                "models/model.pt: hash_type 'crc32' is none of ['md5', 'sha1', 'sha256', 'sha512']",
+                "models/model.pt: url 'http://example.org/model.pt' is not an https address",
+                "models/model.pt: hash_val and hash_type go together",
+            ],
+        ),
+        ('large_files:\n  - path: "models/model.pt"\n', ["models/model.pt: needs path and url"]),
+    ],
+    ids=["empty", "hash of nothing", "bad hash type and url", "no url"],
+)
 def test_a_broken_large_files_list_is_reported(broken, text, expected):
     (broken / "large_files.yml").write_text(text)
     assert large_file_problems(broken) == expected
@@ -532,8 +599,12 @@ def test_configs_without_the_zoo_keys_are_reported():
     old["validate"].pop("handlers")
     old["train"]["trainer"].pop("max_epochs")
     parser = ConfigParser(old)
-    assert train_key_problems(parser) == ["no train#trainer#max_epochs", "no train#dataset#data",
-                                          "no validate#evaluator", "no validate#handlers"]
+    assert train_key_problems(parser) == [
+        "no train#trainer#max_epochs",
+        "no train#dataset#data",
+        "no validate#evaluator",
+        "no validate#handlers",
+    ]
     old["train"]["handlers"].append({"_target_": "ValidationHandler", "interval": 5})
     old.pop("val_interval")
     assert "a ValidationHandler without val_interval" in train_key_problems(ConfigParser(old))
@@ -542,6 +613,10 @@ def test_configs_without_the_zoo_keys_are_reported():
 def test_a_readme_without_the_template_sections_is_reported(tmp_path):
     readme = tmp_path / "README.md"
     readme.write_text("# wfvae\n\n## 1. Data\n\n## 2. Train\n\n## Performance\n\n## References\n")
-    assert readme_problems(readme) == ["no section 'Model Overview'", "no section 'Data'",  # (a numbered one is not)
-                                       "no section 'Training configuration'", "no section 'MONAI Bundle Commands'",
-                                       "no section 'License'"]
+    assert readme_problems(readme) == [
+        "no section 'Model Overview'",
+        "no section 'Data'",  # (a numbered one is not)
+        "no section 'Training configuration'",
+        "no section 'MONAI Bundle Commands'",
+        "no section 'License'",
+    ]

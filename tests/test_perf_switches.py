@@ -154,8 +154,9 @@ def test_fused_kernel_in_triton_interpreter_matches_torch_path(monkeypatch, fuse
                 x = torch.randn(shape)
                 y = wv._fused_haar_launch(x, False, kernel=kernel)
                 assert torch.allclose(y, wv._haar_forward_kernel(x), atol=1e-6)
-                assert torch.allclose(wv._fused_haar_launch(y, True, kernel=kernel), wv._haar_inverse_kernel(y),
-                                      atol=1e-6)
+                assert torch.allclose(
+                    wv._fused_haar_launch(y, True, kernel=kernel), wv._haar_inverse_kernel(y), atol=1e-6
+                )
                 # half types: computed in float32, rounded once (the interpreter truncates, a GPU rounds to
                 # nearest): within one bf16 unit in the last place of the float32 result
                 xb = x.bfloat16()
@@ -274,14 +275,21 @@ def test_supervised_trainer_amp_and_compile_switches_with_our_prepare_batch():
         net = tiny_net().to(device)
         losses = []
         trainer = SupervisedTrainer(
-            device=device, max_epochs=1, train_data_loader=loader, network=net,
-            optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3), loss_function=WaveletMSELoss(),
-            inferer=DiffusionInferer(diffusion.scheduler), prepare_batch=WaveletDiffusionPrepareBatch(diffusion),
-            decollate=False, **switches,
+            device=device,
+            max_epochs=1,
+            train_data_loader=loader,
+            network=net,
+            optimizer=torch.optim.AdamW(net.parameters(), lr=1e-3),
+            loss_function=WaveletMSELoss(),
+            inferer=DiffusionInferer(diffusion.scheduler),
+            prepare_batch=WaveletDiffusionPrepareBatch(diffusion),
+            decollate=False,
+            **switches,
         )
-        trainer.add_event_handler(Events.ITERATION_COMPLETED,
-                                  lambda e: losses.append((e.state.output["loss"].item(),
-                                                           type(e.state.output["pred"]))))
+        trainer.add_event_handler(
+            Events.ITERATION_COMPLETED,
+            lambda e: losses.append((e.state.output["loss"].item(), type(e.state.output["pred"]))),
+        )
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             trainer.run()
@@ -289,8 +297,9 @@ def test_supervised_trainer_amp_and_compile_switches_with_our_prepare_batch():
         return losses, net
 
     plain, net_plain = train()
-    switched, net_switched = train(amp=True, amp_kwargs={"dtype": torch.bfloat16}, compile=True,
-                                   compile_kwargs={"backend": "aot_eager"})
+    switched, net_switched = train(
+        amp=True, amp_kwargs={"dtype": torch.bfloat16}, compile=True, compile_kwargs={"backend": "aot_eager"}
+    )
     rel, atol = (5e-2, 5e-3) if CUDA else (1e-4, 1e-6)
     assert len(plain) == len(switched) == 2
     for (a, _), (b, pred_type) in zip(plain, switched):
@@ -316,9 +325,25 @@ def _load_benchmark(name: str):
 def test_train_step_benchmark_tiny_cpu(tmp_path):
     bench = _load_benchmark("train_step")
     out = tmp_path / "train.json"
-    results = bench.main(["--device", "cpu", "--tiny", "--presets", "wdm_256", "--steps", "1", "--json", str(out),
-                          "--variants", "baseline", "channels_last", "checkpointing + compile",
-                          "--markdown", str(tmp_path / "train.md")])
+    results = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--presets",
+            "wdm_256",
+            "--steps",
+            "1",
+            "--json",
+            str(out),
+            "--variants",
+            "baseline",
+            "channels_last",
+            "checkpointing + compile",
+            "--markdown",
+            str(tmp_path / "train.md"),
+        ]
+    )
     names = [r.variant for r in results]
     assert names == ["fp32 (PyTorch defaults) [baseline]", "bf16 + channels_last_3d", "bf16 + checkpointing + compile"]
     assert all(r.status == "ok" and r.volumes_per_s > 0 for r in results), [r.status for r in results]
@@ -329,8 +354,20 @@ def test_train_step_benchmark_tiny_cpu(tmp_path):
 
 def test_sampling_benchmark_tiny_cpu(tmp_path):
     bench = _load_benchmark("sampling")
-    results = bench.main(["--device", "cpu", "--tiny", "--precisions", "fp32", "bf16", "--max-timed-steps", "1",
-                          "--json", str(tmp_path / "s.json")])
+    results = bench.main(
+        [
+            "--device",
+            "cpu",
+            "--tiny",
+            "--precisions",
+            "fp32",
+            "bf16",
+            "--max-timed-steps",
+            "1",
+            "--json",
+            str(tmp_path / "s.json"),
+        ]
+    )
     assert [(r.sampler, r.precision) for r in results] == [
         (s, p) for p in ("fp32", "bf16") for s in ("ddpm", "ddim", "rflow")
     ]
@@ -356,15 +393,35 @@ def test_sampler_quality_verdicts():
 def test_sampler_quality_benchmark_tiny_cpu(tmp_path):
     # the whole chain on the demo data: bundle training, the samplers, wdm3d.evaluate against the real set
     bench = _load_benchmark("sampler_quality")
-    result = bench.main([str(tmp_path), "--num-cases", "4", "--iterations", "2", "--num-samples", "2",
-                         "--sample-batch", "2", "--ddpm-steps", "4", "--ddim-steps", "2", "--no-rflow", "--pairs", "1",
-                         "--device", "cpu"])
+    result = bench.main(
+        [
+            str(tmp_path),
+            "--num-cases",
+            "4",
+            "--iterations",
+            "2",
+            "--num-samples",
+            "2",
+            "--sample-batch",
+            "2",
+            "--ddpm-steps",
+            "4",
+            "--ddim-steps",
+            "2",
+            "--no-rflow",
+            "--pairs",
+            "1",
+            "--device",
+            "cpu",
+        ]
+    )
     sets = result["sets"]
     assert [(s["sampler"], s["steps"], s["seed"]) for s in sets] == [("ddpm", 4, 1), ("ddpm", 4, 2), ("ddim", 2, 1)]
     assert all(s["metrics"]["n_fake"] == 2 and s["metrics"]["n_real"] == 4 for s in sets)
     assert all(s["comparison"][k]["ratio"] == 1.0 for k in bench.METRICS for s in sets[:1])
     # the noise-floor set really is another draw: its samples differ from the reference's
     import nibabel as nib
+
     a, b = (sorted((tmp_path / "work" / "samples" / s["name"]).glob("*.nii.gz"))[0] for s in sets[:2])
     assert not np.array_equal(nib.load(a).get_fdata(), nib.load(b).get_fdata())
     table = (tmp_path / "results.md").read_text()

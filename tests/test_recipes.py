@@ -48,8 +48,10 @@ def test_min_snr_weights_are_the_papers_equations(prediction):
         assert d.loss_weight(torch.tensor([0])).item() < 1e-3
 
 
-@pytest.mark.parametrize("process,prediction", [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("ddpm", "sample"),
-                                                ("rflow", "v_prediction"), ("rflow", "sample")])
+@pytest.mark.parametrize(
+    "process,prediction",
+    [("ddpm", "epsilon"), ("ddpm", "v_prediction"), ("ddpm", "sample"), ("rflow", "v_prediction"), ("rflow", "sample")],
+)
 def test_error_ratio_is_what_an_x0_error_does_to_the_target(process, prediction):
     """Perturb x0_hat at a fixed x_t; the target's error must be sqrt(ratio) times the x0 error."""
     d = WaveletDiffusion(process=process, prediction_type=prediction)
@@ -198,8 +200,11 @@ def test_two_level_diffusion_samples_and_is_recorded():
     with pytest.raises(ValueError, match="levels"):
         check_diffusion_matches(trained, WaveletDiffusion(process="rflow", prediction_type="v_prediction"), "ckpt.pt")
     # the loss weighting is a training choice: sampling with another one is allowed
-    check_diffusion_matches(trained, WaveletDiffusion(process="rflow", prediction_type="v_prediction", levels=2,
-                                                      loss_weighting="min_snr"), "ckpt.pt")
+    check_diffusion_matches(
+        trained,
+        WaveletDiffusion(process="rflow", prediction_type="v_prediction", levels=2, loss_weighting="min_snr"),
+        "ckpt.pt",
+    )
 
 
 def test_subband_mse_of_two_levels_groups_by_level_one_band():
@@ -271,8 +276,7 @@ def test_known_truth_measurement_recovers_the_generating_parameters(size):
     s = size / 32
     # texture is the std of a smoothed noise field over the organ's core: a few hundred correlated voxels in a small
     # organ, so it is the least precise (the benchmark compares measured with measured, which cancels the bias)
-    tol = {"radius": 0.1 * s, "intensity": 0.02, "center": 0.1 * s, "count": 0, "texture": 0.02,
-           "rod_length": 1e-6}
+    tol = {"radius": 0.1 * s, "intensity": 0.02, "center": 0.1 * s, "count": 0, "texture": 0.02, "rod_length": 1e-6}
     for p in PARAMETERS:
         np.testing.assert_allclose(got[p], params[p], atol=tol[p], err_msg=p)
     assert np.corrcoef(got["texture"], params["texture"])[0, 1] > 0.8
@@ -297,7 +301,9 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     import importlib.util
     from pathlib import Path
 
-    spec = importlib.util.spec_from_file_location("bench_quality", Path(__file__).parents[1] / "benchmarks" / "quality.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_quality", Path(__file__).parents[1] / "benchmarks" / "quality.py"
+    )
     q = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(q)
     ref = measure_many(make_volumes(48, 32, seed=5)[0])
@@ -306,10 +312,21 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     emptied[:8] = 0  # half the samples without an organ
     good, half = q._w1_counting_empty(ref, measure_many(fake)), q._w1_counting_empty(ref, measure_many(emptied))
     assert half > good + 0.5  # an empty volume is an organ of radius 0, not a sample left out
+
     # winner rule: lowest mean among 3-seed candidates; overlapping intervals tie and the cheaper sampler wins
     def rec(name, seed, value, nfe):
-        return {"dataset": "shapes32", "iterations": 10, "candidate": name, "seed": seed, "nfe": nfe,
-                "parameters": 1, "train_seconds": 1.0, "sample_seconds": 1.0, "metrics": {q.PRIMARY["shapes32"]: value}}
+        return {
+            "dataset": "shapes32",
+            "iterations": 10,
+            "candidate": name,
+            "seed": seed,
+            "nfe": nfe,
+            "parameters": 1,
+            "train_seconds": 1.0,
+            "sample_seconds": 1.0,
+            "metrics": {q.PRIMARY["shapes32"]: value},
+        }
+
     names = list(q.CANDIDATES)[:3]
     records = [rec(names[0], s, v, 1000) for s, v in enumerate([1.0, 1.1, 0.9])]
     records += [rec(names[1], s, v, 50) for s, v in enumerate([1.05, 1.2, 1.0])]  # tied, cheaper: wins
@@ -319,13 +336,17 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     assert names[2] not in summary["tied_with_best"]
     # the winner against the baseline, seed by seed: the interval of the paired differences, not of the means
     pairs = [(1.0, 1.5), (2.0, 2.4), (3.0, 3.6)]  # means 2.0 vs 2.5 vary widely; the differences barely
-    rows = [rec("w", s, a, 50) for s, (a, _) in enumerate(pairs)] + [rec("b", s, b, 50) for s, (_, b) in enumerate(pairs)]
+    rows = [rec("w", s, a, 50) for s, (a, _) in enumerate(pairs)] + [
+        rec("b", s, b, 50) for s, (_, b) in enumerate(pairs)
+    ]
     vs = q.paired_difference(rows, "w", "b", q.PRIMARY["shapes32"])
     diffs = np.array([a - b for a, b in pairs])
     half = 4.302653 * diffs.std(ddof=1) / np.sqrt(3)  # t(0.975, 2)
     assert vs["difference"]["mean"] == pytest.approx(-0.5) and vs["seeds"] == [0, 1, 2]
     assert vs["difference"]["ci_high"] == pytest.approx(-0.5 + half, rel=1e-5)
     assert vs["difference"]["ci_high"] < 0  # apart from 0 ...
-    assert q.t_interval([a for a, _ in pairs])[2] > q.t_interval([b for _, b in pairs])[1]  # ... though the means overlap
+    assert (
+        q.t_interval([a for a, _ in pairs])[2] > q.t_interval([b for _, b in pairs])[1]
+    )  # ... though the means overlap
     assert vs["ratio_of_means"] == pytest.approx(2.0 / 2.5)
     assert q.paired_difference(rows[:4], "w", "b", q.PRIMARY["shapes32"]) is None  # one common seed

@@ -58,8 +58,10 @@ def test_latent_affine_puts_each_latent_voxel_at_the_centre_of_its_block():
     affine = np.array([[-2.0, 0, 0, 90.0], [0, 2.0, 0, -120.0], [0, 0, 2.5, -70.0], [0, 0, 0, 1]])
     lat = latent_affine(affine, 4)
     for i, j, k in [(0, 0, 0), (1, 2, 3)]:
-        centre = np.mean([affine @ [4 * i + a, 4 * j + b, 4 * k + c, 1] for a in range(4) for b in range(4)
-                          for c in range(4)], axis=0)
+        centre = np.mean(
+            [affine @ [4 * i + a, 4 * j + b, 4 * k + c, 1] for a in range(4) for b in range(4) for c in range(4)],
+            axis=0,
+        )
         np.testing.assert_allclose(lat @ [i, j, k, 1], centre)
 
 

@@ -34,9 +34,17 @@ REPO = Path(__file__).resolve().parents[1]
 CONFIGS = REPO / "bundles" / "wdm3d_brats" / "configs"
 MONAI_MAIN = str(Path(__import__("monai").__file__).parent / "bundle" / "__main__.py")
 TINY = {
-    "image_size": [16, 16, 16], "network_def#base_channels": 8, "network_def#channel_mult": [1, 2],
-    "network_def#num_res_blocks": 1, "network_def#norm_num_groups": 4, "mlflow": False, "num_workers": 0,
-    "val_interval": 100, "train#validator#on_completed": False, "ema_decay": 0.5, "learning_rate": 1e-3,
+    "image_size": [16, 16, 16],
+    "network_def#base_channels": 8,
+    "network_def#channel_mult": [1, 2],
+    "network_def#num_res_blocks": 1,
+    "network_def#norm_num_groups": 4,
+    "mlflow": False,
+    "num_workers": 0,
+    "val_interval": 100,
+    "train#validator#on_completed": False,
+    "ema_decay": 0.5,
+    "learning_rate": 1e-3,
 }
 
 
@@ -64,9 +72,15 @@ def root_cause(err):
 
 
 def workflow(dataset, out, **overrides):
-    wf = ConfigWorkflow(config_file=str(CONFIGS / "train.json"), meta_file=str(CONFIGS / "metadata.json"),
-                        workflow_type="train", run_id="training", dataset_dir=str(dataset), output_dir=str(out),
-                        **{**TINY, **overrides})
+    wf = ConfigWorkflow(
+        config_file=str(CONFIGS / "train.json"),
+        meta_file=str(CONFIGS / "metadata.json"),
+        workflow_type="train",
+        run_id="training",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        **{**TINY, **overrides},
+    )
     wf.initialize()
     return wf
 
@@ -95,12 +109,32 @@ DRIVER = textwrap.dedent(
 def _launch(tmp_path, dataset, out, kill_at, **extra):
     script = tmp_path / "driver.py"
     script.write_text(DRIVER)
-    overrides = {**TINY, "dataset_dir": str(dataset), "output_dir": str(out), "batch_size": 1, "max_epochs": 3,
-                 "save_every_iterations": 1, "save_interval": 1, "n_saved": 2, **extra}
+    overrides = {
+        **TINY,
+        "dataset_dir": str(dataset),
+        "output_dir": str(out),
+        "batch_size": 1,
+        "max_epochs": 3,
+        "save_every_iterations": 1,
+        "save_interval": 1,
+        "n_saved": 2,
+        **extra,
+    }
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
-    return subprocess.Popen([sys.executable, str(script), str(CONFIGS / "train.json"), str(CONFIGS / "metadata.json"),
-                             json.dumps(overrides), str(kill_at)], env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(
+        [
+            sys.executable,
+            str(script),
+            str(CONFIGS / "train.json"),
+            str(CONFIGS / "metadata.json"),
+            json.dumps(overrides),
+            str(kill_at),
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
 
 
 def test_run_killed_with_sigkill_and_resumed_ends_with_the_same_weights(dataset, tmp_path):
@@ -113,7 +147,9 @@ def test_run_killed_with_sigkill_and_resumed_ends_with_the_same_weights(dataset,
     models = tmp_path / "killed" / "models"
     assert latest_checkpoint(models).name == "checkpoint_iteration=5.pt"
     assert sorted(p.name for p in models.glob("checkpoint_iteration=*.pt")) == [
-        "checkpoint_iteration=4.pt", "checkpoint_iteration=5.pt"]  # n_saved=2 kept
+        "checkpoint_iteration=4.pt",
+        "checkpoint_iteration=5.pt",
+    ]  # n_saved=2 kept
     resumed = _launch(tmp_path, dataset, tmp_path / "killed", kill_at=0)
     out_resumed = resumed.communicate(timeout=300)[0]
     out_straight = straight.communicate(timeout=300)[0]
@@ -159,7 +195,9 @@ def test_sigterm_saves_a_checkpoint_and_stops_cleanly(dataset, tmp_path):
     # final and interrupted checkpoints do not pile up across launches: one of each kind
     workflow(dataset, tmp_path, batch_size=1, max_epochs=2, save_every_iterations=0).run()
     assert sorted(p.name for p in (tmp_path / "models").glob("checkpoint_*_iteration=*")) == [
-        "checkpoint_final_iteration=8.pt", "checkpoint_interrupted_iteration=3.pt"]
+        "checkpoint_final_iteration=8.pt",
+        "checkpoint_interrupted_iteration=3.pt",
+    ]
 
 
 def test_a_run_stopped_by_sigterm_is_marked_killed_not_finished():
@@ -178,7 +216,9 @@ def test_a_run_stopped_by_sigterm_is_marked_killed_not_finished():
 def test_a_fresh_run_keeps_its_own_checkpoints_beside_an_older_longer_run(dataset, tmp_path):
     workflow(dataset, tmp_path, batch_size=2, max_epochs=4, save_interval=1, n_saved=2).run()
     assert sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*")) == [
-        "checkpoint_epoch=3.pt", "checkpoint_epoch=4.pt"]
+        "checkpoint_epoch=3.pt",
+        "checkpoint_epoch=4.pt",
+    ]
     wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=1, save_interval=1, n_saved=2, resume=False)
     wf.run()  # a new run in the same folder: its epoch-1 checkpoint is the newest and must survive
     kept = sorted(p.name for p in (tmp_path / "models").glob("checkpoint_epoch=*"))
@@ -189,8 +229,9 @@ def test_a_fresh_run_keeps_its_own_checkpoints_beside_an_older_longer_run(datase
     # file is newest; here the copy made the old run's files look newer
     copy = tmp_path / "copy"
     shutil.copytree(tmp_path / "models", copy, copy_function=shutil.copyfile)
-    for i, name in enumerate(["checkpoints.json", "checkpoint_final_iteration=2.pt", "checkpoint_epoch=1.pt",
-                              "checkpoint_epoch=4.pt"]):
+    for i, name in enumerate(
+        ["checkpoints.json", "checkpoint_final_iteration=2.pt", "checkpoint_epoch=1.pt", "checkpoint_epoch=4.pt"]
+    ):
         os.utime(copy / name, (1e9 + i, 1e9 + i))
     assert latest_checkpoint(copy).name == "checkpoint_final_iteration=2.pt"
     wf = workflow(dataset, copy.parent, batch_size=2, max_epochs=2, save_interval=1, n_saved=2, ckpt_dir=str(copy))
@@ -203,14 +244,21 @@ def test_a_second_run_on_a_checkpoint_folder_in_use_is_refused(dataset, tmp_path
     models = tmp_path / "models"
     models.mkdir()
     holder = subprocess.Popen(  # another process (the first run) holding the folder's lock
-        [sys.executable, "-c", textwrap.dedent(f"""
+        [
+            sys.executable,
+            "-c",
+            textwrap.dedent(f"""
             import fcntl, os, sys, time
             fd = os.open({str(models / ".lock")!r}, os.O_RDWR | os.O_CREAT)
             fcntl.flock(fd, fcntl.LOCK_EX)
             os.write(fd, b'{{"pid": 4242, "host": "node7"}}')
             print("locked", flush=True)
             time.sleep(120)
-        """)], stdout=subprocess.PIPE, text=True)
+        """),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert holder.stdout.readline().strip() == "locked"
         wf = workflow(dataset, tmp_path, batch_size=2, max_epochs=1)
@@ -371,9 +419,17 @@ def _guarded_trainer(losses, max_nonfinite_steps=2, grad_clip_norm=None, lr=0.1,
     opt = torch.optim.SGD(net.parameters(), lr=lr)
     ema = EMAHandler(net, momentum=0.5)
     data = [{"image": torch.randn(2, 4), "label": torch.randn(2, 1) * 100} for _ in range(len(losses))]
-    trainer = SupervisedTrainer(device=torch.device("cpu"), max_epochs=1, train_data_loader=data, network=net,
-                                optimizer=opt, loss_function=loss_fn, decollate=False, amp=amp,
-                                iteration_update=GuardedIteration(grad_clip_norm, max_nonfinite_steps))
+    trainer = SupervisedTrainer(
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=data,
+        network=net,
+        optimizer=opt,
+        loss_function=loss_fn,
+        decollate=False,
+        amp=amp,
+        iteration_update=GuardedIteration(grad_clip_norm, max_nonfinite_steps),
+    )
     if amp:  # MONAI makes a GradScaler only with CUDA; a CPU one runs the same scale/unscale/step/update path
         trainer.scaler = torch.amp.GradScaler("cpu", init_scale=8.0)
     ema.attach(trainer)
@@ -429,8 +485,9 @@ class _ToyVAE(torch.nn.Module):
         from wdm3d.networks import LatentDistribution, VAEOutput
 
         mean = torch.zeros(x.shape[0], 2, 1, 1, 1)
-        return VAEOutput(reconstruction=self.out(x), posterior=LatentDistribution(mean, torch.zeros_like(mean)),
-                         latent=mean)
+        return VAEOutput(
+            reconstruction=self.out(x), posterior=LatentDistribution(mean, torch.zeros_like(mean)), latent=mean
+        )
 
 
 class _CompiledLike(torch.nn.Module):
@@ -458,9 +515,14 @@ def test_the_vae_gan_iteration_reaches_the_network_inside_a_compile_wrapper():
     disc = patch_discriminator(in_channels=1, channels=4, num_layers_d=2)
     before = inner.out.weight.detach().clone()
     trainer = SupervisedTrainer(
-        device=torch.device("cpu"), max_epochs=1, train_data_loader=[{"image": torch.randn(1, 1, 16, 16, 16)}],
-        network=net, optimizer=torch.optim.SGD(net.parameters(), lr=0.1), loss_function=VAELoss(),
-        prepare_batch=VolumePrepareBatch("image"), decollate=False,
+        device=torch.device("cpu"),
+        max_epochs=1,
+        train_data_loader=[{"image": torch.randn(1, 1, 16, 16, 16)}],
+        network=net,
+        optimizer=torch.optim.SGD(net.parameters(), lr=0.1),
+        loss_function=VAELoss(),
+        prepare_batch=VolumePrepareBatch("image"),
+        decollate=False,
         iteration_update=VAEIteration(disc, torch.optim.SGD(disc.parameters(), lr=0.1), discriminator_start=0),
     )
     trainer.run()
@@ -536,8 +598,19 @@ def test_misspelt_override_keys_are_refused_with_the_closest_key():
 
 
 def test_misspelt_key_stops_a_monai_bundle_run(tmp_path):
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
-           "--output_dir", str(tmp_path), "--bacth_size", "2"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--output_dir",
+        str(tmp_path),
+        "--bacth_size",
+        "2",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env)
     assert proc.returncode != 0
@@ -576,9 +649,29 @@ def test_lowercase_false_on_the_bundle_command_line_means_false(dataset, tmp_pat
     # monai.bundle run hands "false" over as text, which counts as true: read as text, --mlflow false would log to
     # MLflow and --resume false would resume
     tiny = [f"--{k}={v!r}" if isinstance(v, (list, bool)) else f"--{k}={v}" for k, v in TINY.items() if k != "mlflow"]
-    cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json"),
-           "--meta_file", str(CONFIGS / "metadata.json"), "--dataset_dir", str(dataset), "--output_dir",
-           str(tmp_path), "--max_epochs", "1", "--batch_size", "2", *tiny, "--mlflow", "false", "--resume=false"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "monai.bundle",
+        "run",
+        "training",
+        "--config_file",
+        str(CONFIGS / "train.json"),
+        "--meta_file",
+        str(CONFIGS / "metadata.json"),
+        "--dataset_dir",
+        str(dataset),
+        "--output_dir",
+        str(tmp_path),
+        "--max_epochs",
+        "1",
+        "--batch_size",
+        "2",
+        *tiny,
+        "--mlflow",
+        "false",
+        "--resume=false",
+    ]
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "OMP_NUM_THREADS": "1"}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
     out = proc.stdout + proc.stderr

@@ -91,8 +91,15 @@ def _summary(dst: Path) -> dict:
 
 def _run_cli(tool: str, args: list[str]) -> subprocess.CompletedProcess:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    return subprocess.run([sys.executable, "-m", f"data_prep.{tool}", *args], capture_output=True, text=True,
-                          cwd=REPO, env=env, timeout=300, check=False)
+    return subprocess.run(
+        [sys.executable, "-m", f"data_prep.{tool}", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env=env,
+        timeout=300,
+        check=False,
+    )
 
 
 @pytest.fixture(scope="module")
@@ -272,9 +279,15 @@ def _fails_first(i: int) -> dict:  # module level: picklable for the worker proc
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_run_cases_stops_starting_cases_once_told_to(workers):
-    records = brats.run_cases(_fails_first, [(i, (i,)) for i in range(12)], workers=workers, desc="x",
-                              progress=False, crashed=lambda key, err: {"case": key, "status": "crashed"},
-                              stop=lambda r: r["status"] == "failed")
+    records = brats.run_cases(
+        _fails_first,
+        [(i, (i,)) for i in range(12)],
+        workers=workers,
+        desc="x",
+        progress=False,
+        crashed=lambda key, err: {"case": key, "status": "crashed"},
+        stop=lambda r: r["status"] == "failed",
+    )
     assert records[0]["status"] == "failed"
     assert all(r["status"] == "done" for k, r in records.items() if k)  # cancelled cases are not made up
     if workers == 1:

@@ -35,8 +35,11 @@ def umask(mask: int):
 
 def snapshot(folder: Path) -> dict[str, bytes]:
     """Every file under ``folder`` (relative name -> bytes)."""
-    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*"))
-            if p.is_file() and p.name != ".lock"}  # the training lock records its holder's start time
+    return {
+        str(p.relative_to(folder)): p.read_bytes()
+        for p in sorted(folder.rglob("*"))
+        if p.is_file() and p.name != ".lock"
+    }  # the training lock records its holder's start time
 
 
 def leftovers(folder: Path) -> list[str]:
@@ -46,12 +49,18 @@ def leftovers(folder: Path) -> list[str]:
 
 # --- 2. an interrupted inference run leaves the previous output whole; evaluate refuses a mixture ------------------
 
+
 def test_an_interrupted_inference_run_leaves_the_previous_output_untouched(tmp_path, monkeypatch):
     out = tmp_path / "samples"
     first = _generator(tmp_path, out, 2, seed=5).run()
     before = snapshot(out)
-    assert sorted(before) == ["manifest.json", "sample_0000.nii.gz", "sample_0000.png", "sample_0001.nii.gz",
-                              "sample_0001.png"]
+    assert sorted(before) == [
+        "manifest.json",
+        "sample_0000.nii.gz",
+        "sample_0000.png",
+        "sample_0001.nii.gz",
+        "sample_0001.png",
+    ]
 
     import wdm3d.inference
 
@@ -93,8 +102,12 @@ def test_a_finished_inference_run_replaces_the_folder_whole_and_keeps_other_file
     _generator(tmp_path, out, 3, seed=5).run()
     (out / "notes.txt").write_text("mine")
     manifest = _generator(tmp_path, out, 1, seed=8).run()
-    assert sorted(p.name for p in out.iterdir()) == ["manifest.json", "notes.txt", "sample_0000.nii.gz",
-                                                     "sample_0000.png"]
+    assert sorted(p.name for p in out.iterdir()) == [
+        "manifest.json",
+        "notes.txt",
+        "sample_0000.nii.gz",
+        "sample_0000.png",
+    ]
     assert json.loads((out / "manifest.json").read_text()) == json.loads(json.dumps(manifest))
     assert (out / "notes.txt").read_text() == "mine" and leftovers(tmp_path) == []
 
@@ -164,8 +177,11 @@ def test_evaluate_refuses_a_sample_folder_that_mixes_runs(tmp_path, real, capsys
 
     # a manifest that lists only some of the volumes present
     (fake / "manifest.json").write_text(json.dumps({"samples": [{"nifti": n} for n in names[:2]]}))
-    with pytest.raises(ValueError, match=rf"{fake} holds 1 NIfTI volume\(s\) that .*manifest\.json does not list.*"
-                                         r"sample_0002\.nii\.gz"):
+    with pytest.raises(
+        ValueError,
+        match=rf"{fake} holds 1 NIfTI volume\(s\) that .*manifest\.json does not list.*"
+        r"sample_0002\.nii\.gz",
+    ):
         check_sample_folder(fake)
     # ... or one that lists a volume that is not there
     (fake / "manifest.json").write_text(json.dumps({"samples": [{"nifti": n} for n in names + ["sample_0003.nii.gz"]]}))
@@ -192,6 +208,7 @@ def test_evaluate_still_reads_a_plain_folder_of_volumes(tmp_path, real):
 
 # --- 3. files keep the mode the umask gives, not the temporary file's 0600 ----------------------------------------
 
+
 @pytest.mark.parametrize("mask", [0o022, 0o002, 0o077])
 def test_outputs_get_the_mode_the_umask_gives(tmp_path, mask):
     expected = 0o666 & ~mask
@@ -217,6 +234,7 @@ def test_outputs_get_the_mode_the_umask_gives(tmp_path, mask):
 
 # --- 4. a checkpoint save on a full disk -----------------------------------------------------------------------------
 
+
 def _train(directory: Path, iterations: int, max_epochs: int = 1, **kw) -> tuple[Engine, torch.nn.Module]:
     """A trivial ignite run of ``iterations`` steps per epoch that checkpoints every iteration."""
     net = torch.nn.Linear(3, 2)
@@ -226,8 +244,15 @@ def _train(directory: Path, iterations: int, max_epochs: int = 1, **kw) -> tuple
             net.weight.add_(1.0)  # the weights record the iteration count
 
     engine = Engine(step)
-    ckpt = TrainingCheckpoints(directory, {"model": net}, save_interval=0, save_final=False, save_every_iterations=1,
-                               save_on_sigterm=False, **{"n_saved": 3, **kw})
+    ckpt = TrainingCheckpoints(
+        directory,
+        {"model": net},
+        save_interval=0,
+        save_final=False,
+        save_every_iterations=1,
+        save_on_sigterm=False,
+        **{"n_saved": 3, **kw},
+    )
     ckpt.attach(engine)
     engine.run(range(iterations), max_epochs=max_epochs)
     return engine, net
@@ -285,6 +310,7 @@ def test_a_checkpoint_save_on_a_full_disk_names_the_file_and_errno_and_leaves_th
 
 # --- 8b. a truncated newest checkpoint -------------------------------------------------------------------------------
 
+
 def _truncate(path: Path) -> bytes:
     data = path.read_bytes()
     path.write_bytes(data[: len(data) // 2])
@@ -301,8 +327,9 @@ def test_resume_falls_back_to_the_previous_checkpoint_when_the_newest_is_truncat
     seen = {}
     net = torch.nn.Linear(3, 2)
     engine = Engine(lambda e, b: None)
-    TrainingCheckpoints(models, {"model": net}, save_interval=0, save_final=False, save_every_iterations=1,
-                        save_on_sigterm=False).attach(engine)
+    TrainingCheckpoints(
+        models, {"model": net}, save_interval=0, save_final=False, save_every_iterations=1, save_on_sigterm=False
+    ).attach(engine)
 
     @engine.on(Events.STARTED)
     def record(e):  # after the resume (attached later), before any new save
@@ -350,15 +377,27 @@ def test_inference_names_the_previous_intact_checkpoint_when_the_newest_is_trunc
 
 # --- 7. a network too deep for the image size ------------------------------------------------------------------------
 
+
 def test_a_network_too_deep_for_the_image_size_is_refused_when_the_config_is_read(dataset, tmp_path):  # noqa: F811
     with pytest.raises(Exception) as err:  # in the bundle's initialize step, before any data is loaded
-        workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path), max_epochs=1,
-                 **{**TINY_TRAIN, "image_size": [24, 24, 24], "network_def#channel_mult": [1, 2, 2, 2]}).run()
+        workflow(
+            ["train.json"],
+            "training",
+            dataset_dir=str(dataset),
+            output_dir=str(tmp_path),
+            max_epochs=1,
+            **{**TINY_TRAIN, "image_size": [24, 24, 24], "network_def#channel_mult": [1, 2, 2, 2]},
+        ).run()
     cause = root_cause(err.value)
     message = str(cause)
     assert isinstance(cause, ValueError), message
-    for part in ("image_size [24, 24, 24]", "levels 1", "channel_mult [1, 2, 2, 2]", "smallest valid size is 16",
-                 "16 or 32"):
+    for part in (
+        "image_size [24, 24, 24]",
+        "levels 1",
+        "channel_mult [1, 2, 2, 2]",
+        "smallest valid size is 16",
+        "16 or 32",
+    ):
         assert part in message, (part, message)
     assert not list((tmp_path / "models").glob("*.pt"))  # nothing trained
 
@@ -372,6 +411,12 @@ def test_image_size_check_names_each_setting_and_the_sizes_that_work():
         check_image_size([64, 64, 40], levels=2, channel_mult=[1, 2, 2])
     message = str(err.value)
     # two levels: the U-Net sees 40 / 4 = 10, which 3 channel_mult entries (2 halvings) cannot divide by 4
-    for part in ("image_size [64, 64, 40]", "levels 2", "channel_mult [1, 2, 2]", "(16, 16, 10)",
-                 "smallest valid size is 16", "32 or 48"):
+    for part in (
+        "image_size [64, 64, 40]",
+        "levels 2",
+        "channel_mult [1, 2, 2]",
+        "(16, 16, 10)",
+        "smallest valid size is 16",
+        "32 or 48",
+    ):
         assert part in message, (part, message)

@@ -15,14 +15,19 @@ REPO = Path(__file__).resolve().parents[1]
 
 # config overrides (ids as on the command line) that make each bundle's network_def tiny; the metadata's input shape is
 # replaced by a small valid one for verify_net_in_out
-TINY_UNET = {"network_def#base_channels": 8, "network_def#channel_mult": [1, 2], "network_def#num_res_blocks": 1,
-             "network_def#norm_num_groups": 4}
+TINY_UNET = {
+    "network_def#base_channels": 8,
+    "network_def#channel_mult": [1, 2],
+    "network_def#num_res_blocks": 1,
+    "network_def#norm_num_groups": 4,
+}
 TINY_VAE = {"network_def#base_channels": 8, "network_def#num_res_blocks": 1}
 BUNDLES = {
     "wdm3d_brats": dict(TINY_UNET),
     "wdm3d_lidc": dict(TINY_UNET),
     "ip_adapter_brats": {  # network_def is the context-conditioned base; its U-Net is network_def#unet
-        "context_dim": 16, **{k.replace("network_def#", "network_def#unet#"): v for k, v in TINY_UNET.items()}
+        "context_dim": 16,
+        **{k.replace("network_def#", "network_def#unet#"): v for k, v in TINY_UNET.items()},
     },
     "wavelet_vae": dict(TINY_VAE),
     "wfvae": {**TINY_VAE, "network_def#num_mid_blocks": 1},
@@ -98,8 +103,15 @@ def test_ckpt_export_gives_the_eager_output(bundle, tmp_path):
     torch.save({"model": raw, "ema": net.state_dict(), "optimizer": {"state": {}}}, tmp_path / "model.pt")
 
     config, meta = _files(bundle)
-    ckpt_export(net_id="network_def", filepath=str(tmp_path / "model.ts"), ckpt_file=str(tmp_path / "model.pt"),
-                key_in_ckpt="ema", meta_file=meta, config_file=config, **overrides)
+    ckpt_export(
+        net_id="network_def",
+        filepath=str(tmp_path / "model.ts"),
+        ckpt_file=str(tmp_path / "model.pt"),
+        key_in_ckpt="ema",
+        meta_file=meta,
+        config_file=config,
+        **overrides,
+    )
     extra = {"metadata.json": "", "inference.json": ""}
     scripted = torch.jit.load(tmp_path / "model.ts", _extra_files=extra)
     assert b'"name"' in extra["metadata.json"] and b"network_def" in extra["inference.json"]  # ckpt_export's extras
@@ -136,17 +148,29 @@ def test_verify_net_in_out_passes(bundle):
     # the U-Nets need timesteps (the command line: --extra_forward_args "{'timesteps': 0}")
     extra = {"timesteps": 0} if bundle in UNETS else {}
     shape = [8, 8, 8] if bundle in UNETS else [16, 16, 16]
-    verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu",
-                      extra_forward_args=extra, **{SHAPE_KEY: shape}, **BUNDLES[bundle])
+    verify_net_in_out(
+        net_id="network_def",
+        meta_file=meta,
+        config_file=config,
+        device="cpu",
+        extra_forward_args=extra,
+        **{SHAPE_KEY: shape},
+        **BUNDLES[bundle],
+    )
 
 
 def test_a_wrong_output_channel_count_fails_the_check():
     # the check can fail: a VAE output reads as its reconstruction (shape, dtype), so a wrong metadata count shows
     config, meta = _files("wfvae")
     with pytest.raises(ValueError, match="output channel number"):
-        verify_net_in_out(net_id="network_def", meta_file=meta, config_file=config, device="cpu",
-                          **{SHAPE_KEY: [16, 16, 16], "_meta_#network_data_format#outputs#pred#num_channels": 2},
-                          **BUNDLES["wfvae"])
+        verify_net_in_out(
+            net_id="network_def",
+            meta_file=meta,
+            config_file=config,
+            device="cpu",
+            **{SHAPE_KEY: [16, 16, 16], "_meta_#network_data_format#outputs#pred#num_channels": 2},
+            **BUNDLES["wfvae"],
+        )
 
 
 def test_an_installed_ip_adapter_is_not_scripted_silently():

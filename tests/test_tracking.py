@@ -32,8 +32,14 @@ def server(tmp_path_factory):
 
 
 def train(dataset, out, max_epochs, **extra):
-    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(out), max_epochs=max_epochs,
-                  **{**TRACKED, **extra})
+    wf = workflow(
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        max_epochs=max_epochs,
+        **{**TRACKED, **extra},
+    )
     wf.run()
     return wf
 
@@ -44,11 +50,36 @@ def run_of(out):
 
 # the settings the bundles once listed by hand as the tracker's params: dashboards and docs know them by these names
 LISTED_BEFORE = (
-    "image_key", "image_size", "num_channels", "unet_preset", "batch_size", "learning_rate", "weight_decay",
-    "subband_weights", "ema_decay", "max_epochs", "cache_rate", "num_workers", "seed", "bf16", "compile",
-    "channels_last", "gradient_checkpointing", "fp32_io", "val_interval", "val_num_samples", "val_sampler",
-    "val_num_steps", "save_interval", "intensity_range", "save_every_iterations", "grad_clip_norm",
-    "max_nonfinite_steps", "max_bad_samples", "deterministic", "learned_subband_weights",
+    "image_key",
+    "image_size",
+    "num_channels",
+    "unet_preset",
+    "batch_size",
+    "learning_rate",
+    "weight_decay",
+    "subband_weights",
+    "ema_decay",
+    "max_epochs",
+    "cache_rate",
+    "num_workers",
+    "seed",
+    "bf16",
+    "compile",
+    "channels_last",
+    "gradient_checkpointing",
+    "fp32_io",
+    "val_interval",
+    "val_num_samples",
+    "val_sampler",
+    "val_num_steps",
+    "save_interval",
+    "intensity_range",
+    "save_every_iterations",
+    "grad_clip_norm",
+    "max_nonfinite_steps",
+    "max_bad_samples",
+    "deterministic",
+    "learned_subband_weights",
 )
 
 
@@ -62,22 +93,45 @@ def test_config_settings_are_the_data_and_the_evaluated_expressions_of_the_top_l
 
     from wdm3d.tracking import bundle_settings, config_settings
 
-    parser = ConfigParser({
-        "imports": ["$import os"], "batch_size": 2, "image_size": [16, 16, 16], "note": None,
-        "vocabularies": {"modality": ["t1n", "t2w"]},
-        "doubled": "$@batch_size * 2", "sampler": "$'ddim' if @batch_size else 'ddpm'", "same": "@batch_size",
-        "unused": "$1 / 0",  # nothing evaluates it, and neither do the settings (it could run the training)
-        "network_def": {"_target_": "torch.nn.Identity"}, "device": "$torch.device('cpu')",
-        "initialize": [], "run": ["$@batch_size"], "finalize": [], "training": "$@run", "_meta_": {"version": "1"},
-    })
+    parser = ConfigParser(
+        {
+            "imports": ["$import os"],
+            "batch_size": 2,
+            "image_size": [16, 16, 16],
+            "note": None,
+            "vocabularies": {"modality": ["t1n", "t2w"]},
+            "doubled": "$@batch_size * 2",
+            "sampler": "$'ddim' if @batch_size else 'ddpm'",
+            "same": "@batch_size",
+            "unused": "$1 / 0",  # nothing evaluates it, and neither do the settings (it could run the training)
+            "network_def": {"_target_": "torch.nn.Identity"},
+            "device": "$torch.device('cpu')",
+            "initialize": [],
+            "run": ["$@batch_size"],
+            "finalize": [],
+            "training": "$@run",
+            "_meta_": {"version": "1"},
+        }
+    )
     parser.parse()
-    assert config_settings(parser) == {"batch_size": 2, "image_size": [16, 16, 16], "note": None,
-                                       "vocabularies": {"modality": ["t1n", "t2w"]}}
+    assert config_settings(parser) == {
+        "batch_size": 2,
+        "image_size": [16, 16, 16],
+        "note": None,
+        "vocabularies": {"modality": ["t1n", "t2w"]},
+    }
     for key in ("doubled", "sampler", "same", "network_def", "device"):
         parser.get_parsed_content(key)
     settings = bundle_settings(parser)  # read when asked: what the run has evaluated by then
-    assert dict(settings) == {"batch_size": 2, "image_size": [16, 16, 16], "note": None,
-                              "vocabularies": {"modality": ["t1n", "t2w"]}, "doubled": 4, "sampler": "ddim", "same": 2}
+    assert dict(settings) == {
+        "batch_size": 2,
+        "image_size": [16, 16, 16],
+        "note": None,
+        "vocabularies": {"modality": ["t1n", "t2w"]},
+        "doubled": 4,
+        "sampler": "ddim",
+        "same": 2,
+    }
     with pytest.raises(RuntimeError, match="call it from a config"):
         bundle_settings()  # no config is evaluating this call
 
@@ -86,8 +140,13 @@ def test_more_params_than_one_mlflow_batch_takes_are_all_logged(tmp_path):
     from wdm3d.tracking import MLflowTracker
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    tracker = MLflowTracker(tmp_path, tracking_uri=uri, experiment_name="many",
-                            settings={f"setting_{i}": i for i in range(150)}, params={"setting_3": "given"})
+    tracker = MLflowTracker(
+        tmp_path,
+        tracking_uri=uri,
+        experiment_name="many",
+        settings={f"setting_{i}": i for i in range(150)},
+        params={"setting_3": "given"},
+    )
     tracker._start()
     params = MlflowClient(tracking_uri=uri).get_run(tracker.run_id).data.params
     assert {f"setting_{i}" for i in range(150)} <= set(params)  # MLflow takes 100 per call
@@ -121,11 +180,20 @@ def test_training_and_inference_are_visible_through_the_rest_api(server, dataset
     assert arts == {"validation/epoch_0001.png", "validation/epoch_0002.png"}
     assert "config/train.json" in {a.path for a in client.list_artifacts(run.info.run_id, "config")}
     assert [a.path for a in client.list_artifacts(run.info.run_id, "checkpoints")] == [
-        "checkpoints/checkpoint_final_iteration=4.pt"]
+        "checkpoints/checkpoint_final_iteration=4.pt"
+    ]
 
     # inference logs its manifest, previews and volumes to the run the checkpoint came from
-    wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), num_samples=1,
-                  sampler="ddim", num_steps=2, **TINY)
+    wf = workflow(
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        num_samples=1,
+        sampler="ddim",
+        num_steps=2,
+        **TINY,
+    )
     wf.run()
     (folder,) = client.list_artifacts(run.info.run_id, "inference")
     files = {a.path.rsplit("/", 1)[1] for a in client.list_artifacts(run.info.run_id, folder.path)}
@@ -150,8 +218,15 @@ def test_a_server_that_dies_mid_run_does_not_stop_training(dataset, tmp_path):
     from ignite.engine import Events
 
     with mlflow_server(tmp_path / "srv") as (url, kill):
-        wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path / "out"),
-                      max_epochs=2, tracking_uri=url, **TRACKED)
+        wf = workflow(
+            ["train.json"],
+            "training",
+            dataset_dir=str(dataset),
+            output_dir=str(tmp_path / "out"),
+            max_epochs=2,
+            tracking_uri=url,
+            **TRACKED,
+        )
         trainer = wf.parser.get_parsed_content("train#trainer")
         trainer.add_event_handler(Events.EPOCH_COMPLETED(once=1), lambda e: kill())
         with warnings.catch_warnings(record=True) as caught:
@@ -170,7 +245,8 @@ def test_two_launches_make_two_runs(dataset, tmp_path):
     train(dataset, tmp_path / "b", max_epochs=1, tracking_uri=uri, resume=False)  # a fresh start, same folder
     ids = {run_of(tmp_path / "a")["run_id"], run_of(tmp_path / "b")["run_id"]}
     runs = MlflowClient(tracking_uri=uri).search_runs(
-        [MlflowClient(tracking_uri=uri).get_experiment_by_name("wdm3d_brats").experiment_id])
+        [MlflowClient(tracking_uri=uri).get_experiment_by_name("wdm3d_brats").experiment_id]
+    )
     assert len(ids) == 2 and len(runs) == 3 and len({r.info.run_name for r in runs}) == 3
 
 
@@ -178,8 +254,15 @@ def test_a_failed_run_is_marked_failed_and_never_reused(dataset, tmp_path):
     from ignite.engine import Events
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path / "a"),
-                  max_epochs=2, tracking_uri=uri, **TRACKED)
+    wf = workflow(
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path / "a"),
+        max_epochs=2,
+        tracking_uri=uri,
+        **TRACKED,
+    )
     trainer = wf.parser.get_parsed_content("train#trainer")
 
     def boom(engine):
@@ -204,8 +287,9 @@ def test_a_killed_then_resumed_training_keeps_its_run(dataset, tmp_path):
     cmd = [sys.executable, "-m", "monai.bundle", "run", "training", "--config_file", str(CONFIGS / "train.json")]
     for k, v in args.items():
         cmd += [f"--{k}", v if isinstance(v, str) else json.dumps(v)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     try:
         deadline = time.time() + 240
         while not (out / "models" / "checkpoint_epoch=2.pt").exists():
@@ -247,8 +331,15 @@ def test_an_mlflow_blip_loses_no_metric_and_the_run_still_ends(dataset, tmp_path
     from ignite.engine import Events
 
     uri = f"sqlite:///{tmp_path / 'store.db'}"
-    wf = workflow(["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path / "out"),
-                  max_epochs=3, tracking_uri=uri, **TRACKED)
+    wf = workflow(
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path / "out"),
+        max_epochs=3,
+        tracking_uri=uri,
+        **TRACKED,
+    )
     trainer, tracker = wf.parser.get_parsed_content("train#trainer"), _tracker(wf)
     tracker.retry_after = retry_after
     failures = []

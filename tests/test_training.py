@@ -74,11 +74,17 @@ def test_cli_info_and_console_script(capsys):
 
 
 def test_cli_demo(tmp_path, capsys):
-    assert main(["demo", "--output", str(tmp_path), "--quick", "--num-cases", "4", "--num-samples", "1",
-                 "--device", "cpu"]) == 0
+    assert (
+        main(
+            ["demo", "--output", str(tmp_path), "--quick", "--num-cases", "4", "--num-samples", "1", "--device", "cpu"]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "Synthetic volumes" in out and str(tmp_path.resolve()) in out
-    assert (tmp_path / "samples" / "sample_0000.nii.gz").exists() and (tmp_path / "samples" / "sample_0000.png").exists()
+    assert (tmp_path / "samples" / "sample_0000.nii.gz").exists() and (
+        tmp_path / "samples" / "sample_0000.png"
+    ).exists()
 
 
 def test_interrupted_demo_training_stops_before_sampling(tmp_path, monkeypatch, capsys):

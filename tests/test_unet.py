@@ -112,8 +112,12 @@ def test_cross_attention_placement_and_zero_init():
     assert blocks == ["down.4", "down.6", "middle.1", "up.3.1", "up.4.1", "up.5.1"]  # decoder: level 2 is up.0-2
     anchors = net.attention_anchors(levels=[1])
     assert [(a.path, a.attention) for a in anchors] == [
-        ("down.3", "down.4"), ("down.5", "down.6"), ("middle.0", "middle.1"),
-        ("up.3.0", "up.3.1"), ("up.4.0", "up.4.1"), ("up.5.0", "up.5.1"),
+        ("down.3", "down.4"),
+        ("down.5", "down.6"),
+        ("middle.0", "middle.1"),
+        ("up.3.0", "up.3.1"),
+        ("up.4.0", "up.4.1"),
+        ("up.5.0", "up.5.1"),
     ]
     assert all(a.attention is None for a in net.attention_anchors(levels=[0, 2], middle=False))
     out = net(torch.randn(2, 8, 8, 8, 8), torch.tensor([1, 2]), context=torch.randn(2, 3, 16))

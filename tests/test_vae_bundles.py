@@ -19,12 +19,30 @@ REPO = Path(__file__).resolve().parents[1]
 BUNDLES = REPO / "bundles"
 AFFINE = np.array([[-2.0, 0, 0, 90.0], [0, 2.0, 0, -120.0], [0, 0, 2.5, -70.0], [0, 0, 0, 1]])
 SIZE = [32, 32, 32]
-TINY_WF = {"network_def#base_channels": 8, "network_def#num_res_blocks": 1, "network_def#num_mid_blocks": 1,
-           "latent_channels": 4}
-TINY_WAVELET = {"network_def#base_channels": 8, "network_def#num_res_blocks": 1, "network_def#norm_num_groups": 4,
-                "network_def#refine_channels": 4, "latent_channels": 4}
-TRAIN = {"image_size": SIZE, "mlflow": False, "batch_size": 2, "num_workers": 0, "val_interval": 1,
-         "save_interval": 1, "ema_decay": 0.5, "discriminator_start": 1, "learning_rate": 1e-3}
+TINY_WF = {
+    "network_def#base_channels": 8,
+    "network_def#num_res_blocks": 1,
+    "network_def#num_mid_blocks": 1,
+    "latent_channels": 4,
+}
+TINY_WAVELET = {
+    "network_def#base_channels": 8,
+    "network_def#num_res_blocks": 1,
+    "network_def#norm_num_groups": 4,
+    "network_def#refine_channels": 4,
+    "latent_channels": 4,
+}
+TRAIN = {
+    "image_size": SIZE,
+    "mlflow": False,
+    "batch_size": 2,
+    "num_workers": 0,
+    "val_interval": 1,
+    "save_interval": 1,
+    "ema_decay": 0.5,
+    "discriminator_start": 1,
+    "learning_rate": 1e-3,
+}
 
 
 @pytest.fixture(scope="module")
@@ -44,8 +62,11 @@ def dataset(tmp_path_factory):
 def workflow(bundle, files, run_id, **overrides):
     configs = BUNDLES / bundle / "configs"
     wf = ConfigWorkflow(
-        config_file=[str(configs / f) for f in files], meta_file=str(configs / "metadata.json"),
-        workflow_type="train" if run_id == "training" else "infer", run_id=run_id, **overrides,
+        config_file=[str(configs / f) for f in files],
+        meta_file=str(configs / "metadata.json"),
+        workflow_type="train" if run_id == "training" else "infer",
+        run_id=run_id,
+        **overrides,
     )
     wf.initialize()
     return wf
@@ -54,8 +75,16 @@ def workflow(bundle, files, run_id, **overrides):
 @pytest.fixture(scope="module")
 def trained_wfvae(dataset, tmp_path_factory):
     out = tmp_path_factory.mktemp("wfvae")
-    wf = workflow("wfvae", ["train.json"], "training", dataset_dir=str(dataset), output_dir=str(out), max_epochs=1,
-                  **TRAIN, **TINY_WF)
+    wf = workflow(
+        "wfvae",
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        max_epochs=1,
+        **TRAIN,
+        **TINY_WF,
+    )
     disc_before = {k: v.clone() for k, v in wf.parser.get_parsed_content("discriminator").state_dict().items()}
     wf.run()
     return out, wf, disc_before
@@ -76,9 +105,16 @@ def test_wfvae_trains_as_a_vae_gan_and_checkpoints_every_part(trained_wfvae):
 
 
 def test_gan_starts_after_discriminator_start_and_its_terms_are_logged(dataset, tmp_path):
-    wf = workflow("wfvae", ["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                  max_epochs=2, **{**TRAIN, "mlflow": True, "log_every": 1},
-                  **TINY_WF)
+    wf = workflow(
+        "wfvae",
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        max_epochs=2,
+        **{**TRAIN, "mlflow": True, "log_every": 1},
+        **TINY_WF,
+    )
     disc = wf.parser.get_parsed_content("discriminator")
     before = {k: v.clone() for k, v in disc.state_dict().items()}
     wf.run()
@@ -94,8 +130,16 @@ def test_gan_starts_after_discriminator_start_and_its_terms_are_logged(dataset, 
 
 
 def test_a_discriminator_too_deep_for_the_volume_fails_at_the_first_step_not_when_the_gan_starts(dataset, tmp_path):
-    wf = workflow("wfvae", ["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                  max_epochs=1, **{**TRAIN, "discriminator_start": 5000, "num_layers_d": 4}, **TINY_WF)
+    wf = workflow(
+        "wfvae",
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        max_epochs=1,
+        **{**TRAIN, "discriminator_start": 5000, "num_layers_d": 4},
+        **TINY_WF,
+    )
     with pytest.raises(Exception) as err:  # 4 strided layers need 48 voxels per axis; the data are 32^3
         wf.run()
     cause = err.value
@@ -107,8 +151,18 @@ def test_a_discriminator_too_deep_for_the_volume_fails_at_the_first_step_not_whe
 
 def test_reconstruct_reports_metrics_and_writes_volumes_with_the_data_geometry(dataset, trained_wfvae, tmp_path):
     out, _, _ = trained_wfvae
-    wf = workflow("wfvae", ["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(out),
-                  reconstruction_dir=str(tmp_path), image_size=SIZE, chunk=8, latent_chunk=1, **TINY_WF)
+    wf = workflow(
+        "wfvae",
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        reconstruction_dir=str(tmp_path),
+        image_size=SIZE,
+        chunk=8,
+        latent_chunk=1,
+        **TINY_WF,
+    )
     wf.run()
     result = json.loads((tmp_path / "metrics.json").read_text())
     assert [c["case"] for c in result["cases"]] == ["case3", "case4"] and result["failures"] == []
@@ -129,8 +183,16 @@ def test_a_bad_case_is_reported_and_the_rest_reconstructed(dataset, trained_wfva
     missing = str(tmp_path / "missing-t1n.nii.gz")
     data["validation"] = [{"case": "broken", "t1n": str(bad)}, {"case": "missing", "t1n": missing}] + data["validation"]
     (tmp_path / "datalist.json").write_text(json.dumps(data))
-    wf = workflow("wfvae", ["inference.json"], "inference", datalist=str(tmp_path / "datalist.json"),
-                  output_dir=str(out), reconstruction_dir=str(tmp_path / "rec"), image_size=SIZE, **TINY_WF)
+    wf = workflow(
+        "wfvae",
+        ["inference.json"],
+        "inference",
+        datalist=str(tmp_path / "datalist.json"),
+        output_dir=str(out),
+        reconstruction_dir=str(tmp_path / "rec"),
+        image_size=SIZE,
+        **TINY_WF,
+    )
     wf.run()
     result = json.loads((tmp_path / "rec" / "metrics.json").read_text())
     assert [f["case"] for f in result["failures"]] == ["broken", "missing"]
@@ -143,8 +205,17 @@ def test_a_bad_case_is_reported_and_the_rest_reconstructed(dataset, trained_wfva
 def latents(dataset, trained_wfvae, tmp_path_factory):
     out, _, _ = trained_wfvae
     lat = tmp_path_factory.mktemp("latents")
-    wf = workflow("wfvae", ["inference.json", "encode.json"], "inference", dataset_dir=str(dataset),
-                  output_dir=str(out), latents_dir=str(lat), image_size=SIZE, chunk=8, **TINY_WF)
+    wf = workflow(
+        "wfvae",
+        ["inference.json", "encode.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        latents_dir=str(lat),
+        image_size=SIZE,
+        chunk=8,
+        **TINY_WF,
+    )
     wf.run()
     return lat
 
@@ -162,20 +233,48 @@ def test_encode_writes_latents_with_scaled_geometry_and_normalisation(latents):
 
 
 def test_latent_wavelet_diffusion_trains_and_samples_volumes_with_the_image_geometry(latents, tmp_path):
-    tiny_unet = {"network_def#base_channels": 8, "network_def#channel_mult": [1, 2], "network_def#num_res_blocks": 1,
-                 "network_def#norm_num_groups": 4}
+    tiny_unet = {
+        "network_def#base_channels": 8,
+        "network_def#channel_mult": [1, 2],
+        "network_def#num_res_blocks": 1,
+        "network_def#norm_num_groups": 4,
+    }
     latent_datalist = str(latents / "datalist_latents.json")
-    wf = workflow("wdm3d_brats", ["train.json", "latent.json"], "training", latent_datalist=latent_datalist,
-                  output_dir=str(tmp_path), max_epochs=1, mlflow=False, batch_size=2, num_workers=0, val_interval=1,
-                  val_num_steps=2, save_interval=1, latent_chunk=2, **tiny_unet)
+    wf = workflow(
+        "wdm3d_brats",
+        ["train.json", "latent.json"],
+        "training",
+        latent_datalist=latent_datalist,
+        output_dir=str(tmp_path),
+        max_epochs=1,
+        mlflow=False,
+        batch_size=2,
+        num_workers=0,
+        val_interval=1,
+        val_num_steps=2,
+        save_interval=1,
+        latent_chunk=2,
+        **tiny_unet,
+    )
     wf.run()
     assert (tmp_path / "validation" / "epoch_0001.png").is_file()
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     assert ckpt["run_config"]["settings"]["num_channels"] == 4
     samples = tmp_path / "samples"
-    wf = workflow("wdm3d_brats", ["inference.json", "latent_inference.json"], "inference",
-                  latent_datalist=latent_datalist, output_dir=str(tmp_path), samples_dir=str(samples), num_samples=1,
-                  num_steps=2, mlflow=False, autocast=None, latent_chunk=2, **tiny_unet)
+    wf = workflow(
+        "wdm3d_brats",
+        ["inference.json", "latent_inference.json"],
+        "inference",
+        latent_datalist=latent_datalist,
+        output_dir=str(tmp_path),
+        samples_dir=str(samples),
+        num_samples=1,
+        num_steps=2,
+        mlflow=False,
+        autocast=None,
+        latent_chunk=2,
+        **tiny_unet,
+    )
     wf.run()
     img = nib.load(str(samples / "sample_0000.nii.gz"))
     assert img.shape == tuple(SIZE)
@@ -186,15 +285,31 @@ def test_latent_wavelet_diffusion_trains_and_samples_volumes_with_the_image_geom
 
 
 def test_wavelet_vae_bundle_trains_and_reconstructs(dataset, tmp_path):
-    wf = workflow("wavelet_vae", ["train.json"], "training", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                  max_epochs=2, **{**TRAIN, "mlflow": True, "log_every": 1}, **TINY_WAVELET)
+    wf = workflow(
+        "wavelet_vae",
+        ["train.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        max_epochs=2,
+        **{**TRAIN, "mlflow": True, "log_every": 1},
+        **TINY_WAVELET,
+    )
     wf.run()
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("loss_sparsity", 0) > 0 for r in rows)  # the sparsity prior is on (prior "both")
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     assert ckpt["run_config"]["network"]["class"].endswith("WaveletVAE3D")
-    wf = workflow("wavelet_vae", ["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path),
-                  reconstruction_dir=str(tmp_path / "rec"), image_size=SIZE, **TINY_WAVELET)
+    wf = workflow(
+        "wavelet_vae",
+        ["inference.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        reconstruction_dir=str(tmp_path / "rec"),
+        image_size=SIZE,
+        **TINY_WAVELET,
+    )
     wf.run()
     assert json.loads((tmp_path / "rec" / "metrics.json").read_text())["summary"]["num_cases"] == 2
 
@@ -205,7 +320,7 @@ def test_the_two_vae_bundles_differ_only_where_the_models_do():
 
     def flat(d, prefix=""):
         out = {}
-        for k, v in (d.items() if isinstance(d, dict) else enumerate(d)):
+        for k, v in d.items() if isinstance(d, dict) else enumerate(d):
             key = f"{prefix}#{k}" if prefix else str(k)
             out.update(flat(v, key) if isinstance(v, (dict, list)) and v else {key: v})
         return out
@@ -213,8 +328,13 @@ def test_the_two_vae_bundles_differ_only_where_the_models_do():
     fa, fb = flat(a), flat(b)
     differ = {k for k in fa.keys() | fb.keys() if fa.get(k) != fb.get(k)}
     allowed = {"bundle_root", "experiment_name", "gradient_checkpointing", "prior", "sparsity_weight"}
-    assert {k for k in differ if not (k in allowed or k.startswith(("network_def", "loss#extra_weights",
-                                                                       "train#tracker#params", "run_config")))} == set()
+    assert {
+        k
+        for k in differ
+        if not (
+            k in allowed or k.startswith(("network_def", "loss#extra_weights", "train#tracker#params", "run_config"))
+        )
+    } == set()
 
 
 # ----------------------------------------------------------------------------------------------------------------------
@@ -226,8 +346,9 @@ def _tiny_autoencoder(latent_channels):
     from wdm3d.networks import WFVAE3D
 
     torch.manual_seed(latent_channels)
-    return WFVAE3D(in_channels=1, latent_channels=latent_channels, levels=2, base_channels=8, num_res_blocks=1,
-                   num_mid_blocks=1)
+    return WFVAE3D(
+        in_channels=1, latent_channels=latent_channels, levels=2, base_channels=8, num_res_blocks=1, num_mid_blocks=1
+    )
 
 
 def test_build_network_only_builds_network_classes(tmp_path):
@@ -236,16 +357,28 @@ def test_build_network_only_builds_network_classes(tmp_path):
     target = tmp_path / "written_by_the_checkpoint.pt"
     crafted = tmp_path / "crafted.pt"
     # a function under an allowed module path: calling it with the checkpoint's arguments would write a file
-    torch.save({"run_config": {"network": {"class": "monai.networks.utils.save_state", "src": {},
-                                           "path": str(target)}}}, crafted)
-    with pytest.raises(ValueError, match=r"crafted\.pt names 'monai\.networks\.utils\.save_state', which is not a network class"):
+    torch.save(
+        {"run_config": {"network": {"class": "monai.networks.utils.save_state", "src": {}, "path": str(target)}}},
+        crafted,
+    )
+    with pytest.raises(
+        ValueError, match=r"crafted\.pt names 'monai\.networks\.utils\.save_state', which is not a network class"
+    ):
         build_network(crafted)
     assert not target.exists()
     torch.save({"run_config": {"network": {"class": "wdm3d.networks.NoSuchNet"}}}, crafted)
-    with pytest.raises(ValueError, match=r"crafted\.pt names network class 'wdm3d\.networks\.NoSuchNet', which does not exist"):
+    with pytest.raises(
+        ValueError, match=r"crafted\.pt names network class 'wdm3d\.networks\.NoSuchNet', which does not exist"
+    ):
         build_network(crafted)
-    torch.save({"run_config": {"network": {"class": "wdm3d.networks.WFVAE3D", "in_channels": 1,
-                                           "latent_channels": 4, "levels": 0}}}, crafted)
+    torch.save(
+        {
+            "run_config": {
+                "network": {"class": "wdm3d.networks.WFVAE3D", "in_channels": 1, "latent_channels": 4, "levels": 0}
+            }
+        },
+        crafted,
+    )
     with pytest.raises(ValueError, match=r"Cannot rebuild wdm3d\.networks\.WFVAE3D from the settings in .*crafted\.pt"):
         build_network(crafted)
 
@@ -295,8 +428,14 @@ def test_cases_that_would_share_an_output_file_are_refused(dataset, tmp_path):
         (tmp_path / p).mkdir()
         (tmp_path / p / "t1n.nii.gz").write_bytes((dataset / "case0" / "case0-t1n.nii.gz").read_bytes())
     datalist = tmp_path / "datalist.json"
-    datalist.write_text(json.dumps({"training": [{"t1n": "p0/t1n.nii.gz"}, {"t1n": "p1/t1n.nii.gz"}],
-                                    "validation": [{"t1n": "p0/t1n.nii.gz"}, {"t1n": "p1/t1n.nii.gz"}]}))
+    datalist.write_text(
+        json.dumps(
+            {
+                "training": [{"t1n": "p0/t1n.nii.gz"}, {"t1n": "p1/t1n.nii.gz"}],
+                "validation": [{"t1n": "p0/t1n.nii.gz"}, {"t1n": "p1/t1n.nii.gz"}],
+            }
+        )
+    )
     net = _tiny_autoencoder(4)
     torch.save({"model": net.state_dict()}, tmp_path / "a.pt")
     pattern = r"p0/t1n\.nii\.gz and .*p1/t1n\.nii\.gz would both be written as case 't1n'"

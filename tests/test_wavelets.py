@@ -89,12 +89,12 @@ def test_half_types_are_computed_in_float32_and_rounded_once(dtype):
     y = dwt3d(xh)
     assert y.dtype == dtype
     hhh = subband(exact, "HHH")
-    assert (subband(y, "HHH").double() - hhh).abs().max() <= 2 ** -8 * hhh.abs().max() + 1e-6  # one rounding
+    assert (subband(y, "HHH").double() - hhh).abs().max() <= 2**-8 * hhh.abs().max() + 1e-6  # one rounding
     detail = exact[:, 1:]
     rel = ((y[:, 1:].double() - detail).square().mean() / detail.square().mean()).sqrt()
     assert rel < 0.01  # ~0.1 if the butterflies ran in the half type
     back = idwt3d(exact.to(dtype))
-    assert ((back.double() - idwt3d(exact)).abs().max() / x.abs().max()).item() < 2 ** -7
+    assert ((back.double() - idwt3d(exact)).abs().max() / x.abs().max()).item() < 2**-7
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])

@@ -182,7 +182,7 @@ def test_slab_by_slab_gradients_equal_whole_volume_ones_with_checkpointing() -> 
         vae.zero_grad()
         if slabs:
             with causal_cache(vae.encoder):
-                sum(vae.encoder(x[:, :, s:s + 8])[0].square().sum() for s in (0, 8)).backward()
+                sum(vae.encoder(x[:, :, s : s + 8])[0].square().sum() for s in (0, 8)).backward()
         else:
             vae.encoder(x)[0].square().sum().backward()
         return [p.grad.clone() for p in vae.encoder.parameters() if p.grad is not None]

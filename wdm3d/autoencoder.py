@@ -46,8 +46,16 @@ from .networks.vae_ops import (
 )
 
 __all__ = [
-    "reconstruct", "encode_mean", "decode_latent", "latent_affine", "reconstruct_dataset",
-    "encode_dataset", "read_latent_stats", "LatentDecoder", "build_network", "ReconstructionInferer",
+    "reconstruct",
+    "encode_mean",
+    "decode_latent",
+    "latent_affine",
+    "reconstruct_dataset",
+    "encode_dataset",
+    "read_latent_stats",
+    "LatentDecoder",
+    "build_network",
+    "ReconstructionInferer",
 ]
 
 logger = logging.getLogger(__name__)
@@ -130,8 +138,10 @@ def reconstruct_dataset(
     if inferer is None:
         inferer = ReconstructionInferer(chunk, latent_chunk)
     elif chunk is not None or latent_chunk is not None:
-        raise ValueError("Give chunk / latent_chunk to the inferer (ReconstructionInferer(chunk, latent_chunk)) or to "
-                         "reconstruct_dataset, not to both.")
+        raise ValueError(
+            "Give chunk / latent_chunk to the inferer (ReconstructionInferer(chunk, latent_chunk)) or to "
+            "reconstruct_dataset, not to both."
+        )
     chunk, latent_chunk = getattr(inferer, "chunk", None), getattr(inferer, "latent_chunk", None)
     device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     network, info = load_frozen(network, checkpoint, use_ema, device, what="autoencoder", hint=AUTOENCODER_HINT)
@@ -152,8 +162,9 @@ def reconstruct_dataset(
             row = {"case": name, **reconstruction_metrics(recon, xt, (-1.0, 1.0), physical_range)[0]}
             if save_volumes:
                 vol = (recon[0, 0].clamp(-1, 1).cpu().numpy() + 1) / 2 * (hi - lo) + lo
-                row["nifti"] = save_nifti(vol, affine, out_dir / f"{name}_recon.nii.gz",
-                                          description="reconstruction (wdm3d)").name
+                row["nifti"] = save_nifti(
+                    vol, affine, out_dir / f"{name}_recon.nii.gz", description="reconstruction (wdm3d)"
+                ).name
             rows.append(row)
         except Exception as err:  # one bad case must not end the run: report it and go on
             logger.error("Case %s (%s) failed: %s: %s", name, entry.get(image_key), type(err).__name__, err)
@@ -161,9 +172,17 @@ def reconstruct_dataset(
     if not rows:
         raise RuntimeError(f"No case of split {split!r} in {datalist} could be reconstructed; failures: {failures}")
     metrics_rows = [{k: v for k, v in r.items() if k not in ("case", "nifti")} for r in rows]
-    result = {"split": split, "datalist": str(datalist), "summary": summarize_cases(metrics_rows), "cases": rows,
-              "failures": failures, "autoencoder": info, "chunk": chunk, "latent_chunk": latent_chunk,
-              "seconds": round(time.perf_counter() - t0, 2)}
+    result = {
+        "split": split,
+        "datalist": str(datalist),
+        "summary": summarize_cases(metrics_rows),
+        "cases": rows,
+        "failures": failures,
+        "autoencoder": info,
+        "chunk": chunk,
+        "latent_chunk": latent_chunk,
+        "seconds": round(time.perf_counter() - t0, 2),
+    }
     atomic_write_text(out_dir / "metrics.json", json.dumps(result, indent=2))
     buf = io.StringIO()
     fields = sorted({k for r in rows for k in r}, key=lambda k: (k != "case", k))
@@ -172,8 +191,10 @@ def reconstruct_dataset(
     writer.writerows(rows)
     atomic_write_bytes(out_dir / "metrics.csv", buf.getvalue().encode())
     s = result["summary"]
-    print(f"Reconstructed {len(rows)} volumes ({len(failures)} failed): PSNR {s['psnr_mean']:.2f} dB, "
-          f"SSIM {s['ssim_mean']:.4f}, MAE {s['mae_mean']:.4f} -> {out_dir / 'metrics.json'}")
+    print(
+        f"Reconstructed {len(rows)} volumes ({len(failures)} failed): PSNR {s['psnr_mean']:.2f} dB, "
+        f"SSIM {s['ssim_mean']:.4f}, MAE {s['mae_mean']:.4f} -> {out_dir / 'metrics.json'}"
+    )
     return result
 
 
@@ -225,12 +246,21 @@ def encode_dataset(
             by_split[split] = _entries(datalist, split, image_key)
         except (KeyError, ValueError) as err:
             logger.warning("Skipping split %s: %s", split, err)
-    _check_unique_names([(_case_name(e, image_key), e) for rows in by_split.values() for e in rows], image_key,
-                        datalist)
+    _check_unique_names(
+        [(_case_name(e, image_key), e) for rows in by_split.values() for e in rows], image_key, datalist
+    )
     (out_dir / "latents").mkdir(parents=True, exist_ok=True)
-    _claim_latent_folder(out_dir, {"sha256": info["sha256"], "weights": info["weights"], "image_key": image_key,
-                                   "image_size": [int(v) for v in image_size],
-                                   "intensity_range": [float(v) for v in intensity_range]}, overwrite)
+    _claim_latent_folder(
+        out_dir,
+        {
+            "sha256": info["sha256"],
+            "weights": info["weights"],
+            "image_key": image_key,
+            "image_size": [int(v) for v in image_size],
+            "intensity_range": [float(v) for v in intensity_range],
+        },
+        overwrite,
+    )
     result: dict[str, Any] = {}
     failures = []
     total, total_sq, count = None, None, 0
@@ -245,8 +275,10 @@ def encode_dataset(
                     # save_nifti writes (Z, d, h, w) as d x h x w x Z, and a single channel as a 3D volume
                     z = torch.from_numpy(arr[None] if arr.ndim == 3 else np.moveaxis(arr, -1, 0))
                     if z.shape[0] != int(unwrap(network).latent_channels):
-                        raise ValueError(f"existing latent {path} has {z.shape[0]} channels, the autoencoder "
-                                         f"{unwrap(network).latent_channels}; pass overwrite=True to re-encode")
+                        raise ValueError(
+                            f"existing latent {path} has {z.shape[0]} channels, the autoencoder "
+                            f"{unwrap(network).latent_channels}; pass overwrite=True to re-encode"
+                        )
                 else:
                     x = load(dict(entry))[image_key]
                     affine = x.affine.numpy() if hasattr(x, "affine") else np.eye(4)
@@ -269,20 +301,22 @@ def encode_dataset(
     mean = total / count
     std = (total_sq / count - mean.square()).clamp_min(1e-12).sqrt()
     net = unwrap(network)
-    result.update({
-        "latent_shift": mean.tolist(),
-        "latent_scale": (1.0 / std).tolist(),
-        "latent_channels": int(net.latent_channels),
-        "downsample_factor": factor,
-        "latent_size": latent_size,
-        "image_size": [int(s) for s in image_size],
-        "intensity_range": [float(v) for v in intensity_range],
-        "image_datalist": str(Path(datalist).resolve()),
-        "image_key": image_key,
-        "autoencoder": info,
-        "chunk": chunk,
-        "failures": failures,
-    })
+    result.update(
+        {
+            "latent_shift": mean.tolist(),
+            "latent_scale": (1.0 / std).tolist(),
+            "latent_channels": int(net.latent_channels),
+            "downsample_factor": factor,
+            "latent_size": latent_size,
+            "image_size": [int(s) for s in image_size],
+            "intensity_range": [float(v) for v in intensity_range],
+            "image_datalist": str(Path(datalist).resolve()),
+            "image_key": image_key,
+            "autoencoder": info,
+            "chunk": chunk,
+            "failures": failures,
+        }
+    )
     out = atomic_write_text(out_dir / "datalist_latents.json", json.dumps(result, indent=2))
     n = sum(len(result.get(s, [])) for s in splits)
     print(f"Encoded {n} volumes to latents {latent_size} x {net.latent_channels} ({len(failures)} failed) -> {out}")
@@ -306,13 +340,19 @@ def _claim_latent_folder(out_dir: Path, stamp: dict[str, Any], overwrite: bool) 
             old = json.loads(stamp_file.read_text())
         elif (out_dir / "datalist_latents.json").is_file():  # no stamp: compare what the latent datalist records
             data = json.loads((out_dir / "datalist_latents.json").read_text())
-            old = {**{k: data.get(k) for k in ("image_key", "image_size", "intensity_range")},
-                   **{k: (data.get("autoencoder") or {}).get(k) for k in ("sha256", "weights")}}
+            old = {
+                **{k: data.get(k) for k in ("image_key", "image_size", "intensity_range")},
+                **{k: (data.get("autoencoder") or {}).get(k) for k in ("sha256", "weights")},
+            }
         elif any((out_dir / "latents").glob("*_latent.nii.gz")):
-            raise ValueError(f"{out_dir / 'latents'} holds latents of unknown origin (no {_STAMP}); pass "
-                             "overwrite=True to re-encode them or choose another output folder.")
+            raise ValueError(
+                f"{out_dir / 'latents'} holds latents of unknown origin (no {_STAMP}); pass "
+                "overwrite=True to re-encode them or choose another output folder."
+            )
         if old is not None and old != stamp:
             diff = ", ".join(f"{k}: {old.get(k)!r} there, {v!r} now" for k, v in stamp.items() if old.get(k) != v)
-            raise ValueError(f"{out_dir} holds latents encoded differently ({diff}); pass overwrite=True to "
-                             "re-encode them or choose another output folder.")
+            raise ValueError(
+                f"{out_dir} holds latents encoded differently ({diff}); pass overwrite=True to "
+                "re-encode them or choose another output folder."
+            )
     atomic_write_text(stamp_file, json.dumps(stamp, indent=2))

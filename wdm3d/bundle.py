@@ -97,8 +97,12 @@ def run_bundle(name: str, run_id: str, configs: Sequence[str], **overrides: Any)
     meta = bundle_config(name, "metadata.json")
     logging_file = os.path.join(bundle_root(name), "configs", "logging.conf")
     workflow = ConfigWorkflow(
-        config_file=files, meta_file=meta, logging_file=logging_file if os.path.isfile(logging_file) else None,
-        workflow_type=None, run_id=run_id, **overrides,
+        config_file=files,
+        meta_file=meta,
+        logging_file=logging_file if os.path.isfile(logging_file) else None,
+        workflow_type=None,
+        run_id=run_id,
+        **overrides,
     )
     workflow.initialize()
     try:
@@ -167,7 +171,8 @@ def _apply_variant(config: dict, variant: Mapping[str, Any]) -> tuple[dict, set[
             parent, _, _ = ident.rpartition("#")
             config_now = parser.get()
             fits = (_has_id(config_now, parent) if parent else ident in config_now) or (
-                not parent and ident in _references(config_now))
+                not parent and ident in _references(config_now)
+            )
             if not fits:
                 continue
             if not parent and ident not in config_now:
@@ -287,8 +292,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     for path in paths:
         print(("out of date: " if args.check else "wrote ") + str(path))
     if args.check and paths:
-        print("Edit bundles/families/ (not the generated configs) and run: python -m wdm3d.bundle build-configs",
-              file=sys.stderr)
+        print(
+            "Edit bundles/families/ (not the generated configs) and run: python -m wdm3d.bundle build-configs",
+            file=sys.stderr,
+        )
         return 1
     if not paths:
         print("Every config is up to date with bundles/families/.")

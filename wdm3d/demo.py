@@ -108,8 +108,12 @@ def run_demo(
     out = Path(output_dir).resolve()
     out.mkdir(parents=True, exist_ok=True)
     config = dict(QUICK) if quick else {}
-    for key, value in (("max_epochs", max_epochs), ("num_samples", num_samples), ("sampler", sampler),
-                       ("num_steps", num_steps)):
+    for key, value in (
+        ("max_epochs", max_epochs),
+        ("num_samples", num_samples),
+        ("sampler", sampler),
+        ("num_steps", num_steps),
+    ):
         if value is not None:
             config[key] = value
     config.update(overrides)
@@ -117,8 +121,9 @@ def run_demo(
 
     t0 = time.perf_counter()
     pool = 8 if quick else 2  # 128^3 at 2 mm -> 16^3 (quick) or 64^3
-    datalist = make_demo_dataset(out / "data", num_cases=num_cases, seed=seed, resolution=2, pool=pool,
-                                 progress=progress)
+    datalist = make_demo_dataset(
+        out / "data", num_cases=num_cases, seed=seed, resolution=2, pool=pool, progress=progress
+    )
     times["data_seconds"] = round(time.perf_counter() - t0, 1)
     common = {"dataset_dir": str(Path(datalist).parent), "output_dir": str(out), "seed": seed, **config}
 
@@ -143,7 +148,8 @@ def run_demo(
         "num_steps": manifest["num_steps"],
         "overrides": config,
         "mlflow_uri": json.loads((out / "mlflow_run.json").read_text())["tracking_uri"]
-        if (out / "mlflow_run.json").is_file() else None,
+        if (out / "mlflow_run.json").is_file()
+        else None,
     }
     atomic_write_text(out / "summary.json", json.dumps(summary, indent=2))
     return summary

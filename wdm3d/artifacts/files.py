@@ -22,9 +22,20 @@ import torch
 from ..io import atomic_write, atomic_write_text
 
 __all__ = [
-    "FORMAT_VERSION", "SAVE_LOG", "LOCK_FILE", "CheckpointLoadError", "checkpoint_format", "checkpoints_by_age",
-    "intact_checkpoint_before", "latest_checkpoint", "load_checkpoint", "record_save", "resolve_checkpoint",
-    "save_checkpoint_file", "named_error", "sort_by_age",
+    "FORMAT_VERSION",
+    "SAVE_LOG",
+    "LOCK_FILE",
+    "CheckpointLoadError",
+    "checkpoint_format",
+    "checkpoints_by_age",
+    "intact_checkpoint_before",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "record_save",
+    "resolve_checkpoint",
+    "save_checkpoint_file",
+    "named_error",
+    "sort_by_age",
 ]
 
 logger = logging.getLogger(__name__)
@@ -69,8 +80,11 @@ def _save_log(directory: Path) -> list[dict]:
             raise ValueError("an entry has no file name")
         return list(saved)
     except (OSError, ValueError, KeyError, TypeError) as err:
-        logger.warning("Checkpoint save log %s is unreadable (%s): ignored, the newest checkpoint is chosen by "
-                       "modification time.", path, err)
+        logger.warning(
+            "Checkpoint save log %s is unreadable (%s): ignored, the newest checkpoint is chosen by modification time.",
+            path,
+            err,
+        )
         return []
 
 
@@ -199,18 +213,23 @@ def load_checkpoint(
             raise CheckpointLoadError(
                 f"Could not load checkpoint {path} with weights_only=True ({detail}). The file holds pickled code or "
                 "objects other than tensors and plain containers; wdm3d never unpickles code from checkpoints.",
-                path, damaged=False,
+                path,
+                damaged=False,
             ) from err
         hint = ""
         if suggest_previous:
             previous = intact_checkpoint_before(path)
-            hint = (f" The newest intact checkpoint saved before it is {previous}: use that one instead (for "
-                    f"inference: --checkpoint {previous})." if previous is not None else
-                    f" No intact checkpoint was saved before it in {path.parent}.")
+            hint = (
+                f" The newest intact checkpoint saved before it is {previous}: use that one instead (for "
+                f"inference: --checkpoint {previous})."
+                if previous is not None
+                else f" No intact checkpoint was saved before it in {path.parent}."
+            )
         raise CheckpointLoadError(
             f"Could not load checkpoint {path} with weights_only=True ({detail}). The file is truncated or corrupt "
             f"(an interrupted save or copy, a full disk); it is left as it is for inspection.{hint}",
-            path, damaged=True,
+            path,
+            damaged=True,
         ) from err
     if not isinstance(ckpt, Mapping):
         raise ValueError(f"Checkpoint {path} must hold a dict of state dicts, got {type(ckpt).__name__}.")
@@ -225,9 +244,9 @@ def load_checkpoint(
 # what to do about a save that failed for want of space
 _SPACE_HINTS = {
     errno.ENOSPC: "Free space on that filesystem (or keep fewer checkpoints: n_saved), then launch the run again: it "
-                  "resumes from the newest checkpoint.",
+    "resumes from the newest checkpoint.",
     errno.EDQUOT: "The disk quota is full: free space or raise the quota, then launch the run again: it resumes from "
-                  "the newest checkpoint.",
+    "the newest checkpoint.",
 }
 
 
@@ -256,8 +275,11 @@ def save_checkpoint_file(checkpoint: Mapping[str, Any], path: str | os.PathLike)
         return atomic_write(path, write)
     except OSError as err:
         hint = _SPACE_HINTS.get(err.errno, "")
-        raise OSError(err.errno, f"{err.strerror} The checkpoint was not saved; the earlier checkpoints in "
-                                 f"{path.parent} are as they were. {hint}".rstrip()) from err
+        raise OSError(
+            err.errno,
+            f"{err.strerror} The checkpoint was not saved; the earlier checkpoints in "
+            f"{path.parent} are as they were. {hint}".rstrip(),
+        ) from err
     except Exception as err:
         raise named_error(err, f"Could not save checkpoint {path}") from err
 

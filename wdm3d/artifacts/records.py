@@ -35,8 +35,11 @@ def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path:
     if not isinstance(trained, Mapping) or not trained or not hasattr(diffusion, "config"):
         return
     now = plain(diffusion.config())
-    changed = {k: (trained[k], now[k]) for k in trained
-               if k in now and k not in _FREE_AT_SAMPLING and plain(trained[k]) != now[k]}
+    changed = {
+        k: (trained[k], now[k])
+        for k in trained
+        if k in now and k not in _FREE_AT_SAMPLING and plain(trained[k]) != now[k]
+    }
     if not changed:
         return
     params = inspect.signature(type(diffusion)).parameters
@@ -46,8 +49,12 @@ def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path:
         f"Checkpoint {path} was trained with other diffusion settings than this config samples with (trained, now): "
         f"{changed}. Sampling would run without an error and give wrong volumes. Set the trained ones"
         f"{f' ({fix})' if fix else ''}{sampler}"
-        + (". A checkpoint of WDM's recipe (trained before the defaults changed, or imported with wdm3d import-wdm): "
-           "add configs/wdm_paper.json to --config_file" if trained.get("process") == "ddpm" else ".")
+        + (
+            ". A checkpoint of WDM's recipe (trained before the defaults changed, or imported with wdm3d import-wdm): "
+            "add configs/wdm_paper.json to --config_file"
+            if trained.get("process") == "ddpm"
+            else "."
+        )
     )
 
 

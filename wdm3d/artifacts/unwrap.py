@@ -40,5 +40,5 @@ def unwrap_state_dict(state: Mapping[str, Any]) -> dict[str, Any]:
     state = dict(state)
     for prefix in WRAPPER_PREFIXES:
         if state and all(isinstance(k, str) and k.startswith(prefix) for k in state):
-            state = {k[len(prefix):]: v for k, v in state.items()}
+            state = {k[len(prefix) :]: v for k, v in state.items()}
     return state

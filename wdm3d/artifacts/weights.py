@@ -18,8 +18,16 @@ from .records import check_diffusion_matches
 from .unwrap import unwrap
 
 __all__ = [
-    "TRUSTED_NETWORK_MODULES", "StateComparison", "build_network", "check_state_fits", "compare_state", "load_frozen",
-    "load_network_weights", "shape_of", "state_mismatch", "weight_keys",
+    "TRUSTED_NETWORK_MODULES",
+    "StateComparison",
+    "build_network",
+    "check_state_fits",
+    "compare_state",
+    "load_frozen",
+    "load_network_weights",
+    "shape_of",
+    "state_mismatch",
+    "weight_keys",
 ]
 
 logger = logging.getLogger(__name__)
@@ -81,7 +89,9 @@ def check_state_fits(module: torch.nn.Module, state: Mapping[str, Any], source: 
     if key is None:
         return
     if key in found.missing:
-        raise RuntimeError(f"{source} does not fit this network: it has no weight {key!r} (network: {shape_of(own[key])}).")
+        raise RuntimeError(
+            f"{source} does not fit this network: it has no weight {key!r} (network: {shape_of(own[key])})."
+        )
     if key in found.wrong_shape:
         raise RuntimeError(
             f"{source} does not fit this network: {key!r} has shape {shape_of(state[key])} in the checkpoint but "
@@ -201,18 +211,24 @@ def build_network(checkpoint: str | os.PathLike) -> torch.nn.Module:
     if not cls_name:
         raise ValueError(f"Checkpoint {path} records no network settings (run_config); pass the network explicitly.")
     if not cls_name.startswith(TRUSTED_NETWORK_MODULES):
-        raise ValueError(f"Checkpoint {path} names network class {cls_name!r}, outside {TRUSTED_NETWORK_MODULES}; "
-                         "refusing to build it. Pass the network explicitly.")
+        raise ValueError(
+            f"Checkpoint {path} names network class {cls_name!r}, outside {TRUSTED_NETWORK_MODULES}; "
+            "refusing to build it. Pass the network explicitly."
+        )
     module_name, _, attr = cls_name.rpartition(".")
     try:
         cls = getattr(importlib.import_module(module_name), attr)
     except (ImportError, AttributeError) as err:
-        raise ValueError(f"Checkpoint {path} names network class {cls_name!r}, which does not exist here: {err}") from err
+        raise ValueError(
+            f"Checkpoint {path} names network class {cls_name!r}, which does not exist here: {err}"
+        ) from err
     # only network classes: a module path alone would also admit functions there (monai.networks.utils.save_state
     # writes files), which a crafted checkpoint could call with arguments of its choosing
     if not (isinstance(cls, type) and issubclass(cls, torch.nn.Module)):
-        raise ValueError(f"Checkpoint {path} names {cls_name!r}, which is not a network class (torch.nn.Module); "
-                         "refusing to call it. Pass the network explicitly.")
+        raise ValueError(
+            f"Checkpoint {path} names {cls_name!r}, which is not a network class (torch.nn.Module); "
+            "refusing to call it. Pass the network explicitly."
+        )
     try:
         return cls(**settings)
     except (TypeError, ValueError) as err:

@@ -43,8 +43,12 @@ def _path_keys(entry: Any) -> list[str]:
     # every key of an entry whose value is a path or a list of paths (all but the ids)
     if not isinstance(entry, dict):
         return ["image"]
-    return [k for k, v in entry.items() if k not in ID_KEYS and (isinstance(v, str) or (
-        isinstance(v, list) and v and all(isinstance(p, str) for p in v)))]
+    return [
+        k
+        for k, v in entry.items()
+        if k not in ID_KEYS
+        and (isinstance(v, str) or (isinstance(v, list) and v and all(isinstance(p, str) for p in v)))
+    ]
 
 
 def load_datalist(
@@ -101,7 +105,9 @@ def load_datalist(
             if check_files:
                 for p in resolved:
                     if not os.path.isfile(p):
-                        raise FileNotFoundError(f"Datalist {path}: entry {i} of {split!r} lists {k}={p}, which does not exist.")
+                        raise FileNotFoundError(
+                            f"Datalist {path}: entry {i} of {split!r} lists {k}={p}, which does not exist."
+                        )
             item[k] = resolved if isinstance(value, list) else resolved[0]
         out.append(item)
     return out
@@ -110,8 +116,12 @@ def load_datalist(
 def datalist_metadata(path: str | os.PathLike) -> dict[str, Any]:
     """The top-level entries of a datalist that are not split lists (``intensity_range``, ``spacing``, ...)."""
     data = read_datalist(path)
-    return {k: v for k, v in data.items() if not (isinstance(v, list) and v and all(isinstance(e, dict) for e in v))
-            and k not in ("training", "validation", "test")}
+    return {
+        k: v
+        for k, v in data.items()
+        if not (isinstance(v, list) and v and all(isinstance(e, dict) for e in v))
+        and k not in ("training", "validation", "test")
+    }
 
 
 def intensity_range(path: str | os.PathLike | None, default: Sequence[float] = (0.0, 1.0)) -> list[float]:

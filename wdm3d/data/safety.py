@@ -100,7 +100,9 @@ class CheckVolumed:
                     f"{self.num_channels}. A 4D file holds several modalities: split it, or set num_channels."
                 )
             if vol.numel() == 0:
-                raise BadInputError(f"{key}: {src} is empty (shape {tuple(vol.shape[1:])}); re-run data_prep or fix the file.")
+                raise BadInputError(
+                    f"{key}: {src} is empty (shape {tuple(vol.shape[1:])}); re-run data_prep or fix the file."
+                )
             finite = torch.isfinite(vol)
             if not bool(finite.all()):
                 bad = int((~finite).sum())
@@ -198,8 +200,13 @@ class SkipBadSamples(Dataset):
             if i not in self.bad_samples:
                 self.bad_samples[i] = error
                 self._bad_flags[i] = 1
-                logger.warning("Skipping bad training sample %d (%d bad so far, limit %d): %s",
-                               i, self.num_bad, self.max_bad_samples, error)
+                logger.warning(
+                    "Skipping bad training sample %d (%d bad so far, limit %d): %s",
+                    i,
+                    self.num_bad,
+                    self.max_bad_samples,
+                    error,
+                )
             if self.num_bad > self.max_bad_samples:
                 raise RuntimeError(
                     f"{self.num_bad} bad training samples, more than max_bad_samples={self.max_bad_samples}; "
@@ -238,8 +245,7 @@ class ResumableSampler(DistributedSampler):
             num_replicas = torch.distributed.get_world_size() if dist else 1
         if rank is None:
             rank = torch.distributed.get_rank() if dist else 0
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed,
-                         drop_last=drop_last)
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=shuffle, seed=seed, drop_last=drop_last)
         self._skip = 0
 
     def skip_next(self, n: int) -> None:

@@ -91,11 +91,13 @@ def volume_transforms(
         [
             LoadVolumed(keys),
             mt.EnsureTyped(keys=keys, dtype="float32"),
-            CheckVolumed(keys, num_channels=num_channels, intensity_range=intensity_range,
-                         range_tolerance=range_tolerance),
+            CheckVolumed(
+                keys, num_channels=num_channels, intensity_range=intensity_range, range_tolerance=range_tolerance
+            ),
             mt.ScaleIntensityRanged(keys=keys, a_min=a, a_max=b, b_min=lo, b_max=hi, clip=True),
-            mt.ResizeWithPadOrCropd(keys=keys, spatial_size=[int(s) for s in image_size], mode="constant",
-                                    constant_values=lo),
+            mt.ResizeWithPadOrCropd(
+                keys=keys, spatial_size=[int(s) for s in image_size], mode="constant", constant_values=lo
+            ),
         ]
     )
     return GuardedTransform(chain) if skip_bad else chain
@@ -130,7 +132,9 @@ def latent_transforms(
         A ``Compose`` producing ``(Z, d, h, w)`` float32 MetaTensors.
     """
     if len(latent_shift) != len(latent_scale) or not latent_shift:
-        raise ValueError(f"latent_shift and latent_scale need one value per channel, got {latent_shift} and {latent_scale}.")
+        raise ValueError(
+            f"latent_shift and latent_scale need one value per channel, got {latent_shift} and {latent_scale}."
+        )
     keys = [keys] if isinstance(keys, str) else list(keys)
     shift = torch.tensor([float(v) for v in latent_shift]).view(-1, 1, 1, 1)
     scale = torch.tensor([float(v) for v in latent_scale]).view(-1, 1, 1, 1)

@@ -150,6 +150,7 @@ class ClassifierFreeGuidance(nn.Module):
             return self._call(x, timesteps, context_u, tokens_u)
 
         if self.batched:
+
             def cat(a: torch.Tensor | None, b_: torch.Tensor | None) -> torch.Tensor | None:
                 return None if a is None else torch.cat((a, b_))
 

@@ -171,7 +171,9 @@ def rflow_target(x0: torch.Tensor, noise: torch.Tensor, prediction_type: str) ->
     raise ValueError(f"rectified flow supports prediction_type 'v_prediction' or 'sample', got {prediction_type!r}.")
 
 
-def rflow_x0_from_output(output: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor, prediction_type: str) -> torch.Tensor:
+def rflow_x0_from_output(
+    output: torch.Tensor, x_s: torch.Tensor, s: torch.Tensor, prediction_type: str
+) -> torch.Tensor:
     """The x0 implied by a network output: ``x_s + s v`` for velocity, the output itself for "sample"."""
     if prediction_type == "v_prediction":
         return x_s + s * output

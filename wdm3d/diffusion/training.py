@@ -35,7 +35,11 @@ from ..wavelets import SUBBANDS
 from .wavelet_diffusion import WaveletDiffusion
 
 __all__ = [
-    "DiffusionTarget", "WaveletDiffusionInferer", "WaveletDiffusionPrepareBatch", "WaveletMSELoss", "subband_mse",
+    "DiffusionTarget",
+    "WaveletDiffusionInferer",
+    "WaveletDiffusionPrepareBatch",
+    "WaveletMSELoss",
+    "subband_mse",
     "target_tensor",
 ]
 
@@ -180,15 +184,19 @@ class WaveletDiffusionInferer(Inferer):
         x = self.diffusion.add_noise(inputs, noise, timesteps)
         if concat is not None:
             if concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
-                raise ValueError(f"concat {tuple(concat.shape)} must match the noisy input {tuple(x.shape)} "
-                                 "in batch and spatial size.")
+                raise ValueError(
+                    f"concat {tuple(concat.shape)} must match the noisy input {tuple(x.shape)} "
+                    "in batch and spatial size."
+                )
             x = torch.cat((x, concat.to(x.dtype)), dim=1)
         if image is None:
             return network(x, timesteps, context=context)
         model = unwrap(network)
         encode = getattr(model, "encode_image", None)
         if encode is None:
-            raise ValueError(f"an image prompt needs an IPAdapter network (with encode_image), got {type(model).__name__}.")
+            raise ValueError(
+                f"an image prompt needs an IPAdapter network (with encode_image), got {type(model).__name__}."
+            )
         tokens = encode(image)
         if drop_image is not None:
             if drop_image.shape != (tokens.shape[0],):

@@ -86,7 +86,9 @@ class WaveletDiffusion:
             raise ValueError(f"num_train_timesteps must be a positive integer, got {num_train_timesteps!r}.")
         allowed = maths.PREDICTION_TYPES if process == "ddpm" else ("v_prediction", "sample")
         if prediction_type not in allowed:
-            raise ValueError(f"prediction_type for process {process!r} must be one of {allowed}, got {prediction_type!r}.")
+            raise ValueError(
+                f"prediction_type for process {process!r} must be one of {allowed}, got {prediction_type!r}."
+            )
         if ddpm_variance not in ("fixed_small", "fixed_large"):
             raise ValueError(f"ddpm_variance must be 'fixed_small' or 'fixed_large', got {ddpm_variance!r}.")
         if clip_range is not None:
@@ -339,7 +341,9 @@ class WaveletDiffusion:
         x = torch.randn(shape, generator=generator, device=device)
         steps = list(zip(timesteps[:-1], timesteps[1:]))
         for t, t_next in tqdm(steps, desc=f"{sampler} sampling", disable=not progress, leave=False):
-            t_batch = torch.full((num_samples,), t, device=device, dtype=torch.float32 if sampler == "rflow" else torch.long)
+            t_batch = torch.full(
+                (num_samples,), t, device=device, dtype=torch.float32 if sampler == "rflow" else torch.long
+            )
             model_in = x if cond is None else torch.cat((x, cond.to(x.dtype)), dim=1)
             output = model(model_in, t_batch, context=context).to(x.dtype)
             x0 = self.predict_x0(output, x, t_batch)
@@ -351,7 +355,9 @@ class WaveletDiffusion:
     def _step(self, sampler, x, x0, t, t_next, eta, generator) -> torch.Tensor:
         if sampler == "rflow":
             T = self.num_train_timesteps
-            return maths.rflow_step(x, x0, torch.tensor(t / T, dtype=torch.float64), torch.tensor(t_next / T, dtype=torch.float64))
+            return maths.rflow_step(
+                x, x0, torch.tensor(t / T, dtype=torch.float64), torch.tensor(t_next / T, dtype=torch.float64)
+            )
         # coefficients stay float64 0-dim tensors: they are computed in float64 and do not promote x's dtype
         ab = self.alphas_cumprod.to(x.device)
         ab_t = ab[t]

@@ -15,8 +15,24 @@ from .vae_training import VAEIteration, VolumePrepareBatch
 from .validation import ReconstructionValidator, SampleValidator
 
 __all__ = [
-    "ResumeFromLatest", "RNGState", "RunConfig", "TrainingCheckpoints", "latest_checkpoint", "load_checkpoint",
-    "check_override_keys", "check_cli_overrides", "check_image_size", "derive_seed", "seed_everything",
-    "SampleValidator", "DataGeometry", "reference_geometry", "EMAHandler", "GuardedIteration",
-    "NonFiniteTrainingError", "VAEIteration", "VolumePrepareBatch", "ReconstructionValidator",
+    "ResumeFromLatest",
+    "RNGState",
+    "RunConfig",
+    "TrainingCheckpoints",
+    "latest_checkpoint",
+    "load_checkpoint",
+    "check_override_keys",
+    "check_cli_overrides",
+    "check_image_size",
+    "derive_seed",
+    "seed_everything",
+    "SampleValidator",
+    "DataGeometry",
+    "reference_geometry",
+    "EMAHandler",
+    "GuardedIteration",
+    "NonFiniteTrainingError",
+    "VAEIteration",
+    "VolumePrepareBatch",
+    "ReconstructionValidator",
 ]

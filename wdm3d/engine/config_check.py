@@ -30,8 +30,19 @@ __all__ = ["check_override_keys", "check_cli_overrides", "check_image_size", "co
 logger = logging.getLogger(__name__)
 
 # arguments of ``monai.bundle run`` itself, not config overrides
-_RUN_ARGS = {"run_id", "init_id", "final_id", "meta_file", "config_file", "logging_file", "tracking", "args_file",
-             "workflow_name", "workflow_type", "properties_path"}
+_RUN_ARGS = {
+    "run_id",
+    "init_id",
+    "final_id",
+    "meta_file",
+    "config_file",
+    "logging_file",
+    "tracking",
+    "args_file",
+    "workflow_name",
+    "workflow_type",
+    "properties_path",
+}
 
 
 def check_image_size(
@@ -79,8 +90,10 @@ def check_image_size(
     while depth < 16 and all(s % 2 ** (levels + depth) == 0 for s in sizes):
         depth += 1
     if depth:
-        fix = (f", or use a shallower network (at most {depth} channel_mult entries fit {size_name} {sizes} with "
-               f"levels {levels})")
+        fix = (
+            f", or use a shallower network (at most {depth} channel_mult entries fit {size_name} {sizes} with "
+            f"levels {levels})"
+        )
     else:
         fix = f"; the wavelet transform itself needs every side divisible by 2**levels = {factor}, whatever the network"
     raise ValueError(

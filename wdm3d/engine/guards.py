@@ -112,8 +112,12 @@ class GuardedIteration:
             what = "loss" if not loss_ok else "gradient norm"
             engine.logger.warning(
                 "Iteration %d: non-finite %s (loss %s, grad norm %s); step skipped (%d in a row, %d in total).",
-                state.iteration, what, float(engine.state.output[Keys.LOSS].detach().float().mean()), float(norm),
-                state.nonfinite_in_a_row, state.nonfinite_steps,
+                state.iteration,
+                what,
+                float(engine.state.output[Keys.LOSS].detach().float().mean()),
+                float(norm),
+                state.nonfinite_in_a_row,
+                state.nonfinite_steps,
             )
             state.metrics["nonfinite_steps"] = state.nonfinite_steps
             if state.nonfinite_in_a_row > self.max_nonfinite_steps:

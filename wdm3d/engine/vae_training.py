@@ -112,8 +112,11 @@ class VAEIteration(GuardedIteration):
             ) from err
 
     def gan_active(self, engine) -> bool:
-        return self.discriminator is not None and self.adversarial_weight > 0 and \
-            engine.state.iteration > self.discriminator_start
+        return (
+            self.discriminator is not None
+            and self.adversarial_weight > 0
+            and engine.state.iteration > self.discriminator_start
+        )
 
     def forward(self, engine, inputs: torch.Tensor, targets: torch.Tensor, args: tuple, kwargs: dict) -> None:
         if self.discriminator is not None and self.adversarial_weight > 0 and not self._probed:
@@ -148,12 +151,16 @@ class VAEIteration(GuardedIteration):
         self.d_optimizer.zero_grad(set_to_none=engine.optim_set_to_none)
         use_amp = engine.amp and real.device.type == "cuda"
         with torch.autocast("cuda", enabled=use_amp, **(engine.amp_kwargs if use_amp else {})):
-            d_loss = discriminator_adversarial_loss(self.discriminator(real.contiguous()), self.discriminator(fake.contiguous()))
+            d_loss = discriminator_adversarial_loss(
+                self.discriminator(real.contiguous()), self.discriminator(fake.contiguous())
+            )
         if torch.isfinite(d_loss.detach()):
             d_loss.backward()
             if self.grad_clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_(self.discriminator.parameters(), self.grad_clip_norm)
             self.d_optimizer.step()
         else:
-            engine.logger.warning("Iteration %d: non-finite discriminator loss; its step skipped.", engine.state.iteration)
+            engine.logger.warning(
+                "Iteration %d: non-finite discriminator loss; its step skipped.", engine.state.iteration
+            )
         engine.state.loss_terms["adv_d"] = float(d_loss.detach().float())

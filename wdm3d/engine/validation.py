@@ -53,8 +53,14 @@ class _Rounds(abc.ABC):
         except Exception as err:
             if self.strict:
                 raise
-            engine.logger.error("%s at epoch %d failed; training goes on: %s: %s", type(self).__name__, epoch,
-                                type(err).__name__, err, exc_info=True)
+            engine.logger.error(
+                "%s at epoch %d failed; training goes on: %s: %s",
+                type(self).__name__,
+                epoch,
+                type(err).__name__,
+                err,
+                exc_info=True,
+            )
             engine.state.metrics["validation_failures"] = engine.state.metrics.get("validation_failures", 0) + 1
             if torch.cuda.is_available():
                 torch.cuda.empty_cache()
@@ -62,8 +68,9 @@ class _Rounds(abc.ABC):
             try:
                 self.history = _append_history(self.output_dir / "history.json", self.history, record)
             except OSError as write_err:  # (a full disk may be why the round failed)
-                engine.logger.warning("Cannot record the failed round in %s: %s", self.output_dir / "history.json",
-                                      write_err)
+                engine.logger.warning(
+                    "Cannot record the failed round in %s: %s", self.output_dir / "history.json", write_err
+                )
             return
         engine.state.val_round = getattr(engine.state, "val_round", 0) + 1
 
@@ -76,8 +83,15 @@ def _append_history(path: Path, history: list[dict], record: dict) -> list[dict]
             earlier = json.loads(path.read_text())
         except (OSError, ValueError):
             earlier = []
-        history = [r for r in earlier if isinstance(r, dict) and isinstance(r.get("epoch"), int)
-                   and r["epoch"] < record["epoch"]] if isinstance(earlier, list) else []
+        history = (
+            [
+                r
+                for r in earlier
+                if isinstance(r, dict) and isinstance(r.get("epoch"), int) and r["epoch"] < record["epoch"]
+            ]
+            if isinstance(earlier, list)
+            else []
+        )
     history = [*history, record]
     atomic_write_text(path, json.dumps(history, indent=2))
     return history
@@ -162,8 +176,13 @@ class SampleValidator(_Rounds):
         t0 = time.perf_counter()
         try:
             volumes = self.diffusion.sample(
-                net, self.image_shape, num_samples=self.num_samples, sampler=self.sampler,
-                num_steps=self.num_steps, seed=self.seed, progress=False,
+                net,
+                self.image_shape,
+                num_samples=self.num_samples,
+                sampler=self.sampler,
+                num_steps=self.num_steps,
+                seed=self.seed,
+                progress=False,
                 clip_projection=self.decoder is None and self.diffusion.clip_range is not None,
             )
             if self.decoder is not None:
@@ -172,12 +191,21 @@ class SampleValidator(_Rounds):
             net.train(was_training)
         seconds = time.perf_counter() - t0
         affine = self.affine() if callable(self.affine) else self.affine
-        png = save_montage(self.output_dir / f"epoch_{epoch:04d}.png", volumes, affine=affine,
-                           value_range=self.diffusion.clip_range or ((-1.0, 1.0) if self.decoder is not None else None))
+        png = save_montage(
+            self.output_dir / f"epoch_{epoch:04d}.png",
+            volumes,
+            affine=affine,
+            value_range=self.diffusion.clip_range or ((-1.0, 1.0) if self.decoder is not None else None),
+        )
         v = volumes.float()
         record = {
-            "epoch": epoch, "iteration": engine.state.iteration, "seconds": round(seconds, 3),
-            "mean": v.mean().item(), "std": v.std().item(), "min": v.min().item(), "max": v.max().item(),
+            "epoch": epoch,
+            "iteration": engine.state.iteration,
+            "seconds": round(seconds, 3),
+            "mean": v.mean().item(),
+            "std": v.std().item(),
+            "min": v.min().item(),
+            "max": v.max().item(),
             "file": png.name,
         }
         self.history = _append_history(self.output_dir / "history.json", self.history, record)
@@ -185,7 +213,13 @@ class SampleValidator(_Rounds):
         engine.state.metrics["val_sample_std"] = record["std"]
         engine.logger.info(
             "Validation samples (epoch %d, %s-%d, %.1f s): mean %.3f std %.3f -> %s",
-            epoch, self.sampler, self.num_steps, seconds, record["mean"], record["std"], png,
+            epoch,
+            self.sampler,
+            self.num_steps,
+            seconds,
+            record["mean"],
+            record["std"],
+            png,
         )
         for fn in self.callbacks:
             fn(engine, png, volumes)
@@ -276,17 +310,29 @@ class ReconstructionValidator(_Rounds):
             raise ValueError("ReconstructionValidator: the validation data loader produced no volumes.")
         summary = summarize_cases(rows)
         affine = self.affine() if callable(self.affine) else self.affine
-        png = save_montage(self.output_dir / f"epoch_{epoch:04d}.png", torch.stack(previews), affine=affine,
-                           value_range=self.value_range)
-        record = {"epoch": epoch, "iteration": engine.state.iteration,
-                  "seconds": round(time.perf_counter() - t0, 3), **summary, "file": png.name}
+        png = save_montage(
+            self.output_dir / f"epoch_{epoch:04d}.png",
+            torch.stack(previews),
+            affine=affine,
+            value_range=self.value_range,
+        )
+        record = {
+            "epoch": epoch,
+            "iteration": engine.state.iteration,
+            "seconds": round(time.perf_counter() - t0, 3),
+            **summary,
+            "file": png.name,
+        }
         self.history = _append_history(self.output_dir / "history.json", self.history, record)
         for key in ("psnr", "ssim", "mae", "mae_hu"):
             if f"{key}_mean" in summary:
                 engine.state.metrics[f"val_{key}"] = summary[f"{key}_mean"]
         engine.logger.info(
             "Validation reconstruction (epoch %d, %d cases): PSNR %.2f dB, SSIM %.4f, MAE %.4f -> %s",
-            epoch, len(rows), *(summary.get(f"{k}_mean", float("nan")) for k in ("psnr", "ssim", "mae")), png,
+            epoch,
+            len(rows),
+            *(summary.get(f"{k}_mean", float("nan")) for k in ("psnr", "ssim", "mae")),
+            png,
         )
         for fn in self.callbacks:
             fn(engine, png, None)

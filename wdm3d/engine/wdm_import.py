@@ -67,16 +67,29 @@ __all__ = [
 WDM_IMAGE_SIZE = {"wdm_128": 128, "wdm_256": 256}
 
 # top-level modules: ours -> WDM
-_TOP = {"time_embed.0": "time_embed.0", "time_embed.2": "time_embed.2", "conv_in": "input_blocks.0.0",
-        "norm_out": "out.0", "conv_out": "out.2"}
+_TOP = {
+    "time_embed.0": "time_embed.0",
+    "time_embed.2": "time_embed.2",
+    "conv_in": "input_blocks.0.0",
+    "norm_out": "out.0",
+    "conv_out": "out.2",
+}
 # inside a residual block: ours -> WDM (positions in their in_layers / emb_layers / out_layers Sequentials)
-_RESBLOCK = {"norm1": "in_layers.0", "conv1": "in_layers.2", "emb_proj": "emb_layers.1", "norm2": "out_layers.0",
-             "conv2": "out_layers.3", "skip": "skip_connection"}
+_RESBLOCK = {
+    "norm1": "in_layers.0",
+    "conv1": "in_layers.2",
+    "emb_proj": "emb_layers.1",
+    "norm2": "out_layers.0",
+    "conv2": "out_layers.3",
+    "skip": "skip_connection",
+}
 _PARAM = r"(weight|bias)"
 _LEAF_OURS = "|".join(map(re.escape, _RESBLOCK))
 _LEAF_WDM = "|".join(map(re.escape, _RESBLOCK.values()))
 _OURS_RES = re.compile(rf"(down\.(\d+)|middle\.(\d+)|up\.(\d+)\.(\d+))\.({_LEAF_OURS})\.{_PARAM}")
-_WDM_RES = re.compile(rf"(input_blocks\.(\d+)\.0|middle_block\.(\d+)|output_blocks\.(\d+)\.(\d+))\.({_LEAF_WDM})\.{_PARAM}")
+_WDM_RES = re.compile(
+    rf"(input_blocks\.(\d+)\.0|middle_block\.(\d+)|output_blocks\.(\d+)\.(\d+))\.({_LEAF_WDM})\.{_PARAM}"
+)
 _TOP_INV = {v: k for k, v in _TOP.items()}
 _RESBLOCK_INV = {v: k for k, v in _RESBLOCK.items()}
 # leading names only our layout has (a file with these is already converted)
@@ -143,8 +156,9 @@ def our_key(key: str) -> str:
     return f"{block}.{_RESBLOCK_INV[leaf]}.{param}"
 
 
-
-def wdm_to_ours(state: Mapping[str, Any], network: torch.nn.Module, source: str = "state dict") -> dict[str, torch.Tensor]:
+def wdm_to_ours(
+    state: Mapping[str, Any], network: torch.nn.Module, source: str = "state dict"
+) -> dict[str, torch.Tensor]:
     """Rename a WDM-3D U-Net state dict to ``network``'s keys, checking that it is exactly that network.
 
     Args:
@@ -173,8 +187,10 @@ def wdm_to_ours(state: Mapping[str, Any], network: torch.nn.Module, source: str 
         if missing:
             parts.append(f"it has no {missing[0]!r} ({len(missing)} expected key(s) missing)")
         if unexpected:
-            parts.append(f"it has {unexpected[0]!r}, which this preset's WDM U-Net does not "
-                         f"({len(unexpected)} unexpected key(s))")
+            parts.append(
+                f"it has {unexpected[0]!r}, which this preset's WDM U-Net does not "
+                f"({len(unexpected)} unexpected key(s))"
+            )
         raise WDMImportError(
             f"{source} is not a WDM-3D U-Net of this preset: {'; '.join(parts)}. Check --preset (wdm_128 for "
             "128^3 models, wdm_256 for 256^3) and that the file is a WDM U-Net (not the WavU-Net, 'ours_wnet_*')."
@@ -221,8 +237,10 @@ def read_wdm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     except ValueError as err:  # readable but not a dict
         raise WDMImportError(f"{path} is not a WDM-3D checkpoint (a state dict of tensors): {err}") from err
     if "conversion" in obj or "run_config" in obj:
-        raise WDMImportError(f"{path} is already a wdm3d checkpoint (it has a 'conversion' or 'run_config' entry); "
-                             "converting twice is refused: pass it to the bundle's inference as it is.")
+        raise WDMImportError(
+            f"{path} is already a wdm3d checkpoint (it has a 'conversion' or 'run_config' entry); "
+            "converting twice is refused: pass it to the bundle's inference as it is."
+        )
     for wrapper in ("state_dict", "model_state_dict", "model"):
         if isinstance(obj.get(wrapper), Mapping):
             obj = dict(obj[wrapper])
@@ -232,12 +250,15 @@ def read_wdm_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
         raise WDMImportError(f"{path} holds an empty dict, not a WDM-3D state dict.")
     ours = [k for k in state if isinstance(k, str) and k.startswith(_OURS_ONLY)]
     if ours:
-        raise WDMImportError(f"{path} is already in wdm3d's key layout (e.g. {ours[0]!r}); converting twice is "
-                             "refused: pass it to the bundle's inference as it is.")
+        raise WDMImportError(
+            f"{path} is already in wdm3d's key layout (e.g. {ours[0]!r}); converting twice is "
+            "refused: pass it to the bundle's inference as it is."
+        )
     bad = next((k for k, v in state.items() if not isinstance(k, str) or not isinstance(v, torch.Tensor)), None)
     if bad is not None:
-        raise WDMImportError(f"{path} is not a WDM-3D state dict: entry {bad!r} is a {type(state[bad]).__name__}, "
-                             "not a tensor.")
+        raise WDMImportError(
+            f"{path} is not a WDM-3D state dict: entry {bad!r} is a {type(state[bad]).__name__}, not a tensor."
+        )
     return state
 
 
@@ -246,8 +267,16 @@ def wdm_diffusion_config() -> dict[str, Any]:
     records them (DDPM, 1000 steps, linear betas 1e-4..0.02, x0 prediction, LLL / 3, clip to [-1, 1], one Haar
     level, fixed-large variance). Stored in the converted checkpoint so that sampling it with another process fails."""
     return WaveletDiffusion(
-        process="ddpm", num_train_timesteps=1000, schedule="linear_beta", beta_start=1e-4, beta_end=0.02,
-        prediction_type="sample", lll_scale=3.0, clip_range=(-1.0, 1.0), levels=1, ddpm_variance="fixed_large",
+        process="ddpm",
+        num_train_timesteps=1000,
+        schedule="linear_beta",
+        beta_start=1e-4,
+        beta_end=0.02,
+        prediction_type="sample",
+        lll_scale=3.0,
+        clip_range=(-1.0, 1.0),
+        levels=1,
+        ddpm_variance="fixed_large",
     ).config()
 
 
@@ -309,8 +338,10 @@ def import_wdm(
     first, last = "input_blocks.0.0.weight", "out.2.weight"
     for key in (first, last):
         if key not in state or state[key].ndim != 5:
-            raise WDMImportError(f"{src} is not a WDM-3D U-Net: it has no 3D convolution {key!r}"
-                                 + (f" (got shape {shape_of(state[key])})." if key in state else "."))
+            raise WDMImportError(
+                f"{src} is not a WDM-3D U-Net: it has no 3D convolution {key!r}"
+                + (f" (got shape {shape_of(state[key])})." if key in state else ".")
+            )
     in_channels, out_channels = int(state[first].shape[1]), int(state[last].shape[0])
     with torch.device("meta"):
         network = wdm_unet(preset, in_channels=in_channels, out_channels=out_channels)
@@ -324,8 +355,12 @@ def import_wdm(
             "wdm3d_format": FORMAT_VERSION,
             "network": network_arguments(network),
             "diffusion": wdm_diffusion_config(),
-            "settings": {"image_size": [size] * 3, "unet_preset": preset, "num_channels": out_channels // 8,
-                         "source": "WDM-3D (github.com/pfriedri/wdm-3d)"},
+            "settings": {
+                "image_size": [size] * 3,
+                "unet_preset": preset,
+                "num_channels": out_channels // 8,
+                "source": "WDM-3D (github.com/pfriedri/wdm-3d)",
+            },
         },
         "geometry": {
             "affine": torch.diag(torch.tensor([mm, mm, mm, 1.0], dtype=torch.float64)),

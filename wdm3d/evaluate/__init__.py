@@ -11,5 +11,12 @@ from .features import FEATURE_EXTRACTORS, build_feature_extractor
 from .run_info import find_run_info
 from .samples import check_sample_folder, load_volumes
 
-__all__ = ["load_volumes", "check_sample_folder", "build_feature_extractor", "find_run_info", "evaluate", "Evaluator",
-           "FEATURE_EXTRACTORS"]
+__all__ = [
+    "load_volumes",
+    "check_sample_folder",
+    "build_feature_extractor",
+    "find_run_info",
+    "evaluate",
+    "Evaluator",
+    "FEATURE_EXTRACTORS",
+]

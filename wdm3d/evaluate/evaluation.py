@@ -39,8 +39,9 @@ from .samples import check_sample_folder, load_volumes
 __all__ = ["Evaluator", "evaluate"]
 
 
-def _value_range(value_range: Sequence[float] | None, fake_dir: Path, real: Any,
-                 real_vols: np.ndarray) -> tuple[list[float], str]:
+def _value_range(
+    value_range: Sequence[float] | None, fake_dir: Path, real: Any, real_vols: np.ndarray
+) -> tuple[list[float], str]:
     # the intensity range the volumes span, and where it came from: given, the manifest, the datalist, the data
     if value_range is not None:
         lo, hi = (float(v) for v in value_range)
@@ -145,7 +146,9 @@ def evaluate(
     check_sample_folder(fake_dir)
     out = Path(out_dir) if out_dir is not None else fake_dir / "evaluation"
     out.mkdir(parents=True, exist_ok=True)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     timings: dict[str, float] = {}
 
     def tick(name: str, t0: float) -> None:
@@ -157,16 +160,21 @@ def evaluate(
     fake_vols, fake_names, affine = load_volumes(fake_dir)
     real_vols, real_names, _ = load_volumes(real, split, image_key, limit=max_real)
     if fake_vols.shape[1:] != real_vols.shape[1:]:
-        raise ValueError(f"Synthetic volumes are {fake_vols.shape[1:]} ({fake_dir / fake_names[0]}) but real ones are "
-                         f"{real_vols.shape[1:]} ({real_names[0]}): evaluate at the same size.")
+        raise ValueError(
+            f"Synthetic volumes are {fake_vols.shape[1:]} ({fake_dir / fake_names[0]}) but real ones are "
+            f"{real_vols.shape[1:]} ({real_names[0]}): evaluate at the same size."
+        )
     for what, v in (("synthetic", fake_vols), ("real", real_vols)):
         if len(v) < 2:
             raise ValueError(f"Evaluation needs at least 2 {what} volumes, got {len(v)}.")
     vrange, vrange_source = _value_range(value_range, fake_dir, real, real_vols)
     tick("load", t0)
     if progress:
-        print(f"Evaluating {len(fake_vols)} synthetic vs {len(real_vols)} real volumes of shape {fake_vols.shape[1:]} "
-              f"on {device}", flush=True)
+        print(
+            f"Evaluating {len(fake_vols)} synthetic vs {len(real_vols)} real volumes of shape {fake_vols.shape[1:]} "
+            f"on {device}",
+            flush=True,
+        )
 
     t0 = time.perf_counter()
     if extractor is None:
@@ -176,8 +184,13 @@ def evaluate(
     name = extractor_name(extractor)
     real_feats = extract_features(extractor, real_vols, vrange, preset, batch_size, device)
     fake_feats = extract_features(extractor, fake_vols, vrange, preset, batch_size, device)
-    fid = {**fid_from_features(real_feats, fake_feats), "extractor": name, "comparable_with_papers": name == "medicalnet",
-           "preset": preset, "weights": str(weights) if weights and name == "medicalnet" else None}
+    fid = {
+        **fid_from_features(real_feats, fake_feats),
+        "extractor": name,
+        "comparable_with_papers": name == "medicalnet",
+        "preset": preset,
+        "weights": str(weights) if weights and name == "medicalnet" else None,
+    }
     if name != "medicalnet":
         fid["note"] = NOT_COMPARABLE
     tick("fid", t0)
@@ -185,8 +198,10 @@ def evaluate(
     t0 = time.perf_counter()
     # [0, 1] copies for MS-SSIM (data_range 1) and the voxel MMD
     unit = {"fake": normalize_volumes(fake_vols, vrange, "wdm"), "real": normalize_volumes(real_vols, vrange, "wdm")}
-    div = {s: ms_ssim_diversity(v, pairs, kernel_size, ms_ssim_adapt, seed=seed, num_threads=num_threads,
-                                device=device) for s, v in unit.items()}
+    div = {
+        s: ms_ssim_diversity(v, pairs, kernel_size, ms_ssim_adapt, seed=seed, num_threads=num_threads, device=device)
+        for s, v in unit.items()
+    }
     tick("ms_ssim", t0)
 
     t0 = time.perf_counter()
@@ -201,8 +216,17 @@ def evaluate(
     tick("mmd", t0)
 
     t0 = time.perf_counter()
-    mem = memorization_audit(fake_vols, real_vols, fake_names, real_names, copy_threshold, downsample=ncc_downsample,
-                             fake_embeddings=fake_feats, train_embeddings=real_feats, device=device)
+    mem = memorization_audit(
+        fake_vols,
+        real_vols,
+        fake_names,
+        real_names,
+        copy_threshold,
+        downsample=ncc_downsample,
+        fake_embeddings=fake_feats,
+        train_embeddings=real_feats,
+        device=device,
+    )
     tick("memorization", t0)
 
     t0 = time.perf_counter()
@@ -211,44 +235,86 @@ def evaluate(
     group = max(1, (len(edges) - 1) // 256)  # plot at most ~256 bins (the distance uses the fine histogram)
     if (len(edges) - 1) % group:
         group = 1
-    counts = {k: np.asarray(wass[c]).reshape(-1, group).sum(1) for k, c in (("real", "real_counts"),
-                                                                            ("synthetic", "fake_counts"))}
+    counts = {
+        k: np.asarray(wass[c]).reshape(-1, group).sum(1)
+        for k, c in (("real", "real_counts"), ("synthetic", "fake_counts"))
+    }
     files["intensity_histogram"] = plot_histograms(
-        out / "intensity_histogram.png", edges[::group], counts,
-        f"Voxel intensities (W1 = {wass['wasserstein']:.4g})", "intensity", log=True).name
+        out / "intensity_histogram.png",
+        edges[::group],
+        counts,
+        f"Voxel intensities (W1 = {wass['wasserstein']:.4g})",
+        "intensity",
+        log=True,
+    ).name
     lo = min(min(mem["fake_nn_values"]), min(mem["real_nn_values"]), mem["threshold"]) - 0.01
     nn_edges = np.linspace(max(-1.0, lo), 1.0, 41)
     files["nn_ncc"] = plot_histograms(
-        out / "nn_ncc.png", nn_edges, {"synthetic -> training": histogram_counts(mem["fake_nn_values"], nn_edges),
-                                       "training -> training": histogram_counts(mem["real_nn_values"], nn_edges)},
-        "Nearest-neighbour NCC", "NCC", vline=mem["threshold"], vline_label="copy threshold").name
+        out / "nn_ncc.png",
+        nn_edges,
+        {
+            "synthetic -> training": histogram_counts(mem["fake_nn_values"], nn_edges),
+            "training -> training": histogram_counts(mem["real_nn_values"], nn_edges),
+        },
+        "Nearest-neighbour NCC",
+        "NCC",
+        vline=mem["threshold"],
+        vline_label="copy threshold",
+    ).name
     lo = min(min(div["fake"]["values"]), min(div["real"]["values"])) - 0.01
     ss_edges = np.linspace(max(0.0, lo), 1.0, 41)
     files["ms_ssim"] = plot_histograms(
-        out / "ms_ssim.png", ss_edges, {"synthetic pairs": histogram_counts(div["fake"]["values"], ss_edges),
-                                        "real pairs": histogram_counts(div["real"]["values"], ss_edges)},
-        "Pairwise MS-SSIM (lower = more diverse)", "MS-SSIM").name
-    files["montage_synthetic"] = save_montage(out / "montage_synthetic.png", list(fake_vols[:montage_volumes]),
-                                              affine=affine, value_range=vrange).name
-    files["montage_real"] = save_montage(out / "montage_real.png", list(real_vols[:montage_volumes]), affine=affine,
-                                         value_range=vrange).name
+        out / "ms_ssim.png",
+        ss_edges,
+        {
+            "synthetic pairs": histogram_counts(div["fake"]["values"], ss_edges),
+            "real pairs": histogram_counts(div["real"]["values"], ss_edges),
+        },
+        "Pairwise MS-SSIM (lower = more diverse)",
+        "MS-SSIM",
+    ).name
+    files["montage_synthetic"] = save_montage(
+        out / "montage_synthetic.png", list(fake_vols[:montage_volumes]), affine=affine, value_range=vrange
+    ).name
+    files["montage_real"] = save_montage(
+        out / "montage_real.png", list(real_vols[:montage_volumes]), affine=affine, value_range=vrange
+    ).name
     tick("report", t0)
 
     results = {
         "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "wdm3d_version": __version__, "real": str(real), "fake": str(fake_dir), "split": split,
-        "n_real": int(len(real_vols)), "n_fake": int(len(fake_vols)), "shape": list(fake_vols.shape[1:]),
-        "value_range": vrange, "value_range_source": vrange_source, "preset": preset, "device": str(device),
-        "fid": fid, "ms_ssim": div, "wasserstein": wass, "mmd_features": mmd_feat, "mmd_voxels": mmd_vox,
-        "memorization": mem, "timings": timings, "files": {**files, "report": "report.md", "results": "results.json"},
+        "wdm3d_version": __version__,
+        "real": str(real),
+        "fake": str(fake_dir),
+        "split": split,
+        "n_real": int(len(real_vols)),
+        "n_fake": int(len(fake_vols)),
+        "shape": list(fake_vols.shape[1:]),
+        "value_range": vrange,
+        "value_range_source": vrange_source,
+        "preset": preset,
+        "device": str(device),
+        "fid": fid,
+        "ms_ssim": div,
+        "wasserstein": wass,
+        "mmd_features": mmd_feat,
+        "mmd_voxels": mmd_vox,
+        "memorization": mem,
+        "timings": timings,
+        "files": {**files, "report": "report.md", "results": "results.json"},
     }
     metrics = {
         f"eval_fid_{name}": fid["fid"],
-        "eval_ms_ssim_fake": div["fake"]["mean"], "eval_ms_ssim_real": div["real"]["mean"],
+        "eval_ms_ssim_fake": div["fake"]["mean"],
+        "eval_ms_ssim_real": div["real"]["mean"],
         "eval_wasserstein_intensity": wass["wasserstein"],
-        "eval_mmd_features": mmd_feat["mmd"], "eval_mmd_voxels": mmd_vox["mmd"],
-        "eval_nn_ncc_fake_median": mem["fake_nn_ncc"]["median"], "eval_nn_ncc_real_median": mem["real_nn_ncc"]["median"],
-        "eval_copy_fraction": mem["copy_fraction"], "eval_n_fake": float(len(fake_vols)), "eval_n_real": float(len(real_vols)),
+        "eval_mmd_features": mmd_feat["mmd"],
+        "eval_mmd_voxels": mmd_vox["mmd"],
+        "eval_nn_ncc_fake_median": mem["fake_nn_ncc"]["median"],
+        "eval_nn_ncc_real_median": mem["real_nn_ncc"]["median"],
+        "eval_copy_fraction": mem["copy_fraction"],
+        "eval_n_fake": float(len(fake_vols)),
+        "eval_n_real": float(len(real_vols)),
     }
     results["metrics"] = metrics
     atomic_write_text(out / "results.json", json.dumps(results, indent=2))
@@ -264,8 +330,10 @@ def evaluate(
                 print(f"Logged the evaluation to MLflow run {run_info['run_id']} ({run_info['tracking_uri']})")
         results["mlflow_run"] = run_info
     if progress:
-        print(f"FID ({name}) {fid['fid']:.4g}  MS-SSIM synthetic {div['fake']['mean']:.4f} / real {div['real']['mean']:.4f}"
-              f"  W1 {wass['wasserstein']:.4g}  suspected copies {len(mem['suspected_copies'])}/{len(fake_vols)}")
+        print(
+            f"FID ({name}) {fid['fid']:.4g}  MS-SSIM synthetic {div['fake']['mean']:.4f} / real {div['real']['mean']:.4f}"
+            f"  W1 {wass['wasserstein']:.4g}  suspected copies {len(mem['suspected_copies'])}/{len(fake_vols)}"
+        )
         if name != "medicalnet":
             print("Note: " + NOT_COMPARABLE + ". " + medicalnet_weights_help("--weights PATH"))
         print(f"Wrote results.json, report.md and plots to {out}")

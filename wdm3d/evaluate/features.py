@@ -34,8 +34,12 @@ def build_feature_extractor(features: str = "auto", weights: str | os.PathLike |
     if features == "medicalnet" or (features == "auto" and weights):
         return medicalnet_resnet50(weights)
     if features == "auto":
-        warnings.warn("No MedicalNet weights: FID uses random_conv3d features, not comparable with papers. "
-                      + medicalnet_weights_help(), UserWarning, stacklevel=2)
+        warnings.warn(
+            "No MedicalNet weights: FID uses random_conv3d features, not comparable with papers. "
+            + medicalnet_weights_help(),
+            UserWarning,
+            stacklevel=2,
+        )
     return RandomConv3dFeatures(seed=0).eval()
 
 

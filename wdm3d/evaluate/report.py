@@ -22,11 +22,14 @@ def report_markdown(results: dict) -> str:
     r = results
     fid, div, mem = r["fid"], r["ms_ssim"], r["memorization"]
     lines = [
-        "# wdm3d evaluation", "",
+        "# wdm3d evaluation",
+        "",
         f"- synthetic: `{r['fake']}` ({r['n_fake']} volumes); real: `{r['real']}` ({r['n_real']} volumes, split "
         f"`{r['split']}`); shape {r['shape']}",
         f"- intensity range {r['value_range']} ({r['value_range_source']}), FID input preset `{r['preset']}`",
-        "", "| metric | synthetic | real | note |", "|---|---|---|---|",
+        "",
+        "| metric | synthetic | real | note |",
+        "|---|---|---|---|",
         f"| 3D FID ({fid['extractor']}) | {_fmt(fid['fid'])} |  | N = {fid['n_fake']} vs {fid['n_real']}; "
         f"{'comparable with papers' if fid['comparable_with_papers'] else 'NOT comparable with papers'} |",
         f"| MS-SSIM (diversity, lower = more diverse) | {_fmt(div['fake']['mean'])} "

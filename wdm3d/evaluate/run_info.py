@@ -10,8 +10,9 @@ from pathlib import Path
 __all__ = ["find_run_info"]
 
 
-def find_run_info(fake_dir: str | os.PathLike, mlflow_run_id: str | None = None,
-                  tracking_uri: str | None = None) -> dict[str, str] | None:
+def find_run_info(
+    fake_dir: str | os.PathLike, mlflow_run_id: str | None = None, tracking_uri: str | None = None
+) -> dict[str, str] | None:
     """The MLflow run that generated the samples in ``fake_dir``: ``{"run_id", "tracking_uri"}`` or None.
 
     Run id: ``mlflow_run_id``, else ``manifest.json``'s ``mlflow_run_id``. Tracking URI: ``tracking_uri``, else
@@ -50,7 +51,11 @@ def find_run_info(fake_dir: str | os.PathLike, mlflow_run_id: str | None = None,
         same = [i for i in found if i.get("run_id") == run_id] or found
         uri = same[0].get("tracking_uri") if same else None
     if not uri:
-        warnings.warn(f"Found MLflow run {run_id} but no tracking URI (no mlflow_run.json beside the samples); pass "
-                      "--tracking-uri or set MLFLOW_TRACKING_URI to log the evaluation.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"Found MLflow run {run_id} but no tracking URI (no mlflow_run.json beside the samples); pass "
+            "--tracking-uri or set MLFLOW_TRACKING_URI to log the evaluation.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None
     return {"run_id": str(run_id), "tracking_uri": str(uri)}

@@ -41,11 +41,16 @@ def check_sample_folder(folder: str | os.PathLike) -> None:
     """
     folder = Path(folder)
     manifest = folder / "manifest.json"
-    volumes = sorted(p.name for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                     and p.name.endswith((".nii.gz", ".nii")))
+    volumes = sorted(
+        p.name
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and p.name.endswith((".nii.gz", ".nii"))
+    )
     named = [n for n in volumes if _SAMPLE_NIFTI.match(n)]
-    fix = ("Run inference into the folder again (a run replaces the folder's samples only once it has finished), or "
-           "copy the volumes to evaluate into a folder of their own.")
+    fix = (
+        "Run inference into the folder again (a run replaces the folder's samples only once it has finished), or "
+        "copy the volumes to evaluate into a folder of their own."
+    )
     if not manifest.exists():
         if named:
             raise ValueError(
@@ -59,21 +64,29 @@ def check_sample_folder(folder: str | os.PathLike) -> None:
         samples = data.get("samples") if isinstance(data, dict) else None
         listed = None if samples is None else [str(s["nifti"]) for s in samples]
     except (OSError, ValueError, KeyError, TypeError) as err:
-        raise ValueError(f"{manifest} is not a readable wdm3d manifest ({type(err).__name__}: {err}); cannot tell which "
-                         f"volumes in {folder} belong to one run. {fix}") from err
+        raise ValueError(
+            f"{manifest} is not a readable wdm3d manifest ({type(err).__name__}: {err}); cannot tell which "
+            f"volumes in {folder} belong to one run. {fix}"
+        ) from err
     if listed is None:
         if named:
-            raise ValueError(f"{manifest} lists no samples, but {folder} holds {len(named)} sample_NNNN volume(s), e.g. "
-                             f"{named[0]}: cannot tell which belong to one run. {fix}")
+            raise ValueError(
+                f"{manifest} lists no samples, but {folder} holds {len(named)} sample_NNNN volume(s), e.g. "
+                f"{named[0]}: cannot tell which belong to one run. {fix}"
+            )
         return
     missing = [n for n in listed if not (folder / n).is_file()]
     if missing:
-        raise FileNotFoundError(f"{manifest} lists {len(missing)} volume(s) that are not in {folder}, e.g. "
-                                f"{missing[0]}; the run that wrote it did not finish or files were moved. {fix}")
+        raise FileNotFoundError(
+            f"{manifest} lists {len(missing)} volume(s) that are not in {folder}, e.g. "
+            f"{missing[0]}; the run that wrote it did not finish or files were moved. {fix}"
+        )
     extra = [n for n in volumes if n not in set(listed)]
     if extra:
-        raise ValueError(f"{folder} holds {len(extra)} NIfTI volume(s) that {manifest} does not list, e.g. {extra[0]}: "
-                         f"they are not of the run the manifest describes. {fix}")
+        raise ValueError(
+            f"{folder} holds {len(extra)} NIfTI volume(s) that {manifest} does not list, e.g. {extra[0]}: "
+            f"they are not of the run the manifest describes. {fix}"
+        )
 
 
 def _volume_files(folder: Path) -> list[Path]:
@@ -88,12 +101,17 @@ def _volume_files(folder: Path) -> list[Path]:
         if listed is not None:
             missing = [name for name in listed if not (folder / name).is_file()]
             if missing:
-                raise FileNotFoundError(f"{manifest} lists {len(missing)} volume(s) that are not in {folder}, e.g. "
-                                        f"{missing[0]}; the run that wrote it did not finish or files were moved.")
+                raise FileNotFoundError(
+                    f"{manifest} lists {len(missing)} volume(s) that are not in {folder}, e.g. "
+                    f"{missing[0]}; the run that wrote it did not finish or files were moved."
+                )
             if listed:
                 return [folder / name for name in listed]
-    files = sorted(p for p in folder.iterdir() if p.is_file() and not p.name.startswith(".")
-                   and (p.name.endswith(".nii.gz") or p.name.endswith(".nii")))
+    files = sorted(
+        p
+        for p in folder.iterdir()
+        if p.is_file() and not p.name.startswith(".") and (p.name.endswith(".nii.gz") or p.name.endswith(".nii"))
+    )
     if not files:
         raise FileNotFoundError(f"No NIfTI volumes (*.nii.gz, *.nii) in {folder}.")
     return files
@@ -105,10 +123,14 @@ def _datalist_files(path: Path, split: str, image_key: str | None) -> list[Path]
     if image_key is None:
         entries = data.get(split) or []
         first = entries[0] if entries and isinstance(entries[0], dict) else {}
-        candidates = [k for k, v in first.items() if isinstance(v, str) and (v.endswith(".nii.gz") or v.endswith(".nii"))]
+        candidates = [
+            k for k, v in first.items() if isinstance(v, str) and (v.endswith(".nii.gz") or v.endswith(".nii"))
+        ]
         if len(candidates) != 1:
-            raise ValueError(f"Datalist {path}: say which image key to evaluate (--image-key / image_key); the entries of "
-                             f"{split!r} have the NIfTI keys {candidates}.")
+            raise ValueError(
+                f"Datalist {path}: say which image key to evaluate (--image-key / image_key); the entries of "
+                f"{split!r} have the NIfTI keys {candidates}."
+            )
         image_key = candidates[0]
     return [Path(e[image_key]) for e in load_datalist(path, split, [image_key])]
 
@@ -157,8 +179,10 @@ def load_volumes(
         if shape is None:
             shape, affine = data.shape, img.affine
         elif data.shape != shape:
-            raise ValueError(f"{f} has shape {data.shape}, unlike {files[0]} ({shape}): all volumes must share one shape "
-                             "(resample or crop them first, e.g. with data_prep).")
+            raise ValueError(
+                f"{f} has shape {data.shape}, unlike {files[0]} ({shape}): all volumes must share one shape "
+                "(resample or crop them first, e.g. with data_prep)."
+            )
         vols.append(data)
     names = [f.name for f in files]
     if len(set(names)) < len(names):

@@ -159,8 +159,10 @@ def dicom_value_mapping(ds) -> tuple[float, float]:
     if items:
         item = items[0]
         if "RealWorldValueSlope" not in item or "RealWorldValueIntercept" not in item:
-            raise ValueError("the Real World Value Mapping has no RealWorldValueSlope/Intercept (a LUT mapping is not "
-                             "supported); read the values with a tool that applies RealWorldValueLUTData.")
+            raise ValueError(
+                "the Real World Value Mapping has no RealWorldValueSlope/Intercept (a LUT mapping is not "
+                "supported); read the values with a tool that applies RealWorldValueLUTData."
+            )
         return float(item.RealWorldValueSlope), float(item.RealWorldValueIntercept)
     return 1.0, 0.0
 
@@ -258,8 +260,10 @@ def write_dicom_series(
             how = "values in HU" if hu else "values are the volume's normalised intensities, not HU"
     else:
         lo, hi = (float(v) for v in value_range) if value_range is not None else (float(arr.min()), float(arr.max()))
-        how = (f"intensities [{lo:g}, {hi:g}] stored as [0, {MR_STORED_MAX}] without rescale; intensity = "
-               f"{lo:g} + stored * {slope:.6g} (Real World Value Mapping)")
+        how = (
+            f"intensities [{lo:g}, {hi:g}] stored as [0, {MR_STORED_MAX}] without rescale; intensity = "
+            f"{lo:g} + stored * {slope:.6g} (Real World Value Mapping)"
+        )
     comment = f"{SYNTHETIC_COMMENT}; {how}"
     description = "synthetic (wdm3d)" + (f" {series_description}" if series_description else "")
     now = datetime.now(timezone.utc)
@@ -393,10 +397,15 @@ def write_dicom_series(
             shutil.rmtree(tmp, ignore_errors=True)
     slice_axis = int(np.flatnonzero(ornt[:, 0] == 2)[0])
     return {
-        "dir": out_dir, "files": [out_dir / f for f in files], "num_slices": len(files), "study_uid": study_uid,
-        "series_uid": series_uid, "patient_id": patient_id,
+        "dir": out_dir,
+        "files": [out_dir / f for f in files],
+        "num_slices": len(files),
+        "study_uid": study_uid,
+        "series_uid": series_uid,
+        "patient_id": patient_id,
         # as written: DS strings for CT's rescale, doubles (FD) for MR's Real World Value Mapping
         "rescale_slope": float(_ds_number(slope)) if modality == "CT" else float(slope),
         "rescale_intercept": float(_ds_number(intercept)) if modality == "CT" else float(intercept),
-        "rescale_type": rescale_type, "slice_axis": slice_axis,
+        "rescale_type": rescale_type,
+        "slice_axis": slice_axis,
     }

@@ -91,8 +91,9 @@ def atomic_write(path: str | os.PathLike, write: Callable[[str], object]) -> Pat
             raise
         name = errno.errorcode.get(cause.errno)
         text = os.strerror(cause.errno) + (f" ({name})" if name else "")
-        raise OSError(cause.errno, f"Could not write {path}: {text}. Nothing was written there and no temporary file "
-                                   "is left.") from err
+        raise OSError(
+            cause.errno, f"Could not write {path}: {text}. Nothing was written there and no temporary file is left."
+        ) from err
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)

@@ -60,7 +60,6 @@ def adaptive_gan_weight(
     return ratio.clamp(0.0, max_weight).detach()
 
 
-
 def patch_discriminator(
     in_channels: int = 1,
     channels: int = 32,
@@ -87,13 +86,23 @@ def patch_discriminator(
         ``monai.networks.nets.PatchDiscriminator``; called on ``(B, C, D, H, W)`` it returns a list of feature maps,
         the last being the logits ``(B, 1, d, h, w)``.
     """
-    for name, value in (("in_channels", in_channels), ("channels", channels), ("num_layers_d", num_layers_d),
-                        ("kernel_size", kernel_size)):
+    for name, value in (
+        ("in_channels", in_channels),
+        ("channels", channels),
+        ("num_layers_d", num_layers_d),
+        ("kernel_size", kernel_size),
+    ):
         if not isinstance(value, int) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}.")
     return PatchDiscriminator(
-        spatial_dims=3, channels=channels, in_channels=in_channels, out_channels=1, num_layers_d=num_layers_d,
-        kernel_size=kernel_size, norm=norm, last_conv_kernel_size=last_conv_kernel_size,
+        spatial_dims=3,
+        channels=channels,
+        in_channels=in_channels,
+        out_channels=1,
+        num_layers_d=num_layers_d,
+        kernel_size=kernel_size,
+        norm=norm,
+        last_conv_kernel_size=last_conv_kernel_size,
     )
 
 
@@ -150,4 +159,3 @@ def discriminator_adversarial_loss(
     loss_real = criterion(_logits(real_logits, "real_logits"), target_is_real=True, for_discriminator=True)
     loss_fake = criterion(_logits(fake_logits, "fake_logits"), target_is_real=False, for_discriminator=True)
     return 0.5 * (loss_real + loss_fake)
-

@@ -17,7 +17,23 @@ __all__ = ["VGG16_LAYOUT", "SliceFeatureNet2D", "load_slice_feature_weights"]
 #: VGG16's convolutional trunk: conv widths, "M" for a 2x2 max-pool (torchvision's ``vgg16().features`` without its
 #: final pool, so its parameter names ``features.0.weight`` ... ``features.28.bias`` are the same).
 VGG16_LAYOUT: tuple[int | str, ...] = (
-    64, 64, "M", 128, 128, "M", 256, 256, 256, "M", 512, 512, 512, "M", 512, 512, 512,
+    64,
+    64,
+    "M",
+    128,
+    128,
+    "M",
+    256,
+    256,
+    256,
+    "M",
+    512,
+    512,
+    512,
+    "M",
+    512,
+    512,
+    512,
 )
 
 

@@ -59,4 +59,3 @@ def gaussian_kl(posterior: LatentDistribution) -> torch.Tensor:
         ``posterior.kl().sum() / posterior.mean.numel()``.
     """
     return posterior.kl().sum() / posterior.mean.numel()
-

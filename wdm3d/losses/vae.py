@@ -16,7 +16,16 @@ __all__ = ["LOSS_NAMES", "VAELoss"]
 
 #: The logged term names (stable across code, configs and MLflow keys); model extras add their own names.
 LOSS_NAMES: tuple[str, ...] = (
-    "total", "recon", "wavelet", "kl", "sparsity", "perceptual", "nll", "adv_g", "adv_d", "adaptive_weight",
+    "total",
+    "recon",
+    "wavelet",
+    "kl",
+    "sparsity",
+    "perceptual",
+    "nll",
+    "adv_g",
+    "adv_d",
+    "adaptive_weight",
 )
 
 
@@ -70,9 +79,13 @@ class VAELoss(nn.Module):
     ) -> None:
         super().__init__()
         extra_weights = {"sparsity": 1e-4} if extra_weights is None else dict(extra_weights)
-        named = {"recon_weight": recon_weight, "wavelet_weight": wavelet_weight, "kl_weight": kl_weight,
-                 "perceptual_weight": perceptual_weight,
-                 **{f"extra_weights[{k!r}]": v for k, v in extra_weights.items()}}
+        named = {
+            "recon_weight": recon_weight,
+            "wavelet_weight": wavelet_weight,
+            "kl_weight": kl_weight,
+            "perceptual_weight": perceptual_weight,
+            **{f"extra_weights[{k!r}]": v for k, v in extra_weights.items()},
+        }
         for name, value in named.items():
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}.")

@@ -10,7 +10,9 @@ import torch
 __all__ = ["intensity_histogram", "intensity_wasserstein", "mmd_rbf", "downsample_volumes"]
 
 
-def intensity_histogram(volumes: np.ndarray, value_range: Sequence[float], bins: int = 256) -> tuple[np.ndarray, np.ndarray]:
+def intensity_histogram(
+    volumes: np.ndarray, value_range: Sequence[float], bins: int = 256
+) -> tuple[np.ndarray, np.ndarray]:
     """Voxel-intensity histogram of a set, accumulated volume by volume: ``(edges (bins+1,), counts (bins,))``.
 
     Values outside ``value_range`` are counted in the first / last bin.
@@ -43,8 +45,14 @@ def intensity_wasserstein(real: np.ndarray, fake: np.ndarray, value_range: Seque
     _, fc = intensity_histogram(fake, value_range, bins)
     centres = (edges[:-1] + edges[1:]) / 2
     w = float(wasserstein_distance(centres, centres, u_weights=rc + 1e-300, v_weights=fc + 1e-300))
-    return {"wasserstein": w, "bins": bins, "value_range": [float(value_range[0]), float(value_range[1])],
-            "edges": edges.tolist(), "real_counts": rc.tolist(), "fake_counts": fc.tolist()}
+    return {
+        "wasserstein": w,
+        "bins": bins,
+        "value_range": [float(value_range[0]), float(value_range[1])],
+        "edges": edges.tolist(),
+        "real_counts": rc.tolist(),
+        "fake_counts": fc.tolist(),
+    }
 
 
 def downsample_volumes(volumes: np.ndarray | torch.Tensor, size: int = 16) -> np.ndarray:
@@ -60,12 +68,14 @@ def _mmd2_unbiased(k: np.ndarray, n: int) -> float:
     """Unbiased MMD^2 from the pooled kernel matrix (the first ``n`` rows are x): the diagonals K(x, x) = 1 left out."""
     kxx, kyy, kxy = k[:n, :n], k[n:, n:], k[:n, n:]
     m = len(k) - n
-    return float((kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1))
-                 - 2 * kxy.mean())
+    return float(
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1)) + (kyy.sum() - np.trace(kyy)) / (m * (m - 1)) - 2 * kxy.mean()
+    )
 
 
-def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None, permutations: int = 200,
-            seed: int = 0) -> dict:
+def mmd_rbf(
+    x: np.ndarray, y: np.ndarray, bandwidth: float | None = None, permutations: int = 200, seed: int = 0
+) -> dict:
     """Maximum mean discrepancy with a Gaussian (RBF) kernel between samples ``(N, F)`` and ``(M, F)``, N, M >= 2.
 
     The unbiased (U-statistic) estimate of Gretton et al. 2012, eq. 3: ``mean_{i != j} K(x_i, x_j) + mean_{i != j}
@@ -82,8 +92,9 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None, permut
     """
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
     if x.ndim != 2 or y.ndim != 2 or x.shape[1] != y.shape[1] or len(x) < 2 or len(y) < 2:
-        raise ValueError(f"samples must be (N, F) and (M, F) with the same F and N, M >= 2, got {x.shape} and "
-                         f"{y.shape}.")
+        raise ValueError(
+            f"samples must be (N, F) and (M, F) with the same F and N, M >= 2, got {x.shape} and {y.shape}."
+        )
     z = np.concatenate([x, y])
     sq = (z * z).sum(1)
     d2 = np.clip(sq[:, None] + sq[None, :] - 2 * z @ z.T, 0, None)
@@ -100,8 +111,17 @@ def mmd_rbf(x: np.ndarray, y: np.ndarray, bandwidth: float | None = None, permut
     p_value = None
     if permutations:
         rng = np.random.default_rng(seed)
-        null = np.array([_mmd2_unbiased(k[np.ix_(p, p)], n) for p in (rng.permutation(len(z))
-                                                                       for _ in range(permutations))])
+        null = np.array(
+            [_mmd2_unbiased(k[np.ix_(p, p)], n) for p in (rng.permutation(len(z)) for _ in range(permutations))]
+        )
         p_value = float((1 + (null >= mmd2 - 1e-12).sum()) / (1 + permutations))
-    return {"mmd2": mmd2, "mmd": max(mmd2, 0.0) ** 0.5, "mmd2_biased": biased, "p_value": p_value,
-            "permutations": int(permutations), "bandwidth": bandwidth, "n_x": int(n), "n_y": int(len(y))}
+    return {
+        "mmd2": mmd2,
+        "mmd": max(mmd2, 0.0) ** 0.5,
+        "mmd2_biased": biased,
+        "p_value": p_value,
+        "permutations": int(permutations),
+        "bandwidth": bandwidth,
+        "n_x": int(n),
+        "n_y": int(len(y)),
+    }

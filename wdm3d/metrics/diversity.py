@@ -22,8 +22,16 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import torch
 
-__all__ = ["MS_SSIM_WEIGHTS", "ms_ssim_min_size", "ms_ssim_settings", "sample_pairs", "pairwise_ms_ssim",
-           "bootstrap_ci", "pair_bootstrap_ci", "ms_ssim_diversity"]
+__all__ = [
+    "MS_SSIM_WEIGHTS",
+    "ms_ssim_min_size",
+    "ms_ssim_settings",
+    "sample_pairs",
+    "pairwise_ms_ssim",
+    "bootstrap_ci",
+    "pair_bootstrap_ci",
+    "ms_ssim_diversity",
+]
 
 MS_SSIM_WEIGHTS = (0.0448, 0.2856, 0.3001, 0.2363, 0.1333)  # Wang et al. 2003, MONAI's default
 
@@ -37,8 +45,9 @@ def ms_ssim_min_size(kernel_size: int = 7, num_scales: int = 5) -> int:
     return kernel_size * max(1, (num_scales - 1) ** 2, 2 ** (num_scales - 1))
 
 
-def ms_ssim_settings(shape: Sequence[int], kernel_size: int = 7, weights: Sequence[float] = MS_SSIM_WEIGHTS,
-                     adapt: bool = True) -> dict:
+def ms_ssim_settings(
+    shape: Sequence[int], kernel_size: int = 7, weights: Sequence[float] = MS_SSIM_WEIGHTS, adapt: bool = True
+) -> dict:
     """Scales, weights and kernel that fit volumes of ``shape`` ``(D, H, W)``; see the module docstring.
 
     Returns:
@@ -46,7 +55,13 @@ def ms_ssim_settings(shape: Sequence[int], kernel_size: int = 7, weights: Sequen
     """
     side = min(int(s) for s in shape)
     if side >= ms_ssim_min_size(kernel_size, len(weights)):
-        return {"kernel_size": kernel_size, "weights": list(weights), "num_scales": len(weights), "adapted": False, "note": ""}
+        return {
+            "kernel_size": kernel_size,
+            "weights": list(weights),
+            "num_scales": len(weights),
+            "adapted": False,
+            "note": "",
+        }
     if not adapt:
         raise ValueError(
             f"MS-SSIM with {len(weights)} scales and kernel_size {kernel_size} needs every side >= "
@@ -58,14 +73,26 @@ def ms_ssim_settings(shape: Sequence[int], kernel_size: int = 7, weights: Sequen
         if side >= ms_ssim_min_size(kernel_size, n):
             w = np.asarray(weights[:n], float)
             w = (w / w.sum()).round(6).tolist()
-            return {"kernel_size": kernel_size, "weights": w, "num_scales": n, "adapted": True,
-                    "note": f"volumes of side {side} < {ms_ssim_min_size(kernel_size, len(weights))}: {n} scale(s) "
-                            f"with the first weights renormalised, kernel {kernel_size}; not comparable with papers"}
+            return {
+                "kernel_size": kernel_size,
+                "weights": w,
+                "num_scales": n,
+                "adapted": True,
+                "note": f"volumes of side {side} < {ms_ssim_min_size(kernel_size, len(weights))}: {n} scale(s) "
+                f"with the first weights renormalised, kernel {kernel_size}; not comparable with papers",
+            }
     k = side if side % 2 else side - 1
     if k < 3:
-        raise ValueError(f"volumes of shape {tuple(shape)} are too small for MS-SSIM (a side of at least 3 voxels is needed).")
-    return {"kernel_size": k, "weights": [1.0], "num_scales": 1, "adapted": True,
-            "note": f"volumes of side {side} < {kernel_size}: single-scale SSIM with kernel {k}; not comparable with papers"}
+        raise ValueError(
+            f"volumes of shape {tuple(shape)} are too small for MS-SSIM (a side of at least 3 voxels is needed)."
+        )
+    return {
+        "kernel_size": k,
+        "weights": [1.0],
+        "num_scales": 1,
+        "adapted": True,
+        "note": f"volumes of side {side} < {kernel_size}: single-scale SSIM with kernel {k}; not comparable with papers",
+    }
 
 
 def sample_pairs(n: int, pairs: int | str = 100, seed: int = 0) -> list[tuple[int, int]]:
@@ -115,14 +142,17 @@ def pairwise_ms_ssim(
     # monai takes seconds to import: kept off `import wdm3d.metrics`
     from monai.metrics.regression import compute_ms_ssim
 
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    chunks = [list(pairs[s:s + batch_size]) for s in range(0, len(pairs), batch_size)]
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
+    chunks = [list(pairs[s : s + batch_size]) for s in range(0, len(pairs), batch_size)]
 
     def run(chunk):
         a = torch.stack([volumes[i] for i, _ in chunk]).to(device)
         b = torch.stack([volumes[j] for _, j in chunk]).to(device)
-        val = compute_ms_ssim(a, b, spatial_dims=3, data_range=1.0, kernel_size=settings["kernel_size"],
-                              weights=settings["weights"])
+        val = compute_ms_ssim(
+            a, b, spatial_dims=3, data_range=1.0, kernel_size=settings["kernel_size"], weights=settings["weights"]
+        )
         return val.reshape(-1).double().cpu().numpy()
 
     threads = min(num_threads or (os.cpu_count() or 1), len(chunks))
@@ -141,7 +171,9 @@ def pairwise_ms_ssim(
     return np.concatenate(results) if results else np.zeros(0)
 
 
-def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0) -> tuple[float, float]:
+def bootstrap_ci(
+    values: np.ndarray, confidence: float = 0.95, n_boot: int = 2000, seed: int = 0
+) -> tuple[float, float]:
     """Percentile bootstrap confidence interval of the mean of ``values``."""
     values = np.asarray(values, float)
     if len(values) == 0:
@@ -153,7 +185,11 @@ def bootstrap_ci(values: np.ndarray, confidence: float = 0.95, n_boot: int = 200
 
 
 def pair_bootstrap_ci(
-    values: np.ndarray, pairs: np.ndarray, n_volumes: int, confidence: float = 0.95, n_boot: int = 2000,
+    values: np.ndarray,
+    pairs: np.ndarray,
+    n_volumes: int,
+    confidence: float = 0.95,
+    n_boot: int = 2000,
     seed: int = 0,
 ) -> tuple[float, float]:
     """Bootstrap CI of the mean of a pairwise statistic, resampling *volumes*, not pairs.
@@ -221,11 +257,22 @@ def ms_ssim_diversity(
         raise ValueError(f"volumes must be (N, D, H, W) or (N, 1, D, H, W), got shape {tuple(x.shape)}.")
     settings = ms_ssim_settings(x.shape[2:], kernel_size, adapt=adapt)
     index_pairs = sample_pairs(x.shape[0], pairs, seed)
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     batch_size = batch_size or (4 if device.type == "cuda" else 1)
     values = pairwise_ms_ssim(x, index_pairs, settings, batch_size, num_threads, device)
     lo, hi = pair_bootstrap_ci(values, np.asarray(index_pairs), int(x.shape[0]), confidence, n_boot, seed)
     total = x.shape[0] * (x.shape[0] - 1) // 2
-    return {"mean": float(values.mean()), "std": float(values.std()), "ci_low": lo, "ci_high": hi,
-            "confidence": confidence, "n_pairs": len(index_pairs), "n_volumes": int(x.shape[0]),
-            "pairs": "all" if len(index_pairs) == total else "random", **settings, "values": values.tolist()}
+    return {
+        "mean": float(values.mean()),
+        "std": float(values.std()),
+        "ci_low": lo,
+        "ci_high": hi,
+        "confidence": confidence,
+        "n_pairs": len(index_pairs),
+        "n_volumes": int(x.shape[0]),
+        "pairs": "all" if len(index_pairs) == total else "random",
+        **settings,
+        "values": values.tolist(),
+    }

@@ -19,14 +19,22 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-__all__ = ["NORMALIZATION_PRESETS", "normalize_volumes", "extract_features", "feature_statistics",
-           "frechet_distance", "fid_from_features"]
+__all__ = [
+    "NORMALIZATION_PRESETS",
+    "normalize_volumes",
+    "extract_features",
+    "feature_statistics",
+    "frechet_distance",
+    "fid_from_features",
+]
 
 # the intensity range each protocol feeds to MedicalNet: WDM [0, 1], HA-GAN [-1, 1]
 NORMALIZATION_PRESETS = {"wdm": (0.0, 1.0), "hagan": (-1.0, 1.0)}
 
 
-def normalize_volumes(volumes: np.ndarray | torch.Tensor, value_range: Sequence[float], preset: str = "wdm") -> torch.Tensor:
+def normalize_volumes(
+    volumes: np.ndarray | torch.Tensor, value_range: Sequence[float], preset: str = "wdm"
+) -> torch.Tensor:
     """Map intensities from ``value_range`` to the preset's range, clipping outside values.
 
     Args:
@@ -73,7 +81,9 @@ def extract_features(
     """
     if not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be a positive integer, got {batch_size!r}.")
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     extractor = extractor.to(device).eval()
     n = len(volumes)
     out = []
@@ -81,7 +91,7 @@ def extract_features(
     if progress:
         starts = tqdm(starts, desc="features", unit="batch")
     for s in starts:
-        x = normalize_volumes(volumes[s:s + batch_size], value_range, preset).to(device)
+        x = normalize_volumes(volumes[s : s + batch_size], value_range, preset).to(device)
         out.append(extractor(x).double().cpu().numpy())
     return np.concatenate(out, axis=0)
 
@@ -133,5 +143,9 @@ def fid_from_features(real: np.ndarray, fake: np.ndarray) -> dict:
         raise ValueError(f"features must be (N, F) with the same F, got {real.shape} and {fake.shape}.")
     mu_r, s_r = feature_statistics(real)
     mu_f, s_f = feature_statistics(fake)
-    return {"fid": frechet_distance(mu_r, s_r, mu_f, s_f), "n_real": int(real.shape[0]), "n_fake": int(fake.shape[0]),
-            "feature_dim": int(real.shape[1])}
+    return {
+        "fid": frechet_distance(mu_r, s_r, mu_f, s_f),
+        "n_real": int(real.shape[0]),
+        "n_fake": int(fake.shape[0]),
+        "feature_dim": int(real.shape[1]),
+    }

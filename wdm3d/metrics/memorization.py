@@ -40,19 +40,23 @@ def standardize_flat(volumes, downsample: int = 1) -> torch.Tensor:
 
 
 @torch.no_grad()
-def ncc_matrix(a: torch.Tensor, b: torch.Tensor, chunk: int = 32, device: str | torch.device | None = None) -> np.ndarray:
+def ncc_matrix(
+    a: torch.Tensor, b: torch.Tensor, chunk: int = 32, device: str | torch.device | None = None
+) -> np.ndarray:
     """NCC of every row of ``a`` ``(N, V)`` with every row of ``b`` ``(M, V)`` (both from :func:`standardize_flat`).
 
     Computed in chunks of ``chunk`` rows on ``device`` (default: CUDA when present), accumulated in float64 (a
     float32 dot product of two 128^3 rows is off by ~1e-5, enough for an exact copy to miss a threshold near
     1); returns float64 ``(N, M)``.
     """
-    device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = (
+        torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    )
     out = np.zeros((a.shape[0], b.shape[0]))
     for i in range(0, a.shape[0], chunk):
-        ai = a[i:i + chunk].to(device, torch.float64)
+        ai = a[i : i + chunk].to(device, torch.float64)
         for j in range(0, b.shape[0], chunk):
-            out[i:i + chunk, j:j + chunk] = (ai @ b[j:j + chunk].to(device, torch.float64).T).cpu().numpy()
+            out[i : i + chunk, j : j + chunk] = (ai @ b[j : j + chunk].to(device, torch.float64).T).cpu().numpy()
     return np.clip(out, -1.0, 1.0)
 
 
@@ -67,8 +71,14 @@ def nearest_neighbours(sim: np.ndarray, exclude_diagonal: bool = False) -> tuple
 
 def _summary(values: np.ndarray) -> dict:
     v = np.asarray(values, float)
-    return {"mean": float(v.mean()), "min": float(v.min()), "p05": float(np.quantile(v, 0.05)),
-            "median": float(np.median(v)), "p95": float(np.quantile(v, 0.95)), "max": float(v.max())}
+    return {
+        "mean": float(v.mean()),
+        "min": float(v.min()),
+        "p05": float(np.quantile(v, 0.05)),
+        "median": float(np.median(v)),
+        "p95": float(np.quantile(v, 0.95)),
+        "max": float(v.max()),
+    }
 
 
 def memorization_audit(
@@ -118,8 +128,15 @@ def memorization_audit(
     else:
         rule = "given"
     tol = 1e-6  # round-off of the unit rows (stored in float32): an exact copy must not miss a threshold of 1
-    per_sample = [{"fake": fake_names[i], "nearest_train": train_names[int(idx_f[i])], "ncc": float(ncc_f[i]),
-                   "percentile_vs_real_nn": float((ncc_r < ncc_f[i]).mean() * 100)} for i in range(len(ncc_f))]
+    per_sample = [
+        {
+            "fake": fake_names[i],
+            "nearest_train": train_names[int(idx_f[i])],
+            "ncc": float(ncc_f[i]),
+            "percentile_vs_real_nn": float((ncc_r < ncc_f[i]).mean() * 100),
+        }
+        for i in range(len(ncc_f))
+    ]
     if fake_embeddings is not None and train_embeddings is not None:
         fe = np.asarray(fake_embeddings, np.float64)
         te = np.asarray(train_embeddings, np.float64)
@@ -129,14 +146,24 @@ def memorization_audit(
         for i, row in enumerate(per_sample):
             row["nearest_train_embedding"] = train_names[int(idx_e[i])]
             row["embedding_cosine"] = float(cos_e[i])
-    copies = [{"fake": r["fake"], "train": r["nearest_train"], "ncc": r["ncc"]} for r in per_sample
-              if r["ncc"] >= threshold - tol]
+    copies = [
+        {"fake": r["fake"], "train": r["nearest_train"], "ncc": r["ncc"]}
+        for r in per_sample
+        if r["ncc"] >= threshold - tol
+    ]
     copies.sort(key=lambda r: -r["ncc"])
     return {
-        "threshold": float(threshold), "threshold_rule": rule, "downsample": downsample,
-        "n_fake": int(f.shape[0]), "n_train": int(t.shape[0]),
-        "copy_fraction": len(copies) / f.shape[0], "suspected_copies": copies,
-        "fake_nn_ncc": _summary(ncc_f), "real_nn_ncc": _summary(ncc_r),
+        "threshold": float(threshold),
+        "threshold_rule": rule,
+        "downsample": downsample,
+        "n_fake": int(f.shape[0]),
+        "n_train": int(t.shape[0]),
+        "copy_fraction": len(copies) / f.shape[0],
+        "suspected_copies": copies,
+        "fake_nn_ncc": _summary(ncc_f),
+        "real_nn_ncc": _summary(ncc_r),
         "fraction_closer_than_any_real_pair": float((ncc_f > real_max).mean()),
-        "fake_nn_values": ncc_f.tolist(), "real_nn_values": ncc_r.tolist(), "per_sample": per_sample,
+        "fake_nn_values": ncc_f.tolist(),
+        "real_nn_values": ncc_r.tolist(),
+        "per_sample": per_sample,
     }

@@ -84,7 +84,9 @@ def plot_histograms(
         for yy in range(top, h - bottom, 8):
             draw.line([px(vline), yy, px(vline), min(yy + 4, h - bottom)], fill=(90, 90, 90), width=1)
         if vline_label:
-            draw.text((px(vline) - 6 * len(vline_label) - 4, h - bottom - 14), vline_label, fill=(90, 90, 90), font=font)
+            draw.text(
+                (px(vline) - 6 * len(vline_label) - 4, h - bottom - 14), vline_label, fill=(90, 90, 90), font=font
+            )
     buf = io.BytesIO()
     img.save(buf, format="PNG")
     return atomic_write_bytes(path, buf.getvalue())

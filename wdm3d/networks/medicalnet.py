@@ -63,12 +63,15 @@ class _Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1,
-                 downsample: nn.Module | None = None) -> None:
+    def __init__(
+        self, inplanes: int, planes: int, stride: int = 1, dilation: int = 1, downsample: nn.Module | None = None
+    ) -> None:
         super().__init__()
         self.conv1 = nn.Conv3d(inplanes, planes, kernel_size=1, bias=False)
         self.bn1 = nn.BatchNorm3d(planes)
-        self.conv2 = nn.Conv3d(planes, planes, kernel_size=3, stride=stride, dilation=dilation, padding=dilation, bias=False)
+        self.conv2 = nn.Conv3d(
+            planes, planes, kernel_size=3, stride=stride, dilation=dilation, padding=dilation, bias=False
+        )
         self.bn2 = nn.BatchNorm3d(planes)
         self.conv3 = nn.Conv3d(planes, planes * 4, kernel_size=1, bias=False)
         self.bn3 = nn.BatchNorm3d(planes * 4)
@@ -113,8 +116,10 @@ class MedicalNetResNet50(nn.Module):
         for i, ((planes, stride, dilation), blocks) in enumerate(zip(self.STAGES, layers), start=1):
             downsample = None
             if stride != 1 or inplanes != planes * 4:  # shortcut type B
-                downsample = nn.Sequential(nn.Conv3d(inplanes, planes * 4, kernel_size=1, stride=stride, bias=False),
-                                           nn.BatchNorm3d(planes * 4))
+                downsample = nn.Sequential(
+                    nn.Conv3d(inplanes, planes * 4, kernel_size=1, stride=stride, bias=False),
+                    nn.BatchNorm3d(planes * 4),
+                )
             stage = [_Bottleneck(inplanes, planes, stride, dilation, downsample)]
             inplanes = planes * 4
             stage += [_Bottleneck(inplanes, planes, dilation=dilation) for _ in range(1, blocks)]
@@ -124,7 +129,9 @@ class MedicalNetResNet50(nn.Module):
     def feature_maps(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         """Every stage's output, ``{"conv1", "maxpool", "layer1", ..., "layer4"}`` (for checks and other poolings)."""
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(f"MedicalNet expects (B, {self.in_channels}, D, H, W) volumes, got shape {tuple(x.shape)}.")
+            raise ValueError(
+                f"MedicalNet expects (B, {self.in_channels}, D, H, W) volumes, got shape {tuple(x.shape)}."
+            )
         out = {"conv1": self.relu(self.bn1(self.conv1(x)))}
         out["maxpool"] = self.maxpool(out["conv1"])
         h = out["maxpool"]
@@ -146,7 +153,7 @@ def _medicalnet_state_dict(obj) -> dict[str, torch.Tensor]:
         raise ValueError("not a state dict of tensors (nor a dict with one under 'state_dict')")
     out = {}
     for key, value in obj.items():
-        key = key[len("module."):] if key.startswith("module.") else key
+        key = key[len("module.") :] if key.startswith("module.") else key
         if not key.startswith("conv_seg."):
             out[key] = value
     return out
@@ -180,7 +187,9 @@ def load_medicalnet_weights(model: MedicalNetResNet50, path: str | os.PathLike) 
     except ValueError as err:
         raise ValueError(f"{path} is {err}; expected MedicalNet's {MEDICALNET_WEIGHTS_FILE}.") from err
     own = model.state_dict()
-    for key in own:  # checkpoints from PyTorch < 0.4.1 (MedicalNet's era) have no BN step counters; eval mode ignores them
+    for (
+        key
+    ) in own:  # checkpoints from PyTorch < 0.4.1 (MedicalNet's era) have no BN step counters; eval mode ignores them
         if key.endswith("num_batches_tracked") and key not in state:
             state[key] = own[key]
     mismatch = state_mismatch(own, state)

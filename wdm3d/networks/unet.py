@@ -41,7 +41,13 @@ from .attention import CrossAttentionBlock
 from .scripting import shape_repr
 
 __all__ = [
-    "WDMUNet", "ResBlock", "AttentionAnchor", "wdm_unet", "monai_unet", "PRESETS", "count_parameters",
+    "WDMUNet",
+    "ResBlock",
+    "AttentionAnchor",
+    "wdm_unet",
+    "monai_unet",
+    "PRESETS",
+    "count_parameters",
     "default_attention_levels",
 ]
 
@@ -224,9 +230,7 @@ class WDMUNet(nn.Module):
         def anchor(path: str, level: int | None, channels: int, with_attention: bool, attention_path: str) -> None:
             self._anchors.append(AttentionAnchor(path, level, channels, attention_path if with_attention else None))
 
-        self.time_embed = nn.Sequential(
-            nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)
-        )
+        self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.conv_in = nn.Conv3d(in_channels, base_channels, 3, padding=1)
 
         # encoder: every module's output is a skip
@@ -325,7 +329,8 @@ class WDMUNet(nn.Module):
             if bad:
                 raise ValueError(f"levels must be integers in [0, {n}), got {list(levels)}.")
         return [
-            a for a in self._anchors
+            a
+            for a in self._anchors
             if (a.level is None and middle) or (a.level is not None and (levels is None or a.level in levels))
         ]
 
@@ -348,9 +353,7 @@ class WDMUNet(nn.Module):
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
-            raise ValueError(
-                f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}."
-            )
+            raise ValueError(f"x must have shape (B, {self.in_channels}, D, H, W), got {tuple(x.shape)}.")
         if not x.is_floating_point():
             raise TypeError(f"x must be a floating-point tensor, got {x.dtype}.")
         if any(s < 1 or s % self._factor for s in x.shape[2:]):
@@ -378,9 +381,7 @@ class WDMUNet(nn.Module):
                 f"got {tuple(context.shape)}."
             )
 
-    def forward(
-        self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None
-    ) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
         """
         Args:
             x: ``(B, in_channels, D, H, W)``.
@@ -400,8 +401,10 @@ class WDMUNet(nn.Module):
             timesteps = timesteps.reshape(()).expand(x.shape[0])
         if timesteps.ndim != 1 or timesteps.shape[0] != x.shape[0]:
             # (a batch-1 x with B timesteps would otherwise broadcast into a batch of B outputs without an error)
-            raise ValueError(f"timesteps must be a scalar or have shape ({x.shape[0]},) (the batch of x), got "
-                             f"{shape_repr(timesteps.shape)}.")
+            raise ValueError(
+                f"timesteps must be a scalar or have shape ({x.shape[0]},) (the batch of x), got "
+                f"{shape_repr(timesteps.shape)}."
+            )
         emb = self.time_embed(get_timestep_embedding(timesteps, self.base_channels).to(x.dtype))
 
         h = self.conv_in(x) if torch.jit.is_scripting() else self._io(self.conv_in, x, back_to_autocast=True)

@@ -47,9 +47,7 @@ class LatentDistribution(_LatentFields):
 
     __slots__ = ()
 
-    def __new__(
-        cls, mean: torch.Tensor, logvar: torch.Tensor | None = None, std: torch.Tensor | None = None
-    ):
+    def __new__(cls, mean: torch.Tensor, logvar: torch.Tensor | None = None, std: torch.Tensor | None = None):
         if logvar is not None:
             logvar = logvar.clamp(-30.0, 20.0)
         return super().__new__(cls, mean, logvar, std)
@@ -72,6 +70,7 @@ class LatentDistribution(_LatentFields):
         for a posterior close to the prior, which bf16's 8 bits of mantissa cannot resolve, and the sum runs over
         every latent element.
         """
+
         def wide(t: torch.Tensor) -> torch.Tensor:
             return t.float() if t.dtype in (torch.float16, torch.bfloat16) else t
 
@@ -146,8 +145,13 @@ class VAEOutput(_VAEOutputFields):
     ):
         # fresh containers per output (a NamedTuple default would be one list shared by every output)
         return super().__new__(
-            cls, reconstruction, posterior, latent, [] if enc_coeffs is None else enc_coeffs,
-            [] if dec_coeffs is None else dec_coeffs, {} if extra_losses is None else extra_losses,
+            cls,
+            reconstruction,
+            posterior,
+            latent,
+            [] if enc_coeffs is None else enc_coeffs,
+            [] if dec_coeffs is None else dec_coeffs,
+            {} if extra_losses is None else extra_losses,
         )
 
     @property

@@ -23,8 +23,15 @@ from torch import nn
 from ..artifacts import build_network, load_frozen, unwrap
 
 __all__ = [
-    "AUTOENCODER_HINT", "LatentDecoder", "ReconstructionInferer", "check_chunk", "decode_latent", "encode_mean",
-    "latent_affine", "read_latent_stats", "reconstruct",
+    "AUTOENCODER_HINT",
+    "LatentDecoder",
+    "ReconstructionInferer",
+    "check_chunk",
+    "decode_latent",
+    "encode_mean",
+    "latent_affine",
+    "read_latent_stats",
+    "reconstruct",
 ]
 
 logger = logging.getLogger(__name__)
@@ -175,11 +182,15 @@ class LatentDecoder(nn.Module):
         checkpoint = checkpoint or stats["autoencoder"]["checkpoint"]
         if autoencoder is None:
             autoencoder = build_network(checkpoint)
-        self.autoencoder, self.info = load_frozen(autoencoder, checkpoint, use_ema, what="autoencoder",
-                                                  hint=AUTOENCODER_HINT)
+        self.autoencoder, self.info = load_frozen(
+            autoencoder, checkpoint, use_ema, what="autoencoder", hint=AUTOENCODER_HINT
+        )
         if stats.get("autoencoder", {}).get("sha256") not in (None, self.info["sha256"]):
-            logger.warning("Autoencoder checkpoint %s differs from the one the latents were encoded with (%s).",
-                           checkpoint, stats["autoencoder"].get("checkpoint"))
+            logger.warning(
+                "Autoencoder checkpoint %s differs from the one the latents were encoded with (%s).",
+                checkpoint,
+                stats["autoencoder"].get("checkpoint"),
+            )
         check_chunk(self.autoencoder, chunk, "decode")
         self.chunk = chunk
         self.downsample_factor = int(stats["downsample_factor"])

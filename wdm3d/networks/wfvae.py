@@ -358,12 +358,24 @@ class WFVAE3D(nn.Module):
         self.energy_flow = bool(energy_flow)
         channels = [base_channels * m for m in channel_mult]
         self.encoder = WFEncoder3D(
-            in_channels, latent_channels, channels, num_res_blocks, num_mid_blocks,
-            energy_flow_channels if self._built_energy_flow else 0, use_checkpoint, eps,
+            in_channels,
+            latent_channels,
+            channels,
+            num_res_blocks,
+            num_mid_blocks,
+            energy_flow_channels if self._built_energy_flow else 0,
+            use_checkpoint,
+            eps,
         )
         self.decoder = WFDecoder3D(
-            out_channels, latent_channels, channels, num_res_blocks, num_mid_blocks,
-            self._built_energy_flow, use_checkpoint, eps,
+            out_channels,
+            latent_channels,
+            channels,
+            num_res_blocks,
+            num_mid_blocks,
+            self._built_energy_flow,
+            use_checkpoint,
+            eps,
         )
 
     __jit_unused_properties__ = ("use_checkpoint",)  # TorchScript: the scripted network does not checkpoint

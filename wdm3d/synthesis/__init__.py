@@ -25,5 +25,12 @@ from .grid import ReferenceGrid, axis_positions, reference_grid, restore_grid
 #: the name tests/test_ip_adapter_bundle.py imports; :func:`restore_grid` is the public one
 _restore_grid = restore_grid
 
-__all__ = ["ConditionalSynthesis", "ReferenceGrid", "SYNTHESIS_METHODS", "SYNTHESIS_MODES", "axis_positions",
-           "reference_grid", "restore_grid"]
+__all__ = [
+    "ConditionalSynthesis",
+    "ReferenceGrid",
+    "SYNTHESIS_METHODS",
+    "SYNTHESIS_MODES",
+    "axis_positions",
+    "reference_grid",
+    "restore_grid",
+]

@@ -118,13 +118,17 @@ class ConditionalSynthesis:
         if mode not in SYNTHESIS_MODES:
             raise ValueError(f"mode must be one of {SYNTHESIS_MODES}, got {mode!r}.")
         if method == "ip_adapter" and (adapter is None or adapter_weights is None):
-            raise ValueError("method 'ip_adapter' needs the adapter (an IPAdapter on network) and adapter_weights "
-                             "(the file adapter training wrote, e.g. output/adapter/ip_adapter.pt).")
+            raise ValueError(
+                "method 'ip_adapter' needs the adapter (an IPAdapter on network) and adapter_weights "
+                "(the file adapter training wrote, e.g. output/adapter/ip_adapter.pt)."
+            )
         if method == "ip_adapter" and getattr(adapter, "base", None) is not network:
             raise ValueError("the adapter must be installed on network (IPAdapter(network, ...)).")
         if mode == "reference_guided" and method != "ip_adapter":
-            raise ValueError(f"reference-guided generation needs method 'ip_adapter' (lambda = 0 in ip_scales gives the "
-                             f"unconditional samples), got {method!r}.")
+            raise ValueError(
+                f"reference-guided generation needs method 'ip_adapter' (lambda = 0 in ip_scales gives the "
+                f"unconditional samples), got {method!r}."
+            )
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}.")
         if max_cases is not None and (not isinstance(max_cases, int) or max_cases < 1):
@@ -132,7 +136,9 @@ class ConditionalSynthesis:
         if len(image_size) != 3:
             raise ValueError(f"image_size must be (D, H, W), got {list(image_size)}.")
         if not hasattr(network, "tokens") or not hasattr(network, "null_context"):
-            raise TypeError(f"network must be a ContextConditionedUNet (tokens / null_context), got {type(network).__name__}.")
+            raise TypeError(
+                f"network must be a ContextConditionedUNet (tokens / null_context), got {type(network).__name__}."
+            )
         diffusion.sampling_timesteps(sampler, num_steps)  # fail now on a sampler / process mismatch
         self.network, self.diffusion, self.adapter = network, diffusion, adapter
         self.checkpoint = Path(checkpoint)
@@ -151,7 +157,9 @@ class ConditionalSynthesis:
         self.sampler, self.num_steps, self.eta = sampler, num_steps, float(eta)
         self.clip_projection, self.seed, self.use_ema = clip_projection, int(seed), use_ema
         self.max_cases = max_cases
-        self.device = torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device = (
+            torch.device(device) if device is not None else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        )
         self.progress = progress
         self.mlflow = mlflow
         self.mlflow_checkpoint = Path(mlflow_checkpoint) if mlflow_checkpoint is not None else None
@@ -160,8 +168,10 @@ class ConditionalSynthesis:
     # -- loading ---------------------------------------------------------------------------------------------------
 
     def _load(self) -> None:
-        hint = ("train it first (train_base.json for 'base' / 'ip_adapter', train_base.json + concat.json for "
-                "'concat') or set checkpoint.")
+        hint = (
+            "train it first (train_base.json for 'base' / 'ip_adapter', train_base.json + concat.json for "
+            "'concat') or set checkpoint."
+        )
         try:
             load_frozen_base(self.network, self.checkpoint, self.use_ema, self.device, diffusion=self.diffusion)
         except FileNotFoundError as err:
@@ -173,8 +183,10 @@ class ConditionalSynthesis:
                 f"in_channels={self.network.in_channels}, out_channels={self.network.out_channels}; add concat.json."
             )
         if self.method != "concat" and self.network.in_channels != self.network.out_channels:
-            raise ValueError(f"method {self.method!r} needs in_channels == out_channels, got {self.network.in_channels} "
-                             f"and {self.network.out_channels}; drop concat.json or use method 'concat'.")
+            raise ValueError(
+                f"method {self.method!r} needs in_channels == out_channels, got {self.network.in_channels} "
+                f"and {self.network.out_channels}; drop concat.json or use method 'concat'."
+            )
         if self.method == "ip_adapter":
             self.adapter.load_adapter(self.adapter_weights)
             self.adapter.to(self.device).eval()
@@ -196,8 +208,9 @@ class ConditionalSynthesis:
 
     # -- sampling --------------------------------------------------------------------------------------------------
 
-    def generate(self, reference: torch.Tensor, modality: str, seed: int, ip_scale: float | None = None,
-                 num: int = 1) -> torch.Tensor:
+    def generate(
+        self, reference: torch.Tensor, modality: str, seed: int, ip_scale: float | None = None, num: int = 1
+    ) -> torch.Tensor:
         """Sample ``num`` volumes of ``modality`` for one reference.
 
         Args:
@@ -219,18 +232,33 @@ class ConditionalSynthesis:
             null = net.null_context(1).to(self.device)
         concat = None
         if self.method == "ip_adapter":
-            model = ClassifierFreeGuidance(self.adapter, self.guidance_scale, null_context=null, drop=self.guidance_drop)
+            model = ClassifierFreeGuidance(
+                self.adapter, self.guidance_scale, null_context=null, drop=self.guidance_drop
+            )
             model.set_image_prompt(image=reference, scale=self.ip_scale if ip_scale is None else ip_scale)
         else:
             model = ClassifierFreeGuidance(net, self.guidance_scale, null_context=null, drop=("context",))
             if self.method == "concat":
                 concat = reference.expand(num, -1, -1, -1, -1)
         channels = net.out_channels // self.diffusion.channel_factor
-        return self.diffusion.sample(
-            model, [channels, *self.image_size], num_samples=num, sampler=self.sampler, num_steps=self.num_steps,
-            eta=self.eta, clip_projection=self.clip_projection, seed=seed, context=context, concat=concat,
-            device=self.device, progress=self.progress,
-        ).float().clamp(-1.0, 1.0)
+        return (
+            self.diffusion.sample(
+                model,
+                [channels, *self.image_size],
+                num_samples=num,
+                sampler=self.sampler,
+                num_steps=self.num_steps,
+                eta=self.eta,
+                clip_projection=self.clip_projection,
+                seed=seed,
+                context=context,
+                concat=concat,
+                device=self.device,
+                progress=self.progress,
+            )
+            .float()
+            .clamp(-1.0, 1.0)
+        )
 
     def _to_range(self, vol: torch.Tensor) -> torch.Tensor:
         lo, hi = self._range
@@ -247,8 +275,14 @@ class ConditionalSynthesis:
         """
         grid = reference_grid(reference_path)
         data = restore_grid(self._to_range(vol), grid.shape, self._range[0])
-        return save_nifti(data[0] if data.shape[0] == 1 else data, grid.affine, path, description=description,
-                          codes=grid.codes, qform=grid.qform)
+        return save_nifti(
+            data[0] if data.shape[0] == 1 else data,
+            grid.affine,
+            path,
+            description=description,
+            codes=grid.codes,
+            qform=grid.qform,
+        )
 
     # -- runs ------------------------------------------------------------------------------------------------------
 
@@ -280,19 +314,30 @@ class ConditionalSynthesis:
         result = run_paired(self, cases) if self.mode == "paired" else run_reference_guided(self, cases)
         manifest = {
             "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-            "mode": self.mode, "method": self.method, "split": self.split, "datalist": str(self.datalist.resolve()),
+            "mode": self.mode,
+            "method": self.method,
+            "split": self.split,
+            "datalist": str(self.datalist.resolve()),
             "reference_modality": self.reference_modality,
             "target_modality": self.target_modality if self.mode == "paired" else self.reference_modality,
-            "dataset_name": self.dataset_name, "weights": self._weights,
+            "dataset_name": self.dataset_name,
+            "weights": self._weights,
             "ip_scale": self.ip_scale if self.mode == "paired" else None,
             "ip_scales": self.ip_scales if self.mode == "reference_guided" else None,
-            "guidance_scale": self.guidance_scale, "guidance_drop": list(self.guidance_drop),
+            "guidance_scale": self.guidance_scale,
+            "guidance_drop": list(self.guidance_drop),
             "sampler": self.sampler,
-            "num_steps": self.num_steps if self.num_steps is not None
+            "num_steps": self.num_steps
+            if self.num_steps is not None
             else len(self.diffusion.sampling_timesteps(self.sampler)) - 1,
-            "eta": self.eta, "clip_projection": self.clip_projection, "seed": self.seed,
-            "image_size": self.image_size, "intensity_range": list(self._range), "diffusion": self.diffusion.config(),
-            "device": str(self.device), "seconds_total": round(time.perf_counter() - t0, 2),
+            "eta": self.eta,
+            "clip_projection": self.clip_projection,
+            "seed": self.seed,
+            "image_size": self.image_size,
+            "intensity_range": list(self._range),
+            "diffusion": self.diffusion.config(),
+            "device": str(self.device),
+            "seconds_total": round(time.perf_counter() - t0, 2),
             "versions": {"wdm3d": __version__, "torch": torch.__version__, "python": platform.python_version()},
             **result["manifest"],
         }
@@ -301,8 +346,10 @@ class ConditionalSynthesis:
         if self.mlflow:
             self._log_mlflow(result["files"])
         n_ok, n_bad = len(result["manifest"]["cases"]), len(result["manifest"]["failures"])
-        print(f"{self.mode} synthesis ({self.method}): {n_ok} case(s) written, {n_bad} failed -> {self.output_dir} "
-              "(manifest.json, metrics.json)")
+        print(
+            f"{self.mode} synthesis ({self.method}): {n_ok} case(s) written, {n_bad} failed -> {self.output_dir} "
+            "(manifest.json, metrics.json)"
+        )
         return manifest
 
     def _log_mlflow(self, files: Sequence[Path]) -> None:
@@ -320,5 +367,8 @@ class ConditionalSynthesis:
             return
         pngs = [f for f in files if f.suffix == ".png"]
         stamp = time.strftime("%Y%m%d-%H%M%S", time.gmtime())
-        log_to_run(run_info, [self.output_dir / "manifest.json", self.output_dir / "metrics.json", *pngs],
-                   f"synthesis/{self.mode}-{self.method}-{stamp}")
+        log_to_run(
+            run_info,
+            [self.output_dir / "manifest.json", self.output_dir / "metrics.json", *pngs],
+            f"synthesis/{self.mode}-{self.method}-{stamp}",
+        )

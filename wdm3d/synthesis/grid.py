@@ -70,6 +70,7 @@ def restore_grid(volume: torch.Tensor, shape: Sequence[int], fill: float) -> tor
     maps = [axis_positions(int(n), int(m)) for n, m in zip(shape, volume.shape[1:])]
     out = volume.new_full((volume.shape[0], *(int(n) for n in shape)), float(fill))
     (m0, o0), (m1, o1), (m2, o2) = maps
-    out[:, o0[:, None, None], o1[None, :, None], o2[None, None, :]] = \
-        volume[:, m0[:, None, None], m1[None, :, None], m2[None, None, :]]
+    out[:, o0[:, None, None], o1[None, :, None], o2[None, None, :]] = volume[
+        :, m0[:, None, None], m1[None, :, None], m2[None, None, :]
+    ]
     return out

@@ -51,10 +51,20 @@ def run_paired(job: ConditionalSynthesis, cases: list[dict]) -> dict[str, Any]:
             seed = derive_seed(job.seed, i)
             synth = job.generate(reference, tgt, seed)[0]
             seconds = time.perf_counter() - t_case
-            nii = job.write_volume(synth, ref_path, job.output_dir / f"{name}_{tgt}.nii.gz",
-                              f"synthetic {tgt} from {job.reference_modality} (wdm3d {job.method})")
-            row: dict[str, Any] = {"case": name, "index": i, "seed": seed, "reference": ref_path,
-                                   "nifti": nii.name, "seconds": round(seconds, 2)}
+            nii = job.write_volume(
+                synth,
+                ref_path,
+                job.output_dir / f"{name}_{tgt}.nii.gz",
+                f"synthetic {tgt} from {job.reference_modality} (wdm3d {job.method})",
+            )
+            row: dict[str, Any] = {
+                "case": name,
+                "index": i,
+                "seed": seed,
+                "reference": ref_path,
+                "nifti": nii.name,
+                "seconds": round(seconds, 2),
+            }
             shown = [reference[0, 0], synth[0]]
             truth_path = entry.get(tgt)
             if isinstance(truth_path, str) and os.path.isfile(truth_path):
@@ -63,26 +73,50 @@ def run_paired(job: ConditionalSynthesis, cases: list[dict]) -> dict[str, Any]:
                 row.update(truth=truth_path, **values)
                 metric_rows.append({"case": name, **values})
                 shown.append(truth[0, 0])
-            png = save_montage(job.output_dir / f"{name}_{tgt}.png", [v.cpu() for v in shown],
-                               affine=reference_grid(ref_path)[0], value_range=(-1.0, 1.0))
+            png = save_montage(
+                job.output_dir / f"{name}_{tgt}.png",
+                [v.cpu() for v in shown],
+                affine=reference_grid(ref_path)[0],
+                value_range=(-1.0, 1.0),
+            )
             row["png"] = png.name
             files += [nii, png]
             rows.append(row)
-            logger.info("Case %s: %s%s", name, nii, "" if "psnr" not in row else
-                        f" (PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}, MAE {row['mae']:.4f})")
+            logger.info(
+                "Case %s: %s%s",
+                name,
+                nii,
+                ""
+                if "psnr" not in row
+                else f" (PSNR {row['psnr']:.2f} dB, SSIM {row['ssim']:.4f}, MAE {row['mae']:.4f})",
+            )
         except Exception as err:  # one bad case must not end the run: report it and go on
             logger.error("Case %s failed: %s: %s", name, type(err).__name__, err)
-            failures.append({"case": name, "file": str(entry.get(job.reference_modality)),
-                             "error": f"{type(err).__name__}: {err}"})
+            failures.append(
+                {"case": name, "file": str(entry.get(job.reference_modality)), "error": f"{type(err).__name__}: {err}"}
+            )
     if not rows:
-        raise RuntimeError(f"No case of split {job.split!r} in {job.datalist} could be synthesised; "
-                           f"failures: {failures}")
-    summary = summarize_cases([{k: v for k, v in r.items() if k != "case"} for r in metric_rows]) if metric_rows else None
-    metrics = {"mode": "paired", "method": job.method, "target_modality": tgt,
-               "reference_modality": job.reference_modality, "ip_scale": job.ip_scale,
-               "guidance_scale": job.guidance_scale, "value_range": [-1.0, 1.0], "summary": summary,
-               "cases": metric_rows, "failures": failures}
+        raise RuntimeError(
+            f"No case of split {job.split!r} in {job.datalist} could be synthesised; failures: {failures}"
+        )
+    summary = (
+        summarize_cases([{k: v for k, v in r.items() if k != "case"} for r in metric_rows]) if metric_rows else None
+    )
+    metrics = {
+        "mode": "paired",
+        "method": job.method,
+        "target_modality": tgt,
+        "reference_modality": job.reference_modality,
+        "ip_scale": job.ip_scale,
+        "guidance_scale": job.guidance_scale,
+        "value_range": [-1.0, 1.0],
+        "summary": summary,
+        "cases": metric_rows,
+        "failures": failures,
+    }
     if summary:
-        print(f"{job.method} {job.reference_modality}->{tgt} on {summary['num_cases']} case(s): PSNR "
-              f"{summary['psnr_mean']:.2f} dB, SSIM {summary['ssim_mean']:.4f}, MAE {summary['mae_mean']:.4f}")
+        print(
+            f"{job.method} {job.reference_modality}->{tgt} on {summary['num_cases']} case(s): PSNR "
+            f"{summary['psnr_mean']:.2f} dB, SSIM {summary['ssim_mean']:.4f}, MAE {summary['mae_mean']:.4f}"
+        )
     return {"manifest": {"cases": rows, "failures": failures}, "metrics": metrics, "files": files}

@@ -80,27 +80,42 @@ def run_reference_guided(job: ConditionalSynthesis, cases: list[dict]) -> dict[s
                 if key in cache:
                     vols = cache[key]
                 else:
-                    vols = torch.cat([job.generate(ref.to(job.device), mod, seeds[j], scale).cpu()
-                                      for j in range(job.num_samples)])
+                    vols = torch.cat(
+                        [job.generate(ref.to(job.device), mod, seeds[j], scale).cpu() for j in range(job.num_samples)]
+                    )
                     if key is not None:
                         cache[key] = vols
                 seconds = time.perf_counter() - t_case
                 folder = job.output_dir / name / f"lambda_{scale:g}"
                 for j in range(job.num_samples):
                     v = vols[j : j + 1]
-                    nii = job.write_volume(v[0], path, folder / f"sample_{j:02d}.nii.gz",
-                                      f"reference-guided {mod} lambda {scale:g} (wdm3d)")
+                    nii = job.write_volume(
+                        v[0],
+                        path,
+                        folder / f"sample_{j:02d}.nii.gz",
+                        f"reference-guided {mod} lambda {scale:g} (wdm3d)",
+                    )
                     files.append(nii)
-                    rows.append({
-                        "case": name, "ip_scale": scale, "sample": j, "seed": seeds[j],
-                        "nifti": str(nii.relative_to(job.output_dir)),
-                        "ssim_to_reference": ssim(v, ref), "psnr_to_reference": psnr_(v, ref),
-                        "ssim_to_others": float(np.mean([ssim(v, o) for o in others])) if others else None,
-                        "psnr_to_others": float(np.mean([psnr_(v, o) for o in others])) if others else None,
-                        "seconds": round(seconds / job.num_samples, 2),
-                    })
-                png = save_montage(folder / "montage.png", [ref[0, 0]] + [vols[j, 0] for j in range(len(vols))],
-                                   affine=reference_grid(path)[0], value_range=(-1.0, 1.0))
+                    rows.append(
+                        {
+                            "case": name,
+                            "ip_scale": scale,
+                            "sample": j,
+                            "seed": seeds[j],
+                            "nifti": str(nii.relative_to(job.output_dir)),
+                            "ssim_to_reference": ssim(v, ref),
+                            "psnr_to_reference": psnr_(v, ref),
+                            "ssim_to_others": float(np.mean([ssim(v, o) for o in others])) if others else None,
+                            "psnr_to_others": float(np.mean([psnr_(v, o) for o in others])) if others else None,
+                            "seconds": round(seconds / job.num_samples, 2),
+                        }
+                    )
+                png = save_montage(
+                    folder / "montage.png",
+                    [ref[0, 0]] + [vols[j, 0] for j in range(len(vols))],
+                    affine=reference_grid(path)[0],
+                    value_range=(-1.0, 1.0),
+                )
                 files.append(png)
                 rows[-1]["ssim_between_samples"] = _pairwise(ssim, [vols[j : j + 1] for j in range(len(vols))])
             except Exception as err:
@@ -118,17 +133,34 @@ def run_reference_guided(job: ConditionalSynthesis, cases: list[dict]) -> dict[s
             vals = [r[key] for r in sel if isinstance(r.get(key), (int, float))]
             return float(np.mean(vals)) if vals else None
 
-        s = {k: mean(k) for k in ("ssim_to_reference", "ssim_to_others", "psnr_to_reference", "psnr_to_others",
-                                   "ssim_between_samples")}
-        s["ssim_margin"] = (s["ssim_to_reference"] - s["ssim_to_others"]
-                            if s["ssim_to_others"] is not None else None)
+        s = {
+            k: mean(k)
+            for k in (
+                "ssim_to_reference",
+                "ssim_to_others",
+                "psnr_to_reference",
+                "psnr_to_others",
+                "ssim_between_samples",
+            )
+        }
+        s["ssim_margin"] = s["ssim_to_reference"] - s["ssim_to_others"] if s["ssim_to_others"] is not None else None
         s["num_volumes"] = len(sel)
         summary[f"{scale:g}"] = s
-        print(f"reference-guided {mod}, lambda {scale:g}: SSIM to reference {s['ssim_to_reference']:.4f}"
-              + (f", to other cases {s['ssim_to_others']:.4f}" if s["ssim_to_others"] is not None else ""))
-    metrics = {"mode": "reference_guided", "method": job.method, "modality": mod, "ip_scales": job.ip_scales,
-               "num_samples": job.num_samples, "guidance_scale": job.guidance_scale, "value_range": [-1.0, 1.0],
-               "summary": summary, "samples": rows, "failures": failures}
+        print(
+            f"reference-guided {mod}, lambda {scale:g}: SSIM to reference {s['ssim_to_reference']:.4f}"
+            + (f", to other cases {s['ssim_to_others']:.4f}" if s["ssim_to_others"] is not None else "")
+        )
+    metrics = {
+        "mode": "reference_guided",
+        "method": job.method,
+        "modality": mod,
+        "ip_scales": job.ip_scales,
+        "num_samples": job.num_samples,
+        "guidance_scale": job.guidance_scale,
+        "value_range": [-1.0, 1.0],
+        "summary": summary,
+        "samples": rows,
+        "failures": failures,
+    }
     cases_out = sorted({r["case"] for r in rows})
-    return {"manifest": {"cases": cases_out, "samples": rows, "failures": failures}, "metrics": metrics,
-            "files": files}
+    return {"manifest": {"cases": cases_out, "samples": rows, "failures": failures}, "metrics": metrics, "files": files}

@@ -21,7 +21,17 @@ from .steps import step_metrics
 from .tracker import MLflowTracker
 
 __all__ = [
-    "BundleSettings", "MLflowTracker", "bundle_settings", "config_settings", "default_tracking_uri",
-    "describe_datalist", "describe_network", "describe_optimizer", "flatten_params", "git_commit", "log_to_run",
-    "step_metrics", "versions",
+    "BundleSettings",
+    "MLflowTracker",
+    "bundle_settings",
+    "config_settings",
+    "default_tracking_uri",
+    "describe_datalist",
+    "describe_network",
+    "describe_optimizer",
+    "flatten_params",
+    "git_commit",
+    "log_to_run",
+    "step_metrics",
+    "versions",
 ]

@@ -18,8 +18,15 @@ from ..artifacts import unwrap
 
 __all__ = ["describe_datalist", "describe_network", "describe_optimizer", "git_commit", "versions"]
 
-_NETWORK_SETTINGS = ("in_channels", "out_channels", "base_channels", "channel_mult", "num_res_blocks", "additive_skips",
-                     "use_checkpoint")
+_NETWORK_SETTINGS = (
+    "in_channels",
+    "out_channels",
+    "base_channels",
+    "channel_mult",
+    "num_res_blocks",
+    "additive_skips",
+    "use_checkpoint",
+)
 
 
 def describe_network(network: torch.nn.Module) -> dict[str, Any]:
@@ -43,8 +50,10 @@ def describe_optimizer(optimizer: torch.optim.Optimizer) -> dict[str, Any]:
         optimizer: any torch optimizer.
     """
     group = optimizer.param_groups[0]
-    return {"class": type(optimizer).__name__,
-            **{k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, str, bool, tuple))}}
+    return {
+        "class": type(optimizer).__name__,
+        **{k: v for k, v in group.items() if k != "params" and isinstance(v, (int, float, str, bool, tuple))},
+    }
 
 
 def describe_datalist(path: str | os.PathLike) -> dict[str, Any]:
@@ -54,8 +63,11 @@ def describe_datalist(path: str | os.PathLike) -> dict[str, Any]:
         path: a datalist JSON file.
     """
     data = json.loads(Path(path).read_text())
-    return {"path": str(path), "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
-            **{f"n_{k}": len(v) for k, v in data.items() if isinstance(v, list)}}
+    return {
+        "path": str(path),
+        "sha256": hashlib.sha256(Path(path).read_bytes()).hexdigest(),
+        **{f"n_{k}": len(v) for k, v in data.items() if isinstance(v, list)},
+    }
 
 
 def git_commit() -> str | None:
@@ -64,8 +76,12 @@ def git_commit() -> str | None:
     try:
         out = subprocess.run(["git", "-C", str(repo), "rev-parse", "HEAD"], capture_output=True, text=True, timeout=5)
         if out.returncode == 0:
-            dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
-                                   capture_output=True, text=True, timeout=5).stdout.strip()
+            dirty = subprocess.run(
+                ["git", "-C", str(repo), "status", "--porcelain", "--untracked-files=no"],
+                capture_output=True,
+                text=True,
+                timeout=5,
+            ).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.SubprocessError):
         pass
@@ -78,5 +94,10 @@ def versions(mlflow_version: str) -> dict[str, str]:
     Args:
         mlflow_version: ``mlflow.__version__`` (passed in: mlflow is imported only once a run starts).
     """
-    return {"wdm3d": __version__, "monai": monai.__version__, "torch": torch.__version__, "mlflow": mlflow_version,
-            "python": sys.version.split()[0]}
+    return {
+        "wdm3d": __version__,
+        "monai": monai.__version__,
+        "torch": torch.__version__,
+        "mlflow": mlflow_version,
+        "python": sys.version.split()[0],
+    }

@@ -57,9 +57,9 @@ def log_to_run(
 
         fail_fast_on_a_dead_server()
         uri = run_info.get("tracking_uri")
-        if isinstance(uri, str) and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///"):]).is_file():
+        if isinstance(uri, str) and uri.startswith("sqlite:///") and not Path(uri[len("sqlite:///") :]).is_file():
             # (a client on a missing SQLite file would create it, and its folders, as a new empty store)
-            raise FileNotFoundError(f"the run's SQLite store {uri[len('sqlite:///'):]} does not exist here")
+            raise FileNotFoundError(f"the run's SQLite store {uri[len('sqlite:///') :]} does not exist here")
         client = MlflowClient(tracking_uri=uri)
         for f in files:
             client.log_artifact(run_info["run_id"], str(f), artifact_path)
@@ -67,6 +67,10 @@ def log_to_run(
             client.log_metric(run_info["run_id"], k, float(v))
         return True
     except Exception as err:
-        warnings.warn(f"Could not log to MLflow run {run_info.get('run_id')} ({type(err).__name__}: {err}); "
-                      "the files are still on disk.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"Could not log to MLflow run {run_info.get('run_id')} ({type(err).__name__}: {err}); "
+            "the files are still on disk.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return False

@@ -32,8 +32,13 @@ def step_metrics(engine: Any, levels: int = 1) -> dict[str, float]:
         if "loss" in out:
             metrics["loss"] = float(torch.as_tensor(out["loss"]).detach().float().mean())
         pred, label = out.get("pred"), target_tensor(out.get("label"))
-        if isinstance(pred, torch.Tensor) and isinstance(label, torch.Tensor) and pred.shape == label.shape \
-                and pred.ndim == 5 and pred.shape[1] % 8**levels == 0:
+        if (
+            isinstance(pred, torch.Tensor)
+            and isinstance(label, torch.Tensor)
+            and pred.shape == label.shape
+            and pred.ndim == 5
+            and pred.shape[1] % 8**levels == 0
+        ):
             metrics.update({f"loss_{k}": v for k, v in subband_mse(pred, label, levels).items()})
     metrics.update({f"loss_{k}": float(v) for k, v in (getattr(engine.state, "loss_terms", None) or {}).items()})
     opt = getattr(engine, "optimizer", None)
@@ -45,6 +50,7 @@ def step_metrics(engine: Any, levels: int = 1) -> dict[str, float]:
         else:
             grads = [p.grad for g in opt.param_groups for p in g["params"] if p.grad is not None]
             if grads:
-                metrics["grad_norm"] = float(torch.linalg.vector_norm(torch.stack(
-                    [torch.linalg.vector_norm(g.detach().float()) for g in grads])))
+                metrics["grad_norm"] = float(
+                    torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.detach().float()) for g in grads]))
+                )
     return metrics

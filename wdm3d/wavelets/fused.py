@@ -23,8 +23,10 @@ __all__ = ["FUSED_HAAR_DTYPES", "fused_haar_available", "set_fused_haar"]
 #: dtypes the fused kernel handles (float64 and CPU tensors use the torch path).
 FUSED_HAAR_DTYPES: tuple[torch.dtype, ...] = (torch.float32, torch.bfloat16, torch.float16)
 
-_fused_haar = {"enabled": os.environ.get("WDM3D_FUSED_HAAR", "1").lower() not in ("0", "false", "no", "off"),
-               "failed": None}
+_fused_haar = {
+    "enabled": os.environ.get("WDM3D_FUSED_HAAR", "1").lower() not in ("0", "false", "no", "off"),
+    "failed": None,
+}
 
 
 def set_fused_haar(enabled: bool) -> bool:
@@ -87,8 +89,20 @@ def _build_triton_kernel():
     import triton.language as tl
 
     @triton.jit
-    def haar3d_kernel(src, dst, n_rows, C, d, h, w, scale,
-                      INVERSE: tl.constexpr, SPLIT: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+    def haar3d_kernel(
+        src,
+        dst,
+        n_rows,
+        C,
+        d,
+        h,
+        w,
+        scale,
+        INVERSE: tl.constexpr,
+        SPLIT: tl.constexpr,
+        BLOCK_R: tl.constexpr,
+        BLOCK_K: tl.constexpr,
+    ):
         # One program: BLOCK_R rows (b, c, i, j) x BLOCK_K positions k of the half-resolution grid (d, h, w).
         # Voxel side: x[b, c, 2i+z, 2j+y, 2k+x]; subband side: y[b, 4z+2y+x (times C) + c, i, j, k].
         rows = (tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -173,8 +187,7 @@ def _build_triton_kernel():
             tl.store(dst + vox, tl.reshape(tl.join(v0, v1), (BLOCK_R, 2 * BLOCK_K)).to(out_t), mask=vmask)
             tl.store(dst + vox + W2, tl.reshape(tl.join(v2, v3), (BLOCK_R, 2 * BLOCK_K)).to(out_t), mask=vmask)
             tl.store(dst + vox + HW2, tl.reshape(tl.join(v4, v5), (BLOCK_R, 2 * BLOCK_K)).to(out_t), mask=vmask)
-            tl.store(dst + vox + HW2 + W2, tl.reshape(tl.join(v6, v7), (BLOCK_R, 2 * BLOCK_K)).to(out_t),
-                     mask=vmask)
+            tl.store(dst + vox + HW2 + W2, tl.reshape(tl.join(v6, v7), (BLOCK_R, 2 * BLOCK_K)).to(out_t), mask=vmask)
         elif INVERSE:
             tl.store(dst + vox, v0.to(out_t), mask=mask)
             tl.store(dst + vox + 1, v1.to(out_t), mask=mask)
@@ -228,6 +241,19 @@ def _fused_haar_launch(src: torch.Tensor, inverse: bool, kernel=None) -> torch.T
     kernel = kernel or _triton_kernel()
     # Triton launches on the current CUDA device: make it the tensor's (multi-GPU, e.g. cuda:1 while cuda:0 is current)
     with torch.cuda.device(src.device) if src.is_cuda else contextlib.nullcontext():
-        kernel[grid](src, out, n_rows, c, d, h, w, _INV_2SQRT2, INVERSE=inverse, SPLIT=cfg["split"],
-                     BLOCK_R=block_r, BLOCK_K=block_k, num_warps=cfg["num_warps"])
+        kernel[grid](
+            src,
+            out,
+            n_rows,
+            c,
+            d,
+            h,
+            w,
+            _INV_2SQRT2,
+            INVERSE=inverse,
+            SPLIT=cfg["split"],
+            BLOCK_R=block_r,
+            BLOCK_K=block_k,
+            num_warps=cfg["num_warps"],
+        )
     return out

@@ -87,4 +87,3 @@ def _generic_inverse(y: torch.Tensor, wavelet: str, mode: str) -> torch.Tensor:
     t = _synthesis_along(t, 3, 7, inv)  # W -> (B, 2d, 2h, C, d, h, W)
     t = _synthesis_along(t, 2, 5, inv)  # H -> (B, 2d, C, d, H, W)
     return _synthesis_along(t, 1, 3, inv)  # D -> (B, C, D, H, W)
-

@@ -19,7 +19,13 @@ from .dwt import dwt3d, idwt3d
 from .layout import WAVELET_MODES, _check_pad_mode, _is_haar
 
 __all__ = [
-    "DWT3d", "IDWT3d", "WaveletSpace", "from_wavelet_space", "scale_lll", "to_wavelet_space", "unscale_lll",
+    "DWT3d",
+    "IDWT3d",
+    "WaveletSpace",
+    "from_wavelet_space",
+    "scale_lll",
+    "to_wavelet_space",
+    "unscale_lll",
 ]
 
 

@@ -49,7 +49,9 @@ class AdapterSaver:
         enabled: False turns it off (ranks > 0).
     """
 
-    def __init__(self, adapter: nn.Module, path: str | os.PathLike, save_interval: int = 1, enabled: bool = True) -> None:
+    def __init__(
+        self, adapter: nn.Module, path: str | os.PathLike, save_interval: int = 1, enabled: bool = True
+    ) -> None:
         if not isinstance(unwrap(adapter), IPAdapter):
             raise TypeError(f"AdapterSaver needs an IPAdapter, got {type(unwrap(adapter)).__name__}.")
         if not isinstance(save_interval, int) or save_interval < 0:

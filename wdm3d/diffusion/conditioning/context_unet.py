@@ -47,7 +47,12 @@ class ContextConditionedUNet(nn.Module):
 
     # read from Python; a TorchScript export needs none of them
     __jit_unused_properties__ = (
-        "context_dim", "in_channels", "out_channels", "channel_mult", "use_checkpoint", "fields",
+        "context_dim",
+        "in_channels",
+        "out_channels",
+        "channel_mult",
+        "use_checkpoint",
+        "fields",
     )
 
     def __init__(self, unet: nn.Module, vocabularies: Mapping[str, Sequence[str]]) -> None:
@@ -117,7 +122,9 @@ class ContextConditionedUNet(nn.Module):
         cols = [self.embedding.indices(f, conditions.get(f), batch_size) for f in self.fields]
         return torch.stack(cols, dim=1)
 
-    def tokens(self, conditions: Mapping[str, Any] | torch.Tensor | None = None, batch_size: int | None = None) -> torch.Tensor:
+    def tokens(
+        self, conditions: Mapping[str, Any] | torch.Tensor | None = None, batch_size: int | None = None
+    ) -> torch.Tensor:
         """Context tokens ``(B, num_fields, context_dim)`` from labels (a mapping) or indices ``(B, num_fields)``."""
         if conditions is None or isinstance(conditions, Mapping):
             idx = self.indices(conditions, batch_size)

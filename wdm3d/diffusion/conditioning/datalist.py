@@ -93,7 +93,9 @@ def expand_paired_datalist(
                 sample.update(reference=ref_path, reference_modality=reference)
             samples.append(sample)
     if skipped:
-        logger.warning("Datalist %s (%s): %d case(s) without the reference %r skipped.", path, split, skipped, reference)
+        logger.warning(
+            "Datalist %s (%s): %d case(s) without the reference %r skipped.", path, split, skipped, reference
+        )
     if not samples and reference is not None and not self_pairs and set(targets) == {reference}:
         raise ValueError(
             f"Datalist {path}: the only target modality is the reference {reference!r} and self_pairs is off, so "

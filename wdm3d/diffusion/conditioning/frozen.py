@@ -47,7 +47,12 @@ def load_frozen_base(
         ValueError: ``diffusion`` differs from the one the base was trained with.
     """
     network, info = load_frozen(
-        network, checkpoint, use_ema, device, diffusion, what="base model",
+        network,
+        checkpoint,
+        use_ema,
+        device,
+        diffusion,
+        what="base model",
         hint="train the context-conditioned base first (train_base.json writes output/models/base) or set "
         "base_checkpoint.",
     )
@@ -83,10 +88,14 @@ def build_image_encoder(
         return RandomConv3dFeatures(seed=seed, in_channels=in_channels)
     if kind != "wfvae":
         raise ValueError(f"image_encoder_type must be one of {IMAGE_ENCODERS}, got {kind!r}.")
-    hint = ("train it with bundles/wfvae (train.json writes bundles/wfvae/output/models), set "
-            "image_encoder_checkpoint, or use image_encoder_type 'random' (an untrained encoder, demos only).")
+    hint = (
+        "train it with bundles/wfvae (train.json writes bundles/wfvae/output/models), set "
+        "image_encoder_checkpoint, or use image_encoder_type 'random' (an untrained encoder, demos only)."
+    )
     if checkpoint is None:
-        raise FileNotFoundError(f"The IP-Adapter's image encoder is the trained WF-VAE, but no checkpoint was given; {hint}")
+        raise FileNotFoundError(
+            f"The IP-Adapter's image encoder is the trained WF-VAE, but no checkpoint was given; {hint}"
+        )
     path = resolve_checkpoint(checkpoint, "WF-VAE image encoder", hint)
     vae, info = load_frozen(build_network(path), path, use_ema)
     vae.encoder_info = info

@@ -138,8 +138,9 @@ class ConditionalPrepareBatch(PrepareBatch):
 
         infer_kwargs: dict[str, Any] = {"noise": noise, "timesteps": timesteps, "context": context}
         if self.mode == "ip_adapter":
-            infer_kwargs.update(image=self._volumes(batchdata, self.reference_key, device, non_blocking),
-                                drop_image=drop_image)
+            infer_kwargs.update(
+                image=self._volumes(batchdata, self.reference_key, device, non_blocking), drop_image=drop_image
+            )
         elif self.mode == "concat":
             ref = self._volumes(batchdata, self.reference_key, device, non_blocking)
             if ref.shape[2:] != images.shape[2:]:

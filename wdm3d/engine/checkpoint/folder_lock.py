@@ -59,8 +59,12 @@ def lock_folder(directory: Path) -> int | None:
         logger.warning("Cannot lock %s (%s): a second run in this folder would not be detected.", path, err)
         return None
     os.ftruncate(fd, 0)
-    os.write(fd, json.dumps({"pid": os.getpid(), "host": socket.gethostname(),
-                             "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}).encode())
+    os.write(
+        fd,
+        json.dumps(
+            {"pid": os.getpid(), "host": socket.gethostname(), "since": time.strftime("%Y-%m-%dT%H:%M:%S%z")}
+        ).encode(),
+    )
     return fd
 
 

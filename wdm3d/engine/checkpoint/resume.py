@@ -78,8 +78,10 @@ class ResumeFromLatest:
         ckpt = load_checkpoint(path, self.map_location, suggest_previous=False)
         missing = [k for k in self.load_dict if k not in ckpt and k not in _OPTIONAL]
         if missing:
-            raise KeyError(f"Checkpoint {path} has no {missing} (it has {sorted(ckpt)}); it was not written by this "
-                           "training configuration.")
+            raise KeyError(
+                f"Checkpoint {path} has no {missing} (it has {sorted(ckpt)}); it was not written by this "
+                "training configuration."
+            )
         prior_max_epochs = engine.state.max_epochs
         schedulers = any(isinstance(o, torch.optim.lr_scheduler.LRScheduler) for o in self.load_dict.values())
         for name, obj in self.load_dict.items():
@@ -97,11 +99,15 @@ class ResumeFromLatest:
                 try:
                     obj.load_state_dict(ckpt[name])
                 except Exception as err:
-                    raise named_error(err, f"Checkpoint {path}: cannot restore {name!r} ({type(obj).__name__})") from err
+                    raise named_error(
+                        err, f"Checkpoint {path}: cannot restore {name!r} ({type(obj).__name__})"
+                    ) from err
         if prior_max_epochs is not None:
             if engine.state.epoch > prior_max_epochs:
-                raise ValueError(f"Checkpoint {path} is at epoch {engine.state.epoch}, beyond max_epochs="
-                                 f"{prior_max_epochs}: raise max_epochs to continue training.")
+                raise ValueError(
+                    f"Checkpoint {path} is at epoch {engine.state.epoch}, beyond max_epochs="
+                    f"{prior_max_epochs}: raise max_epochs to continue training."
+                )
             engine.state.max_epochs = prior_max_epochs
         self._continue_data(engine, path)
 
@@ -122,8 +128,9 @@ class ResumeFromLatest:
                     changed[f"{name}[{i}].{key}"] = (group[key], value)
                     group[key] = value
         if changed:
-            logger.warning("Resuming with the configured optimizer settings, not the checkpoint's (checkpoint, now): "
-                           "%s.", changed)
+            logger.warning(
+                "Resuming with the configured optimizer settings, not the checkpoint's (checkpoint, now): %s.", changed
+            )
 
     @staticmethod
     def _continue_data(engine, path: Path) -> None:
@@ -142,9 +149,16 @@ class ResumeFromLatest:
             logger.warning(
                 "Checkpoint %s has %d iterations per epoch, the data now %d (batch size, number of processes or "
                 "dataset changed): continuing after epoch %d with %d iterations per epoch%s; the data order is not "
-                "continued exactly.", path, length, now, epoch, now,
+                "continued exactly.",
+                path,
+                length,
+                now,
+                epoch,
+                now,
                 f" (the {engine.state.iteration % length} iteration(s) of the unfinished epoch are redone)"
-                if engine.state.iteration % length else "")
+                if engine.state.iteration % length
+                else "",
+            )
             engine.state.epoch_length, engine.state.epoch, engine.state.iteration = now, epoch, epoch * now
             return
         done = engine.state.iteration % length
@@ -153,11 +167,14 @@ class ResumeFromLatest:
         sampler = getattr(loader, "sampler", None)
         if isinstance(sampler, ResumableSampler) and loader.batch_size:
             sampler.skip_next(done * loader.batch_size)
-            engine.logger.info("Resuming mid-epoch: skipping the %d batch(es) epoch %d already used.",
-                               done, engine.state.epoch + 1)
+            engine.logger.info(
+                "Resuming mid-epoch: skipping the %d batch(es) epoch %d already used.", done, engine.state.epoch + 1
+            )
         else:
-            logger.warning("Resuming mid-epoch without a ResumableSampler: epoch %d restarts its data order.",
-                           engine.state.epoch + 1)
+            logger.warning(
+                "Resuming mid-epoch without a ResumableSampler: epoch %d restarts its data order.",
+                engine.state.epoch + 1,
+            )
 
     def __call__(self, engine) -> None:
         path = latest_checkpoint(self.directory) if self.enabled else None
@@ -195,7 +212,9 @@ class ResumeFromLatest:
                 "%s Resuming from the newest intact checkpoint instead, %s (the iterations saved after it are redone). "
                 "The damaged file(s) %s are left in place: they are overwritten or pruned like any checkpoint as "
                 "training saves newer ones, so move them away now to keep them.",
-                damaged[0], path, ", ".join(str(e.path) for e in damaged),
+                damaged[0],
+                path,
+                ", ".join(str(e.path) for e in damaged),
             )
         self.resumed_from = path
         engine.logger.info(

@@ -27,10 +27,13 @@ class RNGState:
         version, internal, gauss = random.getstate()
         kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
         return {
-            "python": torch.tensor(internal, dtype=torch.int64), "python_version": int(version),
+            "python": torch.tensor(internal, dtype=torch.int64),
+            "python_version": int(version),
             "python_gauss": None if gauss is None else float(gauss),
-            "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)), "numpy_pos": int(pos),
-            "numpy_has_gauss": int(has_gauss), "numpy_gauss": float(cached),
+            "numpy": torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+            "numpy_pos": int(pos),
+            "numpy_has_gauss": int(has_gauss),
+            "numpy_gauss": float(cached),
             "torch": torch.get_rng_state(),
             "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
         }
@@ -38,18 +41,29 @@ class RNGState:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         if not state:
             return
-        random.setstate((int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()),
-                         state["python_gauss"]))
-        np.random.set_state(("MT19937", state["numpy"].numpy().astype(np.uint32), int(state["numpy_pos"]),
-                             int(state["numpy_has_gauss"]), float(state["numpy_gauss"])))
+        random.setstate(
+            (int(state["python_version"]), tuple(int(v) for v in state["python"].tolist()), state["python_gauss"])
+        )
+        np.random.set_state(
+            (
+                "MT19937",
+                state["numpy"].numpy().astype(np.uint32),
+                int(state["numpy_pos"]),
+                int(state["numpy_has_gauss"]),
+                float(state["numpy_gauss"]),
+            )
+        )
         torch.set_rng_state(state["torch"].cpu())
         cuda = state.get("cuda") or []
         if torch.cuda.is_available() and cuda:
             if len(cuda) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
             else:
-                logger.warning("Checkpoint has CUDA RNG states of %d device(s), this machine has %d: not restored.",
-                               len(cuda), torch.cuda.device_count())
+                logger.warning(
+                    "Checkpoint has CUDA RNG states of %d device(s), this machine has %d: not restored.",
+                    len(cuda),
+                    torch.cuda.device_count(),
+                )
         _separate_ranks()
 
 

@@ -33,8 +33,9 @@ class RunConfig:
         ValueError: ``settings["image_size"]`` does not fit the network and the diffusion's levels.
     """
 
-    def __init__(self, network: torch.nn.Module | None = None, diffusion: Any = None,
-                 settings: Mapping[str, Any] | None = None) -> None:
+    def __init__(
+        self, network: torch.nn.Module | None = None, diffusion: Any = None, settings: Mapping[str, Any] | None = None
+    ) -> None:
         self.network, self.diffusion = network, diffusion
         self.settings = dict(settings or {})
         self.loaded: dict[str, Any] = {}

@@ -135,19 +135,29 @@ class TrainingCheckpoints:
         self.resumer.attach(engine)
         self.directory.mkdir(parents=True, exist_ok=True)
         saver = _Saver(str(self.directory), require_empty=False)
-        pattern = "{filename_prefix}_{score_name}={score}.{ext}"  # checkpoint_epoch=3.pt, checkpoint_final_iteration=9.pt
+        pattern = (
+            "{filename_prefix}_{score_name}={score}.{ext}"  # checkpoint_epoch=3.pt, checkpoint_final_iteration=9.pt
+        )
 
         def checkpoint(prefix, score_name, n_saved):
             fn = (lambda e: e.state.epoch) if score_name == "epoch" else (lambda e: e.state.iteration)
-            return Checkpoint(objects, saver, filename_prefix=prefix, score_name=score_name, score_function=fn,
-                              n_saved=n_saved, filename_pattern=pattern)
+            return Checkpoint(
+                objects,
+                saver,
+                filename_prefix=prefix,
+                score_name=score_name,
+                score_function=fn,
+                n_saved=n_saved,
+                filename_pattern=pattern,
+            )
 
         self._epoch_ckpt = checkpoint("checkpoint", "epoch", self.n_saved) if self.save_interval > 0 else None
         self._iter_ckpt = checkpoint("checkpoint", "iteration", self.n_saved) if self.save_every_iterations else None
         self._signal_ckpt = checkpoint("checkpoint_interrupted", "iteration", 1)
         if self._epoch_ckpt is not None:
-            engine.add_event_handler(Events.EPOCH_COMPLETED(every=self.save_interval), self._save,
-                                     self._epoch_ckpt, "checkpoint_epoch")
+            engine.add_event_handler(
+                Events.EPOCH_COMPLETED(every=self.save_interval), self._save, self._epoch_ckpt, "checkpoint_epoch"
+            )
         if self.save_final:  # one final and one interrupted checkpoint, across launches too
             final = checkpoint("checkpoint_final", "iteration", 1)
             engine.add_event_handler(Events.COMPLETED, self._save, final, "checkpoint_final_iteration", 1)
@@ -162,8 +172,7 @@ class TrainingCheckpoints:
         ckpt(engine)
         if _is_writer():
             if ckpt.last_checkpoint is not None and Path(ckpt.last_checkpoint).is_file():
-                record_save(self.directory, Path(ckpt.last_checkpoint).name, engine.state.epoch,
-                             engine.state.iteration)
+                record_save(self.directory, Path(ckpt.last_checkpoint).name, engine.state.epoch, engine.state.iteration)
             _prune(self.directory, prefix, self.n_saved if keep is None else keep)
 
     def _lock(self, engine=None) -> None:

@@ -236,9 +236,11 @@ class IPAdapter(nn.Module):
             tokens = tokens.expand(x.shape[0], -1, -1)
         prompt = self.__dict__["_prompt"]
         if not prompt.lock.acquire(blocking=False):
-            raise RuntimeError("this IPAdapter is already running a forward (in another thread): its image prompt is "
-                               "shared state, so use one adapter per thread (or DistributedDataParallel, not "
-                               "DataParallel).")
+            raise RuntimeError(
+                "this IPAdapter is already running a forward (in another thread): its image prompt is "
+                "shared state, so use one adapter per thread (or DistributedDataParallel, not "
+                "DataParallel)."
+            )
         # a checkpointing base recomputes blocks in backward, reading the prompt then: keep it until that backward
         keep = getattr(self.base, "use_checkpoint", False) and self.base.training and torch.is_grad_enabled()
         try:

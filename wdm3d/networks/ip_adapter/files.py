@@ -24,7 +24,11 @@ if TYPE_CHECKING:  # annotations only: the adapter module imports this one
     from .adapter import IPAdapter
 
 __all__ = [
-    "adapter_provenance", "adapter_weights", "check_adapter_weights", "load_adapter_file", "save_adapter_file",
+    "adapter_provenance",
+    "adapter_weights",
+    "check_adapter_weights",
+    "load_adapter_file",
+    "save_adapter_file",
     "weights_fingerprint",
 ]
 
@@ -120,9 +124,13 @@ def adapter_provenance(adapter: IPAdapter) -> dict[str, Any]:
         adapter: the installed adapter.
     """
     encoder = getattr(adapter.image_encoder, "encoder", None) if adapter.image_encoder is not None else None
-    return {"image_encoder": weights_fingerprint(encoder), "image_encoder_class": type(encoder).__name__
-            if encoder is not None else None, "base": weights_fingerprint(adapter.base),
-            "feature_dim": int(adapter.feature_dim), "token_dim": int(adapter.token_dim)}
+    return {
+        "image_encoder": weights_fingerprint(encoder),
+        "image_encoder_class": type(encoder).__name__ if encoder is not None else None,
+        "base": weights_fingerprint(adapter.base),
+        "feature_dim": int(adapter.feature_dim),
+        "token_dim": int(adapter.token_dim),
+    }
 
 
 def save_adapter_file(adapter: IPAdapter, path: str | os.PathLike) -> Path:
@@ -162,7 +170,10 @@ def load_adapter_file(adapter: IPAdapter, path: str | os.PathLike, check_encoder
                 "or pass check_encoder=False."
             )
         if meta.get("base") and meta.get("base") != own["base"]:
-            warnings.warn(f"{path} was trained on a base with other weights ({str(meta['base'])[:12]}..., this "
-                          f"base: {str(own['base'])[:12]}...); fine for a fine-tuned version of that base, "
-                          "wrong for an unrelated one.", stacklevel=3)
+            warnings.warn(
+                f"{path} was trained on a base with other weights ({str(meta['base'])[:12]}..., this "
+                f"base: {str(own['base'])[:12]}...); fine for a fine-tuned version of that base, "
+                "wrong for an unrelated one.",
+                stacklevel=3,
+            )
     adapter.load_adapter_state_dict(state, source=str(path))

@@ -83,4 +83,3 @@ def resolve_added_sites(
     if not anchors:
         raise ValueError("added_levels / added_middle select no residual blocks.")
     return {a.path: a.channels for a in anchors}
-

@@ -63,7 +63,9 @@ class _PerceiverLayer(nn.Module):
         self.norm_latents = nn.LayerNorm(width)
         self.attn = Attention(width, width, num_heads, head_dim, out_bias=False)
         self.ff = nn.Sequential(
-            nn.LayerNorm(width), nn.Linear(width, ff_mult * width, bias=False), nn.GELU(),
+            nn.LayerNorm(width),
+            nn.Linear(width, ff_mult * width, bias=False),
+            nn.GELU(),
             nn.Linear(ff_mult * width, width, bias=False),
         )
 
