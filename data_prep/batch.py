@@ -14,7 +14,8 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Callable, Iterable, Sequence
+import sys
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -22,7 +23,7 @@ from typing import Any
 
 from tqdm.auto import tqdm
 
-from .common import not_started, os_error_text, stops_batch, write_json
+from .common import OutputError, not_started, os_error_text, stops_batch, write_json
 
 __all__ = [
     "RECORD_NAME",
@@ -32,6 +33,7 @@ __all__ = [
     "write_case_record",
     "run_cases",
     "run_batch",
+    "run_tool",
     "remove_partial",
     "add_batch_arguments",
 ]
@@ -288,3 +290,34 @@ def add_batch_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bars")
     return parser
+
+
+def run_tool(prepare: Callable[[], Mapping[str, Any]], quiet: bool, unit: tuple[str, str]) -> int:
+    """Run a prep tool's ``prepare`` call for its command line and turn the outcome into an exit status.
+
+    Exit 2 for bad arguments or an output that cannot be written (nothing was done), 1 when the run stopped or a
+    case failed (the report names it), 0 otherwise. With ``quiet`` the one-line summary is printed.
+
+    Args:
+        prepare: the tool's ``prepare_*`` call with its arguments bound; returns the run summary.
+        quiet: print the one-line summary (the progress bar is off).
+        unit: what a case is called, singular and plural (``("case", "cases")``, ``("patient", "patients")``).
+    """
+    try:
+        summary = prepare()
+    except (FileNotFoundError, ValueError, OutputError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    except RuntimeError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    counts = summary["counts"]
+    if quiet:
+        print(
+            f"Prepared {counts['done']} {unit[1]} ({counts['skipped']} skipped, {counts['failed']} failed) into "
+            f"{summary['dst']} (datalist: {summary['datalist']})"
+        )
+    if counts["failed"]:
+        print(f"error: {counts['failed']} {unit[0]}(s) failed; see {summary['report_csv']}", file=sys.stderr)
+        return 1
+    return 0

@@ -64,6 +64,7 @@ from .batch import (
     read_case_record,
     run_batch,
     run_cases,
+    run_tool,
     write_case_record,
 )
 from .brats_case import preprocess_image, preprocess_label, process_case
@@ -79,7 +80,7 @@ from .brats_discovery import (
     patient_id,
     subchallenge,
 )
-from .common import NOT_STARTED, OutputError, check_src_dst, make_output_dir, os_error_text
+from .common import NOT_STARTED, check_src_dst, make_output_dir, os_error_text
 from .datalist import (
     DATALIST_NAME,
     SPLIT_KEYS,
@@ -409,8 +410,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     """
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        summary = prepare_brats(
+    return run_tool(
+        lambda: prepare_brats(
             args.src,
             args.dst,
             modalities=args.modalities,
@@ -425,23 +426,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             progress=not args.quiet,
             overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, ValueError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    counts = summary["counts"]
-    if args.quiet:
-        print(
-            f"Prepared {counts['done']} cases ({counts['skipped']} skipped, {counts['failed']} failed) into "
-            f"{summary['dst']} (datalist: {summary['datalist']})"
-        )
-    if counts["failed"]:
-        print(f"error: {counts['failed']} case(s) failed; see {summary['report_csv']}", file=sys.stderr)
-        return 1
-    return 0
+        ),
+        args.quiet,
+        ("case", "cases"),
+    )
 
 
 if __name__ == "__main__":

@@ -46,8 +46,9 @@ from .batch import (
     input_fingerprint,
     read_case_record,
     run_batch,
+    run_tool,
 )
-from .common import OutputError, check_src_dst, make_output_dir, os_error_text
+from .common import check_src_dst, make_output_dir, os_error_text
 from .datalist import DATALIST_NAME, check_split, same_or_none, split_entries
 from .lidc_case import (
     AIR_HU,
@@ -347,8 +348,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     spacing = args.spacing[0] if len(args.spacing) == 1 else args.spacing
-    try:
-        summary = prepare_lidc(
+    return run_tool(
+        lambda: prepare_lidc(
             args.src,
             args.dst,
             series_rule=args.series_rule,
@@ -365,23 +366,10 @@ def main(argv: Sequence[str] | None = None) -> int:
             workers=args.workers,
             progress=not args.quiet,
             overwrite=args.overwrite,
-        )
-    except (FileNotFoundError, ValueError, OutputError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-    counts = summary["counts"]
-    if args.quiet:
-        print(
-            f"Prepared {counts['done']} patients ({counts['skipped']} skipped, {counts['failed']} failed) into "
-            f"{summary['dst']} (datalist: {summary['datalist']})"
-        )
-    if counts["failed"]:
-        print(f"error: {counts['failed']} patient(s) failed; see {summary['report_csv']}", file=sys.stderr)
-        return 1
-    return 0
+        ),
+        args.quiet,
+        ("patient", "patients"),
+    )
 
 
 if __name__ == "__main__":

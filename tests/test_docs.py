@@ -57,7 +57,7 @@ def test_flags_named_in_a_bundle_readme_are_config_keys_or_data_prep_options(bun
     for path in REPO.glob("bundles/*/configs/*.json"):
         known |= set(config_ids(ConfigParser.load_config_file(str(path))))
     for path in (REPO / "data_prep").glob("*.py"):
-        known |= set(re.findall(r'add_argument\("--([a-z0-9_-]+)"', path.read_text()))
+        known |= set(re.findall(r'add_argument\(\s*"--([a-z0-9_-]+)"', path.read_text()))
     readme = REPO / "bundles" / bundle / "docs" / "README.md"
     text = re.sub(r"```.*?```", "", readme.read_text(), flags=re.S)  # fenced commands: the test above
     spans = [s for s in re.findall(r"`([^`]+)`", text) if not s.startswith("wdm3d ")]  # (the wdm3d CLI has --help)
