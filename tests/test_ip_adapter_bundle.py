@@ -456,14 +456,14 @@ def test_restore_grid_puts_every_voxel_back_in_its_place(shape):
     # odd differences too: the loading chain's pad puts the odd voxel last, its crop drops it first
     from monai.transforms import ResizeWithPadOrCrop
 
-    from wdm3d.synthesis import _restore_grid
+    from wdm3d.synthesis import restore_grid
 
     image_size = (8, 8, 6)
     original = torch.arange(1, 1 + np.prod(shape), dtype=torch.float32).reshape(1, *shape)
     model_grid = torch.as_tensor(
         ResizeWithPadOrCrop(spatial_size=image_size, mode="constant", constant_values=-1.0)(original)
     )
-    back = _restore_grid(model_grid, shape, fill=-1.0)
+    back = restore_grid(model_grid, shape, fill=-1.0)
     assert back.shape == original.shape
     kept = back != -1.0
     assert torch.equal(back[kept], original[kept])  # no voxel moved

@@ -22,9 +22,6 @@ included, as in the autoencoder bundles).
 from .conditional import SYNTHESIS_METHODS, SYNTHESIS_MODES, ConditionalSynthesis
 from .grid import ReferenceGrid, axis_positions, reference_grid, restore_grid
 
-#: the name tests/test_ip_adapter_bundle.py imports; :func:`restore_grid` is the public one
-_restore_grid = restore_grid
-
 __all__ = [
     "ConditionalSynthesis",
     "ReferenceGrid",
