@@ -3,7 +3,7 @@ MONAI training glue (:mod:`.training`: prepare-batch, the one training inferer, 
 (:mod:`.guidance`) and conditioning (:mod:`.conditioning`: context tokens, IP-Adapter training on a frozen base,
 concatenation)."""
 
-from . import maths
+from . import flow_map, maths
 from .conditioning import (
     CONDITIONING_MODES,
     AdapterSaver,
@@ -26,6 +26,7 @@ from .training import (
 from .wavelet_diffusion import SAMPLERS, WaveletDiffusion
 
 __all__ = [
+    "flow_map",
     "maths",
     "AdapterSaver",
     "AdapterState",

@@ -143,6 +143,15 @@ class AttentionAnchor(NamedTuple):
     attention: str | None
 
 
+def _zero_last(mlp: nn.Sequential) -> nn.Sequential:
+    """``mlp`` with its last linear layer zeroed: it adds nothing until trained."""
+    last = mlp[-1]
+    assert isinstance(last, nn.Linear)
+    nn.init.zeros_(last.weight)
+    nn.init.zeros_(last.bias)
+    return mlp
+
+
 class WDMUNet(nn.Module):
     """3D U-Net for wavelet-domain diffusion (WDM's network, written anew).
 
@@ -172,6 +181,10 @@ class WDMUNet(nn.Module):
             one 8-channel convolution took 142 ms of a 374 ms step (see BENCHMARKS.md); the rest of the network
             keeps bf16 (``conv_in``'s output is cast back). Without autocast, or on a model cast to bf16, it changes
             nothing.
+        interval_embedding: also take a second time, the ``interval`` of a flow map (``t - r`` in timestep units:
+            :mod:`wdm3d.diffusion.flow_map`), embedded like ``timesteps`` (sinusoids, then an MLP of the same shape)
+            and added to their embedding. The MLP's last layer starts at zero, so a new network equals the one
+            without it; False (default) adds no parameters.
 
     Example:
         >>> net = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4)
@@ -199,6 +212,7 @@ class WDMUNet(nn.Module):
         num_heads: int | None = None,
         head_dim: int = 32,
         fp32_io: bool = False,
+        interval_embedding: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or out_channels < 1 or base_channels < 1 or num_res_blocks < 1:
@@ -231,6 +245,12 @@ class WDMUNet(nn.Module):
             self._anchors.append(AttentionAnchor(path, level, channels, attention_path if with_attention else None))
 
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
+        self.interval_embedding = bool(interval_embedding)
+        self.interval_embed = (
+            _zero_last(nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
+            if interval_embedding
+            else None
+        )
         self.conv_in = nn.Conv3d(in_channels, base_channels, 3, padding=1)
 
         # encoder: every module's output is a skip
@@ -381,13 +401,22 @@ class WDMUNet(nn.Module):
                 f"got {tuple(context.shape)}."
             )
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             x: ``(B, in_channels, D, H, W)``.
             timesteps: ``(B,)`` (or a scalar) diffusion timesteps, integer or float.
             context: ``(B, N, context_dim)`` (or ``(1, N, context_dim)``, broadcast) context tokens; required with
                 a ``context_dim``, must be None without.
+            interval: ``(B,)`` (or a scalar) flow-map interval ``t - r`` in timestep units; needs
+                ``interval_embedding`` (None: a network with it treats the interval as 0, the instantaneous
+                velocity).
         """
         # TorchScript (torch.jit.script, MONAI's ckpt_export) compiles only the scripting branches below: no
         # eager-only input checks, no gradient checkpointing, no fp32_io switch (see wdm3d.networks.scripting)
@@ -406,6 +435,12 @@ class WDMUNet(nn.Module):
                 f"{shape_repr(timesteps.shape)}."
             )
         emb = self.time_embed(get_timestep_embedding(timesteps, self.base_channels).to(x.dtype))
+        if self.interval_embed is not None:
+            gap = torch.zeros_like(timesteps) if interval is None else torch.as_tensor(interval, device=x.device)
+            gap = gap.reshape(()).expand(x.shape[0]) if gap.ndim == 0 or gap.shape[0] == 1 else gap
+            emb = emb + self.interval_embed(get_timestep_embedding(gap, self.base_channels).to(x.dtype))
+        elif interval is not None:
+            raise ValueError("this network takes no interval: build it with interval_embedding=True (a flow map).")
 
         h = self.conv_in(x) if torch.jit.is_scripting() else self._io(self.conv_in, x, back_to_autocast=True)
         skips = [h]

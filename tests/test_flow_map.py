@@ -1,0 +1,151 @@
+"""Flow maps (MeanFlow) against closed forms: the identity on a flow whose average velocity is known exactly, the
+composition of jumps, and a one-step map learnt on a 1D Gaussian mixture."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from scipy.stats import ks_2samp
+from torch import nn
+
+from wdm3d.diffusion.flow_map import (
+    flow_map_step,
+    meanflow_loss,
+    meanflow_sample,
+    meanflow_target,
+    sample_time_pairs,
+)
+
+A = 0.7  # the linear flow's rate: v(z, t) = A z
+
+
+def exact_u(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+    """The average velocity of the linear flow ``dz/dt = -A z`` (so ``v = A z`` in the project's sign).
+
+    Going back from ``t`` to ``r``: ``z_r = z_t exp(A (t - r))``, so ``u = z_t (exp(A (t - r)) - 1) / (t - r)``,
+    with the limit ``A z`` at ``r = t`` (written with expm1 to stay exact there).
+    """
+    h = (t - r).reshape(-1, *([1] * (z.ndim - 1))).to(z.dtype)
+    ratio = torch.where(h > 0, torch.expm1(A * h) / h.clamp_min(1e-300), torch.full_like(h, A))
+    return z * ratio
+
+
+def test_meanflow_identity_holds_for_the_exact_average_velocity_of_a_linear_flow():
+    torch.manual_seed(0)
+    z = torch.randn(64, 3, dtype=torch.float64)
+    r, t = sample_time_pairs(64, equal_fraction=0.2, generator=torch.Generator().manual_seed(1))
+    r, t = r.double(), t.double()
+    u, target = meanflow_target(exact_u, z, r, t, A * z)  # v at z_t is the flow's own velocity
+    assert (r < t).sum() > 40
+    torch.testing.assert_close(target, u, rtol=1e-12, atol=1e-12)
+    # the identity is not vacuous: the instantaneous velocity, used as if it were the average one, violates it
+    u_bad, target_bad = meanflow_target(lambda z, r, t: A * z * (1 + 0.3 * (t - r)[:, None]), z, r, t, A * z)
+    assert (target_bad - u_bad).abs().max() > 1e-2
+
+
+def test_a_few_step_sample_is_the_composition_of_one_step_maps():
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(6, 32), nn.Tanh(), nn.Linear(32, 4)).double()
+
+    def u(z, r, t):
+        return net(torch.cat([z, r[:, None], t[:, None]], 1))
+
+    noise = torch.randn(16, 4, dtype=torch.float64)
+    with torch.no_grad():
+        two = meanflow_sample(u, noise, 2)
+        composed = flow_map_step(u, flow_map_step(u, noise, 0.5, 1.0), 0.0, 0.5)
+        four = meanflow_sample(u, noise, 4)
+        z = noise
+        for t, r in ((1.0, 0.75), (0.75, 0.5), (0.5, 0.25), (0.25, 0.0)):
+            z = flow_map_step(u, z, r, t)
+    assert torch.equal(two, composed) and torch.equal(four, z)
+    assert not torch.allclose(two, meanflow_sample(u, noise, 1))  # a learnt-free map: steps do differ
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_the_exact_flow_map_reaches_the_ode_solution_in_any_number_of_steps(steps):
+    noise = torch.randn(32, 2, dtype=torch.float64)
+    torch.testing.assert_close(meanflow_sample(exact_u, noise, steps), noise * math.exp(A), rtol=1e-12, atol=1e-12)
+
+
+def test_time_pairs_and_loss_validate_and_weight():
+    r, t = sample_time_pairs(10_000, equal_fraction=0.3, generator=torch.Generator().manual_seed(0))
+    assert bool((r <= t).all()) and 0 < float(r.min()) and float(t.max()) < 1
+    assert abs(float((r == t).float().mean()) - 0.3) < 0.03
+    with pytest.raises(ValueError, match="equal_fraction"):
+        sample_time_pairs(4, equal_fraction=1.5)
+    with pytest.raises(ValueError, match="distribution"):
+        sample_time_pairs(4, distribution="beta")
+    z = torch.zeros(2, 3)
+    with pytest.raises(ValueError, match="at most its t"):
+        meanflow_target(exact_u, z, torch.tensor([0.5, 0.2]), torch.tensor([0.4, 0.9]), z)
+    u, target = torch.tensor([[1.0, 1.0], [0.0, 0.0]]), torch.zeros(2, 2)
+    assert float(meanflow_loss(u, target)) == pytest.approx(1.0)  # (2 + 0) / 2
+    weighted = meanflow_loss(u, target, adaptive_power=1.0, eps=1e-3)
+    assert float(weighted) == pytest.approx((2 / 2.001) / 2)  # the large error is damped to ~1
+
+
+def _mixture(n: int, generator: torch.Generator) -> torch.Tensor:
+    # two modes, -2 and 2, of standard deviation 0.3
+    sign = torch.randint(0, 2, (n, 1), generator=generator).float() * 2 - 1
+    return 2.0 * sign + 0.3 * torch.randn(n, 1, generator=generator)
+
+
+def test_a_learnt_one_step_map_matches_a_gaussian_mixture_where_one_euler_step_collapses():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 1)
+    )
+
+    def u(z, r, t):
+        return net(torch.cat([z, r[:, None], t[:, None]], 1))
+
+    iters, gen = 3000, torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, 1e-4)
+    for _ in range(iters):
+        x, noise = _mixture(256, gen), torch.randn(256, 1, generator=gen)
+        r, t = sample_time_pairs(256, equal_fraction=0.25, distribution="uniform", generator=gen)
+        z = (1 - t[:, None]) * x + t[:, None] * noise
+        pred, target = meanflow_target(u, z, r, t, x - noise)
+        loss = meanflow_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    noise = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(5))
+    truth = _mixture(20_000, torch.Generator().manual_seed(6))[:, 0].numpy()
+    with torch.no_grad():
+        one = meanflow_sample(u, noise, 1)[:, 0].numpy()
+        ones = torch.ones(noise.shape[0])
+        euler = (noise + u(noise, ones, ones))[:, 0].numpy()  # the instantaneous velocity, one step
+    ks_one, ks_euler = ks_2samp(one, truth).statistic, ks_2samp(euler, truth).statistic
+    # measured (CPU, seeds as here): KS 0.120 for the flow map against 0.500 for the Euler step, which lands every
+    # sample near the mixture's mean
+    assert ks_one < 0.15, ks_one
+    assert ks_euler > 0.4, ks_euler
+
+
+def test_the_unet_takes_the_interval_through_a_time_embedding_that_starts_at_zero():
+    from wdm3d.networks import WDMUNet
+
+    torch.manual_seed(0)
+    plain = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4)
+    for p in plain.parameters():  # a trained-looking network (a fresh one outputs zeros: its last conv starts at 0)
+        nn.init.normal_(p, std=0.1)
+    flow = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, interval_embedding=True)
+    missing = flow.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert missing and all(k.startswith("interval_embed.") for k in missing)
+    x, t, gap = torch.randn(2, 8, 8, 8, 8), torch.tensor([300, 900]), torch.tensor([250, 0])
+    with torch.no_grad():
+        base = plain(x, t)
+        assert torch.equal(flow(x, t, interval=gap), base)  # new: the interval adds nothing yet
+        nn.init.normal_(flow.interval_embed[-1].weight, std=0.1)
+        moved = flow(x, t, interval=gap)
+        assert not torch.allclose(moved[0], base[0]) and torch.equal(flow(x, t, interval=torch.zeros(2)), flow(x, t))
+        scripted = torch.jit.script(flow)
+        torch.testing.assert_close(scripted(x, t, None, gap), moved)
+    with pytest.raises(ValueError, match="interval_embedding=True"):
+        plain(x, t, interval=gap)
