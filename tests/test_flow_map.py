@@ -149,3 +149,145 @@ def test_the_unet_takes_the_interval_through_a_time_embedding_that_starts_at_zer
         torch.testing.assert_close(scripted(x, t, None, gap), moved)
     with pytest.raises(ValueError, match="interval_embedding=True"):
         plain(x, t, interval=gap)
+
+
+def test_the_bundle_trains_a_meanflow_model_and_samples_it_in_1_2_and_4_steps(tmp_path):
+    # the wdm3d_brats bundle with its meanflow.json overlay, through MONAI's bundle machinery (CPU, tiny)
+    import json
+
+    import nibabel as nib
+    import numpy as np
+    from test_bundle import TINY, TINY_TRAIN, workflow
+
+    from wdm3d.demo import phantom_volumes
+    from wdm3d.engine import latest_checkpoint, load_checkpoint
+
+    data = tmp_path / "data"
+    entries = []
+    for i, v in enumerate(phantom_volumes(5, 16, seed=3)):
+        (data / f"case{i}").mkdir(parents=True)
+        nib.save(nib.Nifti1Image(((v[0].numpy() + 1) / 2).astype(np.float32), np.eye(4)), data / f"case{i}/t1n.nii.gz")
+        entries.append({"case": f"case{i}", "t1n": f"case{i}/t1n.nii.gz"})
+    (data / "datalist.json").write_text(json.dumps({"training": entries[:4], "validation": entries[4:]}))
+    out = tmp_path / "out"
+    train = workflow(
+        ["train.json", "meanflow.json"],
+        "training",
+        dataset_dir=str(data),
+        output_dir=str(out),
+        max_epochs=2,
+        **TINY_TRAIN,
+    )
+    diffusion = train.parser.get_parsed_content("diffusion")
+    assert (diffusion.process, diffusion.flow_map) == ("rflow", "meanflow")
+    assert train.parser.get_parsed_content("network").interval_embedding
+    train.run()
+    ckpt = load_checkpoint(latest_checkpoint(out / "models"))
+    assert ckpt["run_config"]["diffusion"]["flow_map"] == "meanflow"
+    assert any(k.startswith("interval_embed.") for k in ckpt["ema"])
+    history = json.loads((out / "validation" / "history.json").read_text())
+    assert len(history) == 2  # validation sampled with the one-step flow map after each epoch
+    for steps in (1, 2, 4):
+        samples = out / f"samples_{steps}"
+        infer = workflow(
+            ["inference.json", "meanflow.json"],
+            "inference",
+            dataset_dir=str(data),
+            output_dir=str(out),
+            samples_dir=str(samples),
+            checkpoint=str(out / "models"),
+            num_samples=2,
+            num_steps=steps,
+            **TINY,
+        )
+        infer.run()
+        manifest = json.loads((samples / "manifest.json").read_text())
+        assert (manifest["sampler"], manifest["network_evaluations"]) == ("meanflow", steps)
+        vol = np.asarray(nib.load(samples / "sample_0000.nii.gz").dataobj)
+        assert vol.shape == (16, 16, 16) and np.isfinite(vol).all()
+    # the flow map at interval 0 is the instantaneous velocity: the same checkpoint samples with rflow's Euler steps
+    infer = workflow(
+        ["inference.json", "meanflow.json"],
+        "inference",
+        dataset_dir=str(data),
+        output_dir=str(out),
+        samples_dir=str(out / "samples_rflow"),
+        checkpoint=str(out / "models"),
+        num_samples=1,
+        sampler="rflow",
+        num_steps=3,
+        **TINY,
+    )
+    infer.run()
+    manifest = json.loads((out / "samples_rflow" / "manifest.json").read_text())
+    assert (manifest["sampler"], manifest["network_evaluations"]) == ("rflow", 3)
+    # while a plain rectified flow has no flow map to jump with
+    from wdm3d.diffusion import WaveletDiffusion
+
+    with pytest.raises(ValueError, match="needs a network trained as a flow map"):
+        WaveletDiffusion(process="rflow", prediction_type="v_prediction").sampling_timesteps("meanflow", 1)
+
+
+@pytest.mark.parametrize("steps", [1, 2, 4])
+def test_the_process_samples_the_exact_flow_map_to_the_ode_solution(steps):
+    # WaveletDiffusion's meanflow sampler, with timestep units and intervals as the networks see them
+    from wdm3d.diffusion import WaveletDiffusion
+
+    diffusion = WaveletDiffusion(process="rflow", prediction_type="v_prediction", flow_map="meanflow")
+    T = diffusion.num_train_timesteps
+    seen = []
+
+    def model(x, timesteps, context=None, interval=None):
+        seen.append((float(timesteps[0]), float(interval[0])))
+        t = timesteps.double() / T
+        return exact_u(x.double(), t - interval.double() / T, t).to(x.dtype)
+
+    gen = torch.Generator().manual_seed(0)
+    out = diffusion.sample(
+        model,
+        (1, 4, 4, 4),
+        2,
+        "meanflow",
+        steps,
+        clip_projection=False,
+        generator=gen,
+        progress=False,
+        return_coeffs=True,
+    )
+    noise = torch.randn(2, 8, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(out, noise * math.exp(A), rtol=1e-5, atol=1e-5)
+    assert len(seen) == steps == diffusion.network_evaluations("meanflow", steps)
+    assert seen[0] == (T, T / steps)
+
+
+def test_the_training_target_is_flow_matching_at_equal_times_and_meanflow_otherwise():
+    from wdm3d.diffusion import (
+        FlowMapPrediction,
+        WaveletDiffusion,
+        WaveletDiffusionInferer,
+        WaveletDiffusionPrepareBatch,
+    )
+    from wdm3d.networks import WDMUNet
+
+    torch.manual_seed(0)
+    net = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, interval_embedding=True)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.05)
+    images = torch.rand(3, 1, 16, 16, 16) * 2 - 1
+    for fraction in (1.0, 0.0):
+        diffusion = WaveletDiffusion(
+            process="rflow", prediction_type="v_prediction", flow_map="meanflow", flow_map_equal_fraction=fraction
+        )
+        torch.manual_seed(1)
+        x0, _, _, kw = WaveletDiffusionPrepareBatch(diffusion)({"image": images})
+        pred = WaveletDiffusionInferer(diffusion)(x0, net, **kw)
+        assert isinstance(pred, FlowMapPrediction) and pred.u.requires_grad and not pred.target.requires_grad
+        flow_matching = x0 - kw["noise"]
+        if fraction == 1.0:  # r = t: no Jacobian term
+            assert torch.equal(kw["interval"], torch.zeros(3))
+            torch.testing.assert_close(pred.target, flow_matching)
+        else:
+            assert bool((kw["interval"] > 0).all())
+            assert (pred.target - flow_matching).abs().max() > 1e-3
+    with pytest.raises(ValueError, match="flow_map 'meanflow' learns a rectified flow"):
+        WaveletDiffusion(flow_map="meanflow")  # the default ddpm process

@@ -256,11 +256,17 @@ class VolumeGenerator:
                 run_info,
                 files,
                 f"inference/{stamp}",
-                {"inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples},
+                {
+                    "inference_seconds_per_volume": manifest["seconds_total"] / self.num_samples,
+                    "inference_network_evaluations": manifest["network_evaluations"],
+                },
             ):
                 print(f"Logged the samples to MLflow run {manifest['mlflow_run_id']} ({run_info.get('tracking_uri')})")
         kinds = "NIfTI + PNG + DICOM" if self.dicom else "NIfTI + PNG"
-        print(f"Wrote {self.num_samples} synthetic volumes ({kinds}) and manifest.json to {self.output_dir}")
+        print(
+            f"Wrote {self.num_samples} synthetic volumes ({kinds}, {manifest['network_evaluations']} network "
+            f"evaluations each: {self.sampler}) and manifest.json to {self.output_dir}"
+        )
         return manifest
 
     def _generate(
@@ -350,6 +356,7 @@ class VolumeGenerator:
             "num_steps": self.num_steps
             if self.num_steps is not None
             else len(self.diffusion.sampling_timesteps(self.sampler)) - 1,
+            "network_evaluations": self.diffusion.network_evaluations(self.sampler, self.num_steps),
             "eta": self.eta,
             "clip_projection": self.clip_projection,
             "seed": self.seed,

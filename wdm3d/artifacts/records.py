@@ -16,8 +16,16 @@ from .unwrap import unwrap
 __all__ = ["check_diffusion_matches", "network_arguments", "plain"]
 
 
-# diffusion settings a sampler may choose freely: the DDPM posterior variance, and how training drew rflow timesteps
-_FREE_AT_SAMPLING = ("ddpm_variance", "rflow_sample_method", "loss_weighting", "min_snr_gamma")
+# diffusion settings a sampler may choose freely: the DDPM posterior variance, and how training drew its times and
+# weighted its loss
+_FREE_AT_SAMPLING = (
+    "ddpm_variance",
+    "rflow_sample_method",
+    "loss_weighting",
+    "min_snr_gamma",
+    "flow_map_equal_fraction",
+    "flow_map_time",
+)
 
 
 def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path: str | os.PathLike) -> None:

@@ -17,13 +17,14 @@ from .conditioning import (
 from .guidance import ClassifierFreeGuidance
 from .training import (
     DiffusionTarget,
+    FlowMapPrediction,
     WaveletDiffusionInferer,
     WaveletDiffusionPrepareBatch,
     WaveletMSELoss,
     subband_mse,
     target_tensor,
 )
-from .wavelet_diffusion import SAMPLERS, WaveletDiffusion
+from .wavelet_diffusion import FLOW_MAPS, SAMPLERS, WaveletDiffusion
 
 __all__ = [
     "flow_map",
@@ -34,6 +35,8 @@ __all__ = [
     "ClassifierFreeGuidance",
     "ConditionalPrepareBatch",
     "ContextConditionedUNet",
+    "FLOW_MAPS",
+    "FlowMapPrediction",
     "SAMPLERS",
     "WaveletDiffusion",
     "WaveletDiffusionInferer",

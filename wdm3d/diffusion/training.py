@@ -32,10 +32,12 @@ from torch import nn
 
 from ..artifacts import unwrap
 from ..wavelets import SUBBANDS
+from . import flow_map
 from .wavelet_diffusion import WaveletDiffusion
 
 __all__ = [
     "DiffusionTarget",
+    "FlowMapPrediction",
     "WaveletDiffusionInferer",
     "WaveletDiffusionPrepareBatch",
     "WaveletMSELoss",
@@ -54,6 +56,21 @@ class DiffusionTarget(NamedTuple):
 
     target: torch.Tensor
     weight: torch.Tensor
+
+
+class FlowMapPrediction(NamedTuple):
+    """What :class:`WaveletDiffusionInferer` returns for a flow map: the prediction and its target together.
+
+    MeanFlow's target depends on the network itself (a Jacobian-vector product of it), so the inferer computes it
+    and :class:`WaveletMSELoss` regresses ``u`` onto it, ignoring the prepare-batch's target.
+
+    Attributes:
+        u: the network's average velocity at ``(z_t, r, t)``, with its graph.
+        target: MeanFlow's target, detached.
+    """
+
+    u: torch.Tensor
+    target: torch.Tensor
 
 
 def target_tensor(target: torch.Tensor | DiffusionTarget) -> torch.Tensor:
@@ -116,11 +133,17 @@ class WaveletDiffusionPrepareBatch(PrepareBatch):
         images = images.float() if not images.is_floating_point() else images
         x0 = self.diffusion.encode(images)
         noise = torch.randn_like(x0)
-        timesteps = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
+        infer_kwargs: dict[str, Any] = {"noise": noise}
+        if self.diffusion.flow_map is not None:
+            # (r, t) pairs; the target here is the r = t one, the inferer computes MeanFlow's from the network
+            r, timesteps = self.diffusion.sample_flow_map_times(x0.shape[0], device=x0.device)
+            infer_kwargs["interval"] = timesteps - r
+        else:
+            timesteps = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
         target = self.diffusion.target(x0, noise, timesteps)
         if self.diffusion.loss_weighting != "none":
             target = DiffusionTarget(target, self.diffusion.loss_weight(timesteps))
-        infer_kwargs: dict[str, Any] = {"noise": noise, "timesteps": timesteps}
+        infer_kwargs["timesteps"] = timesteps
         if self.condition_key is not None:
             if not isinstance(batchdata, Mapping) or self.condition_key not in batchdata:
                 raise KeyError(f"batch has no condition key {self.condition_key!r}.")
@@ -143,7 +166,10 @@ class WaveletDiffusionInferer(Inferer):
       ``drop_image`` are zeroed (what the adapter reads as "no image prompt"), and the call is
       ``network(x, timesteps, context=context, image_tokens=tokens)``;
     - else ``network(x, timesteps, context=context)`` (``context``: cross-attention tokens or condition indices,
-      None for an unconditional network).
+      None for an unconditional network);
+    - for a flow map (the process's ``flow_map``, with ``interval`` = ``t - r``): the network is called as
+      ``network(x, timesteps, context=context, interval=interval)`` inside one ``torch.func.jvp``
+      (:func:`~wdm3d.diffusion.flow_map.meanflow_target`) and the result is a :class:`FlowMapPrediction`.
 
     The keyword arguments are what :class:`WaveletDiffusionPrepareBatch` and
     :class:`~wdm3d.diffusion.ConditionalPrepareBatch` return.
@@ -168,7 +194,8 @@ class WaveletDiffusionInferer(Inferer):
         concat: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
         drop_image: torch.Tensor | None = None,
-    ) -> torch.Tensor:
+        interval: torch.Tensor | None = None,
+    ) -> torch.Tensor | FlowMapPrediction:
         """The network's prediction for ``x0`` noised at ``timesteps``.
 
         Args:
@@ -180,7 +207,12 @@ class WaveletDiffusionInferer(Inferer):
             concat: coefficients ``(B, Cc, ...)`` concatenated to the noisy input on channels.
             image: the image prompt ``(B, C, D, H, W)`` of an IP-Adapter network.
             drop_image: ``(B,)`` bool, the samples whose image tokens are zeroed.
+            interval: ``(B,)`` flow-map interval ``t - r`` in timestep units (a process with a ``flow_map``).
         """
+        if self.diffusion.flow_map is not None:
+            if interval is None or image is not None:
+                raise ValueError("a flow map trains with an interval (t - r) and without image prompts.")
+            return self._flow_map(inputs, network, noise, timesteps, interval, context, concat)
         x = self.diffusion.add_noise(inputs, noise, timesteps)
         if concat is not None:
             if concat.shape[0] != x.shape[0] or concat.shape[2:] != x.shape[2:]:
@@ -203,6 +235,20 @@ class WaveletDiffusionInferer(Inferer):
                 raise ValueError(f"drop_image must be ({tokens.shape[0]},), got {tuple(drop_image.shape)}.")
             tokens = torch.where(drop_image.to(tokens.device)[:, None, None], torch.zeros_like(tokens), tokens)
         return network(x, timesteps, context=context, image_tokens=tokens)
+
+    def _flow_map(self, x0, network, noise, timesteps, interval, context, concat) -> FlowMapPrediction:
+        T = float(self.diffusion.num_train_timesteps)
+        extra = None if concat is None else concat.to(x0.dtype)
+
+        def u_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+            z_in = z if extra is None else torch.cat((z, extra), dim=1)
+            return network(z_in, t * T, context=context, interval=(t - r) * T)
+
+        t = timesteps.double() / T
+        r = (timesteps - interval).double() / T
+        z = self.diffusion.add_noise(x0, noise, timesteps)
+        u, target = flow_map.meanflow_target(u_fn, z, r.to(x0.dtype), t.to(x0.dtype), (x0 - noise).to(x0.dtype))
+        return FlowMapPrediction(u, target)
 
 
 def _group_weights(weights: torch.Tensor, channels: int, like: torch.Tensor) -> torch.Tensor:
@@ -245,7 +291,8 @@ class WaveletMSELoss(nn.Module):
             Multiplies the fixed ``subband_weights`` if both are given.
         num_subbands: the number of groups with ``learned`` (8 for one level, 64 for two).
 
-    The target may be a :class:`DiffusionTarget`; its per-sample weights multiply each sample's error.
+    The target may be a :class:`DiffusionTarget`; its per-sample weights multiply each sample's error. A
+    :class:`FlowMapPrediction` brings its own target (MeanFlow's), which replaces ``target``.
     """
 
     def __init__(
@@ -265,7 +312,9 @@ class WaveletMSELoss(nn.Module):
         self.learned = bool(learned)
         self.log_variance = nn.Parameter(torch.zeros(num_subbands)) if learned else None
 
-    def forward(self, pred: torch.Tensor, target: torch.Tensor | DiffusionTarget) -> torch.Tensor:
+    def forward(self, pred: torch.Tensor | FlowMapPrediction, target: torch.Tensor | DiffusionTarget) -> torch.Tensor:
+        if isinstance(pred, FlowMapPrediction):  # the flow map's target came with the prediction
+            pred, target = pred.u, pred.target
         weight = target.weight if isinstance(target, DiffusionTarget) else None
         target = target_tensor(target)
         if pred.shape != target.shape:

@@ -11,7 +11,10 @@ MONAI supplies the noise schedules (``DDPMScheduler`` for ``process="ddpm"``, ``
 computed in float64, because MONAI's ``add_noise`` computes in the input dtype and ``1 - ab_t`` at small t keeps
 few float32 digits. The sampling updates are the pure functions in :mod:`wdm3d.diffusion.maths` because MONAI's
 DDPM step only supports the full T-step chain and its DDIM step assumes an integer stride that its own rounded
-timestep grid does not follow.
+timestep grid does not follow; the flow-map jumps are :mod:`wdm3d.diffusion.flow_map`'s.
+
+One module because it is one process object: noising, targets, loss weights, training times and the sampling loop
+share its schedule state; the mathematics each of them uses lives in those two modules.
 """
 
 from __future__ import annotations
@@ -23,12 +26,15 @@ from monai.networks.schedulers import DDPMScheduler
 from tqdm.auto import tqdm
 
 from ..wavelets import WaveletSpace
+from . import flow_map as flow_maps
 from . import maths
 
-__all__ = ["WaveletDiffusion", "SAMPLERS"]
+__all__ = ["FLOW_MAPS", "SAMPLERS", "WaveletDiffusion"]
 
 #: Samplers by process.
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow",)}
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow", "meanflow")}
+#: Flow-map objectives that train a rectified flow's average velocity (:mod:`wdm3d.diffusion.flow_map`).
+FLOW_MAPS: tuple[str, ...] = ("meanflow",)
 
 
 class WaveletDiffusion:
@@ -79,6 +85,9 @@ class WaveletDiffusion:
         levels: int = 1,
         loss_weighting: str = "none",
         min_snr_gamma: float = 5.0,
+        flow_map: str | None = None,
+        flow_map_equal_fraction: float = 0.75,
+        flow_map_time: str = "logit_normal",
     ) -> None:
         if process not in maths.PROCESSES:
             raise ValueError(f"process must be one of {maths.PROCESSES}, got {process!r}.")
@@ -105,6 +114,22 @@ class WaveletDiffusion:
             )
         if not (isinstance(min_snr_gamma, (int, float)) and min_snr_gamma > 0):
             raise ValueError(f"min_snr_gamma must be a positive number, got {min_snr_gamma!r}.")
+        if flow_map is not None:
+            if flow_map not in FLOW_MAPS:
+                raise ValueError(f"flow_map must be one of {FLOW_MAPS} or None, got {flow_map!r}.")
+            if (process, prediction_type, loss_weighting) != ("rflow", "v_prediction", "none"):
+                raise ValueError(
+                    f"flow_map {flow_map!r} learns a rectified flow's average velocity: it needs process 'rflow', "
+                    f"prediction_type 'v_prediction' and loss_weighting 'none', got {process!r} / "
+                    f"{prediction_type!r} / {loss_weighting!r}."
+                )
+            if not 0.0 <= flow_map_equal_fraction <= 1.0:
+                raise ValueError(f"flow_map_equal_fraction must be in [0, 1], got {flow_map_equal_fraction}.")
+            if flow_map_time not in flow_maps.TIME_DISTRIBUTIONS:
+                raise ValueError(f"flow_map_time must be one of {flow_maps.TIME_DISTRIBUTIONS}, got {flow_map_time!r}.")
+        self.flow_map = flow_map
+        self.flow_map_equal_fraction = float(flow_map_equal_fraction)
+        self.flow_map_time = flow_map_time
         self.process = process
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
@@ -177,6 +202,19 @@ class WaveletDiffusion:
         if self.process == "ddpm":
             return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device)
         return self.scheduler.sample_timesteps(torch.empty(batch_size, 1, device=device))
+
+    def sample_flow_map_times(
+        self, batch_size: int, device: torch.device | str | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Training times ``(r, t)`` of a flow map, each ``(B,)`` in timestep units (``[0, T]``), ``r <= t``.
+
+        Drawn by :func:`wdm3d.diffusion.flow_map.sample_time_pairs` with this process's ``flow_map_time`` and
+        ``flow_map_equal_fraction``.
+        """
+        if self.flow_map is None:
+            raise ValueError("this process has no flow_map; build it with flow_map='meanflow'.")
+        r, t = flow_maps.sample_time_pairs(batch_size, self.flow_map_equal_fraction, self.flow_map_time, device=device)
+        return r * self.num_train_timesteps, t * self.num_train_timesteps
 
     def _ab(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         ab = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
@@ -252,6 +290,16 @@ class WaveletDiffusion:
                 f"use one of {SAMPLERS[self.process]}."
             )
         T = self.num_train_timesteps
+        if sampler == "meanflow":
+            if self.flow_map != "meanflow":
+                raise ValueError(
+                    "sampler 'meanflow' needs a network trained as a flow map (flow_map='meanflow'); this process "
+                    "has none: sample it with 'rflow'."
+                )
+            steps = 1 if num_steps is None else int(num_steps)
+            if steps < 1:
+                raise ValueError(f"num_steps must be at least 1 for meanflow, got {num_steps}.")
+            return [T * (1 - k / steps) for k in range(steps + 1)]
         if sampler == "rflow":
             steps = 30 if num_steps is None else int(num_steps)
             if not 1 <= steps <= T:
@@ -263,6 +311,10 @@ class WaveletDiffusion:
             raise ValueError(f"num_steps must be in [1, {T}] for {sampler}, got {num_steps}.")
         grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive()
         return [int(t) for t in grid] + [-1]
+
+    def network_evaluations(self, sampler: str, num_steps: int | None = None) -> int:
+        """Network calls per sample of ``sampler`` with ``num_steps`` (one per step, for every sampler here)."""
+        return len(self.sampling_timesteps(sampler, num_steps)) - 1
 
     @torch.no_grad()
     def sample(
@@ -290,10 +342,12 @@ class WaveletDiffusion:
             num_samples: batch size B.
             sampler: ``"ddpm"`` (ancestral, Ho et al. 2020, "Denoising Diffusion Probabilistic Models"; WDM uses
                 all T steps), ``"ddim"`` (Song et al. 2021, "Denoising Diffusion Implicit Models"; ``eta`` 0 =
-                deterministic) or ``"rflow"`` (Euler steps of rectified flow, Liu et al. 2022, "Flow Straight and
-                Fast"); defaults to ddpm for the ddpm process and rflow for rflow.
-            num_steps: steps (ddpm: T, ddim: 50, rflow: 30 by default). ddpm with fewer steps uses the respaced
-                chain (betas recomputed for the visited timesteps).
+                deterministic), ``"rflow"`` (Euler steps of rectified flow, Liu et al. 2022, "Flow Straight and
+                Fast") or ``"meanflow"`` (flow-map jumps, Geng et al. 2025, "Mean Flows for One-step Generative
+                Modeling"; a network trained with ``flow_map="meanflow"``, which also samples with rflow); defaults
+                to ddpm for the ddpm process and rflow for rflow.
+            num_steps: steps, one network evaluation each (ddpm: T, ddim: 50, rflow: 30, meanflow: 1 by default).
+                ddpm with fewer steps uses the respaced chain (betas recomputed for the visited timesteps).
             eta: DDIM noise scale.
             clip_projection: apply WDM's IDWT -> clamp -> DWT to every predicted x0 (needs ``clip_range``).
             seed: seeds a generator on the sampling device (ignored if ``generator`` is given).
@@ -340,6 +394,16 @@ class WaveletDiffusion:
         shape = (num_samples, self.channel_factor * c, d // f, h // f, w // f)
         x = torch.randn(shape, generator=generator, device=device)
         steps = list(zip(timesteps[:-1], timesteps[1:]))
+        if sampler == "meanflow":
+            T = self.num_train_timesteps
+
+            def u_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+                z_in = z if cond is None else torch.cat((z, cond.to(z.dtype)), dim=1)
+                return model(z_in, t * T, context=context, interval=(t - r) * T).to(z.dtype)
+
+            x = flow_maps.meanflow_sample(u_fn, x, len(steps))
+            x = self.project(x) if clip_projection else x
+            return x if return_coeffs else self.decode(x)
         for t, t_next in tqdm(steps, desc=f"{sampler} sampling", disable=not progress, leave=False):
             t_batch = torch.full(
                 (num_samples,), t, device=device, dtype=torch.float32 if sampler == "rflow" else torch.long
@@ -387,4 +451,10 @@ class WaveletDiffusion:
             out.update(self.schedule)  # the noise schedule (two schedules otherwise looked like one process)
         else:
             out["rflow_sample_method"] = self.rflow_sample_method
+        if self.flow_map is not None:
+            out.update(
+                flow_map=self.flow_map,
+                flow_map_equal_fraction=self.flow_map_equal_fraction,
+                flow_map_time=self.flow_map_time,
+            )
         return out
