@@ -46,7 +46,12 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from data_prep.known_truth import PARAMETERS, make_volumes, measure_many  # noqa: E402
-from wdm3d.diffusion import WaveletDiffusion, WaveletDiffusionPrepareBatch, WaveletMSELoss  # noqa: E402
+from wdm3d.diffusion import (  # noqa: E402
+    WaveletDiffusion,
+    WaveletDiffusionInferer,
+    WaveletDiffusionPrepareBatch,
+    WaveletMSELoss,
+)
 from wdm3d.networks import DiT3D, count_parameters, wdm_unet  # noqa: E402
 
 RESULTS_JSON = REPO / "benchmarks" / "results" / "quality.json"
@@ -59,6 +64,9 @@ DIT = {"kind": "dit", "patch_size": 2, "hidden_size": 96, "depth": 3, "num_heads
 WDM = {"process": "ddpm", "prediction_type": "sample"}
 RFLOW = {"process": "rflow", "prediction_type": "v_prediction", "rflow_sample_method": "logit-normal"}
 JIT = {**RFLOW, "prediction_type": "sample", "loss_weighting": "velocity"}
+#: MeanFlow with the paper's ImageNet times (logit-normal(-0.4, 1), 25% of the pairs r != t)
+MEANFLOW = {"process": "rflow", "prediction_type": "v_prediction", "flow_map": "meanflow"}
+UNET_FLOW_MAP = {**UNET, "interval_embedding": True}
 
 #: name -> (diffusion settings, network, loss settings, sampler, steps, what it is)
 CANDIDATES: dict[str, dict] = {
@@ -184,6 +192,19 @@ CANDIDATES: dict[str, dict] = {
         steps=50,
         note="rflow_v + learned per-subband weights (one seed)",
     ),
+    # one MeanFlow training per seed ("trained_as"), sampled with 1, 2 and 4 flow-map jumps
+    **{
+        f"meanflow_{k}": dict(
+            diffusion=MEANFLOW,
+            net=UNET_FLOW_MAP,
+            loss={},
+            sampler="meanflow",
+            steps=k,
+            trained_as="meanflow",
+            note=f"MeanFlow (average velocity, jvp target), {k} flow-map jump{'s' if k > 1 else ''}",
+        )
+        for k in (1, 2, 4)
+    },
     "rflow_v_2level": dict(
         diffusion={**RFLOW, "levels": 2},
         net=UNET_2LEVEL,
@@ -285,7 +306,10 @@ def train_and_sample(
     num_samples: int,
     lr: float,
     ema_decay: float,
+    trained: Path | None = None,
 ) -> tuple[np.ndarray, dict]:
+    """Train ``cand`` for ``iterations`` steps from ``seed`` and sample it; ``trained``: where candidates that share
+    one training (``trained_as``) keep its EMA weights and training figures, so each is trained once per seed."""
     torch.manual_seed(seed)
     diffusion = WaveletDiffusion(**cand["diffusion"])
     size = train.shape[-1]
@@ -300,24 +324,40 @@ def train_and_sample(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
     prepare = WaveletDiffusionPrepareBatch(diffusion)
+    inferer = WaveletDiffusionInferer(diffusion)
     rng = np.random.default_rng(seed)
     data = torch.from_numpy(train)[:, None] * 2 - 1  # [0, 1] -> [-1, 1], as the bundles' transforms
+    if trained is not None and trained.with_suffix(".json").is_file():
+        ema.module.load_state_dict(torch.load(trained, weights_only=True))
+        done = json.loads(trained.with_suffix(".json").read_text())
+        return _sample(
+            cand, diffusion, ema.module, size, num_samples, seed, {**done, "parameters": count_parameters(net)}
+        )
     t0 = time.time()
     losses = []
     for _ in range(iterations):
         idx = torch.from_numpy(rng.choice(len(data), batch_size, replace=False))
         x0, target, _, kw = prepare({"image": data[idx]})
-        noisy = diffusion.add_noise(x0, kw["noise"], kw["timesteps"]).float()
-        loss = loss_fn(net(noisy, kw["timesteps"]), target)
+        loss = loss_fn(inferer(x0, net, **kw), target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         ema.update_parameters(net)
         losses.append(loss.item())
-    train_s = time.time() - t0
+    done = {"train_seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-50:]))}
+    if trained is not None:
+        trained.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ema.module.state_dict(), trained)
+        trained.with_suffix(".json").write_text(json.dumps(done))
+    return _sample(cand, diffusion, ema.module, size, num_samples, seed, {**done, "parameters": count_parameters(net)})
+
+
+def _sample(
+    cand: dict, diffusion: WaveletDiffusion, net: torch.nn.Module, size: int, num_samples: int, seed: int, done: dict
+) -> tuple[np.ndarray, dict]:
     t0 = time.time()
     samples = diffusion.sample(
-        ema.module.eval(),
+        net.eval(),
         (1, size, size, size),
         num_samples=num_samples,
         sampler=cand["sampler"],
@@ -325,13 +365,10 @@ def train_and_sample(
         seed=10_000 + seed,
         progress=False,
     )
-    sample_s = time.time() - t0
     info = {
-        "parameters": count_parameters(net),
-        "train_seconds": round(train_s, 1),
-        "sample_seconds": round(sample_s, 1),
-        "nfe": cand["steps"],
-        "final_loss": float(np.mean(losses[-50:])),
+        **done,
+        "sample_seconds": round(time.time() - t0, 1),
+        "nfe": diffusion.network_evaluations(cand["sampler"], cand["steps"]),
         "diffusion": diffusion.config(),
     }
     return ((samples[:, 0].clamp(-1, 1) + 1) / 2).numpy(), info
@@ -479,6 +516,13 @@ def _claimed_by_another(path: Path) -> bool:
     return True
 
 
+def _shared_training(out: Path, dataset: str, cand: dict, seed: int) -> Path | None:
+    """Where the weights of a training that several candidates share are kept (None: the candidate trains alone)."""
+    if "trained_as" not in cand:
+        return None
+    return out / "runs" / dataset / "_trained" / cand["trained_as"] / f"seed{seed}.pt"
+
+
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     torch.set_num_threads(args.threads)
@@ -507,6 +551,7 @@ def run(args: argparse.Namespace) -> None:
                     args.num_samples,
                     args.lr,
                     args.ema_decay,
+                    trained=_shared_training(out, dataset, CANDIDATES[name], seed),
                 )
                 metrics = scorer(fake)
                 record = {
@@ -704,6 +749,7 @@ def markdown(summary: dict) -> str:
 
 
 def report(args: argparse.Namespace) -> None:
+    # runs/<dataset>/<candidate>/seed<k>.json (shared trainings sit one level deeper, under runs/<dataset>/_trained)
     records = [
         json.loads(p.read_text()) for out in args.out for p in sorted((Path(out) / "runs").glob("*/*/seed*.json"))
     ]
