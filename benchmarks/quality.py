@@ -66,6 +66,8 @@ RFLOW = {"process": "rflow", "prediction_type": "v_prediction", "rflow_sample_me
 JIT = {**RFLOW, "prediction_type": "sample", "loss_weighting": "velocity"}
 #: MeanFlow with the paper's ImageNet times (logit-normal(-0.4, 1), 25% of the pairs r != t)
 MEANFLOW = {"process": "rflow", "prediction_type": "v_prediction", "flow_map": "meanflow"}
+#: the same with x prediction (JiT's parameterisation: u = (x_hat - z_t) / t, the loss on u)
+MEANFLOW_X = {**MEANFLOW, "prediction_type": "sample"}
 UNET_FLOW_MAP = {**UNET, "interval_embedding": True}
 
 #: name -> (diffusion settings, network, loss settings, sampler, steps, what it is)
@@ -202,6 +204,18 @@ CANDIDATES: dict[str, dict] = {
             steps=k,
             trained_as="meanflow",
             note=f"MeanFlow (average velocity, jvp target), {k} flow-map jump{'s' if k > 1 else ''}",
+        )
+        for k in (1, 2, 4)
+    },
+    **{
+        f"meanflow_x_{k}": dict(
+            diffusion=MEANFLOW_X,
+            net=UNET_FLOW_MAP,
+            loss={},
+            sampler="meanflow",
+            steps=k,
+            trained_as="meanflow_x",
+            note=f"MeanFlow with x prediction (JiT's parameterisation), {k} flow-map jump{'s' if k > 1 else ''}",
         )
         for k in (1, 2, 4)
     },

@@ -291,3 +291,23 @@ def test_the_training_target_is_flow_matching_at_equal_times_and_meanflow_otherw
             assert (pred.target - flow_matching).abs().max() > 1e-3
     with pytest.raises(ValueError, match="flow_map 'meanflow' learns a rectified flow"):
         WaveletDiffusion(flow_map="meanflow")  # the default ddpm process
+
+
+def test_with_x_prediction_one_jump_lands_on_the_networks_clean_estimate():
+    # JiT's parameterisation carried to flow maps: u = (x_hat - z_t) / t, so the one-step map returns x_hat itself
+    from wdm3d.diffusion import WaveletDiffusion
+
+    diffusion = WaveletDiffusion(process="rflow", prediction_type="sample", flow_map="meanflow")
+    x_hat = torch.randn(2, 8, 2, 2, 2)
+
+    def model(x, timesteps, context=None, interval=None):
+        return x_hat
+
+    out = diffusion.sample(
+        model, (1, 4, 4, 4), 2, "meanflow", 1, clip_projection=False, seed=0, progress=False, return_coeffs=True
+    )
+    torch.testing.assert_close(out, x_hat)
+    z, t = torch.randn(2, 8, 2, 2, 2), torch.tensor([0.5, 0.01])
+    u = diffusion.flow_map_velocity(model, z, torch.zeros(2), t)
+    torch.testing.assert_close(u[0], (x_hat[0] - z[0]) / 0.5)
+    torch.testing.assert_close(u[1], (x_hat[1] - z[1]) / 0.05)  # t clamped at 0.05 near the data

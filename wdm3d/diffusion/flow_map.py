@@ -27,6 +27,7 @@ from torch.func import jvp
 
 __all__ = [
     "TIME_DISTRIBUTIONS",
+    "average_velocity_from_sample",
     "flow_map_step",
     "meanflow_loss",
     "meanflow_sample",
@@ -142,6 +143,25 @@ def meanflow_loss(
         return err.mean()
     weight = (err.detach() + eps).pow(-adaptive_power)
     return (weight * err).mean()
+
+
+def average_velocity_from_sample(
+    x_hat: torch.Tensor, z: torch.Tensor, t: torch.Tensor, t_min: float = 0.05
+) -> torch.Tensor:
+    """The average velocity of a network that predicts clean data: ``u = (x_hat - z_t) / max(t, t_min)``.
+
+    The x-prediction parameterisation (JiT, Li and He 2025, arXiv 2511.13720, carried over to flow maps): the jump
+    ``z_r = z_t + (t - r) u`` moves along the straight line from ``z_t`` to the network's clean estimate, and the
+    one-step map (``r = 0``) lands on ``x_hat`` itself. ``t_min`` keeps the division finite near the data, as JiT's
+    velocity loss does.
+
+    Args:
+        x_hat: the network's clean estimate ``(B, ...)``.
+        z: ``z_t``, shaped like ``x_hat``.
+        t: ``(B,)`` times in [0, 1].
+        t_min: the smallest divisor.
+    """
+    return (x_hat - z) / _per_sample(t.clamp_min(t_min), z)
 
 
 def flow_map_step(u_fn: AverageVelocity, z: torch.Tensor, r: float, t: float) -> torch.Tensor:

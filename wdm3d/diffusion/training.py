@@ -238,11 +238,9 @@ class WaveletDiffusionInferer(Inferer):
 
     def _flow_map(self, x0, network, noise, timesteps, interval, context, concat) -> FlowMapPrediction:
         T = float(self.diffusion.num_train_timesteps)
-        extra = None if concat is None else concat.to(x0.dtype)
 
         def u_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-            z_in = z if extra is None else torch.cat((z, extra), dim=1)
-            return network(z_in, t * T, context=context, interval=(t - r) * T)
+            return self.diffusion.flow_map_velocity(network, z, r, t, context, concat)
 
         t = timesteps.double() / T
         r = (timesteps - interval).double() / T

@@ -117,10 +117,10 @@ class WaveletDiffusion:
         if flow_map is not None:
             if flow_map not in FLOW_MAPS:
                 raise ValueError(f"flow_map must be one of {FLOW_MAPS} or None, got {flow_map!r}.")
-            if (process, prediction_type, loss_weighting) != ("rflow", "v_prediction", "none"):
+            if process != "rflow" or loss_weighting != "none":
                 raise ValueError(
-                    f"flow_map {flow_map!r} learns a rectified flow's average velocity: it needs process 'rflow', "
-                    f"prediction_type 'v_prediction' and loss_weighting 'none', got {process!r} / "
+                    f"flow_map {flow_map!r} learns a rectified flow's average velocity: it needs process 'rflow' "
+                    f"and loss_weighting 'none' (prediction_type 'v_prediction' or 'sample'), got {process!r} / "
                     f"{prediction_type!r} / {loss_weighting!r}."
                 )
             if not 0.0 <= flow_map_equal_fraction <= 1.0:
@@ -215,6 +215,29 @@ class WaveletDiffusion:
             raise ValueError("this process has no flow_map; build it with flow_map='meanflow'.")
         r, t = flow_maps.sample_time_pairs(batch_size, self.flow_map_equal_fraction, self.flow_map_time, device=device)
         return r * self.num_train_timesteps, t * self.num_train_timesteps
+
+    def flow_map_velocity(
+        self,
+        model: Callable[..., torch.Tensor],
+        z: torch.Tensor,
+        r: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None = None,
+        concat: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The flow map's average velocity ``u(z, r, t)`` from ``model`` (times ``(B,)`` in [0, 1], ``r <= t``).
+
+        The model is called as ``model(x, t T, context=context, interval=(t - r) T)`` with ``x = cat(z, concat)``;
+        with ``prediction_type="sample"`` its output is a clean estimate, turned into a velocity by
+        :func:`~wdm3d.diffusion.flow_map.average_velocity_from_sample`. Training (through :func:`torch.func.jvp`)
+        and sampling both go through here.
+        """
+        T = self.num_train_timesteps
+        x = z if concat is None else torch.cat((z, concat.to(z.dtype)), dim=1)
+        out = model(x, t * T, context=context, interval=(t - r) * T).to(z.dtype)
+        if self.prediction_type == "sample":
+            return flow_maps.average_velocity_from_sample(out, z, t)
+        return out
 
     def _ab(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         ab = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
@@ -395,11 +418,9 @@ class WaveletDiffusion:
         x = torch.randn(shape, generator=generator, device=device)
         steps = list(zip(timesteps[:-1], timesteps[1:]))
         if sampler == "meanflow":
-            T = self.num_train_timesteps
 
             def u_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-                z_in = z if cond is None else torch.cat((z, cond.to(z.dtype)), dim=1)
-                return model(z_in, t * T, context=context, interval=(t - r) * T).to(z.dtype)
+                return self.flow_map_velocity(model, z, r, t, context, cond)
 
             x = flow_maps.meanflow_sample(u_fn, x, len(steps))
             x = self.project(x) if clip_projection else x
