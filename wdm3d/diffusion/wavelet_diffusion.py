@@ -61,6 +61,13 @@ class WaveletDiffusion:
             (min-SNR-gamma, Hang et al. 2023; any process and prediction type) or ``"velocity"`` (JiT: rflow with
             ``prediction_type="sample"``, the loss taken on the implied velocity). See :meth:`loss_weight`.
         min_snr_gamma: gamma of ``"min_snr"`` (5 in the paper).
+        flow_map: ``"meanflow"`` trains the rectified flow's average velocity over an interval (MeanFlow, Geng et
+            al. 2025; :mod:`wdm3d.diffusion.flow_map`), for 1-4 step sampling with ``sampler="meanflow"``; the
+            network takes the interval (``interval_embedding=True``). With ``prediction_type="sample"`` the network
+            predicts a clean estimate (:meth:`flow_map_velocity`). None (default): an ordinary process.
+        flow_map_equal_fraction: share of training pairs with ``r = t`` (MeanFlow: 0.75).
+        flow_map_time: how the flow map's training times are drawn: ``"logit_normal"`` (MeanFlow's
+            ``sigmoid(N(-0.4, 1))``) or ``"uniform"``.
 
     Example:
         >>> diffusion = WaveletDiffusion()  # WDM: T=1000, linear betas, x0 prediction, LLL / 3
