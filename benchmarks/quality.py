@@ -615,6 +615,9 @@ def study_key(record: dict) -> str:
     return f"{record['dataset']}@{record['iterations']}"
 
 
+#: the smallest mean share of valid samples (one intact organ) a candidate needs to win a known-truth dataset
+MIN_VALID = 0.25
+
 #: what the winner is measured against: WDM's training with the sampler the bundles defaulted to (DDIM-50)
 BASELINE = "wdm_ddim50"
 
@@ -688,6 +691,14 @@ def summarize(records: list[dict]) -> dict:
         scored = {
             k: v for k, v in table.items() if primary in v and v[primary]["mean"] is not None and len(v["seeds"]) >= 3
         }
+        # the parameter distances measure each sample's largest organ, so samples broken into pieces still score:
+        # a candidate whose samples are mostly not valid shapes cannot win the known-truth data
+        invalid = sorted(
+            k
+            for k, v in scored.items()
+            if "valid" in v and v["valid"]["mean"] is not None and v["valid"]["mean"] < MIN_VALID
+        )
+        scored = {k: v for k, v in scored.items() if k not in invalid}
         winner = None
         if scored:
             best = min(scored, key=lambda k: scored[k][primary]["mean"])
@@ -698,6 +709,7 @@ def summarize(records: list[dict]) -> dict:
                 "primary": primary,
                 "best_mean": best,
                 "tied_with_best": sorted(tied),
+                "not_eligible_valid_below": {"threshold": MIN_VALID, "candidates": invalid},
                 "winner": winner,
                 "candidates": table,
                 "versus_baseline": paired_difference(rows, _challenger(scored, winner, primary), BASELINE, primary),
@@ -716,6 +728,12 @@ def markdown(summary: dict) -> str:
             f"**{dataset}, {iterations} steps** (headline: `{primary}`, lower is better; winner: "
             f"`{res.get('winner')}`; indistinguishable from the best mean: {res.get('tied_with_best', [])})"
         )
+        excluded = (res.get("not_eligible_valid_below") or {}).get("candidates")
+        if excluded:
+            lines.append(
+                f"Not eligible to win (fewer than {MIN_VALID:.0%} valid samples on average; the parameter distances "
+                f"still score broken samples): {excluded}"
+            )
         vs = res.get("versus_baseline")
         if vs:
             lines.append("")
