@@ -167,8 +167,9 @@ class WaveletDiffusionInferer(Inferer):
       ``network(x, timesteps, context=context, image_tokens=tokens)``;
     - else ``network(x, timesteps, context=context)`` (``context``: cross-attention tokens or condition indices,
       None for an unconditional network);
-    - for a flow map (the process's ``flow_map``, with ``interval`` = ``t - r``): the network is called as
-      ``network(x, timesteps, context=context, interval=interval)`` inside one ``torch.func.jvp``
+    - for a flow map (the process's ``flow_map``, with ``interval`` = ``t - r``): the average velocity
+      (:meth:`WaveletDiffusion.flow_map_velocity`, which calls ``network(x, timesteps, context=context,
+      interval=interval)``) is differentiated by one ``torch.func.jvp``
       (:func:`~wdm3d.diffusion.flow_map.meanflow_target`) and the result is a :class:`FlowMapPrediction`.
 
     The keyword arguments are what :class:`WaveletDiffusionPrepareBatch` and
