@@ -37,6 +37,8 @@ from typing import Any
 from monai.bundle import ConfigParser, ConfigWorkflow
 from monai.bundle.utils import merge_kv
 
+from .io import atomic_write_text
+
 __all__ = ["build_configs", "bundle_root", "bundle_config", "family_configs", "named", "run_bundle"]
 
 _REPO_BUNDLES = Path(__file__).resolve().parents[1] / "bundles"
@@ -272,7 +274,7 @@ def build_configs(bundles_dir: str | os.PathLike | None = None, check: bool = Fa
             continue
         changed.append(path)
         if not check:
-            path.write_text(text)
+            atomic_write_text(path, text)  # a config is never left half-written
     return changed
 
 
