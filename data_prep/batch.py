@@ -262,7 +262,7 @@ def remove_partial(out_dir: Path, written: Sequence[Path]) -> None:
     try:
         if out_dir.is_dir() and not any(out_dir.iterdir()):
             out_dir.rmdir()
-    except OSError:
+    except OSError:  # an empty output folder left behind is harmless; the partial files are what mattered
         pass
 
 

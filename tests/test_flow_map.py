@@ -8,6 +8,7 @@ import math
 import pytest
 import torch
 from scipy.stats import ks_2samp
+from test_bundle import dataset  # noqa: F401 (the tiny prepared dataset, a fixture)
 from torch import nn
 
 from wdm3d.diffusion.flow_map import (
@@ -151,7 +152,7 @@ def test_the_unet_takes_the_interval_through_a_time_embedding_that_starts_at_zer
         plain(x, t, interval=gap)
 
 
-def test_the_bundle_trains_a_meanflow_model_and_samples_it_in_1_2_and_4_steps(tmp_path):
+def test_the_bundle_trains_a_meanflow_model_and_samples_it_in_1_2_and_4_steps(dataset, tmp_path):  # noqa: F811
     # the wdm3d_brats bundle with its meanflow.json overlay, through MONAI's bundle machinery (CPU, tiny)
     import json
 
@@ -159,16 +160,9 @@ def test_the_bundle_trains_a_meanflow_model_and_samples_it_in_1_2_and_4_steps(tm
     import numpy as np
     from test_bundle import TINY, TINY_TRAIN, workflow
 
-    from wdm3d.demo import phantom_volumes
     from wdm3d.engine import latest_checkpoint, load_checkpoint
 
-    data = tmp_path / "data"
-    entries = []
-    for i, v in enumerate(phantom_volumes(5, 16, seed=3)):
-        (data / f"case{i}").mkdir(parents=True)
-        nib.save(nib.Nifti1Image(((v[0].numpy() + 1) / 2).astype(np.float32), np.eye(4)), data / f"case{i}/t1n.nii.gz")
-        entries.append({"case": f"case{i}", "t1n": f"case{i}/t1n.nii.gz"})
-    (data / "datalist.json").write_text(json.dumps({"training": entries[:4], "validation": entries[4:]}))
+    data = dataset
     out = tmp_path / "out"
     train = workflow(
         ["train.json", "meanflow.json"],

@@ -135,14 +135,16 @@ class WaveletDiffusionPrepareBatch(PrepareBatch):
         noise = torch.randn_like(x0)
         infer_kwargs: dict[str, Any] = {"noise": noise}
         if self.diffusion.flow_map is not None:
-            # (r, t) pairs; the target here is the r = t one, the inferer computes MeanFlow's from the network
+            # (r, t) pairs; the inferer computes MeanFlow's target from the network, so this is only its r = t value
+            # (the velocity, whatever the network predicts) and no process target is computed
             r, timesteps = self.diffusion.sample_flow_map_times(x0.shape[0], device=x0.device)
             infer_kwargs["interval"] = timesteps - r
+            target = x0 - noise
         else:
             timesteps = self.diffusion.sample_timesteps(x0.shape[0], device=x0.device)
-        target = self.diffusion.target(x0, noise, timesteps)
-        if self.diffusion.loss_weighting != "none":
-            target = DiffusionTarget(target, self.diffusion.loss_weight(timesteps))
+            target = self.diffusion.target(x0, noise, timesteps)
+            if self.diffusion.loss_weighting != "none":
+                target = DiffusionTarget(target, self.diffusion.loss_weight(timesteps))
         infer_kwargs["timesteps"] = timesteps
         if self.condition_key is not None:
             if not isinstance(batchdata, Mapping) or self.condition_key not in batchdata:

@@ -52,7 +52,7 @@ def _value_range(
             r = json.loads(manifest.read_text()).get("intensity_range")
             if r and float(r[0]) < float(r[1]):
                 return [float(r[0]), float(r[1])], "manifest.json intensity_range"
-        except (json.JSONDecodeError, TypeError, ValueError):
+        except (json.JSONDecodeError, TypeError, ValueError):  # an unreadable manifest: try the datalist's range
             pass
     if isinstance(real, (str, os.PathLike)) and str(real).endswith(".json"):
         r = read_datalist(real).get("intensity_range")

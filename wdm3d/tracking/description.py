@@ -83,7 +83,7 @@ def git_commit() -> str | None:
                 timeout=5,
             ).stdout.strip()
             return out.stdout.strip() + ("-dirty" if dirty else "")
-    except (OSError, subprocess.SubprocessError):
+    except (OSError, subprocess.SubprocessError):  # no git, or not a checkout: the commit is unknown
         pass
     return None
 
