@@ -11,6 +11,7 @@ from wdm3d.networks import RandomConv3dFeatures, WDMUNet
 from wdm3d.networks.attention import Attention, AttnProcessor, ContextEmbedding, CrossAttentionBlock
 from wdm3d.networks.ip_adapter import (
     ConditionDropout,
+    GlobalSpatialProjection,
     ImageProjection,
     IPAdapter,
     PerceiverResampler,
@@ -160,7 +161,7 @@ def test_training_changes_only_the_adapter():
     trainable = adapter.trainable_parameters()
     assert {id(p) for p in trainable} == {
         id(p) for m in (adapter.image_proj, adapter.ip_layers, adapter.added_blocks) for p in m.parameters()
-    }
+    } | {id(adapter.null_tokens)}
     opt = torch.optim.AdamW(trainable, lr=1e-3, weight_decay=0.01)
     dropout = ConditionDropout(0.3, 0.3, 0.3)
     adapter.train()
@@ -170,7 +171,7 @@ def test_training_changes_only_the_adapter():
     for step in range(3):
         x, t, _, ref = inputs(seed=step)
         ctx = embedding({"modality": ["t2w", "t1c"], "dataset": "brats"}).detach()
-        dropped = dropout(adapter.encode_image(ref), ctx, embedding.null(1).detach(), g)
+        dropped = dropout(adapter.encode_image(ref), ctx, embedding.null(1).detach(), g, adapter.null_image_tokens(1))
         out = adapter(x, t, context=dropped.context, image_tokens=dropped.image_tokens)
         loss = (out - x).pow(2).mean()
         opt.zero_grad(set_to_none=True)
@@ -184,6 +185,7 @@ def test_training_changes_only_the_adapter():
                     assert p.grad is None, name
             for part in adapter.adapter_modules().values():
                 assert sum(p.grad.abs().sum() for p in part.parameters()) > 0
+            assert dropped.drop_image.any() and adapter.null_tokens.grad.abs().sum() > 0  # the null prompt learns
         opt.step()
     assert all(not p.requires_grad for p in base.parameters())
     assert all(not p.requires_grad for p in adapter.image_encoder.parameters())
@@ -199,56 +201,85 @@ def test_training_changes_only_the_adapter():
     assert changed
 
 
-def test_checkpointing_base_gives_the_same_adapter_gradients():
-    grads = []
+def test_interleaved_forwards_and_backwards_keep_their_own_prompts():
+    # the prompt is an argument of the call (and of the checkpointed blocks), so a backward recomputes with its own
+    # forward's prompt even after another forward ran, and nothing of a call is left behind in the base
+    def flat_grads(adapter):
+        out = torch.cat([p.grad.flatten() for p in adapter.trainable_parameters() if p.grad is not None])
+        adapter.zero_grad(set_to_none=True)
+        return out
+
+    grads = {}
     for ckpt in (False, True):
         base, adapter = mixed_adapter(use_checkpoint=ckpt)
         randomise(adapter.added_blocks, seed=5)
         adapter.train()
         x, t, ctx, ref = inputs()
-        adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean().backward()
-        grads.append(torch.cat([p.grad.flatten() for p in adapter.trainable_parameters()]))
-    assert torch.allclose(grads[0], grads[1], rtol=1e-4, atol=1e-7)
-
-
-def test_checkpointing_base_clears_the_prompt_after_backward_and_refuses_a_stale_one():
-    base, adapter = mixed_adapter(use_checkpoint=True)
-    randomise(adapter.added_blocks, seed=5)
-    adapter.train()
-    x, t, ctx, ref = inputs()
-    with torch.no_grad():
-        plain = base(x, t, context=ctx)
-    adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean().backward()
-    with torch.no_grad():  # the backward consumed the kept prompt: the base is the base again
-        assert torch.equal(base(x, t, context=ctx), plain)
-    # two forwards, then the first one's backward: its recomputation would see the second's prompt
-    first = adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean()
-    second = adapter(x, t, context=ctx, image=ref.flip(-1), scale=0.7).pow(2).mean()
-    with pytest.raises(RuntimeError, match="another adapter forward ran between this forward and its backward"):
+        with torch.no_grad():
+            plain = base(x, t, context=ctx)
+        first = adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean()
+        second = adapter(x, t, context=ctx, image=ref.flip(-1), scale=0.3).pow(2).mean()
+        with torch.no_grad():
+            assert torch.equal(base(x, t, context=ctx), plain)  # between calls the installed base is the base
         first.backward()
-    second.backward()  # the newest forward's backward is fine
-    loss = adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean()
-    loss.backward(retain_graph=True)
-    # a second backward recomputes with the cleared prompt: refused (here torch's checkpoint already notices the
-    # blocks saved fewer tensors without the image branch; the adapter's own check covers the cases it does not)
-    with pytest.raises(RuntimeError, match="this backward already ran once|different number of tensors"):
-        loss.backward()
+        grads[ckpt, "first"] = flat_grads(adapter)
+        second.backward()
+        grads[ckpt, "second"] = flat_grads(adapter)
+        adapter(x, t, context=ctx, image=ref, scale=0.7).pow(2).mean().backward()  # the first call on its own
+        grads[ckpt, "alone"] = flat_grads(adapter)
+    for ckpt in (False, True):
+        assert torch.allclose(grads[ckpt, "first"], grads[ckpt, "alone"], rtol=1e-5, atol=1e-8)
+        assert not torch.allclose(grads[ckpt, "first"], grads[ckpt, "second"], rtol=1e-3)
+        assert torch.allclose(grads[ckpt, "first"], grads[False, "first"], rtol=1e-4, atol=1e-7)
 
 
-def test_one_forward_at_a_time_and_copies_get_their_own_prompt():
+def test_each_sample_of_a_batch_has_its_own_prompt_and_lambda():
     base, adapter = mixed_adapter()
+    randomise(adapter.added_blocks, seed=5)
+    for m in adapter.adapter_modules().values():
+        randomise(m, seed=6, std=0.5)
     x, t, ctx, ref = inputs()
-    prompt = adapter.__dict__["_prompt"]
-    with prompt.lock:  # as if another thread were inside a forward of this adapter
-        with pytest.raises(RuntimeError, match="already running a forward"):
-            adapter(x, t, context=ctx, image=ref)
-    twin = copy.deepcopy(adapter)
-    assert twin.__dict__["_prompt"] is not prompt
-    assert all(p.__dict__["prompt"] is twin.__dict__["_prompt"] for p in twin.ip_layers.values())
     with torch.no_grad():
-        assert torch.equal(
-            twin(x, t, context=ctx, image=ref, scale=0.6), adapter(x, t, context=ctx, image=ref, scale=0.6)
-        )
+        both = adapter(x, t, context=ctx, image=ref, scale=torch.tensor([0.7, 0.3]))
+        for i, lam in enumerate((0.7, 0.3)):  # each sample alone, with its own prompt and lambda
+            alone = adapter(x[i : i + 1], t[i : i + 1], context=ctx[i : i + 1], image=ref[i : i + 1], scale=lam)
+            assert torch.allclose(both[i : i + 1], alone, atol=1e-5)
+        swapped = adapter(x, t, context=ctx, image=ref.flip(0), scale=torch.tensor([0.7, 0.3]))
+        assert (swapped - both).abs().amax(dim=(1, 2, 3, 4)).min() > 1e-4  # the prompts differ per sample
+        # lambda 0 for one sample: that sample is exactly the base, the other one is conditioned
+        mixed = adapter(x, t, context=ctx, image=ref, scale=torch.tensor([0.0, 0.7]))
+        plain = base(x, t, context=ctx)
+        assert torch.equal(mixed[0], plain[0]) and (mixed[1] - plain[1]).abs().max() > 1e-4
+        with pytest.raises(ValueError, match="one per sample"):
+            adapter(x, t, context=ctx, image=ref, scale=torch.ones(3))
+
+
+def test_no_state_survives_a_call_and_threads_do_not_share_prompts():
+    from concurrent.futures import ThreadPoolExecutor  # (only this test runs threads)
+
+    base, adapter = mixed_adapter()
+    randomise(adapter.added_blocks, seed=5)
+    x, t, ctx, ref = inputs()
+    before = set(vars(adapter))
+    with torch.no_grad():
+        expected = [adapter(x, t, context=ctx, image=r, scale=s) for r, s in ((ref, 0.7), (ref.flip(-1), 0.4))]
+        # nothing of the calls is kept: no tensor in the plain attributes of the adapter, its processors or the base
+        for obj in [adapter, *adapter.ip_layers.values(), *base.modules()]:
+            loose = [k for k, v in vars(obj).items() if isinstance(v, torch.Tensor)]
+            assert not loose, (type(obj).__name__, loose)
+        assert set(vars(adapter)) == before
+        with ThreadPoolExecutor(2) as pool:  # concurrent calls with different prompts: each gets its own output
+            prompts = [(ref, 0.7), (ref.flip(-1), 0.4)] * 3
+            jobs = [pool.submit(adapter, x, t, context=ctx, image=r, scale=s) for r, s in prompts]
+            outs = [j.result() for j in jobs]
+        for i, out in enumerate(outs):
+            assert torch.allclose(out, expected[i % 2], atol=1e-6)
+        twin = copy.deepcopy(adapter)  # a copy is installed on its own copy of the base
+        assert twin.base is not base
+        assert twin.base.get_submodule("down.3.attn").processor is twin.ip_layers["down:3:attn"]
+        assert torch.equal(twin(x, t, context=ctx, image=ref, scale=0.7), expected[0])
+        twin.remove()
+        assert torch.equal(adapter(x, t, context=ctx, image=ref, scale=0.7), expected[0])  # the original stays
 
 
 # --- saving and loading ---------------------------------------------------------------------------------------------
@@ -402,21 +433,31 @@ def test_guidance_wrapper():
         ctx = embedding({"modality": ["t2w", "t2f"], "dataset": "brats"})
         null = embedding.null(1)
         guided = ClassifierFreeGuidance(adapter, guidance_scale=1.0, null_context=null)
-        guided.set_image_prompt(image=ref[:1], scale=0.7)
+        tokens = adapter.encode_image(ref[:1])
+        prompt = {"image_tokens": tokens, "image_scale": 0.7}
         cond = adapter(x, t, context=ctx, image=ref[:1], scale=0.7)
-        assert torch.equal(guided(x, t, context=ctx), cond)
+        assert torch.equal(guided(x, t, context=ctx, **prompt), cond)
+        assert torch.equal(guided(x, t, context=ctx), base(x, t, context=ctx))  # no prompt in the call: the base
         # g = 3: uncond + g (cond - uncond), both branches in one batch; the unconditional branch is the base
+        # (the learned null prompt starts at zero: exactly the base)
         uncond = base(x, t, context=null)
         guided.guidance_scale = 3.0
         expected = uncond + 3.0 * (cond - uncond)
-        assert torch.allclose(guided(x, t, context=ctx), expected, atol=1e-5)
+        assert torch.allclose(guided(x, t, context=ctx, **prompt), expected, atol=1e-5)
         guided.batched = False
-        assert torch.allclose(guided(x, t, context=ctx), expected, atol=1e-5)
+        assert torch.allclose(guided(x, t, context=ctx, **prompt), expected, atol=1e-5)
         # guiding on the image only keeps the context in the unconditional branch
         image_only = ClassifierFreeGuidance(adapter, 2.0, drop=("image",))
-        image_only.set_image_prompt(image=ref[:1], scale=0.7)
         plain = base(x, t, context=ctx)
-        assert torch.allclose(image_only(x, t, context=ctx), plain + 2.0 * (cond - plain), atol=1e-5)
+        assert torch.allclose(image_only(x, t, context=ctx, **prompt), plain + 2.0 * (cond - plain), atol=1e-5)
+        # a trained null prompt is what the unconditional branch uses (one lambda per sample works too)
+        adapter.null_tokens.copy_(torch.randn_like(adapter.null_tokens))
+        null_out = adapter(x, t, context=ctx, image_tokens=adapter.null_image_tokens(2), scale=0.7)
+        assert (null_out - plain).abs().max() > 1e-4
+        per_sample = {"image_tokens": tokens, "image_scale": torch.tensor([0.7, 0.7])}
+        guided_out = image_only(x, t, context=ctx, **per_sample)
+        assert torch.allclose(guided_out, null_out + 2.0 * (cond - null_out), atol=1e-5)
+        adapter.null_tokens.zero_()
         # a context-only base works too
         on_base = ClassifierFreeGuidance(base, 2.0, null_context=null)
         assert torch.allclose(on_base(x, t, context=ctx), uncond + 2.0 * (plain - uncond), atol=1e-5)
@@ -427,7 +468,7 @@ def test_guidance_wrapper():
         image_shape=(1, 16, 16, 16), num_samples=2, sampler="ddim", num_steps=2, seed=0, progress=False, context=ctx
     )
     guided.guidance_scale = 1.0
-    a = diffusion.sample(guided, **kw)
+    a = diffusion.sample(guided, **kw, model_kwargs=prompt)
     b = diffusion.sample(lambda x_, t_, context: adapter(x_, t_, context=context, image=ref[:1], scale=0.7), **kw)
     assert torch.equal(a, b)
     with pytest.raises(ValueError, match="null_context"):
@@ -536,3 +577,60 @@ def test_attention_block_is_identity_when_fresh_and_processor_is_swappable():
         for i in (0, 8)
     ]
     assert torch.allclose(attn(h, c), attn.to_out(torch.cat(heads, -1)), atol=1e-5)
+
+
+def test_global_spatial_projection_keeps_both_kinds_of_tokens():
+    fmap = torch.randn(3, 8, 2, 4, 4)
+    torch.manual_seed(0)
+    both = GlobalSpatialProjection(8, CTX, num_global=4, num_spatial=6, depth=1)
+    out = both(fmap)
+    assert out.shape == (3, 10, CTX) and both.num_tokens == 10
+    assert torch.equal(out[:, :4], both.global_tokens(fmap)) and torch.equal(out[:, 4:], both.spatial_tokens(fmap))
+    moved = both(fmap.flip(2))  # the same features elsewhere: the global tokens stay, the spatial ones move
+    assert torch.allclose(moved[:, :4], out[:, :4], atol=1e-6)
+    assert not torch.allclose(moved[:, 4:], out[:, 4:], atol=1e-4)
+    adapter = IPAdapter(tiny_base(CTX), tiny_encoder(), feature_dim=8, projection="global+spatial", perceiver_depth=1)
+    assert adapter.num_tokens == 20 and adapter.null_image_tokens(2).shape == (2, 20, CTX)
+    with pytest.raises(ValueError, match="num_tokens - 4"):
+        IPAdapter(tiny_base(CTX), tiny_encoder(), feature_dim=8, projection="global+spatial", num_tokens=4)
+
+
+def test_learned_null_prompt_is_saved_loaded_and_checked(tmp_path):
+    base, adapter = mixed_adapter()
+    with torch.no_grad():
+        adapter.null_tokens.copy_(torch.randn_like(adapter.null_tokens))
+    path = adapter.save_adapter(tmp_path / "ip.pt")
+    assert torch.equal(torch.load(path, weights_only=True)["image_proj"]["null_tokens"], adapter.null_tokens)
+    torch.manual_seed(5)
+    fresh = IPAdapter(tiny_base(CTX, seed=0), tiny_encoder(), feature_dim=8, added_levels=[0])
+    assert torch.equal(fresh.null_tokens, torch.zeros_like(fresh.null_tokens))  # starts as "no prompt": the base
+    fresh.load_adapter(path)
+    assert torch.equal(fresh.null_tokens, adapter.null_tokens)
+    zeros = IPAdapter(tiny_base(CTX, seed=0), tiny_encoder(), feature_dim=8, added_levels=[0], null_tokens="zeros")
+    assert zeros.null_tokens is None and torch.equal(zeros.null_image_tokens(2), torch.zeros(2, 4, CTX))
+    with pytest.raises(ValueError, match="null_tokens"):  # a file with a learned null prompt needs one to load into
+        zeros.load_adapter(path)
+    with pytest.raises(ValueError, match="null_tokens must be one of"):
+        IPAdapter(tiny_base(CTX), tiny_encoder(), feature_dim=8, null_tokens="random")
+
+
+def test_a_prompt_that_nothing_reads_is_refused():
+    from wdm3d.networks.attention import ImagePrompt
+
+    x, t, ctx, _ = inputs()
+    prompt = ImagePrompt(torch.randn(2, 4, CTX), torch.ones(2))
+    plain = tiny_base(None)
+    with pytest.raises(ValueError, match="nothing reads it"):
+        plain(x, t, image_prompt=prompt)
+    with pytest.raises(ValueError, match="without an image-prompt processor"):
+        tiny_base(CTX)(x, t, context=ctx, image_prompt=prompt)
+    with pytest.raises(ValueError, match="one lambda per sample"):
+        tiny_base(CTX)(x, t, context=ctx, image_prompt=ImagePrompt(prompt.tokens, torch.ones(())))
+    with pytest.raises(ValueError, match="not an anchor"):
+        plain.set_anchor_processor("down.1", lambda h, p: h)  # down.1 resamples: not an anchor
+    adapter = IPAdapter(plain, tiny_encoder(), feature_dim=8, token_dim=CTX)
+    with pytest.raises(RuntimeError, match="anchor processors"):
+        torch.jit.script(plain)
+    adapter.remove()
+    assert plain.anchor_processors == {}
+    torch.jit.script(plain)  # uninstalled: scriptable again

@@ -27,8 +27,8 @@ class ClassifierFreeGuidance(nn.Module):
     conditional forward runs (exactly the network's conditional output), with ``g = 0`` only the unconditional one.
 
     Args:
-        model: called as ``model(x, timesteps, context=...)``, plus ``image_tokens=..., scale=...`` once an image
-            prompt is set (an :class:`~wdm3d.networks.ip_adapter.IPAdapter`).
+        model: called as ``model(x, timesteps, context=...)``, plus ``image_tokens=..., scale=...`` when a call
+            carries an image prompt (an :class:`~wdm3d.networks.ip_adapter.IPAdapter`).
         guidance_scale: g (1: no guidance).
         null_context: ``(1 or B, N, context_dim)`` tokens for the unconditional branch, e.g.
             ``ContextEmbedding.null(1)``; required when the context is guided and a context is passed.
@@ -39,8 +39,11 @@ class ClassifierFreeGuidance(nn.Module):
 
     Example:
         >>> guided = ClassifierFreeGuidance(adapter, 3.0, null_context=embedding.null(1))  # doctest: +SKIP
-        >>> guided.set_image_prompt(image=reference, scale=0.5)  # doctest: +SKIP
-        >>> diffusion.sample(guided, (1, 64, 64, 64), context=embedding({"modality": "t2w"}))  # doctest: +SKIP
+        >>> tokens = adapter.encode_image(reference)  # doctest: +SKIP
+        >>> diffusion.sample(  # doctest: +SKIP
+        ...     guided, (1, 64, 64, 64), context=embedding({"modality": "t2w"}),
+        ...     model_kwargs={"image_tokens": tokens, "image_scale": 0.5},
+        ... )
     """
 
     def __init__(
@@ -66,69 +69,70 @@ class ClassifierFreeGuidance(nn.Module):
         self.drop = drop
         self.batched = bool(batched)
         self.register_buffer("null_context", null_context, persistent=False)
-        self.image_tokens: torch.Tensor | None = None
-        self.image_scale: float | None = None
-
-    def set_image_prompt(
-        self, image: torch.Tensor | None = None, image_tokens: torch.Tensor | None = None, scale: float | None = None
-    ) -> None:
-        """Use an image prompt for the following calls (encoded once here, not at every sampling step).
-
-        Args:
-            image: reference volume ``(1 or B, C, D, H, W)``, encoded by ``model.encode_image``.
-            image_tokens: or tokens ``(1 or B, N, token_dim)`` directly.
-            scale: the adapter's lambda (None: the adapter's default).
-        """
-        if (image is None) == (image_tokens is None):
-            raise ValueError("pass exactly one of image and image_tokens (clear_image_prompt() removes the prompt).")
-        if image is not None:
-            encode = getattr(self.model, "encode_image", None)
-            if encode is None:
-                raise ValueError(
-                    f"{type(self.model).__name__} takes no image prompt (it has no encode_image); wrap an IPAdapter."
-                )
-            with torch.no_grad():
-                image_tokens = encode(image)
-        if not isinstance(image_tokens, torch.Tensor) or image_tokens.ndim != 3:
-            got = getattr(image_tokens, "shape", image_tokens)
-            raise ValueError(f"image tokens must be (B, N, token_dim), got {got}.")
-        self.image_tokens = image_tokens.detach()
-        self.image_scale = None if scale is None else float(scale)
-
-    def clear_image_prompt(self) -> None:
-        self.image_tokens, self.image_scale = None, None
 
     def _call(
-        self, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor | None, tokens: torch.Tensor | None
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor,
+        context: torch.Tensor | None,
+        tokens: torch.Tensor | None,
+        scale: float | torch.Tensor | None,
     ) -> torch.Tensor:
         if tokens is None:
             return self.model(x, t, context=context)
-        return self.model(x, t, context=context, image_tokens=tokens, scale=self.image_scale)
+        return self.model(x, t, context=context, image_tokens=tokens, scale=scale)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def _null_image_tokens(self, tokens: torch.Tensor) -> torch.Tensor:
+        null_of = getattr(self.model, "null_image_tokens", None)
+        if null_of is None:  # a model without its own null prompt: all-zero tokens (an adapter's exact base)
+            return torch.zeros_like(tokens)
+        null = null_of(tokens.shape[0]).to(device=tokens.device, dtype=tokens.dtype)
+        if null.shape != tokens.shape:
+            raise ValueError(
+                f"the model's null image tokens {tuple(null.shape)} do not match the prompt's {tuple(tokens.shape)}."
+            )
+        return null
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        image_tokens: torch.Tensor | None = None,
+        image_scale: float | torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             x: ``(B, C, D, H, W)`` network input.
             timesteps: ``(B,)`` or scalar timesteps.
             context: ``(1 or B, N, context_dim)`` conditional context tokens, or None.
+            image_tokens: ``(1 or B, N, token_dim)`` image-prompt tokens of an IP-Adapter model (its
+                ``encode_image``), or None; the unconditional branch uses the model's ``null_image_tokens``.
+            image_scale: the adapter's lambda for this call, a number or one per sample (None: its default).
         """
         b = x.shape[0]
         timesteps = torch.as_tensor(timesteps, device=x.device)
         if timesteps.ndim == 0:
             timesteps = timesteps.expand(b)
-        tokens = self.image_tokens
+        tokens = image_tokens
         if tokens is not None:
-            if tokens.shape[0] not in (1, b):
-                raise ValueError(f"the image prompt has batch size {tokens.shape[0]}; expected 1 or {b}.")
+            if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[0] not in (1, b):
+                got = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+                raise ValueError(f"image_tokens must be (1 or {b}, N, token_dim), got {got}.")
             tokens = tokens.to(x.device).expand(b, -1, -1)
         if context is not None:
             if context.ndim != 3 or context.shape[0] not in (1, b):
                 raise ValueError(f"context must be (1 or {b}, N, context_dim), got {tuple(context.shape)}.")
             context = context.expand(b, -1, -1)
+        scale = image_scale
+        if isinstance(scale, torch.Tensor) and scale.ndim == 1 and scale.shape[0] == b:
+            scale2 = torch.cat((scale, scale))  # one lambda per sample: the same for both branches
+        else:
+            scale2 = scale
 
         g = self.guidance_scale
         if g == 1.0:
-            return self._call(x, timesteps, context, tokens)
+            return self._call(x, timesteps, context, tokens, scale)
 
         # the unconditional branch
         context_u, tokens_u = context, tokens
@@ -143,11 +147,11 @@ class ClassifierFreeGuidance(nn.Module):
                 )
             context_u = null.to(device=context.device, dtype=context.dtype).expand_as(context)
         if "image" in self.drop and tokens is not None:
-            tokens_u = torch.zeros_like(tokens)
+            tokens_u = self._null_image_tokens(tokens)
         if context_u is context and tokens_u is tokens:  # nothing to drop: guidance is the identity
-            return self._call(x, timesteps, context, tokens)
+            return self._call(x, timesteps, context, tokens, scale)
         if g == 0.0:
-            return self._call(x, timesteps, context_u, tokens_u)
+            return self._call(x, timesteps, context_u, tokens_u, scale)
 
         if self.batched:
 
@@ -155,12 +159,16 @@ class ClassifierFreeGuidance(nn.Module):
                 return None if a is None else torch.cat((a, b_))
 
             out = self._call(
-                torch.cat((x, x)), torch.cat((timesteps, timesteps)), cat(context, context_u), cat(tokens, tokens_u)
+                torch.cat((x, x)),
+                torch.cat((timesteps, timesteps)),
+                cat(context, context_u),
+                cat(tokens, tokens_u),
+                scale2,
             )
             cond, uncond = out.chunk(2)
         else:
-            cond = self._call(x, timesteps, context, tokens)
-            uncond = self._call(x, timesteps, context_u, tokens_u)
+            cond = self._call(x, timesteps, context, tokens, scale)
+            uncond = self._call(x, timesteps, context_u, tokens_u, scale)
         return uncond + g * (cond - uncond)
 
     def extra_repr(self) -> str:

@@ -165,7 +165,8 @@ class WaveletDiffusionInferer(Inferer):
     - ``x_t = diffusion.add_noise(x0, noise, timesteps)`` (float64 maths, returned in ``x0``'s dtype);
     - with ``concat`` (cWDM), the network input is ``cat(x_t, concat)`` on channels;
     - with an ``image`` (IP-Adapter), the network's ``encode_image`` makes the image tokens, the rows in
-      ``drop_image`` are zeroed (what the adapter reads as "no image prompt"), and the call is
+      ``drop_image`` become the adapter's null prompt (``null_image_tokens``: learned, or all-zero tokens, which
+      the adapter reads as "no image prompt"), and the call is
       ``network(x, timesteps, context=context, image_tokens=tokens)``;
     - else ``network(x, timesteps, context=context)`` (``context``: cross-attention tokens or condition indices,
       None for an unconditional network);
@@ -209,7 +210,7 @@ class WaveletDiffusionInferer(Inferer):
             context: passed to the network as ``context``.
             concat: coefficients ``(B, Cc, ...)`` concatenated to the noisy input on channels.
             image: the image prompt ``(B, C, D, H, W)`` of an IP-Adapter network.
-            drop_image: ``(B,)`` bool, the samples whose image tokens are zeroed.
+            drop_image: ``(B,)`` bool, the samples whose image tokens become the null prompt.
             interval: ``(B,)`` flow-map interval ``t - r`` in timestep units (a process with a ``flow_map``).
         """
         if self.diffusion.flow_map is not None:
@@ -236,7 +237,9 @@ class WaveletDiffusionInferer(Inferer):
         if drop_image is not None:
             if drop_image.shape != (tokens.shape[0],):
                 raise ValueError(f"drop_image must be ({tokens.shape[0]},), got {tuple(drop_image.shape)}.")
-            tokens = torch.where(drop_image.to(tokens.device)[:, None, None], torch.zeros_like(tokens), tokens)
+            null_of = getattr(model, "null_image_tokens", None)
+            null = null_of(tokens.shape[0]).to(tokens.dtype) if null_of is not None else torch.zeros_like(tokens)
+            tokens = torch.where(drop_image.to(tokens.device)[:, None, None], null, tokens)
         return network(x, timesteps, context=context, image_tokens=tokens)
 
     def _flow_map(self, x0, network, noise, timesteps, interval, context, concat) -> FlowMapPrediction:

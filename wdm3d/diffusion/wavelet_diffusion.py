@@ -19,7 +19,8 @@ share its schedule state; the mathematics each of them uses lives in those two m
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import torch
 from monai.networks.schedulers import DDPMScheduler
@@ -363,6 +364,7 @@ class WaveletDiffusion:
         device: torch.device | str | None = None,
         progress: bool = True,
         return_coeffs: bool = False,
+        model_kwargs: Mapping[str, Any] | None = None,
     ) -> torch.Tensor:
         """Generate image-space volumes.
 
@@ -388,6 +390,9 @@ class WaveletDiffusion:
             device: where to sample; defaults to the model's parameters' device.
             progress: show a progress bar.
             return_coeffs: return the final wavelet coefficients instead of images.
+            model_kwargs: more keyword arguments of every model call, e.g. an IP-Adapter's image prompt
+                ``{"image_tokens": tokens, "image_scale": 0.5}`` through
+                :class:`~wdm3d.diffusion.ClassifierFreeGuidance` (not with ``"meanflow"``).
 
         Returns:
             ``(B, C, D, H, W)`` images (or ``(B, 8C, D/2, H/2, W/2)`` coefficients).
@@ -424,7 +429,10 @@ class WaveletDiffusion:
         shape = (num_samples, self.channel_factor * c, d // f, h // f, w // f)
         x = torch.randn(shape, generator=generator, device=device)
         steps = list(zip(timesteps[:-1], timesteps[1:]))
+        extra = dict(model_kwargs or {})
         if sampler == "meanflow":
+            if extra:
+                raise ValueError(f"flow-map sampling takes no model_kwargs, got {sorted(extra)}.")
 
             def u_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return self.flow_map_velocity(model, z, r, t, context, cond)
@@ -437,7 +445,7 @@ class WaveletDiffusion:
                 (num_samples,), t, device=device, dtype=torch.float32 if sampler == "rflow" else torch.long
             )
             model_in = x if cond is None else torch.cat((x, cond.to(x.dtype)), dim=1)
-            output = model(model_in, t_batch, context=context).to(x.dtype)
+            output = model(model_in, t_batch, context=context, **extra).to(x.dtype)
             x0 = self.predict_x0(output, x, t_batch)
             if clip_projection:
                 x0 = self.project(x0)

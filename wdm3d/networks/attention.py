@@ -1,5 +1,7 @@
 """Cross-attention for the WDM U-Net: an attention module whose computation is a swappable processor, the 3D
-cross-attention block built on it, and learned embeddings of categorical conditions (the context tokens).
+cross-attention block built on it, and the image prompt that an add-on's processors read from a call (the learned
+embeddings of categorical conditions, the context tokens, live in :mod:`wdm3d.networks.context` and are re-exported
+here).
 
 The processor pattern follows diffusers' ``Attention`` / ``AttnProcessor``: the module owns ``to_q``, ``to_k``,
 ``to_v`` and ``to_out``; *how* they are combined is delegated to ``attention.processor``, so that an add-on
@@ -14,13 +16,17 @@ is what is needed.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .context import ContextEmbedding
+
 __all__ = [
+    "ImagePrompt",
     "Attention",
     "AttnProcessor",
     "CrossAttentionBlock",
@@ -67,15 +73,43 @@ def merge_heads(t: torch.Tensor) -> torch.Tensor:
     return t.transpose(1, 2).reshape(b, n, h * d)
 
 
+class ImagePrompt(NamedTuple):
+    """Image-prompt tokens travelling with a network call, to the attention processors that read them.
+
+    The network passes it down unchanged (``WDMUNet.forward(..., image_prompt=...)``, like diffusers'
+    ``cross_attention_kwargs``); only processors installed by an add-on (:class:`~wdm3d.networks.IPAdapter`) use it,
+    so nothing about a prompt is stored between calls.
+
+    Attributes:
+        tokens: ``(B, N, token_dim)`` image tokens, one set per sample.
+        scale: ``(B,)`` the weight lambda of each sample's image branch (0: that sample is the base's output).
+    """
+
+    tokens: torch.Tensor
+    scale: torch.Tensor
+
+
 class AttnProcessor:
     """The default processor: ``to_out(softmax(Q K^T / sqrt(d)) V)`` with ``Q = to_q(x)``, ``K = to_k(c)``,
     ``V = to_v(c)`` (Vaswani et al. 2017, eq. 1), computed by ``F.scaled_dot_product_attention``.
 
-    Called as ``processor(attn, hidden_states, context)``:
-    ``(B, L, query_dim), (B, N, context_dim) -> (B, L, query_dim)``.
+    Called as ``processor(attn, hidden_states, context, image_prompt)``:
+    ``(B, L, query_dim), (B, N, context_dim), None -> (B, L, query_dim)``. It reads no image prompt and refuses one
+    (a prompt reaching it would otherwise be ignored without a word).
     """
 
-    def __call__(self, attn: Attention, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    def __call__(
+        self,
+        attn: Attention,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor,
+        image_prompt: ImagePrompt | None = None,
+    ) -> torch.Tensor:
+        if image_prompt is not None:
+            raise ValueError(
+                "an image prompt reached an attention without an image-prompt processor: install an IPAdapter on "
+                "this network (its processors read the prompt), or call it without image_prompt."
+            )
         return attn.default_attention(hidden_states, context)
 
     def __repr__(self) -> str:
@@ -146,8 +180,8 @@ class Attention(nn.Module):
         return self.__dict__["_processor"]
 
     def set_processor(self, processor: Callable[..., torch.Tensor]) -> None:
-        """Use ``processor(attn, hidden_states, context) -> output`` for the computation (not registered as a
-        submodule: whoever installs a processor with parameters owns, saves and moves them)."""
+        """Use ``processor(attn, hidden_states, context, image_prompt) -> output`` for the computation (not registered
+        as a submodule: whoever installs a processor with parameters owns, saves and moves them)."""
         if not callable(processor):
             raise TypeError(f"an attention processor must be callable, got {type(processor).__name__}.")
         self.__dict__["_processor"] = processor
@@ -179,18 +213,26 @@ class Attention(nn.Module):
             )
         return self
 
-    def forward(self, hidden_states: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        context: torch.Tensor | None = None,
+        image_prompt: ImagePrompt | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             hidden_states: ``(B, L, query_dim)`` queries' source.
             context: ``(B, N, context_dim)`` keys' and values' source; None: ``hidden_states`` (self-attention).
+            image_prompt: image tokens for an installed image-prompt processor (the default processor refuses one).
         """
         if context is None:
             context = hidden_states
         if torch.jit.is_scripting():  # the installed processor is a Python callable: scripted, the default one
             return self.default_attention(hidden_states, context)
         self._check_inputs(hidden_states, context)
-        return self.processor(self, hidden_states, context)
+        if image_prompt is None:  # (a processor written for three arguments keeps working)
+            return self.processor(self, hidden_states, context)
+        return self.processor(self, hidden_states, context, image_prompt)
 
     def _check_inputs(self, hidden_states: torch.Tensor, context: torch.Tensor) -> None:
         if hidden_states.ndim != 3 or hidden_states.shape[-1] != self.query_dim:
@@ -247,8 +289,9 @@ class CrossAttentionBlock(nn.Module):
         self.norm = nn.GroupNorm(norm_num_groups, channels)
         self.attn = Attention(channels, context_dim, heads, dim, out_bias=out_bias, zero_out=True)
 
-    def branch(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        """The residual branch alone: ``(B, C, D, H, W), (B, N, context_dim) -> (B, C, D, H, W)``."""
+    def branch(self, x: torch.Tensor, context: torch.Tensor, image_prompt: ImagePrompt | None = None) -> torch.Tensor:
+        """The residual branch alone: ``(B, C, D, H, W), (B, N, context_dim) -> (B, C, D, H, W)``
+        (``image_prompt``: passed to the attention's processor)."""
         if not torch.jit.is_scripting():  # noqa: SIM102 - TorchScript drops this branch only when it tests this alone
             if x.ndim != 5 or x.shape[1] != self.channels:
                 raise ValueError(f"x must have shape (B, {self.channels}, D, H, W), got {tuple(x.shape)}.")
@@ -256,180 +299,11 @@ class CrossAttentionBlock(nn.Module):
         # the weight needs no gradient, so the last bits of the result would depend on whether the network is
         # frozen (an installed IP-Adapter at scale 0 would then not be exactly its base)
         tokens = self.norm(x).flatten(2).transpose(1, 2).contiguous()
-        out = self.attn(tokens, context.to(tokens.dtype))
+        if torch.jit.is_scripting():
+            out = self.attn(tokens, context.to(tokens.dtype))
+        else:
+            out = self.attn(tokens, context.to(tokens.dtype), image_prompt)
         return out.transpose(1, 2).reshape(x.shape)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-        return x + self.branch(x, context)
-
-
-_Labels = str | int | None | Sequence[str | int | None] | torch.Tensor
-
-
-def _num_labels(labels: _Labels) -> int:
-    if isinstance(labels, torch.Tensor):
-        return labels.numel()
-    return len(labels) if isinstance(labels, Sequence) and not isinstance(labels, str) else 1
-
-
-class ContextEmbedding(nn.Module):
-    """Learned embeddings of named categorical conditions: one context token per field.
-
-    ``{"modality": ["t2w", "t1n"], "dataset": "brats"} -> (B, num_fields, context_dim)``, fields in the order of
-    ``vocabularies``. Each field also has a learned "null" embedding, used where a condition is dropped (training
-    for classifier-free guidance), missing, or None; :meth:`null` gives the all-null (unconditional) tokens.
-
-    Args:
-        vocabularies: field name -> its values' names, e.g.
-            ``{"modality": ["t1n", "t2w", "t2f", "t1c"], "dataset": ["brats", "lidc"]}``.
-        context_dim: token width (the U-Net's ``context_dim``).
-
-    Example:
-        >>> emb = ContextEmbedding({"modality": ["t1n", "t2w", "t2f", "t1c"], "dataset": ["brats", "lidc"]}, 16)
-        >>> emb({"modality": ["t2w", "t2f"], "dataset": "brats"}).shape
-        torch.Size([2, 2, 16])
-        >>> emb({"modality": [1, 2]}).shape  # integer indices work too; a missing field gets its null token
-        torch.Size([2, 2, 16])
-    """
-
-    def __init__(self, vocabularies: Mapping[str, Sequence[str]], context_dim: int) -> None:
-        super().__init__()
-        if not isinstance(vocabularies, Mapping) or not vocabularies:
-            raise ValueError("vocabularies must be a non-empty mapping of field name -> list of value names.")
-        if context_dim < 1:
-            raise ValueError(f"context_dim must be >= 1, got {context_dim}.")
-        vocabs: dict[str, tuple[str, ...]] = {}
-        for field, names in vocabularies.items():
-            if not isinstance(field, str) or not field or "." in field:
-                raise ValueError(f"field names must be non-empty strings without '.', got {field!r}.")
-            if isinstance(names, str) or not isinstance(names, Sequence) or not names:
-                raise ValueError(f"the vocabulary of {field!r} must be a non-empty list of names, got {names!r}.")
-            names = tuple(names)
-            if not all(isinstance(n, str) for n in names) or len(set(names)) != len(names):
-                raise ValueError(f"the vocabulary of {field!r} must hold distinct strings, got {list(names)}.")
-            vocabs[field] = names
-        self.vocabularies = vocabs
-        self.context_dim = context_dim
-        # row len(vocabulary) of each table is the field's null embedding
-        self.embeddings = nn.ModuleDict({f: nn.Embedding(len(v) + 1, context_dim) for f, v in vocabs.items()})
-
-    __jit_unused_properties__ = ("fields", "num_tokens")  # (read from Python; TorchScript needs neither)
-
-    @property
-    def fields(self) -> tuple[str, ...]:
-        return tuple(self.vocabularies)
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.vocabularies)
-
-    def indices(self, field: str, labels: _Labels, batch_size: int | None = None) -> torch.Tensor:
-        """Labels of one field as indices ``(B,)``; the null index (``len(vocabulary)``) for None.
-
-        Args:
-            field: a field name.
-            labels: a name, an index, None, or a sequence / 1D integer tensor of them (one per sample).
-            batch_size: broadcast a single label to this many samples.
-        """
-        if field not in self.vocabularies:
-            raise ValueError(f"unknown condition field {field!r}; this embedding has fields {list(self.fields)}.")
-        vocab = self.vocabularies[field]
-        device = self.embeddings[field].weight.device
-
-        def one(label) -> int:
-            if label is None:
-                return len(vocab)
-            if isinstance(label, str):
-                if label not in vocab:
-                    raise ValueError(f"unknown {field} {label!r}; known: {list(vocab)} (names are case-sensitive).")
-                return vocab.index(label)
-            if isinstance(label, bool) or not isinstance(label, int):
-                raise TypeError(f"{field} labels must be names, integer indices or None, got {type(label).__name__}.")
-            if not 0 <= label < len(vocab):
-                raise ValueError(f"{field} index {label} is out of range [0, {len(vocab)}) for {list(vocab)}.")
-            return label
-
-        if isinstance(labels, torch.Tensor):
-            if labels.ndim > 1 or labels.dtype.is_floating_point or labels.dtype == torch.bool:
-                raise ValueError(
-                    f"{field} label tensors must be 0D/1D integer tensors, got {labels.dtype} {tuple(labels.shape)}."
-                )
-            idx = labels.reshape(-1).to(device=device, dtype=torch.long)
-            if idx.numel() and (idx.min() < 0 or idx.max() >= len(vocab)):
-                raise ValueError(f"{field} indices must be in [0, {len(vocab)}) for {list(vocab)}, got {idx.tolist()}.")
-        elif isinstance(labels, (str, int)) or labels is None:
-            idx = torch.tensor([one(labels)], device=device)
-        elif isinstance(labels, Sequence):
-            idx = torch.tensor([one(v) for v in labels], dtype=torch.long, device=device)
-        else:
-            raise TypeError(
-                f"{field} labels must be a name, an index, None or a sequence of them, got {type(labels).__name__}."
-            )
-        if batch_size is not None and idx.numel() != batch_size:
-            if idx.numel() != 1:
-                raise ValueError(f"{field} has {idx.numel()} labels for a batch of {batch_size}.")
-            idx = idx.expand(batch_size)
-        return idx
-
-    @torch.jit.unused  # labels are Python objects: TorchScript code calls null_tokens / embed_indices instead
-    def forward(
-        self,
-        conditions: Mapping[str, _Labels] | None = None,
-        batch_size: int | None = None,
-        drop: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Context tokens ``(B, num_fields, context_dim)``.
-
-        Args:
-            conditions: field -> labels (see :meth:`indices`); missing fields get their null token.
-            batch_size: B; inferred from the longest label list if None (single labels broadcast).
-            drop: optional ``(B,)`` bool mask: those samples get the null token in every field (condition dropout).
-        """
-        conditions = dict(conditions or {})
-        unknown = [f for f in conditions if f not in self.vocabularies]
-        if unknown:
-            raise ValueError(f"unknown condition field {unknown[0]!r}; this embedding has fields {list(self.fields)}.")
-        if batch_size is None:
-            sizes = {_num_labels(v) for v in conditions.values()}
-            sizes.discard(1)
-            if len(sizes) > 1:
-                raise ValueError(f"condition fields have different batch sizes {sorted(sizes)}.")
-            batch_size = sizes.pop() if sizes else (int(drop.shape[0]) if drop is not None else 1)
-        if drop is not None and (drop.ndim != 1 or drop.shape[0] != batch_size):
-            raise ValueError(f"drop must be a ({batch_size},) bool mask, got shape {tuple(drop.shape)}.")
-        tokens = []
-        for field, table in self.embeddings.items():
-            idx = self.indices(field, conditions.get(field), batch_size)
-            if drop is not None:
-                idx = torch.where(drop.to(idx.device, torch.bool), torch.full_like(idx, table.num_embeddings - 1), idx)
-            tokens.append(table(idx))
-        return torch.stack(tokens, dim=1)
-
-    def null(self, batch_size: int = 1) -> torch.Tensor:
-        """The unconditional tokens (every field's null embedding): ``(batch_size, num_fields, context_dim)``."""
-        return self.forward({}, batch_size=batch_size)
-
-    @torch.jit.export
-    def null_tokens(self, batch_size: int) -> torch.Tensor:
-        """:meth:`null` in TorchScript too (the same rows): ``(batch_size, num_fields, context_dim)``."""
-        tokens: list[torch.Tensor] = []
-        for table in self.embeddings.values():
-            idx = torch.full([batch_size], table.num_embeddings - 1, dtype=torch.long, device=table.weight.device)
-            tokens.append(table(idx))
-        return torch.stack(tokens, dim=1)
-
-    @torch.jit.export
-    def embed_indices(self, indices: torch.Tensor) -> torch.Tensor:
-        """Index columns to tokens, in TorchScript too: ``(B, num_fields) -> (B, num_fields, context_dim)``.
-
-        Column ``j`` holds the indices of the ``j``-th field (vocabularies' order), ``len(vocabulary)`` for its null
-        token. Unchecked (an index out of range fails inside ``nn.Embedding``): :meth:`forward` and
-        :meth:`indices` build checked indices from labels.
-        """
-        tokens: list[torch.Tensor] = []
-        for j, table in enumerate(self.embeddings.values()):
-            tokens.append(table(indices[:, j]))
-        return torch.stack(tokens, dim=1)
-
-    def extra_repr(self) -> str:
-        return f"context_dim={self.context_dim}, vocabularies={self.vocabularies}"
+    def forward(self, x: torch.Tensor, context: torch.Tensor, image_prompt: ImagePrompt | None = None) -> torch.Tensor:
+        return x + self.branch(x, context, image_prompt)

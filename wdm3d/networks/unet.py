@@ -28,7 +28,7 @@ The blocks' output projections are zero-initialised, so a fresh conditioned netw
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import torch
@@ -37,7 +37,7 @@ from monai.networks.nets.diffusion_model_unet import DiffusionModelUNet, get_tim
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from .attention import CrossAttentionBlock
+from .attention import CrossAttentionBlock, ImagePrompt
 from .scripting import shape_repr
 
 __all__ = [
@@ -234,6 +234,7 @@ class WDMUNet(nn.Module):
         self.num_heads, self.head_dim = num_heads, head_dim
         emb_dim = 4 * base_channels
         self._anchors = []  # list[AttentionAnchor] (unannotated: TorchScript warns about annotations here)
+        self.__dict__["_anchor_processors"] = {}  # anchor path -> processor (see set_anchor_processor)
 
         def block(cin: int, cout: int, resample: str | None = None) -> ResBlock:
             return ResBlock(cin, cout, emb_dim, norm_num_groups, dropout, resample)
@@ -324,14 +325,47 @@ class WDMUNet(nn.Module):
         return levels
 
     def __prepare_scriptable__(self) -> WDMUNet:
-        # torch.jit.script calls this first; forward hooks (an IPAdapter's added blocks) are Python objects
+        # torch.jit.script calls this first; forward hooks and anchor processors are Python objects
         hooked = [name for name, m in self.named_modules() if m._forward_hooks or m._forward_pre_hooks]
+        hooked += sorted(self.__dict__["_anchor_processors"])
         if hooked:
             raise RuntimeError(
-                f"cannot script a WDMUNet with forward hooks on {hooked[:3]}: TorchScript cannot compile them and "
-                "the scripted network would differ. Remove them first (an installed IPAdapter: adapter.remove())."
+                f"cannot script a WDMUNet with forward hooks or anchor processors on {hooked[:3]}: TorchScript cannot "
+                "compile them and the scripted network would differ. Remove them first (an installed IPAdapter: "
+                "adapter.remove())."
             )
         return self
+
+    def set_anchor_processor(
+        self, path: str, processor: Callable[[torch.Tensor, ImagePrompt], torch.Tensor] | None
+    ) -> None:
+        """Install (or, with None, remove) a processor after the residual block at an anchor.
+
+        The processor runs on the block's output when a call carries an image prompt,
+        ``h = processor(h, image_prompt)``, and not otherwise; this is how an add-on attaches image cross-attention
+        where this network has none (:class:`~wdm3d.networks.IPAdapter`'s added blocks) without editing it. Like
+        attention processors, it is not a registered submodule: its owner saves and moves its parameters.
+
+        Args:
+            path: an anchor's path in this network (:meth:`attention_anchors`), e.g. ``"down.3"``.
+            processor: ``(h, image_prompt) -> h``, or None to remove the one installed.
+        """
+        paths = {a.path for a in self._anchors}
+        if path not in paths:
+            raise ValueError(f"{path!r} is not an anchor of this WDMUNet; anchors: {sorted(paths)}.")
+        if processor is None:
+            self.__dict__["_anchor_processors"].pop(path, None)
+        elif not callable(processor):
+            raise TypeError(f"an anchor processor must be callable, got {type(processor).__name__}.")
+        else:
+            self.__dict__["_anchor_processors"][path] = processor
+
+    __jit_unused_properties__ = ("anchor_processors",)  # Python callables, not part of a scripted module
+
+    @property
+    def anchor_processors(self) -> dict[str, Callable[[torch.Tensor, ImagePrompt], torch.Tensor]]:
+        """The installed anchor processors by anchor path (a copy)."""
+        return dict(self.__dict__["_anchor_processors"])
 
     def attention_anchors(self, levels: Sequence[int] | None = None, middle: bool = True) -> list[AttentionAnchor]:
         """The residual blocks after which cross-attention sits (or would sit), encoder, middle, decoder order.
@@ -365,11 +399,33 @@ class WDMUNet(nn.Module):
             return out.to(torch.get_autocast_dtype(device)) if back_to_autocast else out
         return conv(h)
 
-    def _run(self, blk: nn.Module, h: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
-        # cond: the time embedding for residual blocks, the context for attention blocks
+    def _run(self, blk: Callable[..., torch.Tensor], h: torch.Tensor, *cond: object) -> torch.Tensor:
+        # cond: the time embedding for residual blocks, the context (and image prompt) for attention blocks, the
+        # image prompt for anchor processors
         if self.use_checkpoint and self.training and torch.is_grad_enabled():
-            return checkpoint(blk, h, cond, use_reentrant=False)
-        return blk(h, cond)
+            return checkpoint(blk, h, *cond, use_reentrant=False)
+        return blk(h, *cond)
+
+    def _after_anchor(self, path: str, h: torch.Tensor, image_prompt: ImagePrompt | None) -> torch.Tensor:
+        processor = self.__dict__["_anchor_processors"].get(path) if image_prompt is not None else None
+        return h if processor is None else self._run(processor, h, image_prompt)
+
+    def _check_image_prompt(self, image_prompt: ImagePrompt, x: torch.Tensor) -> None:
+        if not isinstance(image_prompt, ImagePrompt):
+            raise TypeError(f"image_prompt must be an ImagePrompt, got {type(image_prompt).__name__}.")
+        if self.context_dim is None and not self.__dict__["_anchor_processors"]:
+            raise ValueError(
+                "an image prompt reached a WDMUNet without cross-attention or anchor processors, where nothing reads "
+                "it: install an IPAdapter on this network, or call it without image_prompt."
+            )
+        tokens, scale = image_prompt
+        b = x.shape[0]
+        if tokens.ndim != 3 or tokens.shape[0] != b:
+            raise ValueError(f"image_prompt.tokens must have shape ({b}, N, dim), got {tuple(tokens.shape)}.")
+        if scale.shape != (b,):
+            raise ValueError(
+                f"image_prompt.scale must have shape ({b},) (one lambda per sample), got {tuple(scale.shape)}."
+            )
 
     def _check_input(self, x: torch.Tensor) -> None:
         if x.ndim != 5 or x.shape[1] != self.in_channels:
@@ -407,6 +463,7 @@ class WDMUNet(nn.Module):
         timesteps: torch.Tensor,
         context: torch.Tensor | None = None,
         interval: torch.Tensor | None = None,
+        image_prompt: ImagePrompt | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -417,12 +474,19 @@ class WDMUNet(nn.Module):
             interval: ``(B,)`` (or a scalar) flow-map interval ``t - r`` in timestep units; needs
                 ``interval_embedding`` (None: a network with it treats the interval as 0, the instantaneous
                 velocity).
+            image_prompt: image tokens and per-sample lambda (:class:`~wdm3d.networks.attention.ImagePrompt`),
+                passed to the attention processors and anchor processors an installed
+                :class:`~wdm3d.networks.IPAdapter` put there; nothing else reads it, and nothing keeps it after the
+                call. Not part of the TorchScript form.
         """
         # TorchScript (torch.jit.script, MONAI's ckpt_export) compiles only the scripting branches below: no
-        # eager-only input checks, no gradient checkpointing, no fp32_io switch (see wdm3d.networks.scripting)
+        # eager-only input checks, no gradient checkpointing, no fp32_io switch, no image prompt (see
+        # wdm3d.networks.scripting)
         if not torch.jit.is_scripting():
             self._check_input(x)
             self._check_context(context, x)
+            if image_prompt is not None:
+                self._check_image_prompt(image_prompt, x)
         if context is not None:
             context = context.expand(x.shape[0], -1, -1).to(x.dtype)
         timesteps = torch.as_tensor(timesteps, device=x.device)
@@ -447,29 +511,39 @@ class WDMUNet(nn.Module):
         # the lists hold residual blocks (which take the time embedding) and cross-attention blocks (the context).
         # Told apart by hasattr, which TorchScript resolves at compile time: its isinstance is False for modules of
         # one class with different submodules (compiled as distinct types), e.g. ResBlocks with and without a skip conv
-        for blk in self.down:
+        # eager: after each anchor (a residual block, see attention_anchors) an installed anchor processor may run
+        for i, blk in enumerate(self.down):
             if hasattr(blk, "emb_proj"):
-                h = blk(h, emb) if torch.jit.is_scripting() else self._run(blk, h, emb)
+                if torch.jit.is_scripting():
+                    h = blk(h, emb)
+                else:
+                    h = self._after_anchor(f"down.{i}", self._run(blk, h, emb), image_prompt)
                 skips.append(h)
             else:  # attends in place: the attended output is the skip
                 assert context is not None  # checked above: a network with cross-attention has its context
-                h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context)
+                h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context, image_prompt)
                 skips[-1] = h
-        for blk in self.middle:
+        for i, blk in enumerate(self.middle):
             if hasattr(blk, "emb_proj"):
-                h = blk(h, emb) if torch.jit.is_scripting() else self._run(blk, h, emb)
+                if torch.jit.is_scripting():
+                    h = blk(h, emb)
+                else:
+                    h = self._after_anchor(f"middle.{i}", self._run(blk, h, emb), image_prompt)
             else:
                 assert context is not None
-                h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context)
-        for step in self.up:
+                h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context, image_prompt)
+        for j, step in enumerate(self.up):
             skip = skips.pop()
             h = (h + skip) / 2 if self.additive_skips else torch.cat((h, skip), dim=1)
-            for blk in step:
+            for k, blk in enumerate(step):
                 if hasattr(blk, "emb_proj"):
-                    h = blk(h, emb) if torch.jit.is_scripting() else self._run(blk, h, emb)
+                    if torch.jit.is_scripting():
+                        h = blk(h, emb)
+                    else:
+                        h = self._after_anchor(f"up.{j}.{k}", self._run(blk, h, emb), image_prompt)
                 else:
                     assert context is not None
-                    h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context)
+                    h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context, image_prompt)
         h = F.silu(self.norm_out(h))
         return self.conv_out(h) if torch.jit.is_scripting() else self._io(self.conv_out, h)
 

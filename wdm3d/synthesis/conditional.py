@@ -230,12 +230,14 @@ class ConditionalSynthesis:
         with torch.no_grad():
             context = net.tokens(conditions).to(self.device)
             null = net.null_context(1).to(self.device)
-        concat = None
+        concat, prompt = None, None
         if self.method == "ip_adapter":
             model = ClassifierFreeGuidance(
                 self.adapter, self.guidance_scale, null_context=null, drop=self.guidance_drop
             )
-            model.set_image_prompt(image=reference, scale=self.ip_scale if ip_scale is None else ip_scale)
+            with torch.no_grad():
+                tokens = self.adapter.encode_image(reference)
+            prompt = {"image_tokens": tokens, "image_scale": self.ip_scale if ip_scale is None else ip_scale}
         else:
             model = ClassifierFreeGuidance(net, self.guidance_scale, null_context=null, drop=("context",))
             if self.method == "concat":
@@ -255,6 +257,7 @@ class ConditionalSynthesis:
                 concat=concat,
                 device=self.device,
                 progress=self.progress,
+                model_kwargs=prompt,
             )
             .float()
             .clamp(-1.0, 1.0)

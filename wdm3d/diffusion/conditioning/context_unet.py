@@ -9,7 +9,7 @@ import torch
 from torch import nn
 
 from ...artifacts import network_arguments
-from ...networks.attention import ContextEmbedding
+from ...networks.attention import ContextEmbedding, ImagePrompt
 from ...networks.unet import AttentionAnchor, WDMUNet
 
 __all__ = ["ContextConditionedUNet"]
@@ -164,12 +164,19 @@ class ContextConditionedUNet(nn.Module):
         idx = idx.to(next(iter(tables.values())).weight.device)
         return self.embedding.embed_indices(idx)
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        image_prompt: ImagePrompt | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             x: ``(B, in_channels, D, H, W)``.
             timesteps: ``(B,)`` or a scalar.
             context: indices ``(B, num_fields)``, tokens ``(B or 1, N, context_dim)`` or None (null tokens).
+            image_prompt: passed to the U-Net (read by an installed :class:`~wdm3d.networks.IPAdapter`).
         """
         # (TorchScript, e.g. MONAI's ckpt_export, compiles the scripting branches: see wdm3d.networks.scripting)
         if context is None:
@@ -182,7 +189,9 @@ class ContextConditionedUNet(nn.Module):
             tokens = self.embedding.embed_indices(context[None] if context.ndim == 1 else context)
         else:
             tokens = self._embed(context)
-        return self.unet(x, timesteps, context=tokens.to(x.device))
+        if torch.jit.is_scripting():
+            return self.unet(x, timesteps, context=tokens.to(x.device))
+        return self.unet(x, timesteps, context=tokens.to(x.device), image_prompt=image_prompt)
 
     def config(self) -> dict[str, Any]:
         """The settings that rebuild this module: ``{"vocabularies": ..., "unet": <WDMUNet arguments>}``."""

@@ -3,7 +3,6 @@
 
 from __future__ import annotations
 
-import functools
 import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
@@ -12,7 +11,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..attention import Attention, CrossAttentionBlock
+from ..attention import Attention, CrossAttentionBlock, ImagePrompt
 from .encoder import FrozenImageEncoder
 from .files import (
     adapter_provenance,
@@ -21,18 +20,24 @@ from .files import (
     load_adapter_file,
     save_adapter_file,
 )
-from .processors import IPAttnProcessor, _AddedBlockHook, _ImagePrompt, _prompt_consumed
-from .sites import _key, resolve_added_sites
-from .tokens import PROJECTIONS, ImageProjection, PerceiverResampler
+from .processors import AddedBlockProcessor, IPAttnProcessor
+from .sites import _key, anchor_owner, resolve_added_sites
+from .tokens import PROJECTIONS, GlobalSpatialProjection, ImageProjection, PerceiverResampler
 
-__all__ = ["IPAdapter"]
+__all__ = ["IPAdapter", "NULL_TOKENS"]
+
+#: what stands for "no image prompt" (a dropped prompt in training, the unconditional branch of guidance)
+NULL_TOKENS = ("zeros", "learned")
 
 
 class IPAdapter(nn.Module):
     """Image-prompt adapter installed onto a trained base U-Net without editing its code.
 
     Called like the base plus an image prompt:
-    ``adapter(x, timesteps, context=None, image=None, image_tokens=None, scale=None) -> base output``.
+    ``adapter(x, timesteps, context=None, image=None, image_tokens=None, scale=None) -> base output``. The image
+    tokens and lambda travel with that call (:class:`~wdm3d.networks.attention.ImagePrompt`, passed through the
+    base's ``forward`` to the processors installed on it): each sample of a batch has its own prompt and lambda, and
+    nothing is kept between calls.
 
     Args:
         base: the trained network, e.g. a :class:`~wdm3d.networks.WDMUNet` (with or without a ``context_dim``);
@@ -42,21 +47,25 @@ class IPAdapter(nn.Module):
             posterior mode is used), see :class:`FrozenImageEncoder`; None: ``image`` is passed already encoded
             (cached features).
         feature_dim: the encoder's feature width (read from the encoder if None; required without an encoder).
-        projection: ``"linear"`` (:class:`ImageProjection`), ``"perceiver"`` (:class:`PerceiverResampler`) or a
-            module mapping features to ``(B, N, token_dim)`` tokens.
-        num_tokens: image tokens (default 4 for linear, 16 for perceiver).
+        projection: ``"linear"`` (:class:`ImageProjection`, global tokens of the pooled features),
+            ``"perceiver"`` (:class:`PerceiverResampler`, spatial tokens of the feature grid), ``"global+spatial"``
+            (:class:`GlobalSpatialProjection`, both) or a module mapping features to ``(B, N, token_dim)`` tokens.
+        num_tokens: image tokens (default 4 for linear, 16 for perceiver, 4 + 16 for global+spatial).
         token_dim: image token width; defaults to (and, where the base has cross-attention, must be) the base's
             ``context_dim``; 256 for a base without context.
         perceiver_depth: Perceiver layers (4).
         added_levels: levels (of a ``WDMUNet``) whose residual blocks get an added image cross-attention block;
             default: none if the base has cross-attention, else the base's default attention levels.
         added_middle: add a block in the middle (default: as for ``added_levels``).
-        added_sites: instead of levels, module paths in the base (any network) after which a block is added, or a
-            mapping path -> output channels for modules without an ``out_channels`` attribute.
+        added_sites: instead of levels, anchor paths (``base.attention_anchors()``) after which a block is added.
         num_heads: heads of added blocks (default: the base's ``num_heads``).
         head_dim: width per head of added blocks (default: the base's ``head_dim`` or 32).
         norm_num_groups: GroupNorm groups of added blocks (default: the base's ``norm_num_groups`` or 32).
         scale: default lambda (1.0 image-only; ~0.5 alongside other conditions).
+        null_tokens: what a dropped image prompt becomes (training with condition dropout, and the unconditional
+            branch of classifier-free guidance on the image, :meth:`null_image_tokens`): ``"learned"`` (default) a
+            trained null prompt of ``num_tokens`` tokens, zero-initialised, so that it starts as the base; ``"zeros"``
+            all-zero tokens, which stay exactly the base.
 
     Example:
         >>> from wdm3d.networks import WDMUNet
@@ -69,13 +78,10 @@ class IPAdapter(nn.Module):
         True
 
     Notes:
-        The base's own ``forward`` runs unmodified; the image prompt reaches the installed processors and hooks
-        through state set for the duration of ``adapter(...)``. With the base's gradient checkpointing, that
-        state is kept until the backward pass has recomputed the blocks with it (then cleared): run ``backward``
-        once before the next adapter forward (the usual training loop does); a backward that would recompute with
-        another forward's prompt raises instead of returning wrong gradients. Until that backward, calling the
-        base directly still sees the prompt. One forward at a time per adapter: a concurrent call from another
-        thread raises.
+        The base must pass ``image_prompt`` down to its attention modules and anchors (``WDMUNet`` and
+        :class:`~wdm3d.diffusion.conditioning.ContextConditionedUNet` do). Called without a prompt (or with lambda
+        0) the installed base is exactly the base; gradient checkpointing recomputes blocks with the prompt of the
+        call being differentiated, since the prompt is an argument of the checkpointed blocks.
     """
 
     def __init__(
@@ -94,15 +100,16 @@ class IPAdapter(nn.Module):
         head_dim: int | None = None,
         norm_num_groups: int | None = None,
         scale: float = 1.0,
+        null_tokens: str = "learned",
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Module):
             raise TypeError(f"base must be an nn.Module (the trained U-Net), got {type(base).__name__}.")
         self.base = base
         base.requires_grad_(False)
-        prompt = _ImagePrompt()
-        self.__dict__["_prompt"] = prompt
-        self._handles: list[Any] = []
+        if null_tokens not in NULL_TOKENS:
+            raise ValueError(f"null_tokens must be one of {NULL_TOKENS}, got {null_tokens!r}.")
+        self._added: list[tuple[nn.Module, str]] = []  # (owning WDMUNet, anchor path) of installed added blocks
         self._replaced: list[tuple[Attention, Callable]] = []
 
         # image encoder
@@ -149,38 +156,67 @@ class IPAdapter(nn.Module):
                 self.feature_dim, token_dim, 16 if num_tokens is None else num_tokens, depth=perceiver_depth
             )
             self.num_tokens = self.image_proj.num_tokens
+        elif projection == "global+spatial":
+            spatial = 16 if num_tokens is None else num_tokens - 4
+            if spatial < 1:
+                raise ValueError(
+                    f"global+spatial makes 4 global tokens and num_tokens - 4 spatial ones; got {num_tokens}."
+                )
+            self.image_proj = GlobalSpatialProjection(self.feature_dim, token_dim, 4, spatial, depth=perceiver_depth)
+            self.num_tokens = self.image_proj.num_tokens
         else:
             raise ValueError(f"projection must be one of {PROJECTIONS} or an nn.Module, got {projection!r}.")
 
+        self.null_mode = null_tokens
+        if null_tokens == "learned":
+            if not isinstance(self.num_tokens, int):
+                raise ValueError("null_tokens='learned' needs the projection's num_tokens (pass num_tokens=).")
+            self.null_tokens = nn.Parameter(torch.zeros(1, self.num_tokens, token_dim))
+        else:
+            self.null_tokens = None
+
         # install
+        owners = {path: anchor_owner(base, path) for path in blocks}
         self.ip_layers = nn.ModuleDict()
         for name, attn in sites:
             proc = processors[name]
-            proc.__dict__["prompt"] = prompt
             self.ip_layers[_key(name)] = proc
             self._replaced.append((attn, attn.processor))
             attn.set_processor(proc)
         self.added_blocks = nn.ModuleDict()
         for path, block in blocks.items():
             self.added_blocks[_key(path)] = block
-            self._handles.append(base.get_submodule(path).register_forward_hook(_AddedBlockHook(block, prompt)))
+            unet, rel = owners[path]
+            unet.set_anchor_processor(rel, AddedBlockProcessor(block))
+            self._added.append((unet, rel))
         self.scale = float(scale)
 
     # -- parameters ------------------------------------------------------------------------------------------------
 
     def adapter_modules(self) -> dict[str, nn.Module]:
-        """The trainable parts: ``{"image_proj": ..., "ip_layers": ..., "added_blocks": ...}``."""
+        """The trainable modules: ``{"image_proj": ..., "ip_layers": ..., "added_blocks": ...}``."""
         return {"image_proj": self.image_proj, "ip_layers": self.ip_layers, "added_blocks": self.added_blocks}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """The projector's, the new K'/V' projections' and the added blocks' parameters (the optimizer's list)."""
-        return [p for m in self.adapter_modules().values() for p in m.parameters()]
+        """The projector's, the new K'/V' projections', the added blocks' and the learned null prompt's parameters
+        (the optimizer's list)."""
+        params = [p for m in self.adapter_modules().values() for p in m.parameters()]
+        return params + ([self.null_tokens] if self.null_tokens is not None else [])
+
+    def null_image_tokens(self, batch_size: int = 1) -> torch.Tensor:
+        """The "no image prompt" tokens ``(batch_size, num_tokens, token_dim)``: the learned null prompt, or zeros
+        (see ``null_tokens``). What condition dropout puts in place of a dropped prompt and what the unconditional
+        branch of guidance on the image uses."""
+        if self.null_tokens is not None:
+            return self.null_tokens.expand(batch_size, -1, -1)
+        device = next(self.image_proj.parameters()).device
+        return torch.zeros(batch_size, self.num_tokens, self.token_dim, device=device)
 
     def __prepare_scriptable__(self) -> IPAdapter:
         # torch.jit.script calls this first: say why it cannot work, before TorchScript fails somewhere inside
         raise RuntimeError(
             "an IPAdapter cannot be compiled with TorchScript (torch.jit.script, MONAI's ckpt_export): it reaches the "
-            "base through Python attention processors, forward hooks and a prompt shared between them. Export the base "
+            "base through Python attention and anchor processors. Export the base "
             "network on its own (the bundle's network_def; call remove() first if the adapter is installed on it)."
         )
 
@@ -208,7 +244,7 @@ class IPAdapter(nn.Module):
         context: torch.Tensor | None = None,
         image: torch.Tensor | None = None,
         image_tokens: torch.Tensor | None = None,
-        scale: float | None = None,
+        scale: float | torch.Tensor | None = None,
     ) -> torch.Tensor:
         """
         Args:
@@ -217,59 +253,39 @@ class IPAdapter(nn.Module):
             context: the base's context tokens ``(B, N, context_dim)`` (None for a base without context).
             image: reference volume ``(B or 1, C, D, H, W)``; None (and no ``image_tokens``): the base model.
             image_tokens: precomputed tokens ``(B or 1, N, token_dim)`` (from :meth:`encode_image`, possibly with
-                condition dropout applied) instead of ``image``; all-zero rows are "no image" for those samples.
-            scale: lambda for this call (default ``self.scale``); 0 gives exactly the base model.
+                condition dropout applied, :meth:`null_image_tokens` for dropped rows) instead of ``image``.
+            scale: lambda for this call (default ``self.scale``): a number, or one per sample ``(B,)``; 0 gives
+                exactly the base model (for a number, without encoding the image).
         """
         if image is not None and image_tokens is not None:
             raise ValueError("pass either image or image_tokens, not both.")
-        scale = self.scale if scale is None else float(scale)
-        tokens = None
-        if scale != 0.0 and (image is not None or image_tokens is not None):
-            tokens = self.encode_image(image) if image is not None else image_tokens
-            if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[-1] != self.token_dim:
-                shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
-                raise ValueError(f"image_tokens must have shape (B, N, {self.token_dim}), got {shape}.")
-            if tokens.shape[0] not in (1, x.shape[0]):
-                raise ValueError(
-                    f"the image prompt has batch size {tokens.shape[0]}; expected 1 or {x.shape[0]} (that of x)."
-                )
-            tokens = tokens.expand(x.shape[0], -1, -1)
-        prompt = self.__dict__["_prompt"]
-        if not prompt.lock.acquire(blocking=False):
-            raise RuntimeError(
-                "this IPAdapter is already running a forward (in another thread): its image prompt is "
-                "shared state, so use one adapter per thread (or DistributedDataParallel, not "
-                "DataParallel)."
-            )
-        # a checkpointing base recomputes blocks in backward, reading the prompt then: keep it until that backward
-        keep = getattr(self.base, "use_checkpoint", False) and self.base.training and torch.is_grad_enabled()
-        try:
-            prompt.generation += 1
-            generation = prompt.generation
-            prompt.tokens, prompt.scale = tokens, scale
-            out = self.base(x, timesteps, context=context)
-        except BaseException:
-            keep = False  # no backward will follow
-            raise
-        finally:
-            if not keep:
-                prompt.clear()
-            prompt.lock.release()
-        if keep and tokens is not None and tokens.requires_grad:
-            tokens.register_hook(functools.partial(_prompt_consumed, prompt, generation))
-        return out
+        scale = self.scale if scale is None else scale
+        if image is None and image_tokens is None:
+            return self.base(x, timesteps, context=context)
+        if not isinstance(scale, torch.Tensor) and float(scale) == 0.0:
+            return self.base(x, timesteps, context=context)  # lambda 0: exactly the base, without encoding
+        b = x.shape[0]
+        tokens = self.encode_image(image) if image is not None else image_tokens
+        if not isinstance(tokens, torch.Tensor) or tokens.ndim != 3 or tokens.shape[-1] != self.token_dim:
+            shape = tuple(tokens.shape) if isinstance(tokens, torch.Tensor) else type(tokens).__name__
+            raise ValueError(f"image_tokens must have shape (B, N, {self.token_dim}), got {shape}.")
+        if tokens.shape[0] not in (1, b):
+            raise ValueError(f"the image prompt has batch size {tokens.shape[0]}; expected 1 or {b} (that of x).")
+        lam = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
+        if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] not in (1, b)):
+            raise ValueError(f"scale must be a number or one per sample ({b},), got shape {tuple(lam.shape)}.")
+        prompt = ImagePrompt(tokens.to(x.device).expand(b, -1, -1), lam.reshape(-1).expand(b))
+        return self.base(x, timesteps, context=context, image_prompt=prompt)
 
     def remove(self) -> nn.Module:
-        """Uninstall: restore the base's processors, remove the hooks; returns the (still frozen) base."""
+        """Uninstall: restore the base's attention processors, remove the anchor processors; returns the (still
+        frozen) base."""
         for attn, proc in self._replaced:
             attn.set_processor(proc)
-        for handle in self._handles:
-            handle.remove()
-        self._replaced, self._handles = [], []
-        self.__dict__["_prompt"].clear()
+        for unet, path in self._added:
+            unet.set_anchor_processor(path, None)
+        self._replaced, self._added = [], []
         return self.base
-
-    # -- saving and loading ----------------------------------------------------------------------------------------
 
     # -- saving and loading (the file and its checks: wdm3d.networks.ip_adapter.files) ------------------------------
 

@@ -23,8 +23,9 @@ class ConditionDropout:
 
     Each sample independently: with probability ``image_rate`` only its image prompt is dropped, with
     ``context_rate`` only its context, with ``both_rate`` both, else neither (so the image is dropped with
-    probability ``image_rate + both_rate``). A dropped image prompt becomes all-zero tokens (exactly the base, see
-    :mod:`wdm3d.networks.ip_adapter`), a dropped context the null tokens (e.g. :meth:`ContextEmbedding.null`).
+    probability ``image_rate + both_rate``). A dropped image prompt becomes the null image tokens (the adapter's
+    :meth:`~wdm3d.networks.IPAdapter.null_image_tokens`; all-zero tokens, exactly the base, when none are given), a
+    dropped context the null tokens (e.g. :meth:`ContextEmbedding.null`).
 
     Args:
         image_rate: probability of dropping only the image.
@@ -68,6 +69,7 @@ class ConditionDropout:
         context: torch.Tensor | None = None,
         null_context: torch.Tensor | None = None,
         generator: torch.Generator | None = None,
+        null_image_tokens: torch.Tensor | None = None,
     ) -> DroppedConditions:
         """Apply dropout to a batch.
 
@@ -76,6 +78,8 @@ class ConditionDropout:
             context: ``(B, M, context_dim)`` base context tokens, or None.
             null_context: ``(1 or B, M, context_dim)`` tokens that replace a dropped context (required with one).
             generator: for reproducible masks.
+            null_image_tokens: ``(1 or B, N, token_dim)`` tokens that replace a dropped image prompt (default:
+                zeros).
         """
         present = [t for t in (image_tokens, context) if t is not None]
         if not present:
@@ -88,7 +92,16 @@ class ConditionDropout:
             )
         drop_image, drop_context = self.masks(batch, generator, present[0].device)
         if image_tokens is not None:
-            image_tokens = torch.where(drop_image[:, None, None], torch.zeros_like(image_tokens), image_tokens)
+            if null_image_tokens is None:
+                null_image = torch.zeros_like(image_tokens)
+            elif null_image_tokens.ndim != 3 or null_image_tokens.shape[1:] != image_tokens.shape[1:]:
+                raise ValueError(
+                    f"null_image_tokens must have shape (1 or {batch}, {image_tokens.shape[1]}, "
+                    f"{image_tokens.shape[2]}), got {tuple(null_image_tokens.shape)}."
+                )
+            else:
+                null_image = null_image_tokens.to(image_tokens.dtype).expand_as(image_tokens)
+            image_tokens = torch.where(drop_image[:, None, None], null_image, image_tokens)
         if context is not None:
             if null_context is None:
                 if self.context_rate + self.both_rate > 0:

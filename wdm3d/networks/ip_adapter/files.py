@@ -1,8 +1,9 @@
 """The IP-Adapter's weights apart from its base: the state by section, its checks against an adapter, the
 provenance (fingerprints of the frozen encoder and base) and the file that holds them.
 
-File layout: ``{"image_proj": {...}, "ip_adapter": {...}, "meta": {...}}``; ``ip_adapter`` keys are module paths in
-the base, so the weights load onto any base of the same architecture.
+File layout: ``{"image_proj": {...}, "ip_adapter": {...}, "meta": {...}}``; ``image_proj`` holds the projection's
+weights (and ``null_tokens``, the learned null prompt, when the adapter has one), ``ip_adapter`` keys are module paths
+in the base, so the weights load onto any base of the same architecture.
 """
 
 from __future__ import annotations
@@ -69,7 +70,10 @@ def adapter_weights(adapter: IPAdapter) -> dict[str, dict[str, torch.Tensor]]:
         ip.update({f"{_path(key)}.{k}": v for k, v in proc.state_dict().items()})
     for key, block in adapter.added_blocks.items():
         ip.update({f"{_path(key)}.ip_block.{k}": v for k, v in block.state_dict().items()})
-    return {"image_proj": dict(adapter.image_proj.state_dict()), "ip_adapter": ip}
+    prompt_side = dict(adapter.image_proj.state_dict())
+    if adapter.null_tokens is not None:  # the learned null prompt lives in token space, beside the projection
+        prompt_side["null_tokens"] = adapter.null_tokens
+    return {"image_proj": prompt_side, "ip_adapter": ip}
 
 
 def check_adapter_weights(

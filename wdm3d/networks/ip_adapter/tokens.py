@@ -1,5 +1,5 @@
 """Token encoders: the trainable projections from image features to the image tokens the U-Net attends to
-(IP-Adapter's linear projection, IP-Adapter-Plus's Perceiver resampler)."""
+(IP-Adapter's linear projection, IP-Adapter-Plus's Perceiver resampler, and both together)."""
 
 from __future__ import annotations
 
@@ -9,10 +9,10 @@ from torch import nn
 from ..attention import Attention, attention_heads
 from ..positions import sincos_position_3d
 
-__all__ = ["PROJECTIONS", "ImageProjection", "PerceiverResampler"]
+__all__ = ["PROJECTIONS", "GlobalSpatialProjection", "ImageProjection", "PerceiverResampler"]
 
 #: the projections :class:`~wdm3d.networks.IPAdapter` builds by name
-PROJECTIONS = ("linear", "perceiver")
+PROJECTIONS = ("linear", "perceiver", "global+spatial")
 
 
 def _check_features(features: torch.Tensor, feature_dim: int) -> None:
@@ -136,3 +136,29 @@ class PerceiverResampler(nn.Module):
         for layer in self.layers:
             latents = layer(x, latents)
         return self.norm_out(self.proj_out(latents))
+
+
+class GlobalSpatialProjection(nn.Module):
+    """Global and spatial image tokens together: :class:`ImageProjection`'s tokens of the pooled features (what
+    the whole reference looks like) followed by :class:`PerceiverResampler`'s tokens of the feature grid (where
+    things are), ``(B, num_global + num_spatial, token_dim)``.
+
+    Args:
+        feature_dim: F.
+        token_dim: width of the tokens.
+        num_global: tokens of the pooled features (IP-Adapter: 4).
+        num_spatial: latent tokens of the resampler (IP-Adapter-Plus: 16).
+        depth: resampler layers.
+    """
+
+    def __init__(
+        self, feature_dim: int, token_dim: int, num_global: int = 4, num_spatial: int = 16, depth: int = 4
+    ) -> None:
+        super().__init__()
+        self.global_tokens = ImageProjection(feature_dim, token_dim, num_global)
+        self.spatial_tokens = PerceiverResampler(feature_dim, token_dim, num_spatial, depth=depth)
+        self.feature_dim, self.token_dim = feature_dim, token_dim
+        self.num_tokens = num_global + num_spatial
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return torch.cat((self.global_tokens(features), self.spatial_tokens(features)), dim=1)
