@@ -21,6 +21,14 @@ parameter by parameter (:func:`measure` on real draws gives the reference, which
     >>> vols, params = make_volumes(4, size=32, seed=0)
     >>> vols.shape, sorted(params)[:3]
     ((4, 32, 32, 32), ['center', 'count', 'intensity'])
+
+:func:`make_pairs` makes (reference, target) pairs for a conditioning (IP-Adapter) benchmark: the parameters named
+in ``shared`` are identical within a pair, everything else (the other parameters, the lesions' phase and the
+texture's noise field) is drawn independently for the two volumes.
+
+    >>> refs, tgts, ref_params, tgt_params = make_pairs(2, seed=0, shared=("radius",))
+    >>> bool((ref_params["radius"] == tgt_params["radius"]).all())
+    True
 """
 
 from __future__ import annotations
@@ -30,10 +38,15 @@ import math
 import numpy as np
 from scipy import ndimage
 
-__all__ = ["PARAMETERS", "make_volumes", "measure", "measure_many"]
+__all__ = ["PARAMETERS", "SHAREABLE", "make_pairs", "make_volumes", "measure", "measure_many"]
 
 #: The generating parameters that :func:`measure` recovers, in report order.
 PARAMETERS: tuple[str, ...] = ("radius", "intensity", "center", "count", "texture", "rod_length")
+
+#: The names :func:`make_pairs` accepts in ``shared``: the drawn parameters (``"offset"`` is the organ's position,
+#: reported as ``"center"``, so ``"center"`` is accepted as the same parameter). The lesions' phase and the noise
+#: field are never shared.
+SHAREABLE: tuple[str, ...] = ("radius", "intensity", "offset", "center", "count", "texture", "rod_length")
 
 _LESION_RADIUS = 1.2
 _LESION_VALUE = 1.0
@@ -107,13 +120,76 @@ def make_volumes(num: int, size: int = 32, seed: int = 0) -> tuple[np.ndarray, d
         rng = np.random.default_rng([seed, i])
         p = _draw(rng)
         vols[i] = _render(p, size, rng)
-        params["radius"].append(p["radius"] * s)
-        params["intensity"].append(p["intensity"])
-        params["center"].append(p["offset"][0] * s)
-        params["count"].append(p["count"])
-        params["texture"].append(p["texture"])
-        params["rod_length"].append(p["rod_length"] * s)
+        _record(params, p, s)
     return vols, {k: np.asarray(v, np.float64) for k, v in params.items()}
+
+
+def _record(params: dict[str, list], p: dict, s: float) -> None:
+    """Append one draw ``p`` to ``params`` in the units :func:`make_volumes` reports (grid voxels)."""
+    params["radius"].append(p["radius"] * s)
+    params["intensity"].append(p["intensity"])
+    params["center"].append(p["offset"][0] * s)
+    params["count"].append(p["count"])
+    params["texture"].append(p["texture"])
+    params["rod_length"].append(p["rod_length"] * s)
+
+
+def _shared_keys(shared) -> tuple[str, ...]:
+    """The keys of :func:`_draw` named by ``shared`` (a name or a sequence of names from :data:`SHAREABLE`)."""
+    names = (shared,) if isinstance(shared, str) else tuple(shared)
+    for name in names:
+        if name not in SHAREABLE:
+            raise ValueError(f"shared: unknown parameter {name!r}; accepted names are {', '.join(SHAREABLE)}.")
+    return tuple(dict.fromkeys("offset" if name == "center" else name for name in names))
+
+
+def make_pairs(
+    num: int, size: int = 32, seed: int = 0, shared=("radius", "intensity")
+) -> tuple[np.ndarray, np.ndarray, dict[str, np.ndarray], dict[str, np.ndarray]]:
+    """``num`` (reference, target) pairs of volumes that share the parameters named in ``shared``.
+
+    Within a pair the shared parameters are identical; every other parameter (of offset, count, texture, rod
+    length), the lesions' phase and the texture's noise field are drawn independently from the same laws as
+    :func:`make_volumes`. Pair ``i`` depends only on ``seed`` and ``i``: the reference and the target use the two
+    children ``np.random.SeedSequence([seed, i]).spawn(2)``, so their streams differ from each other and from volume
+    ``i`` of ``make_volumes(seed=seed)`` (which uses that parent sequence itself). (``default_rng([seed, i, 0])``
+    would not do: numpy pads short entropy with zeros, so it is the same stream as ``default_rng([seed, i])``.)
+
+    Args:
+        num: how many pairs.
+        size: 32 or 64.
+        seed: the random stream.
+        shared: the names shared within a pair, from :data:`SHAREABLE` (``"center"`` and ``"offset"`` both name the
+            organ's position, shared on all three axes); a single name may be given as a string, ``()`` gives
+            independent pairs.
+
+    Returns:
+        ``(references, targets, reference_params, target_params)``: two ``(num, size, size, size)`` arrays in
+        [0, 1] and two ``{name: (num,) array}`` dicts as :func:`make_volumes` returns.
+
+    Raises:
+        ValueError: for a name in ``shared`` that is not in :data:`SHAREABLE`, or a bad ``num`` or ``size``.
+    """
+    s = _check_size(size)
+    if not isinstance(num, int) or num < 1:
+        raise ValueError(f"num must be a positive integer, got {num!r}.")
+    keys = _shared_keys(shared)
+    refs = np.empty((num, size, size, size), np.float32)
+    tgts = np.empty_like(refs)
+    ref_params: dict[str, list] = {k: [] for k in PARAMETERS}
+    tgt_params: dict[str, list] = {k: [] for k in PARAMETERS}
+    for i in range(num):
+        ref_rng, tgt_rng = (np.random.default_rng(c) for c in np.random.SeedSequence([seed, i]).spawn(2))
+        p_ref = _draw(ref_rng)
+        p_tgt = _draw(tgt_rng)
+        for k in keys:
+            p_tgt[k] = np.copy(p_ref[k]) if k == "offset" else p_ref[k]
+        refs[i] = _render(p_ref, size, ref_rng)
+        tgts[i] = _render(p_tgt, size, tgt_rng)
+        _record(ref_params, p_ref, s)
+        _record(tgt_params, p_tgt, s)
+    ref_arrays = {k: np.asarray(v, np.float64) for k, v in ref_params.items()}
+    return refs, tgts, ref_arrays, {k: np.asarray(v, np.float64) for k, v in tgt_params.items()}
 
 
 def measure(volume: np.ndarray) -> dict[str, float]:
