@@ -55,6 +55,7 @@ from wdm3d.diffusion import (  # noqa: E402
 from wdm3d.networks import DiT3D, count_parameters, wdm_unet  # noqa: E402
 
 RESULTS_JSON = REPO / "benchmarks" / "results" / "quality.json"
+FEW_STEP_JSON = REPO / "benchmarks" / "results" / "few_step.json"
 BENCHMARKS_MD = REPO / "BENCHMARKS.md"
 MARK_BEGIN, MARK_END = "<!-- quality:begin -->", "<!-- quality:end -->"
 
@@ -814,6 +815,82 @@ def report(args: argparse.Namespace) -> None:
     print(f"wrote {RESULTS_JSON}" + (" and the table in BENCHMARKS.md" if MARK_BEGIN in text else ""))
 
 
+def _eligible(entry: dict, primary: str) -> bool:
+    """A candidate with a finite headline figure and, on known-truth data, at least MIN_VALID valid samples."""
+    valid = entry.get("valid", {}).get("mean")
+    return entry.get(primary, {}).get("mean") is not None and (valid is None or valid >= MIN_VALID)
+
+
+def few_step(args: argparse.Namespace) -> None:
+    """The few-step view of quality.json (issue 25): every flow-map run (1, 2, 4 steps) beside the best multi-step
+    sampler at 30-50 steps of the same dataset and budget, each a record ``{candidate, steps, dataset, seed, ...}``,
+    and per few-step candidate its headline metric relative to that best multi-step one (paired by seed), written to
+    ``benchmarks/results/few_step.json``."""
+    source = json.loads(RESULTS_JSON.read_text())
+    records = source["records"]
+    few = {k for k, v in CANDIDATES.items() if v["diffusion"].get("flow_map")}
+    multi = {k for k, v in CANDIDATES.items() if k not in few and 30 <= v["steps"] <= 50}
+    summary: dict = {}
+    for key, res in source["summary"].items():
+        table = res["candidates"]
+        primary = res["primary"]
+
+        ranked = sorted(
+            (k for k in multi if _eligible(table.get(k, {}), primary)), key=lambda k: table[k][primary]["mean"]
+        )
+        rows = [r for r in records if study_key(r) == key]
+        if not ranked or not any(r["candidate"] in few for r in rows):
+            continue
+        best = ranked[0]
+        versus = {}
+        for name in sorted(few & {r["candidate"] for r in rows}):
+            diff = paired_difference(rows, name, best, primary)
+            if diff is not None:
+                entry = table[name]
+                diff["within_10_percent"] = bool(diff["ratio_of_means"] <= 1.10)
+                diff["valid"] = entry.get("valid", {}).get("mean")
+                diff["nfe"] = entry["nfe"]
+                versus[name] = diff
+        summary[key] = {
+            "primary": primary,
+            "best_multi_step": best,
+            "best_multi_step_nfe": table[best]["nfe"],
+            "few_step": versus,
+        }
+    keep = {k for k in few | multi}
+    doc = {
+        "benchmark": "benchmarks/quality.py few-step",
+        "source": "benchmarks/results/quality.json",
+        "machine": source["machine"],
+        "command": source["command"],
+        "summary": summary,
+        "records": [
+            {
+                "candidate": r["candidate"],
+                "steps": CANDIDATES[r["candidate"]]["steps"],
+                "dataset": r["dataset"],
+                "seed": r["seed"],
+                "iterations": r["iterations"],
+                "nfe": r["nfe"],
+                "train_seconds": r["train_seconds"],
+                "sample_seconds": r["sample_seconds"],
+                "metrics": r["metrics"],
+            }
+            for r in records
+            if r["candidate"] in keep
+        ],
+    }
+    FEW_STEP_JSON.write_text(json.dumps(doc, indent=1, default=float) + "\n")
+    for key, res in summary.items():
+        for name, d in res["few_step"].items():
+            print(
+                f"{key} {name} vs {res['best_multi_step']}: {res['primary']} ratio {d['ratio_of_means']:.2f}, "
+                f"difference {d['difference']['mean']:+.3f} [{d['difference']['ci_low']:+.3f}, "
+                f"{d['difference']['ci_high']:+.3f}], valid {d['valid']}"
+            )
+    print(f"wrote {FEW_STEP_JSON}")
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="cmd", required=True)
@@ -832,8 +909,9 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("out", nargs="+", help="one or more study folders (e.g. one per training budget)")
     p.add_argument("--write", action="store_true", help="write benchmarks/results/quality.json and BENCHMARKS.md")
     p.add_argument("--command", default="", help="the run arguments, recorded in the JSON")
+    sub.add_parser("few-step", help="write benchmarks/results/few_step.json from quality.json (flow-map rows)")
     args = parser.parse_args(argv)
-    (run if args.cmd == "run" else report)(args)
+    {"run": run, "report": report, "few-step": few_step}[args.cmd](args)
 
 
 if __name__ == "__main__":
