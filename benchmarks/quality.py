@@ -69,6 +69,8 @@ JIT = {**RFLOW, "prediction_type": "sample", "loss_weighting": "velocity"}
 MEANFLOW = {"process": "rflow", "prediction_type": "v_prediction", "flow_map": "meanflow"}
 #: the same with x prediction (JiT's parameterisation: u = (x_hat - z_t) / t, the loss on u)
 MEANFLOW_X = {**MEANFLOW, "prediction_type": "sample"}
+#: shortcut models: the same average velocity from one jump of 2d = two of d (powers of two), x prediction
+SHORTCUT_X = {**MEANFLOW_X, "flow_map": "shortcut"}
 UNET_FLOW_MAP = {**UNET, "interval_embedding": True}
 
 #: name -> (diffusion settings, network, loss settings, sampler, steps, what it is)
@@ -217,6 +219,19 @@ CANDIDATES: dict[str, dict] = {
             steps=k,
             trained_as="meanflow_x",
             note=f"MeanFlow with x prediction (JiT's parameterisation), {k} flow-map jump{'s' if k > 1 else ''}",
+        )
+        for k in (1, 2, 4)
+    },
+    # shortcut models (Frans et al. 2024): the same map learnt from its composition rule, x prediction
+    **{
+        f"shortcut_x_{k}": dict(
+            diffusion=SHORTCUT_X,
+            net=UNET_FLOW_MAP,
+            loss={},
+            sampler="shortcut",
+            steps=k,
+            trained_as="shortcut_x",
+            note=f"shortcut model with x prediction, {k} jump{'s' if k > 1 else ''} (self-consistency, no jvp)",
         )
         for k in (1, 2, 4)
     },

@@ -1,5 +1,5 @@
-"""Flow maps (MeanFlow) against closed forms: the identity on a flow whose average velocity is known exactly, the
-composition of jumps, and a one-step map learnt on a 1D Gaussian mixture."""
+"""Flow maps (MeanFlow, shortcut models) against closed forms: the identity and the self-consistency on a flow whose
+average velocity is known exactly, the composition of jumps, and one-step maps learnt on a 1D Gaussian mixture."""
 
 from __future__ import annotations
 
@@ -17,6 +17,9 @@ from wdm3d.diffusion.flow_map import (
     meanflow_sample,
     meanflow_target,
     sample_time_pairs,
+    shortcut_sample,
+    shortcut_target,
+    shortcut_time_pairs,
 )
 
 A = 0.7  # the linear flow's rate: v(z, t) = A z
@@ -305,3 +308,151 @@ def test_with_x_prediction_one_jump_lands_on_the_networks_clean_estimate():
     u = diffusion.flow_map_velocity(model, z, torch.zeros(2), t)
     torch.testing.assert_close(u[0], (x_hat[0] - z[0]) / 0.5)
     torch.testing.assert_close(u[1], (x_hat[1] - z[1]) / 0.05)  # t clamped at 0.05 near the data
+
+
+# --- shortcut models ------------------------------------------------------------------------------------------------
+
+
+def test_shortcut_self_consistency_holds_for_the_exact_average_velocity_of_a_linear_flow():
+    torch.manual_seed(0)
+    z = torch.randn(256, 3, dtype=torch.float64)
+    r, t = shortcut_time_pairs(256, equal_fraction=0.25, generator=torch.Generator().manual_seed(1))
+    r, t = r.double(), t.double()
+    u, target = shortcut_target(exact_u, z, r, t, A * z)  # two exact half jumps are one exact jump
+    assert (r < t).sum() > 150
+    torch.testing.assert_close(target, u, rtol=1e-12, atol=1e-12)
+    # not vacuous: an average velocity that is not a flow map's breaks it (and at r = t the target is v itself)
+    u_bad, target_bad = shortcut_target(lambda z, r, t: A * z * (1 + 0.3 * (t - r)[:, None]), z, r, t, 2 * A * z)
+    jumped = r < t
+    assert (target_bad - u_bad)[jumped].abs().max() > 1e-2
+    torch.testing.assert_close(target_bad[~jumped], 2 * A * z[~jumped])
+
+
+def test_shortcut_time_pairs_are_flow_matching_or_power_of_two_jumps():
+    r, t = shortcut_time_pairs(20_000, equal_fraction=0.75, levels=7, generator=torch.Generator().manual_seed(0))
+    assert bool((r <= t).all()) and float(r.min()) >= 0 and float(t.max()) <= 1
+    assert abs(float((r == t).float().mean()) - 0.75) < 0.02
+    jumps = (t - r)[r < t].double()
+    sizes = torch.tensor([2.0**-k for k in range(7)], dtype=torch.float64)
+    nearest = (jumps[:, None] - sizes).abs().min(dim=1).values
+    assert float(nearest.max()) < 1e-6  # every jump is 1, 1/2, ..., 1/64
+    counts = torch.bincount((jumps[:, None] - sizes).abs().argmin(dim=1), minlength=7)
+    assert int(counts.min()) > 0.6 * len(jumps) / 7  # and each size is drawn
+    with pytest.raises(ValueError, match="levels"):
+        shortcut_time_pairs(4, levels=0)
+
+
+def test_a_learnt_shortcut_model_matches_a_gaussian_mixture_in_few_steps():
+    torch.manual_seed(0)
+    net = nn.Sequential(
+        nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 1)
+    )
+
+    def u(z, r, t):
+        return net(torch.cat([z, r[:, None], t[:, None]], 1))
+
+    iters, gen = 3000, torch.Generator().manual_seed(1)
+    opt = torch.optim.Adam(net.parameters(), 1e-3)
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, 1e-4)
+    for _ in range(iters):
+        x, noise = _mixture(256, gen), torch.randn(256, 1, generator=gen)
+        r, t = shortcut_time_pairs(256, equal_fraction=0.75, distribution="uniform", generator=gen)
+        z = (1 - t[:, None]) * x + t[:, None] * noise
+        pred, target = shortcut_target(u, z, r, t, x - noise)
+        loss = meanflow_loss(pred, target)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        sched.step()
+    noise = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(5))
+    truth = _mixture(20_000, torch.Generator().manual_seed(6))[:, 0].numpy()
+    with torch.no_grad():
+        ks = {k: ks_2samp(shortcut_sample(u, noise, k)[:, 0].numpy(), truth).statistic for k in (1, 4)}
+        ones = torch.ones(noise.shape[0])
+        euler = ks_2samp((noise + u(noise, ones, ones))[:, 0].numpy(), truth).statistic
+    # measured (CPU, seeds as here): KS 0.191 at one step, 0.056 at four, the Euler step of its own velocity 0.5
+    # (every sample near the mean); MeanFlow's one step on the same data: 0.120
+    assert ks[1] < 0.25 and ks[4] < 0.1, ks
+    assert euler > 0.4, euler
+
+
+def test_the_process_trains_and_samples_a_shortcut_model():
+    from wdm3d.diffusion import (
+        FlowMapPrediction,
+        WaveletDiffusion,
+        WaveletDiffusionInferer,
+        WaveletDiffusionPrepareBatch,
+    )
+    from wdm3d.networks import WDMUNet
+
+    torch.manual_seed(0)
+    net = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, interval_embedding=True)
+    for p in net.parameters():
+        nn.init.normal_(p, std=0.05)
+    images = torch.rand(4, 1, 16, 16, 16) * 2 - 1
+    diffusion = WaveletDiffusion(
+        process="rflow", prediction_type="sample", flow_map="shortcut", flow_map_equal_fraction=0.5
+    )
+    torch.manual_seed(3)
+    x0, _, _, kw = WaveletDiffusionPrepareBatch(diffusion)({"image": images})
+    pred = WaveletDiffusionInferer(diffusion)(x0, net, **kw)
+    assert isinstance(pred, FlowMapPrediction) and pred.u.requires_grad and not pred.target.requires_grad
+    T = diffusion.num_train_timesteps
+    jumps = kw["interval"] / T
+    equal = jumps == 0
+    assert equal.any() and (~equal).any()
+    torch.testing.assert_close(pred.target[equal], (x0 - kw["noise"])[equal])  # flow matching at r = t
+    k = -torch.log2(jumps[~equal].double())
+    torch.testing.assert_close(k, k.round())  # the other pairs jump a power of two
+
+    def model(x, timesteps, context=None, interval=None):
+        seen.append((float(timesteps[0]), float(interval[0])))
+        t = timesteps.double() / T
+        return exact_u(x.double(), t - interval.double() / T, t).to(x.dtype)
+
+    vdiffusion = WaveletDiffusion(process="rflow", prediction_type="v_prediction", flow_map="shortcut")
+    for steps in (1, 2, 4):
+        seen = []
+        out = vdiffusion.sample(
+            model, (1, 4, 4, 4), 2, "shortcut", steps, clip_projection=False, seed=0, progress=False, return_coeffs=True
+        )
+        noise = torch.randn(2, 8, 2, 2, 2, generator=torch.Generator().manual_seed(0))
+        torch.testing.assert_close(out, noise * math.exp(A), rtol=1e-5, atol=1e-5)
+        assert len(seen) == steps == vdiffusion.network_evaluations("shortcut", steps)
+    with pytest.raises(ValueError, match="flow_map='shortcut'"):  # a MeanFlow network is not a shortcut model
+        WaveletDiffusion(process="rflow", prediction_type="sample", flow_map="meanflow").sampling_timesteps("shortcut")
+
+
+def test_the_bundle_trains_a_shortcut_model_and_samples_it_in_2_steps(dataset, tmp_path):  # noqa: F811
+    import json
+
+    from test_bundle import TINY, TINY_TRAIN, workflow
+
+    from wdm3d.engine import latest_checkpoint, load_checkpoint
+
+    out = tmp_path / "out"
+    train = workflow(
+        ["train.json", "shortcut.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        max_epochs=1,
+        **TINY_TRAIN,
+    )
+    assert train.parser.get_parsed_content("diffusion").flow_map == "shortcut"
+    train.run()
+    assert load_checkpoint(latest_checkpoint(out / "models"))["run_config"]["diffusion"]["flow_map"] == "shortcut"
+    infer = workflow(
+        ["inference.json", "shortcut.json"],
+        "inference",
+        dataset_dir=str(dataset),
+        output_dir=str(out),
+        samples_dir=str(out / "samples"),
+        checkpoint=str(out / "models"),
+        num_samples=1,
+        num_steps=2,
+        **TINY,
+    )
+    infer.run()
+    manifest = json.loads((out / "samples" / "manifest.json").read_text())
+    assert (manifest["sampler"], manifest["network_evaluations"]) == ("shortcut", 2)

@@ -1,4 +1,5 @@
-"""Flow maps: the average velocity of a rectified flow, learnt with MeanFlow's identity and sampled in 1-4 steps.
+"""Flow maps: the average velocity of a rectified flow, learnt with MeanFlow's identity or the shortcut models'
+self-consistency, and sampled in 1-4 steps.
 
 Conventions are the project's rectified flow (process ``"rflow"``): ``z_s = (1 - s) x0 + s noise`` with ``s`` in
 [0, 1] (noise at ``s = 1``), and the velocity ``v = x0 - noise`` points toward the data (the ``"v_prediction"``
@@ -13,6 +14,14 @@ this sign) learns ``u`` from the identity that differentiating ``(t - r) u = z_r
 
 with the conditional velocity ``v = x0 - noise`` standing in for the marginal one (as in flow matching); the total
 derivative is one Jacobian-vector product of the network with tangent ``(-v, 0, 1)`` (``torch.func.jvp``).
+
+Shortcut models (Frans et al. 2024, arXiv 2410.12557) learn the same map from its composition rule instead: one jump
+of ``2d`` equals two jumps of ``d``,
+
+    u(z_t, t - 2d, t) = (u(z_t, t - d, t) + u(z_{t-d}, t - 2d, t - d)) / 2,    z_{t-d} = z_t + d u(z_t, t - d, t)
+
+with the flow-matching target ``v`` at ``d = 0`` and the right side detached (no Jacobian-vector product: two more
+forward passes without a graph).
 
 ``u_fn(z, r, t)`` below is any callable of a batch ``z`` ``(B, ...)`` and times ``r``, ``t`` ``(B,)`` in [0, 1]
 (a network wrapped to take the two times; see :func:`meanflow_target`).
@@ -35,6 +44,9 @@ __all__ = [
     "meanflow_sample",
     "meanflow_target",
     "sample_time_pairs",
+    "shortcut_sample",
+    "shortcut_target",
+    "shortcut_time_pairs",
 ]
 
 AverageVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
@@ -88,6 +100,88 @@ def sample_time_pairs(
     return r.to(device), t.to(device)
 
 
+def shortcut_time_pairs(
+    batch_size: int,
+    equal_fraction: float = 0.75,
+    distribution: str = "logit_normal",
+    levels: int = 7,
+    generator: torch.Generator | None = None,
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Training times ``(r, t)`` of a shortcut model, each ``(B,)``, ``0 <= r <= t <= 1``.
+
+    A share ``equal_fraction`` of the pairs has ``r = t`` (flow matching; ``t`` logit-normal(-0.4, 1) or uniform),
+    the rest a jump of ``2d = 2^-k``, ``k`` uniform in ``0 .. levels - 1`` (the paper's powers of two down to 1/128 for
+    ``levels = 7``; a quarter of the batch, its setting), with ``t`` uniform in ``[2d, 1]`` and ``r = t - 2d``.
+
+    Args:
+        batch_size: ``B``.
+        equal_fraction: share of flow-matching pairs, in [0, 1].
+        distribution: how ``t`` of the flow-matching pairs is drawn (see :func:`sample_time_pairs`).
+        levels: jump sizes ``1, 1/2, ..., 2^-(levels - 1)``.
+        generator: for reproducible draws (on the CPU; the result is moved to ``device``).
+        device: where the times go.
+    """
+    if levels < 1:
+        raise ValueError(f"levels must be at least 1, got {levels}.")
+    if distribution not in TIME_DISTRIBUTIONS:
+        raise ValueError(f"distribution must be one of {TIME_DISTRIBUTIONS}, got {distribution!r}.")
+    if distribution == "uniform":
+        fm = torch.rand(batch_size, generator=generator)
+    else:  # MeanFlow's and SD3's logit-normal(-0.4, 1)
+        fm = torch.sigmoid(torch.randn(batch_size, generator=generator) - 0.4)
+    k = torch.randint(0, levels, (batch_size,), generator=generator)
+    jump = torch.pow(2.0, -k.double()).float()
+    t = jump + (1 - jump) * torch.rand(batch_size, generator=generator)
+    r = (t - jump).clamp_min(0.0)
+    equal = torch.rand(batch_size, generator=generator) < equal_fraction
+    t = torch.where(equal, fm, t)
+    r = torch.where(equal, fm, r)
+    return r.to(device), t.to(device)
+
+
+def shortcut_target(
+    u_fn: AverageVelocity, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The network's average velocity at ``(z, r, t)`` and its shortcut-model target (Frans et al. 2024, sec. 3).
+
+    Where ``r = t``: the flow-matching target ``v``. Elsewhere, with ``d = (t - r) / 2``: the mean of two half jumps,
+    ``(u(z_t, t - d, t) + u(z_{t-d}, r, t - d)) / 2``, computed without a graph (the paper's stop-gradient); the
+    two extra forward passes run on the whole batch.
+
+    Args:
+        u_fn: the average velocity, ``u_fn(z, r, t)``.
+        z: the noisy batch ``z_t``, ``(B, ...)``.
+        r, t: times ``(B,)``, ``r <= t``.
+        v: the conditional velocity ``x0 - noise``, shaped like ``z``.
+
+    Returns:
+        ``(u, target)``: ``u`` carries the graph for the loss; ``target`` is detached.
+    """
+    _check_times(z, r, t, v)
+    u = u_fn(z, r, t)
+    with torch.no_grad():
+        half = (t - r) / 2
+        mid = t - half
+        first = u_fn(z, mid, t)
+        second = u_fn(z + expand_to(half, z) * first, r, mid)
+        jumped = (half > 0).reshape(-1, *([1] * (z.ndim - 1)))
+        target = torch.where(jumped, (first + second) / 2, v)
+    return u, target.detach()
+
+
+def _check_times(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor) -> None:
+    if v.shape != z.shape:
+        raise ValueError(f"v {tuple(v.shape)} must have the shape of z {tuple(z.shape)}.")
+    if r.shape != (z.shape[0],) or t.shape != (z.shape[0],):
+        raise ValueError(f"r and t must be ({z.shape[0]},), got {tuple(r.shape)} and {tuple(t.shape)}.")
+    if r.device.type == "cpu":  # checked where it costs no device synchronisation
+        if bool((r > t).any()):
+            raise ValueError("every r must be at most its t (the map runs from t back to r).")
+    else:
+        torch._assert_async((r <= t).all())
+
+
 def meanflow_target(
     u_fn: AverageVelocity, z: torch.Tensor, r: torch.Tensor, t: torch.Tensor, v: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -106,15 +200,7 @@ def meanflow_target(
     Returns:
         ``(u, target)``: ``u`` carries the graph for the loss; ``target`` is detached.
     """
-    if v.shape != z.shape:
-        raise ValueError(f"v {tuple(v.shape)} must have the shape of z {tuple(z.shape)}.")
-    if r.shape != (z.shape[0],) or t.shape != (z.shape[0],):
-        raise ValueError(f"r and t must be ({z.shape[0]},), got {tuple(r.shape)} and {tuple(t.shape)}.")
-    if r.device.type == "cpu":  # checked where it costs no device synchronisation
-        if bool((r > t).any()):
-            raise ValueError("every r must be at most its t (the map runs from t back to r).")
-    else:
-        torch._assert_async((r <= t).all())
+    _check_times(z, r, t, v)
     u, du_dt = jvp(u_fn, (z, r, t), (-v, torch.zeros_like(r), torch.ones_like(t)))
     target = v - expand_to(t - r, z) * du_dt
     return u, target.detach()
@@ -173,6 +259,16 @@ def flow_map_step(u_fn: AverageVelocity, z: torch.Tensor, r: float, t: float) ->
     return z + (t - r) * u_fn(z, rr, tt)
 
 
+def _uniform_jumps(u_fn: AverageVelocity, noise: torch.Tensor, num_steps: int) -> torch.Tensor:
+    if num_steps < 1:
+        raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
+    times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
+    z = noise
+    for t, r in zip(times[:-1], times[1:]):
+        z = flow_map_step(u_fn, z, r, t)
+    return z
+
+
 def meanflow_sample(u_fn: AverageVelocity, noise: torch.Tensor, num_steps: int = 1) -> torch.Tensor:
     """MeanFlow's few-step sampler (Geng et al. 2025, Algorithm 2, over a uniform partition of [0, 1]).
 
@@ -184,10 +280,17 @@ def meanflow_sample(u_fn: AverageVelocity, noise: torch.Tensor, num_steps: int =
         noise: ``z_1``, ``(B, ...)``.
         num_steps: jumps (1, 2 and 4 are the few-step settings).
     """
-    if num_steps < 1:
-        raise ValueError(f"num_steps must be at least 1, got {num_steps}.")
-    times = torch.linspace(1.0, 0.0, num_steps + 1, dtype=torch.float64).tolist()
-    z = noise
-    for t, r in zip(times[:-1], times[1:]):
-        z = flow_map_step(u_fn, z, r, t)
-    return z
+    return _uniform_jumps(u_fn, noise, num_steps)
+
+
+def shortcut_sample(u_fn: AverageVelocity, noise: torch.Tensor, num_steps: int = 1) -> torch.Tensor:
+    """The shortcut models' sampler (Frans et al. 2024, Algorithm 2): ``num_steps`` jumps of size ``d = 1 /
+    num_steps`` from noise to data, the network told the step size; the trained sizes are powers of two, so 1, 2, 4
+    (... up to ``2^(levels - 1)``) steps are the ones it learnt.
+
+    Args:
+        u_fn: the learnt average velocity (step ``d`` as the interval ``t - r``).
+        noise: ``z_1``, ``(B, ...)``.
+        num_steps: jumps.
+    """
+    return _uniform_jumps(u_fn, noise, num_steps)

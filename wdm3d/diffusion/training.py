@@ -173,7 +173,8 @@ class WaveletDiffusionInferer(Inferer):
     - for a flow map (the process's ``flow_map``, with ``interval`` = ``t - r``): the average velocity
       (:meth:`WaveletDiffusion.flow_map_velocity`, which calls ``network(x, timesteps, context=context,
       interval=interval)``) is differentiated by one ``torch.func.jvp``
-      (:func:`~wdm3d.diffusion.flow_map.meanflow_target`) and the result is a :class:`FlowMapPrediction`.
+      (:func:`~wdm3d.diffusion.flow_map.meanflow_target`), or for shortcut models regressed onto two detached half
+      jumps (:func:`~wdm3d.diffusion.flow_map.shortcut_target`); the result is a :class:`FlowMapPrediction`.
 
     The keyword arguments are what :class:`WaveletDiffusionPrepareBatch` and
     :class:`~wdm3d.diffusion.ConditionalPrepareBatch` return.
@@ -251,7 +252,8 @@ class WaveletDiffusionInferer(Inferer):
         t = timesteps.double() / T
         r = (timesteps - interval).double() / T
         z = self.diffusion.add_noise(x0, noise, timesteps)
-        u, target = flow_map.meanflow_target(u_fn, z, r.to(x0.dtype), t.to(x0.dtype), (x0 - noise).to(x0.dtype))
+        target_of = flow_map.shortcut_target if self.diffusion.flow_map == "shortcut" else flow_map.meanflow_target
+        u, target = target_of(u_fn, z, r.to(x0.dtype), t.to(x0.dtype), (x0 - noise).to(x0.dtype))
         return FlowMapPrediction(u, target)
 
 

@@ -33,9 +33,9 @@ from . import maths
 __all__ = ["FLOW_MAPS", "SAMPLERS", "WaveletDiffusion"]
 
 #: Samplers by process.
-SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow", "meanflow")}
+SAMPLERS: dict[str, tuple[str, ...]] = {"ddpm": ("ddpm", "ddim"), "rflow": ("rflow", "meanflow", "shortcut")}
 #: Flow-map objectives that train a rectified flow's average velocity (:mod:`wdm3d.diffusion.flow_map`).
-FLOW_MAPS: tuple[str, ...] = ("meanflow",)
+FLOW_MAPS: tuple[str, ...] = ("meanflow", "shortcut")
 
 
 class WaveletDiffusion:
@@ -63,10 +63,14 @@ class WaveletDiffusion:
             ``prediction_type="sample"``, the loss taken on the implied velocity). See :meth:`loss_weight`.
         min_snr_gamma: gamma of ``"min_snr"`` (5 in the paper).
         flow_map: ``"meanflow"`` trains the rectified flow's average velocity over an interval (MeanFlow, Geng et
-            al. 2025; :mod:`wdm3d.diffusion.flow_map`), for 1-4 step sampling with ``sampler="meanflow"``; the
-            network takes the interval (``interval_embedding=True``). With ``prediction_type="sample"`` the network
-            predicts a clean estimate (:meth:`flow_map_velocity`). None (default): an ordinary process.
-        flow_map_equal_fraction: share of training pairs with ``r = t`` (MeanFlow: 0.75).
+            al. 2025; :mod:`wdm3d.diffusion.flow_map`), for 1-4 step sampling with ``sampler="meanflow"``;
+            ``"shortcut"`` learns the same map from its composition rule (shortcut models, Frans et al. 2024; jumps
+            of powers of two, two extra forward passes instead of a Jacobian-vector product), sampled with
+            ``sampler="shortcut"``. The network takes the interval (``interval_embedding=True``). With
+            ``prediction_type="sample"`` the network predicts a clean estimate (:meth:`flow_map_velocity`). None
+            (default): an ordinary process.
+        flow_map_equal_fraction: share of training pairs with ``r = t`` (MeanFlow: 0.75; shortcut models: 0.75,
+            the other quarter self-consistency pairs).
         flow_map_time: how the flow map's training times are drawn: ``"logit_normal"`` (MeanFlow's
             ``sigmoid(N(-0.4, 1))``) or ``"uniform"``.
 
@@ -220,8 +224,15 @@ class WaveletDiffusion:
         ``flow_map_equal_fraction``.
         """
         if self.flow_map is None:
-            raise ValueError("this process has no flow_map; build it with flow_map='meanflow'.")
-        r, t = flow_maps.sample_time_pairs(batch_size, self.flow_map_equal_fraction, self.flow_map_time, device=device)
+            raise ValueError("this process has no flow_map; build it with flow_map='meanflow' or 'shortcut'.")
+        if self.flow_map == "shortcut":
+            r, t = flow_maps.shortcut_time_pairs(
+                batch_size, self.flow_map_equal_fraction, self.flow_map_time, device=device
+            )
+        else:
+            r, t = flow_maps.sample_time_pairs(
+                batch_size, self.flow_map_equal_fraction, self.flow_map_time, device=device
+            )
         return r * self.num_train_timesteps, t * self.num_train_timesteps
 
     def flow_map_velocity(
@@ -321,15 +332,16 @@ class WaveletDiffusion:
                 f"use one of {SAMPLERS[self.process]}."
             )
         T = self.num_train_timesteps
-        if sampler == "meanflow":
-            if self.flow_map != "meanflow":
+        if sampler in FLOW_MAPS:
+            if self.flow_map != sampler:
                 raise ValueError(
-                    "sampler 'meanflow' needs a network trained as a flow map (flow_map='meanflow'); this process "
-                    "has none: sample it with 'rflow'."
+                    f"sampler {sampler!r} needs a network trained as a flow map with flow_map={sampler!r}; this "
+                    f"process has flow_map={self.flow_map!r}: sample it with "
+                    f"{repr(self.flow_map) + ' or ' if self.flow_map else ''}'rflow'."
                 )
             steps = 1 if num_steps is None else int(num_steps)
             if steps < 1:
-                raise ValueError(f"num_steps must be at least 1 for meanflow, got {num_steps}.")
+                raise ValueError(f"num_steps must be at least 1 for {sampler}, got {num_steps}.")
             return [T * (1 - k / steps) for k in range(steps + 1)]
         if sampler == "rflow":
             steps = 30 if num_steps is None else int(num_steps)
@@ -376,9 +388,12 @@ class WaveletDiffusion:
                 all T steps), ``"ddim"`` (Song et al. 2021, "Denoising Diffusion Implicit Models"; ``eta`` 0 =
                 deterministic), ``"rflow"`` (Euler steps of rectified flow, Liu et al. 2022, "Flow Straight and
                 Fast") or ``"meanflow"`` (flow-map jumps, Geng et al. 2025, "Mean Flows for One-step Generative
-                Modeling"; a network trained with ``flow_map="meanflow"``, which also samples with rflow); defaults
+                Modeling"; a network trained with ``flow_map="meanflow"``, which also samples with rflow) or
+                ``"shortcut"`` (the same jumps, Frans et al. 2024, "One Step Diffusion via Shortcut Models"; a
+                network trained with ``flow_map="shortcut"``); defaults
                 to ddpm for the ddpm process and rflow for rflow.
-            num_steps: steps, one network evaluation each (ddpm: T, ddim: 50, rflow: 30, meanflow: 1 by default).
+            num_steps: steps, one network evaluation each (ddpm: T, ddim: 50, rflow: 30, meanflow / shortcut: 1 by
+                default).
                 ddpm with fewer steps uses the respaced chain (betas recomputed for the visited timesteps).
             eta: DDIM noise scale.
             clip_projection: apply WDM's IDWT -> clamp -> DWT to every predicted x0 (needs ``clip_range``).
@@ -430,14 +445,15 @@ class WaveletDiffusion:
         x = torch.randn(shape, generator=generator, device=device)
         steps = list(zip(timesteps[:-1], timesteps[1:]))
         extra = dict(model_kwargs or {})
-        if sampler == "meanflow":
+        if sampler in FLOW_MAPS:
             if extra:
                 raise ValueError(f"flow-map sampling takes no model_kwargs, got {sorted(extra)}.")
 
             def u_fn(z: torch.Tensor, r: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
                 return self.flow_map_velocity(model, z, r, t, context, cond)
 
-            x = flow_maps.meanflow_sample(u_fn, x, len(steps))
+            jumps = flow_maps.meanflow_sample if sampler == "meanflow" else flow_maps.shortcut_sample
+            x = jumps(u_fn, x, len(steps))
             x = self.project(x) if clip_projection else x
             return x if return_coeffs else self.decode(x)
         for t, t_next in tqdm(steps, desc=f"{sampler} sampling", disable=not progress, leave=False):
