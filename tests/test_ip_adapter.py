@@ -11,6 +11,7 @@ from wdm3d.networks import RandomConv3dFeatures, WDMUNet
 from wdm3d.networks.attention import Attention, AttnProcessor, ContextEmbedding, CrossAttentionBlock
 from wdm3d.networks.ip_adapter import (
     ConditionDropout,
+    GlobalGridProjection,
     GlobalSpatialProjection,
     ImageProjection,
     IPAdapter,
@@ -18,6 +19,7 @@ from wdm3d.networks.ip_adapter import (
     sincos_position_3d,
     weights_fingerprint,
 )
+from wdm3d.networks.positions import PLACE_DIM, place_features, volume_position_3d
 
 VOCAB = {"modality": ["t1n", "t2w", "t2f", "t1c"], "dataset": ["brats", "lidc"]}
 CTX = 16
@@ -634,3 +636,68 @@ def test_a_prompt_that_nothing_reads_is_refused():
     adapter.remove()
     assert plain.anchor_processors == {}
     torch.jit.script(plain)  # uninstalled: scriptable again
+
+
+def test_volume_positions_find_the_same_place_on_grids_of_different_sizes():
+    for fine, coarse in (((8, 8, 8), (4, 4, 4)), ((16, 8, 8), (8, 4, 4))):
+        q, k = volume_position_3d(fine, 64), volume_position_3d(coarse, 64)
+        nearest = (q @ k.T).argmax(dim=1)  # the key with the largest dot product, for every query voxel
+        idx = torch.stack(torch.meshgrid(*[torch.arange(n) for n in fine], indexing="ij")).reshape(3, -1).T
+        parent = idx * torch.tensor(coarse) // torch.tensor(fine)  # the coarse cell the fine voxel lies in
+        flat = (parent[:, 0] * coarse[1] + parent[:, 1]) * coarse[2] + parent[:, 2]
+        assert torch.equal(nearest, flat)
+    with pytest.raises(ValueError, match="size must be"):
+        volume_position_3d((4, 4), 12)
+
+
+def test_grid_tokens_carry_their_place_and_the_adapter_attends_by_place():
+    torch.manual_seed(0)
+    proj = GlobalGridProjection(8, CTX, grid=(2, 4, 4), num_global=4)
+    fmap = torch.randn(3, 8, 2, 4, 4)
+    tokens = proj(fmap)
+    assert tokens.shape == (3, 4 + 32, CTX) and proj.num_tokens == 36
+    assert torch.equal(tokens[:, :4], proj.global_tokens(fmap))
+    flat = torch.ones(1, 8, 2, 4, 4)  # the same features everywhere: the cell tokens differ by their place only
+    cells = proj(flat)[0, 4:]
+    pos = volume_position_3d((2, 4, 4), CTX)
+    torch.testing.assert_close(cells - cells[0], pos - pos[0])
+    places = proj.token_places()
+    assert places.shape == (36, PLACE_DIM) and torch.equal(places[:4], torch.zeros(4, PLACE_DIM))
+    with pytest.raises(ValueError, match="feature_grid"):
+        proj(torch.randn(3, 8, 4, 4, 4))
+    base = tiny_base(None)
+    x, t, _, ref = inputs()
+    adapter = IPAdapter(
+        base, tiny_encoder(), feature_dim=8, token_dim=CTX, projection="global+grid", feature_grid=(4, 4, 4)
+    )
+    assert adapter.num_tokens == 4 + 64 and all(b.place_attention for b in adapter.added_blocks.values())
+    with torch.no_grad():
+        assert torch.equal(adapter(x, t, image=ref), base(x, t))  # zero-initialised blocks: the base at first
+        randomise(adapter.added_blocks, seed=2, std=0.5)
+        for block in adapter.added_blocks.values():
+            block.place_gain.fill_(8.0)
+        by_place = adapter(x, t, image=ref)
+        for block in adapter.added_blocks.values():
+            block.place_gain.zero_()
+        assert (adapter(x, t, image=ref) - by_place).abs().max() > 1e-5  # the places reach the attention
+    with pytest.raises(ValueError, match="needs feature_grid"):
+        IPAdapter(tiny_base(None), tiny_encoder(), feature_dim=8, token_dim=CTX, projection="global+grid")
+
+
+def test_place_attention_reads_the_token_of_its_own_place():
+    # no content in the logits (zero queries and keys), identity values and output: each voxel of an 8^3 grid gets
+    # the token of the 4^3 cell it lies in, from the place bias alone
+    block = CrossAttentionBlock(8, 8, num_heads=1, norm_num_groups=4, out_bias=False, place_attention=True)
+    with torch.no_grad():
+        block.attn.to_q.weight.zero_()
+        block.attn.to_k.weight.zero_()
+        block.attn.to_v.weight.copy_(torch.eye(8))
+        block.attn.to_out.weight.copy_(torch.eye(8))
+        block.place_gain.fill_(60.0)
+    tokens = torch.randn(1, 64, 8)
+    out = block.branch(torch.randn(1, 8, 8, 8, 8), tokens, places=place_features((4, 4, 4)))
+    idx = torch.stack(torch.meshgrid(*[torch.arange(8)] * 3, indexing="ij")).reshape(3, -1).T // 2
+    parent = (idx[:, 0] * 4 + idx[:, 1]) * 4 + idx[:, 2]
+    torch.testing.assert_close(out.flatten(2)[0].T, tokens[0, parent], atol=2e-2, rtol=0)
+    plain = block.branch(torch.randn(1, 8, 8, 8, 8), tokens)  # without places: uniform weights, the tokens' mean
+    torch.testing.assert_close(plain.flatten(2)[0].T, tokens[0].mean(0).expand(512, 8), atol=1e-5, rtol=0)

@@ -17,13 +17,14 @@ is what is needed.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import NamedTuple
+from typing import NamedTuple, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .context import ContextEmbedding
+from .positions import place_features
 
 __all__ = [
     "ImagePrompt",
@@ -83,10 +84,13 @@ class ImagePrompt(NamedTuple):
     Attributes:
         tokens: ``(B, N, token_dim)`` image tokens, one set per sample.
         scale: ``(B,)`` the weight lambda of each sample's image branch (0: that sample is the base's output).
+        places: ``(N, P)`` where each token sits in the volume (:func:`~wdm3d.networks.positions.place_features`;
+            zero rows for tokens without a place), or None; read by place-biased cross-attention.
     """
 
     tokens: torch.Tensor
     scale: torch.Tensor
+    places: Optional[torch.Tensor] = None  # noqa: UP045 - TorchScript cannot read ``X | None`` in a NamedTuple
 
 
 class AttnProcessor:
@@ -192,10 +196,13 @@ class Attention(nn.Module):
         else:
             super().__setattr__(name, value)
 
-    def attend(self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-        """Scaled dot-product attention over heads: ``(B, L, h*d), (B, N, h*d), (B, N, h*d) -> (B, L, h*d)``."""
+    def attend(
+        self, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, bias: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        """Scaled dot-product attention over heads: ``(B, L, h*d), (B, N, h*d), (B, N, h*d) -> (B, L, h*d)``;
+        ``bias`` ``(L, N)`` is added to every head's logits."""
         q, k, v = (split_heads(t, self.num_heads) for t in (query, key, value))
-        return merge_heads(F.scaled_dot_product_attention(q, k, v))
+        return merge_heads(F.scaled_dot_product_attention(q, k, v, attn_mask=bias))
 
     def default_attention(self, hidden_states: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
         """What :class:`AttnProcessor` computes: ``to_out(attend(to_q(x), to_k(c), to_v(c)))``,
@@ -264,6 +271,10 @@ class CrossAttentionBlock(nn.Module):
         norm_num_groups: GroupNorm groups (must divide ``channels``).
         out_bias: give the output projection a bias. Without it, all-zero context tokens give exactly zero
             attention output (``V = 0``), i.e. the block is the identity for them.
+        place_attention: bias the attention toward context tokens at the voxel's own place in the volume:
+            ``logits += g * <place(voxel), place(token)>`` with the tokens' places given to :meth:`branch` and a
+            learned gain ``g`` (starts at 8, where the nearest token gets most of the weight); relative position
+            biases as in Swin / T5, here between a U-Net level and an image prompt's feature grid.
 
     Example:
         >>> block = CrossAttentionBlock(16, context_dim=8, norm_num_groups=4)
@@ -280,6 +291,7 @@ class CrossAttentionBlock(nn.Module):
         head_dim: int | None = 32,
         norm_num_groups: int = 32,
         out_bias: bool = True,
+        place_attention: bool = False,
     ) -> None:
         super().__init__()
         if channels % norm_num_groups:
@@ -288,10 +300,19 @@ class CrossAttentionBlock(nn.Module):
         self.channels, self.context_dim = channels, context_dim
         self.norm = nn.GroupNorm(norm_num_groups, channels)
         self.attn = Attention(channels, context_dim, heads, dim, out_bias=out_bias, zero_out=True)
+        self.place_attention = bool(place_attention)
+        self.place_gain = nn.Parameter(torch.tensor(8.0)) if place_attention else None
 
-    def branch(self, x: torch.Tensor, context: torch.Tensor, image_prompt: ImagePrompt | None = None) -> torch.Tensor:
+    def branch(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        image_prompt: ImagePrompt | None = None,
+        places: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """The residual branch alone: ``(B, C, D, H, W), (B, N, context_dim) -> (B, C, D, H, W)``
-        (``image_prompt``: passed to the attention's processor)."""
+        (``image_prompt``: passed to the attention's processor; ``places`` ``(N, P)``: where the context tokens sit,
+        for ``place_attention``)."""
         if not torch.jit.is_scripting():  # noqa: SIM102 - TorchScript drops this branch only when it tests this alone
             if x.ndim != 5 or x.shape[1] != self.channels:
                 raise ValueError(f"x must have shape (B, {self.channels}, D, H, W), got {tuple(x.shape)}.")
@@ -299,10 +320,17 @@ class CrossAttentionBlock(nn.Module):
         # the weight needs no gradient, so the last bits of the result would depend on whether the network is
         # frozen (an installed IP-Adapter at scale 0 would then not be exactly its base)
         tokens = self.norm(x).flatten(2).transpose(1, 2).contiguous()
+        context = context.to(tokens.dtype)
         if torch.jit.is_scripting():
-            out = self.attn(tokens, context.to(tokens.dtype))
+            out = self.attn(tokens, context)
+        elif self.place_gain is not None and places is not None:  # (an add-on's block: never scripted)
+            bias = self.place_gain * (place_features(x.shape[2:], tokens.device) @ places.T.to(tokens.device))
+            attn = self.attn
+            out = attn.to_out(
+                attn.attend(attn.to_q(tokens), attn.to_k(context), attn.to_v(context), bias.to(tokens.dtype))
+            )
         else:
-            out = self.attn(tokens, context.to(tokens.dtype), image_prompt)
+            out = self.attn(tokens, context, image_prompt)
         return out.transpose(1, 2).reshape(x.shape)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, image_prompt: ImagePrompt | None = None) -> torch.Tensor:

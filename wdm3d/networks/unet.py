@@ -418,13 +418,18 @@ class WDMUNet(nn.Module):
                 "an image prompt reached a WDMUNet without cross-attention or anchor processors, where nothing reads "
                 "it: install an IPAdapter on this network, or call it without image_prompt."
             )
-        tokens, scale = image_prompt
+        tokens, scale, places = image_prompt.tokens, image_prompt.scale, image_prompt.places
         b = x.shape[0]
         if tokens.ndim != 3 or tokens.shape[0] != b:
             raise ValueError(f"image_prompt.tokens must have shape ({b}, N, dim), got {tuple(tokens.shape)}.")
         if scale.shape != (b,):
             raise ValueError(
                 f"image_prompt.scale must have shape ({b},) (one lambda per sample), got {tuple(scale.shape)}."
+            )
+        if places is not None and (places.ndim != 2 or places.shape[0] != tokens.shape[1]):
+            raise ValueError(
+                f"image_prompt.places must have shape ({tokens.shape[1]}, P), one row per token, "
+                f"got {tuple(places.shape)}."
             )
 
     def _check_input(self, x: torch.Tensor) -> None:

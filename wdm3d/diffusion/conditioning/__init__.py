@@ -23,7 +23,7 @@ calls the network with them.
 from .adapter import AdapterSaver, AdapterState
 from .context_unet import ContextConditionedUNet
 from .datalist import MODALITIES, expand_paired_datalist
-from .frozen import IMAGE_ENCODERS, build_image_encoder, load_frozen_base
+from .frozen import IMAGE_ENCODERS, build_image_encoder, encoder_feature_grid, load_frozen_base
 from .prepare_batch import CONDITIONING_MODES, ConditionalPrepareBatch
 
 # run_config records a network's class by module path (artifacts.network_arguments): keep the public one, which
@@ -41,4 +41,5 @@ __all__ = [
     "AdapterSaver",
     "load_frozen_base",
     "build_image_encoder",
+    "encoder_feature_grid",
 ]

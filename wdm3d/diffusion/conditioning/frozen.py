@@ -11,9 +11,10 @@ import torch
 from torch import nn
 
 from ...artifacts import build_network, load_frozen, resolve_checkpoint
+from ...networks.ip_adapter import FrozenImageEncoder
 from ...networks.medicalnet import RandomConv3dFeatures
 
-__all__ = ["IMAGE_ENCODERS", "build_image_encoder", "load_frozen_base"]
+__all__ = ["IMAGE_ENCODERS", "build_image_encoder", "encoder_feature_grid", "load_frozen_base"]
 
 logger = logging.getLogger(__name__)
 
@@ -100,3 +101,25 @@ def build_image_encoder(
     vae, info = load_frozen(build_network(path), path, use_ema)
     vae.encoder_info = info
     return vae
+
+
+@torch.no_grad()
+def encoder_feature_grid(
+    image_encoder: nn.Module, image_size: list[int] | tuple[int, ...], in_channels: int = 1
+) -> list[int] | None:
+    """The ``(d, h, w)`` of the feature map ``image_encoder`` makes of a volume of ``image_size`` (one encoding of
+    zeros), or None for an encoder that returns a vector: the ``feature_grid`` of an IP-Adapter with
+    ``projection="global+grid"``.
+
+    Args:
+        image_encoder: a wdm3d VAE (its posterior mode), a module or callable, as :class:`IPAdapter` takes it.
+        image_size: ``(D, H, W)`` of the reference volumes.
+        in_channels: their channels.
+    """
+    encoder = image_encoder if isinstance(image_encoder, FrozenImageEncoder) else FrozenImageEncoder(image_encoder)
+    param = next(iter(encoder.parameters()), None)
+    probe = torch.zeros(
+        1, in_channels, *[int(s) for s in image_size], device=param.device if param is not None else None
+    )
+    out = encoder(probe)
+    return [int(s) for s in out.shape[2:]] if out.ndim == 5 else None

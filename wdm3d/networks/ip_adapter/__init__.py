@@ -42,7 +42,7 @@ from .dropout import ConditionDropout, DroppedConditions
 from .encoder import FrozenImageEncoder
 from .files import weights_fingerprint
 from .processors import AddedBlockProcessor, IPAttnProcessor
-from .tokens import PROJECTIONS, GlobalSpatialProjection, ImageProjection, PerceiverResampler
+from .tokens import PROJECTIONS, GlobalGridProjection, GlobalSpatialProjection, ImageProjection, PerceiverResampler
 
 __all__ = [
     "IPAdapter",
@@ -51,6 +51,7 @@ __all__ = [
     "ImageProjection",
     "PerceiverResampler",
     "GlobalSpatialProjection",
+    "GlobalGridProjection",
     "FrozenImageEncoder",
     "ConditionDropout",
     "DroppedConditions",

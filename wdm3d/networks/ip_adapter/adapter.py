@@ -22,7 +22,7 @@ from .files import (
 )
 from .processors import AddedBlockProcessor, IPAttnProcessor
 from .sites import _key, anchor_owner, resolve_added_sites
-from .tokens import PROJECTIONS, GlobalSpatialProjection, ImageProjection, PerceiverResampler
+from .tokens import PROJECTIONS, GlobalGridProjection, GlobalSpatialProjection, ImageProjection, PerceiverResampler
 
 __all__ = ["IPAdapter", "NULL_TOKENS"]
 
@@ -49,7 +49,9 @@ class IPAdapter(nn.Module):
         feature_dim: the encoder's feature width (read from the encoder if None; required without an encoder).
         projection: ``"linear"`` (:class:`ImageProjection`, global tokens of the pooled features),
             ``"perceiver"`` (:class:`PerceiverResampler`, spatial tokens of the feature grid), ``"global+spatial"``
-            (:class:`GlobalSpatialProjection`, both) or a module mapping features to ``(B, N, token_dim)`` tokens.
+            (:class:`GlobalSpatialProjection`, both), ``"global+grid"`` (:class:`GlobalGridProjection`: pooled
+            tokens and one token per feature-grid cell with its place in the volume; needs ``feature_grid``) or a
+            module mapping features to ``(B, N, token_dim)`` tokens.
         num_tokens: image tokens (default 4 for linear, 16 for perceiver, 4 + 16 for global+spatial).
         token_dim: image token width; defaults to (and, where the base has cross-attention, must be) the base's
             ``context_dim``; 256 for a base without context.
@@ -62,6 +64,10 @@ class IPAdapter(nn.Module):
         head_dim: width per head of added blocks (default: the base's ``head_dim`` or 32).
         norm_num_groups: GroupNorm groups of added blocks (default: the base's ``norm_num_groups`` or 32).
         scale: default lambda (1.0 image-only; ~0.5 alongside other conditions).
+        feature_grid: ``(d, h, w)`` of the encoder's feature map, for ``"global+grid"``.
+        place_attention: the added blocks bias their attention toward tokens at the voxel's own place
+            (``CrossAttentionBlock(place_attention=True)``; the projection must give ``token_places()``; default: True
+            with ``"global+grid"``, else False).
         null_tokens: what a dropped image prompt becomes (training with condition dropout, and the unconditional
             branch of classifier-free guidance on the image, :meth:`null_image_tokens`): ``"learned"`` (default) a
             trained null prompt of ``num_tokens`` tokens, zero-initialised, so that it starts as the base; ``"zeros"``
@@ -101,6 +107,8 @@ class IPAdapter(nn.Module):
         norm_num_groups: int | None = None,
         scale: float = 1.0,
         null_tokens: str = "learned",
+        feature_grid: Sequence[int] | None = None,
+        place_attention: bool | None = None,
     ) -> None:
         super().__init__()
         if not isinstance(base, nn.Module):
@@ -139,8 +147,13 @@ class IPAdapter(nn.Module):
         heads = num_heads if num_heads is not None else getattr(base, "num_heads", None)
         hdim = head_dim if head_dim is not None else getattr(base, "head_dim", None) or 32
         groups = norm_num_groups if norm_num_groups is not None else getattr(base, "norm_num_groups", None) or 32
+        if place_attention is None:
+            place_attention = projection == "global+grid"
         blocks = {
-            path: CrossAttentionBlock(ch, token_dim, heads, hdim, groups, out_bias=False) for path, ch in added.items()
+            path: CrossAttentionBlock(
+                ch, token_dim, heads, hdim, groups, out_bias=False, place_attention=bool(place_attention)
+            )
+            for path, ch in added.items()
         }
         processors = {name: IPAttnProcessor(attn, token_dim) for name, attn in sites}
 
@@ -163,6 +176,11 @@ class IPAdapter(nn.Module):
                     f"global+spatial makes 4 global tokens and num_tokens - 4 spatial ones; got {num_tokens}."
                 )
             self.image_proj = GlobalSpatialProjection(self.feature_dim, token_dim, 4, spatial, depth=perceiver_depth)
+            self.num_tokens = self.image_proj.num_tokens
+        elif projection == "global+grid":
+            if feature_grid is None:
+                raise ValueError("projection 'global+grid' needs feature_grid, the (d, h, w) of the encoder's output.")
+            self.image_proj = GlobalGridProjection(self.feature_dim, token_dim, tuple(feature_grid))
             self.num_tokens = self.image_proj.num_tokens
         else:
             raise ValueError(f"projection must be one of {PROJECTIONS} or an nn.Module, got {projection!r}.")
@@ -274,7 +292,9 @@ class IPAdapter(nn.Module):
         lam = torch.as_tensor(scale, dtype=torch.float32, device=x.device)
         if lam.ndim > 1 or (lam.ndim == 1 and lam.shape[0] not in (1, b)):
             raise ValueError(f"scale must be a number or one per sample ({b},), got shape {tuple(lam.shape)}.")
-        prompt = ImagePrompt(tokens.to(x.device).expand(b, -1, -1), lam.reshape(-1).expand(b))
+        places_of = getattr(self.image_proj, "token_places", None)
+        places = places_of().to(x.device) if places_of is not None else None
+        prompt = ImagePrompt(tokens.to(x.device).expand(b, -1, -1), lam.reshape(-1).expand(b), places)
         return self.base(x, timesteps, context=context, image_prompt=prompt)
 
     def remove(self) -> nn.Module:

@@ -76,7 +76,7 @@ class AddedBlockProcessor:
         self.block = block
 
     def __call__(self, h: torch.Tensor, image_prompt: ImagePrompt) -> torch.Tensor:
-        branch = self.block.branch(h, image_prompt.tokens)
+        branch = self.block.branch(h, image_prompt.tokens, places=image_prompt.places)
         return h + _per_sample(image_prompt.scale, branch) * branch
 
     def __repr__(self) -> str:

@@ -7,12 +7,12 @@ import torch
 from torch import nn
 
 from ..attention import Attention, attention_heads
-from ..positions import sincos_position_3d
+from ..positions import PLACE_DIM, place_features, sincos_position_3d, volume_position_3d
 
-__all__ = ["PROJECTIONS", "GlobalSpatialProjection", "ImageProjection", "PerceiverResampler"]
+__all__ = ["PROJECTIONS", "GlobalGridProjection", "GlobalSpatialProjection", "ImageProjection", "PerceiverResampler"]
 
 #: the projections :class:`~wdm3d.networks.IPAdapter` builds by name
-PROJECTIONS = ("linear", "perceiver", "global+spatial")
+PROJECTIONS = ("linear", "perceiver", "global+spatial", "global+grid")
 
 
 def _check_features(features: torch.Tensor, feature_dim: int) -> None:
@@ -162,3 +162,48 @@ class GlobalSpatialProjection(nn.Module):
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
         return torch.cat((self.global_tokens(features), self.spatial_tokens(features)), dim=1)
+
+
+class GlobalGridProjection(nn.Module):
+    """Global tokens and one token per cell of the feature grid, each carrying where it sits in the volume.
+
+    ``(B, F, d, h, w) -> (B, num_global + d*h*w, token_dim)``: :class:`ImageProjection`'s tokens of the pooled
+    features, then ``LayerNorm(Linear(features of a cell)) + volume_position_3d`` for every cell. With image
+    place-biased cross-attention (``CrossAttentionBlock(place_attention=True)`` reading :meth:`token_places`) a U-Net
+    voxel reads the reference at its own place, which a resampler's few tokens cannot give it: what paired synthesis
+    of an aligned volume needs.
+
+    Args:
+        feature_dim: F.
+        token_dim: width of the tokens.
+        grid: ``(d, h, w)`` of the encoder's feature map (fixes the number of tokens).
+        num_global: tokens of the pooled features.
+    """
+
+    def __init__(self, feature_dim: int, token_dim: int, grid: tuple[int, int, int], num_global: int = 4) -> None:
+        super().__init__()
+        if len(grid) != 3 or any(int(g) < 1 for g in grid):
+            raise ValueError(f"grid must be the (d, h, w) of the feature map, got {grid!r}.")
+        self.global_tokens = ImageProjection(feature_dim, token_dim, num_global)
+        self.proj = nn.Linear(feature_dim, token_dim)
+        self.norm = nn.LayerNorm(token_dim)
+        self.grid = tuple(int(g) for g in grid)
+        self.feature_dim, self.token_dim = feature_dim, token_dim
+        self.num_tokens = num_global + self.grid[0] * self.grid[1] * self.grid[2]
+        self.register_buffer("positions", volume_position_3d(self.grid, token_dim), persistent=False)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        _check_features(features, self.feature_dim)
+        if features.ndim != 5 or tuple(features.shape[2:]) != self.grid:
+            raise ValueError(
+                f"global+grid tokens need a (B, F, {', '.join(map(str, self.grid))}) feature map, got "
+                f"{tuple(features.shape)}; set feature_grid to the encoder's output grid."
+            )
+        cells = self.norm(self.proj(features.flatten(2).transpose(1, 2))) + self.positions.to(features.dtype)
+        return torch.cat((self.global_tokens(features), cells), dim=1)
+
+    def token_places(self) -> torch.Tensor:
+        """``(num_tokens, PLACE_DIM)``: zero rows for the global tokens (no place), then each cell's
+        :func:`~wdm3d.networks.positions.place_features`."""
+        cells = place_features(self.grid, self.positions.device)
+        return torch.cat((cells.new_zeros(self.global_tokens.num_tokens, PLACE_DIM), cells))
