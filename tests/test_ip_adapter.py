@@ -682,6 +682,8 @@ def test_grid_tokens_carry_their_place_and_the_adapter_attends_by_place():
         assert (adapter(x, t, image=ref) - by_place).abs().max() > 1e-5  # the places reach the attention
     with pytest.raises(ValueError, match="needs feature_grid"):
         IPAdapter(tiny_base(None), tiny_encoder(), feature_dim=8, token_dim=CTX, projection="global+grid")
+    with pytest.raises(ValueError, match="token_places"):  # a place bias without places would silently do nothing
+        IPAdapter(tiny_base(None), tiny_encoder(), feature_dim=8, token_dim=CTX, place_attention=True)
 
 
 def test_place_attention_reads_the_token_of_its_own_place():

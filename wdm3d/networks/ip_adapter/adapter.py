@@ -67,7 +67,8 @@ class IPAdapter(nn.Module):
         feature_grid: ``(d, h, w)`` of the encoder's feature map, for ``"global+grid"``.
         place_attention: the added blocks bias their attention toward tokens at the voxel's own place
             (``CrossAttentionBlock(place_attention=True)``; the projection must give ``token_places()``; default: True
-            with ``"global+grid"``, else False).
+            with ``"global+grid"``, else False). The base's own cross-attention sites read the same tokens without
+            a place bias (their processors see flattened voxels).
         null_tokens: what a dropped image prompt becomes (training with condition dropout, and the unconditional
             branch of classifier-free guidance on the image, :meth:`null_image_tokens`): ``"learned"`` (default) a
             trained null prompt of ``num_tokens`` tokens, zero-initialised, so that it starts as the base; ``"zeros"``
@@ -101,7 +102,7 @@ class IPAdapter(nn.Module):
         perceiver_depth: int = 4,
         added_levels: Sequence[int] | None = None,
         added_middle: bool | None = None,
-        added_sites: Sequence[str] | Mapping[str, int] | None = None,
+        added_sites: Sequence[str] | None = None,
         num_heads: int | None = None,
         head_dim: int | None = None,
         norm_num_groups: int | None = None,
@@ -185,6 +186,11 @@ class IPAdapter(nn.Module):
         else:
             raise ValueError(f"projection must be one of {PROJECTIONS} or an nn.Module, got {projection!r}.")
 
+        if place_attention and blocks and not callable(getattr(self.image_proj, "token_places", None)):
+            raise ValueError(
+                "place_attention needs tokens that know their place (a projection with token_places(), e.g. "
+                "'global+grid')."
+            )
         self.null_mode = null_tokens
         if null_tokens == "learned":
             if not isinstance(self.num_tokens, int):
