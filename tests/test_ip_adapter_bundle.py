@@ -156,7 +156,7 @@ def test_adapter_training_keeps_the_base_and_saves_the_adapter_alone(trained, da
     )
     fresh.load_state_dict(ema)
     assert saved["meta"]["base"] == weights_fingerprint(fresh)  # the frozen base it was trained on
-    loaded = IPAdapter(fresh, RandomConv3dFeatures(seed=0))
+    loaded = IPAdapter(fresh, RandomConv3dFeatures(seed=0), projection="global+spatial")  # the bundle's default
     loaded.load_adapter(out / "adapter" / "ip_adapter.pt")
     x, ref = torch.randn(1, 8, 8, 8, 8), torch.rand(1, 1, 16, 16, 16) * 2 - 1
     ctx = fresh.indices({"modality": "t2w", "dataset": "brats"})
