@@ -52,11 +52,12 @@ def test_documented_bundle_commands_use_keys_their_configs_define(doc, line):
 @pytest.mark.parametrize("bundle", sorted(p.parent.parent.name for p in REPO.glob("bundles/*/docs/README.md")))
 def test_flags_named_in_a_bundle_readme_are_config_keys_or_data_prep_options(bundle):
     # the READMEs also describe data_prep and neighbouring bundles (latent diffusion in wfvae's), so any bundle's
-    # config keys and any data_prep option count; a misspelt or removed key does not
+    # config keys, any data_prep option and any benchmark script's option count; a misspelt or removed key does not
     known = set(_RUN_ARGS) | TORCHRUN | BUNDLE_COMMANDS
     for path in REPO.glob("bundles/*/configs/*.json"):
         known |= set(config_ids(ConfigParser.load_config_file(str(path))))
-    for path in (REPO / "data_prep").glob("*.py"):
+    # (and the options of the benchmark scripts whose measurements a README quotes with their command)
+    for path in [*(REPO / "data_prep").glob("*.py"), *(REPO / "benchmarks").glob("*.py")]:
         known |= set(re.findall(r'add_argument\(\s*"--([a-z0-9_-]+)"', path.read_text()))
     readme = REPO / "bundles" / bundle / "docs" / "README.md"
     text = re.sub(r"```.*?```", "", readme.read_text(), flags=re.S)  # fenced commands: the test above
