@@ -454,8 +454,8 @@ def markdown(summary: dict, docs: list[dict], command: str) -> str:
         + ", ".join(
             f"{t}: {e.get('iterations')} steps, {e.get('recon_psnr_db', float('nan')):.1f} dB" for t, e in enc.items()
         )
-        + f"). Mean and 95% t-interval over seeds {sorted({d['seed'] for d in docs})}; `vs base` is the mean "
-        "per-seed difference to the base with its interval; **bold**: the row's interval is disjoint from the base's.",
+        + "). Mean and 95% t-interval over the row's seeds (`n`); `vs base` is the mean difference to the base over "
+        "the seeds both have, with its interval; **bold**: the row's interval is disjoint from the base's.",
         "",
     ]
     for task, table in summary.items():
@@ -463,8 +463,12 @@ def markdown(summary: dict, docs: list[dict], command: str) -> str:
         lines += [
             f"**{task}**",
             "",
-            "| method | lr | " + " | ".join(metrics) + " | " + " | ".join(f"vs base ({k})" for k in metrics[:2]) + " |",
-            "|---" * (len(metrics) + 2 + len(metrics[:2])) + "|",
+            "| method | n | lr | "
+            + " | ".join(metrics)
+            + " | "
+            + " | ".join(f"vs base ({k})" for k in metrics[:2])
+            + " |",
+            "|---" * (len(metrics) + 3 + len(metrics[:2])) + "|",
         ]
         for method, row in table.items():
             cells = []
@@ -472,7 +476,13 @@ def markdown(summary: dict, docs: list[dict], command: str) -> str:
                 text = _fmt(row.get(k), _digits(k))
                 cells.append(f"**{text}**" if row.get("disjoint_from_base", {}).get(k) else text)
             diffs = [_fmt(row.get("vs_base", {}).get(k), _digits(k)) for k in metrics[:2]]
-            lines.append(f"| {method} | {row['lr']:g} | " + " | ".join(cells) + " | " + " | ".join(diffs) + " |")
+            lines.append(
+                f"| {method} | {len(row['seeds'])} | {row['lr']:g} | "
+                + " | ".join(cells)
+                + " | "
+                + " | ".join(diffs)
+                + " |"
+            )
         lines.append("")
     designs = {row["design"] for table in summary.values() for row in table.values() if row["design"]}
     lines.append("Adapters: " + "; ".join(sorted(designs)) + ".")
