@@ -97,7 +97,9 @@ def _mixture(n: int, generator: torch.Generator) -> torch.Tensor:
     return 2.0 * sign + 0.3 * torch.randn(n, 1, generator=generator)
 
 
-def test_a_learnt_one_step_map_matches_a_gaussian_mixture_where_one_euler_step_collapses():
+def _learn_1d_flow_map(times, target_of):
+    """A small MLP average velocity ``u(z, r, t)`` trained for 3000 steps on the 1D two-mode mixture, with the
+    training times ``times(batch, generator)`` and the objective ``target_of(u, z, r, t, v)``."""
     torch.manual_seed(0)
     net = nn.Sequential(
         nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 1)
@@ -111,14 +113,21 @@ def test_a_learnt_one_step_map_matches_a_gaussian_mixture_where_one_euler_step_c
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, 1e-4)
     for _ in range(iters):
         x, noise = _mixture(256, gen), torch.randn(256, 1, generator=gen)
-        r, t = sample_time_pairs(256, equal_fraction=0.25, distribution="uniform", generator=gen)
+        r, t = times(256, gen)
         z = (1 - t[:, None]) * x + t[:, None] * noise
-        pred, target = meanflow_target(u, z, r, t, x - noise)
+        pred, target = target_of(u, z, r, t, x - noise)
         loss = meanflow_loss(pred, target)
         opt.zero_grad()
         loss.backward()
         opt.step()
         sched.step()
+    return u
+
+
+def test_a_learnt_one_step_map_matches_a_gaussian_mixture_where_one_euler_step_collapses():
+    u = _learn_1d_flow_map(
+        lambda n, g: sample_time_pairs(n, equal_fraction=0.25, distribution="uniform", generator=g), meanflow_target
+    )
     noise = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(5))
     truth = _mixture(20_000, torch.Generator().manual_seed(6))[:, 0].numpy()
     with torch.no_grad():
@@ -343,27 +352,9 @@ def test_shortcut_time_pairs_are_flow_matching_or_power_of_two_jumps():
 
 
 def test_a_learnt_shortcut_model_matches_a_gaussian_mixture_in_few_steps():
-    torch.manual_seed(0)
-    net = nn.Sequential(
-        nn.Linear(3, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 128), nn.SiLU(), nn.Linear(128, 1)
+    u = _learn_1d_flow_map(
+        lambda n, g: shortcut_time_pairs(n, equal_fraction=0.75, distribution="uniform", generator=g), shortcut_target
     )
-
-    def u(z, r, t):
-        return net(torch.cat([z, r[:, None], t[:, None]], 1))
-
-    iters, gen = 3000, torch.Generator().manual_seed(1)
-    opt = torch.optim.Adam(net.parameters(), 1e-3)
-    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, iters, 1e-4)
-    for _ in range(iters):
-        x, noise = _mixture(256, gen), torch.randn(256, 1, generator=gen)
-        r, t = shortcut_time_pairs(256, equal_fraction=0.75, distribution="uniform", generator=gen)
-        z = (1 - t[:, None]) * x + t[:, None] * noise
-        pred, target = shortcut_target(u, z, r, t, x - noise)
-        loss = meanflow_loss(pred, target)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
-        sched.step()
     noise = torch.randn(20_000, 1, generator=torch.Generator().manual_seed(5))
     truth = _mixture(20_000, torch.Generator().manual_seed(6))[:, 0].numpy()
     with torch.no_grad():

@@ -406,8 +406,8 @@ class WDMUNet(nn.Module):
             return checkpoint(blk, h, *cond, use_reentrant=False)
         return blk(h, *cond)
 
-    def _after_anchor(self, path: str, h: torch.Tensor, image_prompt: ImagePrompt | None) -> torch.Tensor:
-        processor = self.__dict__["_anchor_processors"].get(path) if image_prompt is not None else None
+    def _after_anchor(self, path: str, h: torch.Tensor, image_prompt: ImagePrompt) -> torch.Tensor:
+        processor = self.__dict__["_anchor_processors"].get(path)
         return h if processor is None else self._run(processor, h, image_prompt)
 
     def _check_image_prompt(self, image_prompt: ImagePrompt, x: torch.Tensor) -> None:
@@ -522,7 +522,9 @@ class WDMUNet(nn.Module):
                 if torch.jit.is_scripting():
                     h = blk(h, emb)
                 else:
-                    h = self._after_anchor(f"down.{i}", self._run(blk, h, emb), image_prompt)
+                    h = self._run(blk, h, emb)
+                    if image_prompt is not None:  # (no path strings on the plain hot path)
+                        h = self._after_anchor(f"down.{i}", h, image_prompt)
                 skips.append(h)
             else:  # attends in place: the attended output is the skip
                 assert context is not None  # checked above: a network with cross-attention has its context
@@ -533,7 +535,9 @@ class WDMUNet(nn.Module):
                 if torch.jit.is_scripting():
                     h = blk(h, emb)
                 else:
-                    h = self._after_anchor(f"middle.{i}", self._run(blk, h, emb), image_prompt)
+                    h = self._run(blk, h, emb)
+                    if image_prompt is not None:
+                        h = self._after_anchor(f"middle.{i}", h, image_prompt)
             else:
                 assert context is not None
                 h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context, image_prompt)
@@ -545,7 +549,9 @@ class WDMUNet(nn.Module):
                     if torch.jit.is_scripting():
                         h = blk(h, emb)
                     else:
-                        h = self._after_anchor(f"up.{j}.{k}", self._run(blk, h, emb), image_prompt)
+                        h = self._run(blk, h, emb)
+                        if image_prompt is not None:
+                            h = self._after_anchor(f"up.{j}.{k}", h, image_prompt)
                 else:
                     assert context is not None
                     h = blk(h, context) if torch.jit.is_scripting() else self._run(blk, h, context, image_prompt)
