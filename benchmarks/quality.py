@@ -173,6 +173,14 @@ CANDIDATES: dict[str, dict] = {
         steps=50,
         note="JiT on two Haar levels (64 channels at 1/4 resolution)",
     ),
+    "rflow_x_vloss_2level_shift3": dict(
+        diffusion={**JIT, "levels": 2, "time_shift": 3.0},
+        net=UNET_2LEVEL,
+        loss={},
+        sampler="rflow",
+        steps=50,
+        note="the two-level JiT with SD3's time shift 3 (training times and sampling grid moved towards noise)",
+    ),
     "rflow_x_vloss_dit": dict(
         diffusion=JIT,
         net=DIT,
@@ -735,8 +743,65 @@ def summarize(records: list[dict]) -> dict:
     return out
 
 
+def _relative_to_best(res: dict, name: str) -> float:
+    """``name``'s headline mean over the best mean's, in one dataset's summary (1 for the best; lower is better)."""
+    primary = res["primary"]
+    return res["candidates"][name][primary]["mean"] / res["candidates"][res["best_mean"]][primary]["mean"]
+
+
+def overall(summary: dict) -> dict:
+    """Per training budget, the recipe the bundles default to: one that no dataset can tell from its best.
+
+    The candidates in every dataset's tie with the best (:func:`summarize`'s ``tied_with_best``: 3+ seeds, enough
+    valid samples, an interval overlapping the best mean's) are the contenders; a candidate not run on every dataset
+    is not one. Among them the cheapest sampler wins, then the smallest mean over datasets of its headline relative
+    to each dataset's best mean.
+    """
+    out: dict = {}
+    for budget in sorted({int(k.split("@")[1]) for k in summary}):
+        studies = {k: v for k, v in summary.items() if k.endswith(f"@{budget}") and v.get("winner")}
+        if len(studies) < 2:
+            continue
+        contenders = set.intersection(*(set(v["tied_with_best"]) for v in studies.values()))
+
+        ranked = {
+            c: {
+                "nfe": max(studies[k]["candidates"][c]["nfe"] for k in studies),
+                "relative_to_best": {k: _relative_to_best(studies[k], c) for k in studies},
+            }
+            for c in contenders
+        }
+        winner = (
+            min(ranked, key=lambda c: (ranked[c]["nfe"], float(np.mean(list(ranked[c]["relative_to_best"].values())))))
+            if ranked
+            else None
+        )
+        out[str(budget)] = {
+            "datasets": sorted(studies),
+            "contenders": ranked,
+            "winner": winner,
+            "not_run_everywhere": sorted(
+                set().union(*(set(v["candidates"]) for v in studies.values()))
+                - set.intersection(*(set(v["candidates"]) for v in studies.values()))
+            ),
+        }
+    return out
+
+
 def markdown(summary: dict) -> str:
     lines = []
+    for budget, res in overall(summary).items():
+        contenders = ", ".join(
+            f"`{c}` (" + ", ".join(f"{k.split('@')[0]} {r:.2f}" for k, r in sorted(v["relative_to_best"].items())) + ")"
+            for c, v in sorted(res["contenders"].items())
+        )
+        lines.append(
+            f"**Overall, {budget} steps: `{res['winner']}`** (the bundles' default). Candidates that no dataset "
+            f"({', '.join(k.split('@')[0] for k in res['datasets'])}) tells from its best, with their headline over "
+            f"each dataset's best mean: {contenders or 'none'}. The cheapest sampler among them wins, then the lowest "
+            f"mean of these ratios. Not run on every dataset, so not a contender: {res['not_run_everywhere']}."
+        )
+        lines.append("")
     for key, res in summary.items():
         primary = res["primary"]
         dataset, iterations = key.split("@")

@@ -119,6 +119,66 @@ def test_unweighted_process_keeps_a_plain_target():
     assert isinstance(target, torch.Tensor) and not isinstance(target, DiffusionTarget)
 
 
+# -- SD3's time shift -------------------------------------------------------------------------------------------------
+
+
+def test_time_shift_is_sd3s_map_and_divides_the_snr_by_its_square():
+    s = torch.linspace(0, 1, 101, dtype=torch.float64)
+    shifted = maths.rflow_time_shift(s, 3.0)
+    torch.testing.assert_close(shifted, 3 * s / (1 + 2 * s))
+    assert shifted[0] == 0 and shifted[-1] == 1 and bool((shifted.diff() > 0).all()) and bool((shifted >= s).all())
+    inner = s[1:-1]
+    torch.testing.assert_close(
+        maths.rflow_snr(maths.rflow_time_shift(inner, 3.0)), maths.rflow_snr(inner) / 9, rtol=1e-10, atol=0
+    )
+    torch.testing.assert_close(maths.rflow_time_shift(s, 1.0), s)
+
+
+def test_time_shift_moves_logit_normal_training_times_by_log_shift():
+    # logit(shift s / (1 + (shift - 1) s)) = logit(s) + log(shift): SD3's logit-normal N(0, 1) becomes N(log 3, 1)
+    from scipy.stats import kstest
+
+    torch.manual_seed(0)
+    d = WaveletDiffusion(process="rflow", prediction_type="sample", rflow_sample_method="logit-normal", time_shift=3.0)
+    s = d.sample_timesteps(4000).double() / d.num_train_timesteps
+    logits = torch.log(s / (1 - s)).numpy()
+    assert kstest(logits, "norm", args=(math.log(3.0), 1.0)).pvalue > 0.01
+    assert kstest(logits, "norm", args=(0.0, 1.0)).pvalue < 1e-6  # the unshifted law is rejected
+
+
+def test_time_shift_sets_the_sampling_grid_and_is_recorded():
+    d = WaveletDiffusion(process="rflow", prediction_type="sample", time_shift=3.0)
+    grid = d.sampling_timesteps("rflow", 4)
+    expected = [1000 * 3 * u / (1 + 2 * u) for u in (1.0, 0.75, 0.5, 0.25)] + [0.0]
+    assert grid == pytest.approx(expected, rel=1e-12)
+    assert d.network_evaluations("rflow", 4) == 4
+    assert d.config()["time_shift"] == 3.0 and WaveletDiffusion(**d.config()).time_shift == 3.0
+    assert "time_shift" not in WaveletDiffusion(process="rflow").config()  # earlier checkpoints' records unchanged
+    # the model sees the shifted times
+    seen = []
+
+    def model(x, t, context=None):
+        seen.append(float(t[0]))
+        return torch.zeros_like(x)
+
+    d.sample(model, (1, 8, 8, 8), num_samples=1, num_steps=4, seed=0, progress=False)
+    assert seen == pytest.approx(expected[:-1], rel=1e-6)
+    # a sampler may choose another grid for the same network
+    check_diffusion_matches(
+        {"run_config": {"diffusion": d.config()}}, WaveletDiffusion(process="rflow", prediction_type="sample"), "c"
+    )
+
+
+def test_time_shift_refuses_what_it_cannot_shift():
+    with pytest.raises(ValueError, match="time_shift"):
+        WaveletDiffusion(process="ddpm", time_shift=2.0)
+    with pytest.raises(ValueError, match="time_shift"):
+        WaveletDiffusion(process="rflow", flow_map="meanflow", time_shift=2.0)
+    for bad in (0, -1.0, float("nan"), "3"):
+        with pytest.raises(ValueError, match="time_shift"):
+            WaveletDiffusion(process="rflow", time_shift=bad)
+
+
 # -- per-subband weights ----------------------------------------------------------------------------------------------
 
 
@@ -350,3 +410,27 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     )  # ... though the means overlap
     assert vs["ratio_of_means"] == pytest.approx(2.0 / 2.5)
     assert q.paired_difference(rows[:4], "w", "b", q.PRIMARY["shapes32"]) is None  # one common seed
+
+    # the bundles' default: the only kind of candidate no dataset tells from its best; a dataset it was not run on
+    # rules it out
+    def rows(dataset, name, values, nfe=50):
+        return [{**rec(name, s, v, nfe), "dataset": dataset} for s, v in enumerate(values)]
+
+    a, b, c = names
+    records = (
+        rows("shapes32", a, [1.0, 1.1, 0.9])
+        + rows("shapes32", b, [1.1, 1.3, 1.0])
+        + rows("shapes32", c, [0.7, 1.1, 0.9])
+    )
+    records += rows("shapes64", a, [2.0, 2.4, 1.6]) + rows("shapes64", b, [1.0, 1.1, 0.9])  # a ties b's best here
+    records += rows("demo32", a, [5.0, 5.1, 4.9]) + rows("demo32", b, [9.0, 9.1, 8.9])  # b loses the demo
+    records = [{**r, "metrics": {q.PRIMARY[r["dataset"]]: r["metrics"][q.PRIMARY["shapes32"]]}} for r in records]
+    best = q.overall(q.summarize(records))["10"]
+    assert best["winner"] == a and set(best["contenders"]) == {a} and best["not_run_everywhere"] == [c]
+    assert best["contenders"][a]["relative_to_best"]["shapes64@10"] == pytest.approx(2.0 / 1.0)
+    assert best["contenders"][a]["relative_to_best"]["shapes32@10"] == pytest.approx(1.0 / 0.9)  # c is best there
+    # two contenders: the cheaper sampler wins although its ratios are no better
+    d = list(q.CANDIDATES)[3]
+    twin = [{**r, "candidate": d, "nfe": 1000} for r in records if r["candidate"] == a]
+    best = q.overall(q.summarize(records + twin))["10"]
+    assert set(best["contenders"]) == {a, d} and best["winner"] == a and best["contenders"][d]["nfe"] == 1000

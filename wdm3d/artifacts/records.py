@@ -17,7 +17,7 @@ __all__ = ["check_diffusion_matches", "network_arguments", "plain"]
 
 
 # diffusion settings a sampler may choose freely: the DDPM posterior variance, and how training drew its times and
-# weighted its loss
+# weighted its loss (time_shift also sets the sampling grid, which any grid may replace)
 _FREE_AT_SAMPLING = (
     "ddpm_variance",
     "rflow_sample_method",
@@ -25,6 +25,7 @@ _FREE_AT_SAMPLING = (
     "min_snr_gamma",
     "flow_map_equal_fraction",
     "flow_map_time",
+    "time_shift",
 )
 
 

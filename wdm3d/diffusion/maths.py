@@ -191,6 +191,18 @@ def rflow_step(x_s: torch.Tensor, x0: torch.Tensor, s: torch.Tensor, s_next: tor
     return x_s + (x0 - x_s) * ((s - s_next) / s)
 
 
+def rflow_time_shift(s: torch.Tensor, shift: float) -> torch.Tensor:
+    """SD3's time shift (Esser et al. 2024, eq. 23): ``shift s / (1 + (shift - 1) s)``.
+
+    A monotone map of [0, 1] onto itself that keeps 0 and 1; ``shift > 1`` moves times towards noise (``s = 1``).
+    SD3 motivates it by resolution: a larger volume keeps more signal at the same noise level (averaging over more
+    voxels), so its coarse structure is decided closer to ``s = 1``; it uses ``shift = sqrt(m / n)`` for ``m`` over
+    ``n`` pixels, and 3.0 at 1024^2. The map has the same shape as a change of SNR by ``shift^2``:
+    ``SNR(shifted s) = SNR(s) / shift^2``.
+    """
+    return shift * s / (1 + (shift - 1) * s)
+
+
 # --- loss weighting -------------------------------------------------------------------------------------------------
 #
 # Every weighting below is stated as a weight on the squared error of the network's own target, per sample. The

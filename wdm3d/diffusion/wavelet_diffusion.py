@@ -19,6 +19,7 @@ share its schedule state; the mathematics each of them uses lives in those two m
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
@@ -73,6 +74,10 @@ class WaveletDiffusion:
             the other quarter self-consistency pairs).
         flow_map_time: how the flow map's training times are drawn: ``"logit_normal"`` (MeanFlow's
             ``sigmoid(N(-0.4, 1))``) or ``"uniform"``.
+        time_shift: rflow only: SD3's resolution shift of the times (:func:`maths.rflow_time_shift`), applied to
+            the training times (after ``rflow_sample_method``) and to the sampling grid. 1.0 (default): none;
+            above 1, more training and more sampling steps near noise, where a larger volume's coarse structure is
+            decided. Not with ``flow_map``.
 
     Example:
         >>> diffusion = WaveletDiffusion()  # WDM: T=1000, linear betas, x0 prediction, LLL / 3
@@ -100,6 +105,7 @@ class WaveletDiffusion:
         flow_map: str | None = None,
         flow_map_equal_fraction: float = 0.75,
         flow_map_time: str = "logit_normal",
+        time_shift: float = 1.0,
     ) -> None:
         if process not in maths.PROCESSES:
             raise ValueError(f"process must be one of {maths.PROCESSES}, got {process!r}.")
@@ -139,6 +145,14 @@ class WaveletDiffusion:
                 raise ValueError(f"flow_map_equal_fraction must be in [0, 1], got {flow_map_equal_fraction}.")
             if flow_map_time not in flow_maps.TIME_DISTRIBUTIONS:
                 raise ValueError(f"flow_map_time must be one of {flow_maps.TIME_DISTRIBUTIONS}, got {flow_map_time!r}.")
+        if not (isinstance(time_shift, (int, float)) and math.isfinite(time_shift) and time_shift > 0):
+            raise ValueError(f"time_shift must be a positive number, got {time_shift!r}.")
+        if time_shift != 1.0 and (process != "rflow" or flow_map is not None):
+            raise ValueError(
+                f"time_shift shifts a rectified flow's times: it needs process 'rflow' without a flow_map, got "
+                f"process {process!r} / flow_map {flow_map!r} with time_shift {time_shift}."
+            )
+        self.time_shift = float(time_shift)
         self.flow_map = flow_map
         self.flow_map_equal_fraction = float(flow_map_equal_fraction)
         self.flow_map_time = flow_map_time
@@ -210,10 +224,15 @@ class WaveletDiffusion:
     # -- training --------------------------------------------------------------------------------------------------
 
     def sample_timesteps(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
-        """Training timesteps: uniform integers in [0, T) for ddpm, MONAI's RFlow distribution for rflow."""
+        """Training timesteps: uniform integers in [0, T) for ddpm, MONAI's RFlow distribution for rflow (shifted by
+        ``time_shift``)."""
         if self.process == "ddpm":
             return torch.randint(0, self.num_train_timesteps, (batch_size,), device=device)
-        return self.scheduler.sample_timesteps(torch.empty(batch_size, 1, device=device))
+        t = self.scheduler.sample_timesteps(torch.empty(batch_size, 1, device=device))
+        if self.time_shift != 1.0:
+            T = self.num_train_timesteps
+            t = maths.rflow_time_shift(t / T, self.time_shift) * T
+        return t
 
     def sample_flow_map_times(
         self, batch_size: int, device: torch.device | str | None = None
@@ -347,6 +366,9 @@ class WaveletDiffusion:
             steps = 30 if num_steps is None else int(num_steps)
             if not 1 <= steps <= T:
                 raise ValueError(f"num_steps must be in [1, {T}] for rflow, got {num_steps}.")
+            if self.time_shift != 1.0:  # computed here in float64 (MONAI's grid is stored as float16)
+                grid = maths.rflow_time_shift(torch.linspace(1, 0, steps + 1, dtype=torch.float64), self.time_shift)
+                return [float(t) for t in grid[:-1] * T] + [0.0]
             self.scheduler.set_timesteps(steps)
             return [float(t) for t in self.scheduler.timesteps] + [0.0]
         steps = (T if sampler == "ddpm" else 50) if num_steps is None else int(num_steps)
@@ -503,6 +525,8 @@ class WaveletDiffusion:
             out.update(self.schedule)  # the noise schedule (two schedules otherwise looked like one process)
         else:
             out["rflow_sample_method"] = self.rflow_sample_method
+            if self.time_shift != 1.0:  # absent at 1.0: earlier checkpoints' records stay equal
+                out["time_shift"] = self.time_shift
         if self.flow_map is not None:
             out.update(
                 flow_map=self.flow_map,
