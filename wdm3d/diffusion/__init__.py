@@ -1,7 +1,7 @@
 """Wavelet-domain diffusion: closed forms (:mod:`.maths`), the process and samplers (:mod:`.wavelet_diffusion`),
 MONAI training glue (:mod:`.training`: prepare-batch, the one training inferer, losses), classifier-free guidance
-(:mod:`.guidance`) and conditioning (:mod:`.conditioning`: context tokens, IP-Adapter training on a frozen base,
-concatenation)."""
+(:mod:`.guidance`), conditioning (:mod:`.conditioning`: context tokens, IP-Adapter training on a frozen base,
+concatenation) and the teacher of a distilled flow map (:mod:`.teacher`)."""
 
 from . import flow_map, maths
 from .conditioning import (
@@ -15,6 +15,7 @@ from .conditioning import (
     load_frozen_base,
 )
 from .guidance import ClassifierFreeGuidance
+from .teacher import load_teacher
 from .training import (
     DiffusionTarget,
     FlowMapPrediction,
@@ -45,6 +46,7 @@ __all__ = [
     "build_image_encoder",
     "expand_paired_datalist",
     "load_frozen_base",
+    "load_teacher",
     "subband_mse",
     "DiffusionTarget",
     "target_tensor",

@@ -22,6 +22,7 @@ MONAI's ``DiffusionInferer`` is not used: it noises with ``scheduler.add_noise``
 
 from __future__ import annotations
 
+import json
 from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
@@ -179,15 +180,37 @@ class WaveletDiffusionInferer(Inferer):
     The keyword arguments are what :class:`WaveletDiffusionPrepareBatch` and
     :class:`~wdm3d.diffusion.ConditionalPrepareBatch` return.
 
+    Distillation (a flow map only): with a ``teacher``, a trained multi-step rectified flow, the flow map's velocity
+    ``v`` (its ``r = t`` target, and the tangent of MeanFlow's Jacobian-vector product) is the teacher's marginal
+    velocity at ``(z_t, t)`` (:meth:`WaveletDiffusion.velocity`) instead of the conditional ``x0 - noise``: the same
+    map, learnt from a target without the data pairing's noise, as consistency distillation does for consistency
+    models (Song et al. 2023). One more forward pass of the teacher per step, without a graph.
+
     Args:
         diffusion: the process whose :meth:`~WaveletDiffusion.add_noise` noises the inputs.
+        teacher: the teacher network (called as ``teacher(x, timesteps, context=context)``), frozen here (eval mode,
+            no gradients); :func:`~wdm3d.diffusion.load_teacher` rebuilds one from a checkpoint.
+        teacher_diffusion: the teacher's process: rectified flow without a flow map, in the student's wavelet space
+            (same levels, LLL scale and wavelet).
     """
 
-    def __init__(self, diffusion: WaveletDiffusion) -> None:
+    def __init__(
+        self,
+        diffusion: WaveletDiffusion,
+        teacher: nn.Module | None = None,
+        teacher_diffusion: WaveletDiffusion | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(diffusion, WaveletDiffusion):
             raise TypeError(f"diffusion must be a WaveletDiffusion, got {type(diffusion).__name__}.")
+        if teacher is not None:
+            _check_teacher(diffusion, teacher_diffusion)
+            teacher.eval().requires_grad_(False)
+        elif teacher_diffusion is not None:
+            raise ValueError("teacher_diffusion was given without a teacher network.")
         self.diffusion = diffusion
+        self.teacher = teacher
+        self.teacher_diffusion = teacher_diffusion
 
     def __call__(  # type: ignore[override]
         self,
@@ -252,9 +275,42 @@ class WaveletDiffusionInferer(Inferer):
         t = timesteps.double() / T
         r = (timesteps - interval).double() / T
         z = self.diffusion.add_noise(x0, noise, timesteps)
+        v = x0 - noise
+        if self.teacher is not None:
+            with torch.no_grad():
+                x = z if concat is None else torch.cat((z, concat.to(z.dtype)), dim=1)
+                out = self.teacher(x, timesteps, context=context).to(z.dtype)
+                v = self.teacher_diffusion.velocity(out, z, timesteps)
         target_of = flow_map.shortcut_target if self.diffusion.flow_map == "shortcut" else flow_map.meanflow_target
-        u, target = target_of(u_fn, z, r.to(x0.dtype), t.to(x0.dtype), (x0 - noise).to(x0.dtype))
+        u, target = target_of(u_fn, z, r.to(x0.dtype), t.to(x0.dtype), v.to(x0.dtype))
         return FlowMapPrediction(u, target)
+
+
+def _check_teacher(student: WaveletDiffusion, teacher: WaveletDiffusion | None) -> None:
+    """A teacher fits a student when it is an ordinary rectified flow in the student's wavelet space."""
+    if student.flow_map is None:
+        raise ValueError(
+            "a teacher distils into a flow map: the student's process needs flow_map='meanflow' or 'shortcut'."
+        )
+    if not isinstance(teacher, WaveletDiffusion):
+        raise TypeError(f"teacher_diffusion must be the teacher's WaveletDiffusion, got {type(teacher).__name__}.")
+    if teacher.process != "rflow" or teacher.flow_map is not None:
+        raise ValueError(
+            f"the teacher must be a multi-step rectified flow (process 'rflow', no flow_map), got process "
+            f"{teacher.process!r} with flow_map {teacher.flow_map!r}."
+        )
+    space = ("levels", "lll_scale")
+    differ = {
+        k: (getattr(teacher, k), getattr(student, k)) for k in space if getattr(teacher, k) != getattr(student, k)
+    }
+    if teacher.space.dwt.wavelet != student.space.dwt.wavelet:
+        differ["wavelet"] = (teacher.space.dwt.wavelet, student.space.dwt.wavelet)
+    if differ:
+        fix = " ".join(f"--diffusion#{k} {json.dumps(v[0])}" for k, v in differ.items())
+        raise ValueError(
+            f"the teacher runs in another wavelet space than the student (teacher, student): {differ}. Train the "
+            f"student in the teacher's ({fix}), and sample it so too."
+        )
 
 
 def _group_weights(weights: torch.Tensor, channels: int, like: torch.Tensor) -> torch.Tensor:

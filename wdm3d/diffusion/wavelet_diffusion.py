@@ -277,6 +277,21 @@ class WaveletDiffusion:
             return flow_maps.average_velocity_from_sample(out, z, t)
         return out
 
+    def velocity(self, output: torch.Tensor, x_t: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+        """The rectified flow's instantaneous velocity (``x0 - noise``, toward the data) implied by a network
+        ``output`` at ``x_t`` and ``timesteps`` (``[0, T]``): the output itself for ``"v_prediction"``, else
+        ``(x_hat - x_t) / max(s, 0.05)`` (:func:`~wdm3d.diffusion.flow_map.average_velocity_from_sample`). What a
+        multi-step teacher hands a flow map in distillation (:class:`~wdm3d.diffusion.WaveletDiffusionInferer`).
+        """
+        if self.process != "rflow" or self.flow_map is not None:
+            raise ValueError(
+                f"velocity() reads an ordinary rectified flow's output; this process is {self.process!r} with "
+                f"flow_map {self.flow_map!r}."
+            )
+        if self.prediction_type == "v_prediction":
+            return output
+        return flow_maps.average_velocity_from_sample(output, x_t, timesteps / self.num_train_timesteps)
+
     def _ab(self, timesteps: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
         ab = self.alphas_cumprod.to(timesteps.device)[timesteps.long()]
         return maths.expand_to(ab, like)
