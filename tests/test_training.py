@@ -87,6 +87,13 @@ def test_cli_demo(tmp_path, capsys):
     ).exists()
 
 
+def test_cli_demo_refuses_a_sampler_its_process_cannot_use_before_training(tmp_path, capsys):
+    with pytest.raises(SystemExit) as err:  # the demo trains rectified flow: a DDPM sampler would fail after training
+        main(["demo", "--output", str(tmp_path), "--quick", "--sampler", "ddim"])
+    assert err.value.code == 2 and "invalid choice: 'ddim'" in capsys.readouterr().err
+    assert not (tmp_path / "data").exists()
+
+
 def test_interrupted_demo_training_stops_before_sampling(tmp_path, monkeypatch, capsys):
     """On SIGTERM the bundle saves a checkpoint and returns normally; the demo must not sample that half-trained
     network and call it done."""

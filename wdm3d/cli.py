@@ -233,7 +233,12 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--num-cases", type=int, default=16, help="demo cases to generate (default 16)")
     demo.add_argument("--epochs", type=int, default=None, help="training epochs (default: demo.json's)")
     demo.add_argument("--num-samples", type=int, default=None, help="volumes to generate (default: demo.json's)")
-    demo.add_argument("--sampler", default=None, choices=["ddpm", "ddim"], help="sampler (default: demo.json's)")
+    demo.add_argument(
+        "--sampler",
+        default=None,
+        choices=["rflow"],
+        help="sampler (default: demo.json's rflow; the demo trains rectified flow, which ddpm and ddim cannot sample)",
+    )
     demo.add_argument("--num-steps", type=int, default=None, help="sampling steps (default: demo.json's)")
     demo.add_argument("--seed", type=int, default=0)
     demo.add_argument("--device", default=None, help="e.g. cpu or cuda:0 (default: cuda if available)")
