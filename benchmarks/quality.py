@@ -733,6 +733,7 @@ def summarize(records: list[dict]) -> dict:
                 "primary": primary,
                 "best_mean": best,
                 "tied_with_best": sorted(tied),
+                "scored": sorted(scored),
                 "not_eligible_valid_below": {"threshold": MIN_VALID, "candidates": invalid},
                 "winner": winner,
                 "candidates": table,
@@ -755,7 +756,8 @@ def overall(summary: dict) -> dict:
     The candidates in every dataset's tie with the best (:func:`summarize`'s ``tied_with_best``: 3+ seeds, enough
     valid samples, an interval overlapping the best mean's) are the contenders; a candidate not run on every dataset
     is not one. Among them the cheapest sampler wins, then the smallest mean over datasets of its headline relative
-    to each dataset's best mean.
+    to each dataset's best mean. When no candidate ties everywhere, the one whose worst ratio to a dataset's best
+    mean is smallest wins (minimax), among those scored on every dataset (3+ seeds, enough valid samples).
     """
     out: dict = {}
     for budget in sorted({int(k.split("@")[1]) for k in summary}):
@@ -763,7 +765,10 @@ def overall(summary: dict) -> dict:
         if len(studies) < 2:
             continue
         contenders = set.intersection(*(set(v["tied_with_best"]) for v in studies.values()))
-
+        rule = "tied everywhere"
+        if not contenders:
+            rule = "minimax ratio to the best"
+            contenders = set.intersection(*(set(v["scored"]) for v in studies.values()))
         ranked = {
             c: {
                 "nfe": max(studies[k]["candidates"][c]["nfe"] for k in studies),
@@ -771,12 +776,14 @@ def overall(summary: dict) -> dict:
             }
             for c in contenders
         }
-        winner = (
-            min(ranked, key=lambda c: (ranked[c]["nfe"], float(np.mean(list(ranked[c]["relative_to_best"].values())))))
-            if ranked
-            else None
-        )
+        if rule == "tied everywhere":
+            winner = min(
+                ranked, key=lambda c: (ranked[c]["nfe"], float(np.mean(list(ranked[c]["relative_to_best"].values()))))
+            )
+        else:
+            winner = min(ranked, key=lambda c: max(ranked[c]["relative_to_best"].values())) if ranked else None
         out[str(budget)] = {
+            "rule": rule,
             "datasets": sorted(studies),
             "contenders": ranked,
             "winner": winner,
@@ -791,15 +798,30 @@ def overall(summary: dict) -> dict:
 def markdown(summary: dict) -> str:
     lines = []
     for budget, res in overall(summary).items():
-        contenders = ", ".join(
-            f"`{c}` (" + ", ".join(f"{k.split('@')[0]} {r:.2f}" for k, r in sorted(v["relative_to_best"].items())) + ")"
-            for c, v in sorted(res["contenders"].items())
+        contenders = (
+            ", ".join(
+                f"`{c}` ("
+                + ", ".join(f"{k.split('@')[0]} {r:.2f}" for k, r in sorted(v["relative_to_best"].items()))
+                + ")"
+                for c, v in sorted(res["contenders"].items())
+            )
+            or "none"
         )
+        datasets = ", ".join(k.split("@")[0] for k in res["datasets"])
+        if res["rule"] == "tied everywhere":
+            why = (
+                f"Candidates that no dataset ({datasets}) tells from its best, with their headline over each "
+                f"dataset's best mean: {contenders}. The cheapest sampler among them wins, then the lowest mean of "
+                "these ratios."
+            )
+        else:
+            why = (
+                f"No candidate ties with the best on every dataset ({datasets}); the smallest worst-case headline "
+                f"over a dataset's best mean wins (minimax). Candidates scored everywhere: {contenders}."
+            )
         lines.append(
-            f"**Overall, {budget} steps: `{res['winner']}`** (the bundles' default). Candidates that no dataset "
-            f"({', '.join(k.split('@')[0] for k in res['datasets'])}) tells from its best, with their headline over "
-            f"each dataset's best mean: {contenders or 'none'}. The cheapest sampler among them wins, then the lowest "
-            f"mean of these ratios. Not run on every dataset, so not a contender: {res['not_run_everywhere']}."
+            f"**Overall, {budget} steps: `{res['winner']}`** (the bundles' default). {why} Not run on every "
+            f"dataset, so not a contender: {res['not_run_everywhere']}."
         )
         lines.append("")
     for key, res in summary.items():

@@ -434,3 +434,10 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     twin = [{**r, "candidate": d, "nfe": 1000} for r in records if r["candidate"] == a]
     best = q.overall(q.summarize(records + twin))["10"]
     assert set(best["contenders"]) == {a, d} and best["winner"] == a and best["contenders"][d]["nfe"] == 1000
+    # nobody ties everywhere: the smallest worst-case ratio to a dataset's best wins (minimax)
+    records = rows("shapes32", a, [1.0, 1.1, 0.9]) + rows("shapes32", b, [3.0, 3.1, 2.9])  # b 3x worse
+    records += rows("shapes64", a, [2.0, 2.1, 1.9]) + rows("shapes64", b, [1.0, 1.1, 0.9])  # a 2x worse
+    records = [{**r, "metrics": {q.PRIMARY[r["dataset"]]: r["metrics"][q.PRIMARY["shapes32"]]}} for r in records]
+    best = q.overall(q.summarize(records))["10"]
+    assert best["rule"].startswith("minimax") and best["winner"] == a and set(best["contenders"]) == {a, b}
+    assert max(best["contenders"][b]["relative_to_best"].values()) == pytest.approx(3.0)
