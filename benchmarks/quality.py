@@ -243,6 +243,22 @@ CANDIDATES: dict[str, dict] = {
         )
         for k in (1, 2, 4)
     },
+    # the same shortcut model distilled from the one-level JiT (rflow_x_vloss, same seed and budget; its weights are
+    # kept under _trained/rflow_x_vloss): the teacher's velocity replaces x0 - noise in the target
+    **{
+        f"shortcut_x_distill_{k}": dict(
+            diffusion=SHORTCUT_X,
+            net=UNET_FLOW_MAP,
+            loss={},
+            sampler="shortcut",
+            steps=k,
+            trained_as="shortcut_x_distill",
+            teacher="rflow_x_vloss",
+            note=f"shortcut model distilled from rflow_x_vloss, {k} jump{'s' if k > 1 else ''} (teacher trained "
+            "for the same steps first)",
+        )
+        for k in (1, 2, 4)
+    },
     "rflow_v_2level": dict(
         diffusion={**RFLOW, "levels": 2},
         net=UNET_2LEVEL,
@@ -345,12 +361,51 @@ def train_and_sample(
     lr: float,
     ema_decay: float,
     trained: Path | None = None,
+    teacher: Path | None = None,
 ) -> tuple[np.ndarray, dict]:
     """Train ``cand`` for ``iterations`` steps from ``seed`` and sample it; ``trained``: where candidates that share
-    one training (``trained_as``) keep its EMA weights and training figures, so each is trained once per seed."""
-    torch.manual_seed(seed)
+    one training (``trained_as``) keep its EMA weights and training figures, so each is trained once per seed;
+    ``teacher``: where the EMA weights of the candidate named by ``cand["teacher"]`` are kept (trained there first,
+    with the same seed and budget, if missing), for a flow map distilled from it."""
     diffusion = WaveletDiffusion(**cand["diffusion"])
     size = train.shape[-1]
+    if trained is not None and trained.with_suffix(".json").is_file():
+        torch.manual_seed(seed)
+        net = build_network(cand["net"], diffusion.channel_factor)
+        net.load_state_dict(torch.load(trained, weights_only=True))
+        done = json.loads(trained.with_suffix(".json").read_text())
+        return _sample(cand, diffusion, net, size, num_samples, seed, {**done, "parameters": count_parameters(net)})
+    distil: dict = {}
+    if "teacher" in cand:
+        spec = CANDIDATES[cand["teacher"]]
+        if not teacher.with_suffix(".json").is_file():
+            _train(spec, train, seed, iterations, batch_size, lr, ema_decay, save=teacher)
+        teacher_net = build_network(spec["net"], WaveletDiffusion(**spec["diffusion"]).channel_factor)
+        teacher_net.load_state_dict(torch.load(teacher, weights_only=True))
+        distil = {"teacher": teacher_net, "teacher_diffusion": WaveletDiffusion(**spec["diffusion"])}
+    net, done = _train(cand, train, seed, iterations, batch_size, lr, ema_decay, save=trained, **distil)
+    if distil:  # the distillation's extra cost, kept with a shared training too
+        done["teacher_train_seconds"] = json.loads(teacher.with_suffix(".json").read_text())["train_seconds"]
+        if trained is not None:
+            trained.with_suffix(".json").write_text(json.dumps(done))
+    return _sample(cand, diffusion, net, size, num_samples, seed, {**done, "parameters": count_parameters(net)})
+
+
+def _train(
+    cand: dict,
+    train: np.ndarray,
+    seed: int,
+    iterations: int,
+    batch_size: int,
+    lr: float,
+    ema_decay: float,
+    save: Path | None = None,
+    **inferer_args,
+) -> tuple[torch.nn.Module, dict]:
+    """The EMA network of ``cand`` after ``iterations`` AdamW steps from ``seed``, and its training figures; kept at
+    ``save`` (weights, and the figures beside them as JSON) when given."""
+    torch.manual_seed(seed)
+    diffusion = WaveletDiffusion(**cand["diffusion"])
     net = build_network(cand["net"], diffusion.channel_factor)
     loss_args = dict(cand["loss"])
     if loss_args.get("subband_weights") == "inverse_variance":
@@ -362,15 +417,9 @@ def train_and_sample(
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=0.0)
     ema = torch.optim.swa_utils.AveragedModel(net, multi_avg_fn=torch.optim.swa_utils.get_ema_multi_avg_fn(ema_decay))
     prepare = WaveletDiffusionPrepareBatch(diffusion)
-    inferer = WaveletDiffusionInferer(diffusion)
+    inferer = WaveletDiffusionInferer(diffusion, **inferer_args)
     rng = np.random.default_rng(seed)
     data = torch.from_numpy(train)[:, None] * 2 - 1  # [0, 1] -> [-1, 1], as the bundles' transforms
-    if trained is not None and trained.with_suffix(".json").is_file():
-        ema.module.load_state_dict(torch.load(trained, weights_only=True))
-        done = json.loads(trained.with_suffix(".json").read_text())
-        return _sample(
-            cand, diffusion, ema.module, size, num_samples, seed, {**done, "parameters": count_parameters(net)}
-        )
     t0 = time.time()
     losses = []
     for _ in range(iterations):
@@ -383,11 +432,11 @@ def train_and_sample(
         ema.update_parameters(net)
         losses.append(loss.item())
     done = {"train_seconds": round(time.time() - t0, 1), "final_loss": float(np.mean(losses[-50:]))}
-    if trained is not None:
-        trained.parent.mkdir(parents=True, exist_ok=True)
-        torch.save(ema.module.state_dict(), trained)
-        trained.with_suffix(".json").write_text(json.dumps(done))
-    return _sample(cand, diffusion, ema.module, size, num_samples, seed, {**done, "parameters": count_parameters(net)})
+    if save is not None:
+        save.parent.mkdir(parents=True, exist_ok=True)
+        torch.save(ema.module.state_dict(), save)
+        save.with_suffix(".json").write_text(json.dumps(done))
+    return ema.module, done
 
 
 def _sample(
@@ -561,6 +610,13 @@ def _shared_training(out: Path, dataset: str, cand: dict, seed: int) -> Path | N
     return out / "runs" / dataset / "_trained" / cand["trained_as"] / f"seed{seed}.pt"
 
 
+def _teacher_weights(out: Path, dataset: str, cand: dict, seed: int) -> Path | None:
+    """Where the EMA weights of a distilled candidate's teacher are kept (None: no teacher)."""
+    if "teacher" not in cand:
+        return None
+    return out / "runs" / dataset / "_trained" / cand["teacher"] / f"seed{seed}.pt"
+
+
 def run(args: argparse.Namespace) -> None:
     out = Path(args.out)
     torch.set_num_threads(args.threads)
@@ -590,6 +646,7 @@ def run(args: argparse.Namespace) -> None:
                     args.lr,
                     args.ema_decay,
                     trained=_shared_training(out, dataset, CANDIDATES[name], seed),
+                    teacher=_teacher_weights(out, dataset, CANDIDATES[name], seed),
                 )
                 metrics = scorer(fake)
                 record = {
@@ -697,6 +754,11 @@ def summarize(records: list[dict]) -> dict:
                 "nfe": mine[0]["nfe"],
                 "parameters": mine[0]["parameters"],
                 "train_seconds": float(np.mean([r["train_seconds"] for r in mine])),
+                **(
+                    {"teacher_train_seconds": float(np.mean([r["teacher_train_seconds"] for r in mine]))}
+                    if all("teacher_train_seconds" in r for r in mine)
+                    else {}
+                ),
                 "sample_seconds": float(np.mean([r["sample_seconds"] for r in mine])),
             }
             for metric in {**METRICS, **{f"spread_{p}": True for p in PARAMETERS}}:
@@ -875,8 +937,11 @@ def markdown(summary: dict) -> str:
                     cells.append(f"{m['mean']:.3g}")
                 else:
                     cells.append(f"{m['mean']:.3g} [{m['ci_low']:.3g}, {m['ci_high']:.3g}]")
+            train = f"{v['train_seconds']:.0f}" + (
+                f" + {v['teacher_train_seconds']:.0f} teacher" if "teacher_train_seconds" in v else ""
+            )
             lines.append(
-                f"| `{name}` | {v['parameters'] / 1e6:.2f}M | {v['nfe']} | {v['train_seconds']:.0f} | "
+                f"| `{name}` | {v['parameters'] / 1e6:.2f}M | {v['nfe']} | {train} | "
                 f"{len(v['seeds'])} | " + " | ".join(cells) + " |"
             )
         lines.append("")
