@@ -1041,6 +1041,15 @@ def few_step(args: argparse.Namespace) -> None:
                 "nfe": r["nfe"],
                 "train_seconds": r["train_seconds"],
                 "sample_seconds": r["sample_seconds"],
+                # a distilled flow map's extra cost: its teacher's training (and one teacher pass per student step)
+                **(
+                    {
+                        "teacher": CANDIDATES[r["candidate"]]["teacher"],
+                        "teacher_train_seconds": r["teacher_train_seconds"],
+                    }
+                    if "teacher_train_seconds" in r
+                    else {}
+                ),
                 "metrics": r["metrics"],
             }
             for r in records
@@ -1052,8 +1061,8 @@ def few_step(args: argparse.Namespace) -> None:
         for name, d in res["few_step"].items():
             print(
                 f"{key} {name} vs {res['best_multi_step']}: {res['primary']} ratio {d['ratio_of_means']:.2f}, "
-                f"difference {d['difference']['mean']:+.3f} [{d['difference']['ci_low']:+.3f}, "
-                f"{d['difference']['ci_high']:+.3f}], valid {d['valid']}"
+                f"difference {d['difference']['mean']:+.3g} [{d['difference']['ci_low']:+.3g}, "
+                f"{d['difference']['ci_high']:+.3g}], valid {d['valid']}"
             )
     print(f"wrote {FEW_STEP_JSON}")
 
