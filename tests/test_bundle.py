@@ -92,31 +92,74 @@ def test_configs_parse_and_have_the_bundle_properties(dataset, tmp_path):
     wf = workflow(["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), **TINY)
     assert wf.check_properties() == []
     meta = json.loads((CONFIGS / "metadata.json").read_text())
-    assert meta["version"] in meta["changelog"] and meta["network_data_format"]["inputs"]["image"]["num_channels"] == 8
+    image = meta["network_data_format"]["inputs"]["image"]
+    # the default process runs on two Haar levels: 64 channels at a quarter of the 128^3 image size
+    assert meta["version"] in meta["changelog"] and image["num_channels"] == 64 and image["spatial_shape"] == [32] * 3
+    assert image["channel_def"]["0"].startswith("LLL of level-1 LLL") and len(image["channel_def"]) == 64
 
 
-def test_defaults_are_the_wdm_128_setting():
+def test_defaults_are_the_quality_winner_and_wdm_paper_is_wdms_recipe():
     from monai.bundle import ConfigParser
 
     parser = ConfigParser()
     parser.read_config(str(CONFIGS / "train.json"))
     assert parser["batch_size"] == 10 and parser["learning_rate"] == 1e-5 and parser["image_size"] == [128] * 3
     assert parser["unet_preset"] == "wdm_128" and parser["ema_decay"] == 0.9999
-    d = parser.get_parsed_content("diffusion")
-    assert (d.num_train_timesteps, d.prediction_type, d.lll_scale, d.process) == (1000, "sample", 3.0, "ddpm")
     assert parser["optimizer"]["_target_"] == "torch.optim.AdamW"
+    # the winner of benchmarks/quality.py at equal budget: rectified flow, x prediction, velocity loss (JiT),
+    # logit-normal times, two Haar levels, 50 Euler steps
+    d = parser.get_parsed_content("diffusion")
+    assert (d.process, d.prediction_type, d.loss_weighting, d.rflow_sample_method, d.levels) == (
+        "rflow",
+        "sample",
+        "velocity",
+        "logit-normal",
+        2,
+    )
+    assert parser.get_parsed_content("network_def").in_channels == 64
+    assert parser.get_parsed_content("val_sampler") == "rflow"
+    inference = ConfigParser()
+    inference.read_config(str(CONFIGS / "inference.json"))
+    assert (inference.get_parsed_content("sampler"), inference.get_parsed_content("num_steps")) == ("rflow", 50)
+    # WDM's exact recipe, one overlay away, on training and inference alike
+    for files in (["train.json", "wdm_paper.json"], ["inference.json", "wdm_paper.json"]):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / f) for f in files])
+        d = parser.get_parsed_content("diffusion")
+        assert (d.num_train_timesteps, d.prediction_type, d.lll_scale, d.process, d.levels) == (
+            1000,
+            "sample",
+            3.0,
+            "ddpm",
+            1,
+        )
+        assert (d.loss_weighting, d.schedule["schedule"], d.schedule["beta_start"], d.schedule["beta_end"]) == (
+            "none",
+            "linear_beta",
+            1e-4,
+            0.02,
+        )
+        assert parser.get_parsed_content("network_def").in_channels == 8
+    assert (parser.get_parsed_content("sampler"), parser.get_parsed_content("num_steps")) == ("ddpm", 1000)
 
 
 def test_256_variant_is_one_extra_file():
     from monai.bundle import ConfigParser
 
-    parser = ConfigParser()
-    parser.read_config([str(CONFIGS / "train.json"), str(CONFIGS / "wdm_256.json")])
+    def network(*overlays):
+        parser = ConfigParser()
+        parser.read_config([str(CONFIGS / "train.json")] + [str(CONFIGS / f) for f in overlays])
+        with torch.device("meta"):
+            return parser, parser.get_parsed_content("network_def")
+
+    parser, net = network("wdm_paper.json", "wdm_256.json")
     assert parser["image_size"] == [256] * 3 and parser["batch_size"] == 1 and parser["gradient_checkpointing"]
-    with torch.device("meta"):
-        net = parser.get_parsed_content("network_def")
     assert net.channel_mult == (1, 2, 2, 4, 4, 4) and net.use_checkpoint and not net.fp32_io
-    assert round(sum(p.numel() for p in net.parameters()) / 1e6, 2) == 83.16
+    wdm = sum(p.numel() for p in net.parameters())
+    assert round(wdm / 1e6, 2) == 83.16  # WDM's 256^3 network (the paper's table)
+    # the default's two levels widen only the 3^3 input and output convolutions: 8 -> 64 channels, base width 64
+    _, net = network("wdm_256.json")
+    assert sum(p.numel() for p in net.parameters()) - wdm == 2 * (64 - 8) * 64 * 27 + (64 - 8)
     parser["fp32_io"] = True  # the bf16 switch reaches the network
     with torch.device("meta"):
         assert parser.get_parsed_content("network_def", lazy=False).fp32_io
@@ -176,7 +219,7 @@ def test_inference_writes_nifti_with_the_dataset_geometry(dataset, tmp_path):
         dataset_dir=str(dataset),
         output_dir=str(tmp_path),
         num_samples=3,
-        sampler="ddim",
+        sampler="rflow",
         num_steps=3,
         seed=7,
         **TINY,
@@ -187,7 +230,7 @@ def test_inference_writes_nifti_with_the_dataset_geometry(dataset, tmp_path):
     from wdm3d.inference import batch_seed
 
     assert [s["seed"] for s in manifest["samples"]] == [batch_seed(7, i) for i in range(3)]
-    assert manifest["sampler"] == "ddim" and manifest["num_steps"] == 3 and manifest["weights"] == "ema"
+    assert manifest["sampler"] == "rflow" and manifest["num_steps"] == 3 and manifest["weights"] == "ema"
     assert manifest["checkpoint"].endswith(".pt") and manifest["intensity_range"] == [0.0, 1.0]
     for s in manifest["samples"]:
         img = nib.load(out / s["nifti"])
@@ -209,7 +252,7 @@ def test_inference_uses_the_checkpoint_geometry_without_the_dataset(dataset, tmp
         dataset_dir=str(tmp_path / "gone"),
         output_dir=str(tmp_path),
         num_samples=1,
-        sampler="ddim",
+        sampler="rflow",
         num_steps=2,
         **TINY,
     )
@@ -227,7 +270,7 @@ def test_inference_rejects_a_size_the_model_was_not_trained_on(dataset, tmp_path
         dataset_dir=str(tmp_path / "gone"),
         output_dir=str(tmp_path),
         num_samples=1,
-        sampler="ddim",
+        sampler="rflow",
         num_steps=2,
         **{**TINY, "image_size": [32, 32, 32]},
     )
@@ -238,31 +281,39 @@ def test_inference_rejects_a_size_the_model_was_not_trained_on(dataset, tmp_path
 
 
 def test_inference_refuses_another_diffusion_process_than_the_checkpoint_was_trained_with(dataset, tmp_path):
-    train(dataset, tmp_path, max_epochs=1)  # ddpm
+    # a checkpoint of WDM's recipe (the bundles' default before benchmarks/quality.py chose) sampled with today's
+    trained = workflow(
+        ["train.json", "wdm_paper.json"],
+        "training",
+        dataset_dir=str(dataset),
+        output_dir=str(tmp_path),
+        max_epochs=1,
+        **TINY_TRAIN,
+    )
+    assert trained.parser.get_parsed_content("val_sampler") == "ddim"  # the validation sampler follows the process
+    trained.run()
     wf = workflow(
-        ["inference.json"],
+        ["inference.json"], "inference", dataset_dir=str(dataset), output_dir=str(tmp_path), num_samples=1, **TINY
+    )
+    assert wf.parser.get_parsed_content("sampler") == "rflow"  # the default sampler follows the process
+    with pytest.raises(Exception) as err:
+        wf.run()  # would sample an x0-trained one-level ddpm network as a two-level rectified flow, without an error
+    msg = str(root_cause(err.value))
+    assert isinstance(root_cause(err.value), ValueError)
+    assert "'process': ('ddpm', 'rflow')" in msg and "'levels': (1, 2)" in msg and '--diffusion#process "ddpm"' in msg
+    assert "add configs/wdm_paper.json" in msg
+    assert not (tmp_path / "samples" / "sample_0000.nii.gz").exists()
+    # the fix the message names
+    workflow(
+        ["inference.json", "wdm_paper.json"],
         "inference",
         dataset_dir=str(dataset),
         output_dir=str(tmp_path),
         num_samples=1,
         num_steps=2,
-        **{**TINY, "diffusion#process": "rflow"},
-    )
-    assert wf.parser.get_parsed_content("sampler") == "rflow"  # the default sampler follows the process
-    trainer = workflow(
-        ["train.json"],
-        "training",
-        dataset_dir=str(dataset),
-        output_dir=str(tmp_path / "rf"),
-        **{**TINY_TRAIN, "diffusion#process": "rflow"},
-    )
-    assert trainer.parser.get_parsed_content("val_sampler") == "rflow"  # (was ddim: the run stopped at start)
-    with pytest.raises(Exception) as err:
-        wf.run()  # used to sample an x0-trained ddpm network as a rectified flow, without an error
-    msg = str(root_cause(err.value))
-    assert isinstance(root_cause(err.value), ValueError)
-    assert "'process': ('ddpm', 'rflow')" in msg and '--diffusion#process "ddpm"' in msg
-    assert not (tmp_path / "samples" / "sample_0000.nii.gz").exists()
+        **TINY,
+    ).run()
+    assert (tmp_path / "samples" / "sample_0000.nii.gz").exists()
 
 
 def test_inference_without_a_checkpoint_says_so(dataset, tmp_path):
@@ -433,7 +484,8 @@ def test_recipe_switches_train_and_sample_through_the_bundle(dataset, tmp_path):
     assert log_var.shape == (64,) and log_var.abs().sum() > 0  # trained with the network, saved for resume
     assert ckpt["run_config"]["diffusion"]["levels"] == 2
     assert ckpt["run_config"]["diffusion"]["loss_weighting"] == "min_snr"
-    inference = {k: v for k, v in switches.items() if k.startswith("diffusion#") and "loss" not in k}
+    # the loss weighting too: the default's velocity loss does not exist for v prediction
+    inference = {k: v for k, v in switches.items() if k.startswith("diffusion#")}
     wf = workflow(
         ["inference.json"],
         "inference",

@@ -229,7 +229,7 @@ def test_bundle_evaluate_step_after_train_and_inference(tmp_path):
         **TINY,
     ).run()
     workflow(
-        "inference.json", "inference", "infer", num_samples=3, sampler="ddim", num_steps=2, mlflow=False, **TINY
+        "inference.json", "inference", "infer", num_samples=3, sampler="rflow", num_steps=2, mlflow=False, **TINY
     ).run()
     wf = workflow("evaluate.json", "evaluate", "infer", pairs=3, mlflow=False)
     assert wf.check_properties() == []

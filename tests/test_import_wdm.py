@@ -231,12 +231,17 @@ def test_converted_checkpoint_loads_strictly_and_maps_back_identically(brats128,
 
 def test_converted_checkpoint_samples_only_with_wdms_diffusion(converted):
     out, ckpt = converted
-    for overlay in ([], ["wdm_paper.json"]):  # the bundle's inference, and with the WDM-recipe overlay
+
+    def parsed(*overlay):
         files = [str(REPO / "bundles/wdm3d_brats/configs" / f) for f in ["inference.json", *overlay]]
-        parser = ConfigParser(ConfigParser.load_config_files(files))
-        diffusion = parser.get_parsed_content("diffusion")
-        check_diffusion_matches(ckpt, diffusion, out)  # no error
-        assert parser.get_parsed_content("network_def#in_channels") == 8
+        return ConfigParser(ConfigParser.load_config_files(files))
+
+    parser = parsed("wdm_paper.json")  # the bundle's inference with the WDM-recipe overlay
+    check_diffusion_matches(ckpt, parser.get_parsed_content("diffusion"), out)  # no error
+    assert parser.get_parsed_content("network_def#in_channels") == 8
+    # the bundle's own default (the quality benchmark's winner) is another process: refused, naming the overlay
+    with pytest.raises(ValueError, match="add configs/wdm_paper.json"):
+        check_diffusion_matches(ckpt, parsed().get_parsed_content("diffusion"), out)
     eps = WaveletDiffusion(prediction_type="epsilon")
     with pytest.raises(ValueError, match="prediction_type"):
         check_diffusion_matches(ckpt, eps, out)

@@ -451,7 +451,7 @@ def test_bundle_trains_on_the_prepared_phantom_and_generates_with_its_geometry(p
         dataset_dir=str(dst),
         output_dir=str(tmp_path),
         num_samples=1,
-        sampler="ddim",
+        sampler="rflow",
         num_steps=2,
         mlflow=False,
         **TINY_NET,

@@ -161,7 +161,7 @@ def test_training_and_inference_are_visible_through_the_rest_api(server, dataset
     assert run.info.status == "FINISHED" and run.info.run_name == info["run_name"]
     p = run.data.params
     assert p["batch_size"] == "2" and p["learning_rate"] == "1e-05" and p["image_size"] == "[16, 16, 16]"
-    assert set(LISTED_BEFORE) <= set(p) and p["val_sampler"] == "ddim" and p["intensity_range"] == "[0.0, 1.0]"
+    assert set(LISTED_BEFORE) <= set(p) and p["val_sampler"] == "rflow" and p["intensity_range"] == "[0.0, 1.0]"
     assert p["note"] == "a setting no list names"  # every top-level setting is a param, a new one too
     assert p["diffusion.lll_scale"] == "3.0" and p["diffusion.prediction_type"] == "sample"
     assert p["network.class"] == "WDMUNet" and int(p["network.parameters"]) > 0 and p["optimizer.class"] == "AdamW"
@@ -190,7 +190,7 @@ def test_training_and_inference_are_visible_through_the_rest_api(server, dataset
         dataset_dir=str(dataset),
         output_dir=str(tmp_path),
         num_samples=1,
-        sampler="ddim",
+        sampler="rflow",
         num_steps=2,
         **TINY,
     )
