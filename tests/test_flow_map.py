@@ -481,6 +481,9 @@ def test_a_teacher_must_be_a_multi_step_flow_in_the_students_wavelet_space():
     two_levels = WaveletDiffusion(process="rflow", prediction_type="sample", levels=2)
     with pytest.raises(ValueError, match=r"'levels': \(2, 1\).*--diffusion#levels 2"):
         WaveletDiffusionInferer(student, teacher=teacher, teacher_diffusion=two_levels)
+    other_t = WaveletDiffusion(process="rflow", prediction_type="sample", num_train_timesteps=500)
+    with pytest.raises(ValueError, match=r"'num_train_timesteps': \(500, 1000\)"):
+        WaveletDiffusionInferer(student, teacher=teacher, teacher_diffusion=other_t)
     with pytest.raises(TypeError, match="teacher_diffusion"):
         WaveletDiffusionInferer(student, teacher=teacher)
     with pytest.raises(ValueError, match="without a teacher"):
@@ -602,6 +605,8 @@ def test_the_bundle_distils_a_shortcut_model_from_a_trained_multi_step_model(dat
         load_teacher(None)
     with pytest.raises(FileNotFoundError, match="teacher"):
         load_teacher(tmp_path / "nowhere")
+    with pytest.raises(ValueError, match="another --output_dir"):  # the student would resume from the teacher
+        load_teacher(teacher_dir / "models", student_dir=teacher_dir / "models")
 
     out = tmp_path / "student"
     files = ["train.json", "shortcut.json", "distill.json"]

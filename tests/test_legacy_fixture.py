@@ -15,6 +15,7 @@ from pathlib import Path
 
 import nibabel as nib
 import numpy as np
+import pytest
 import torch
 from ignite.engine import Events
 from monai.bundle import ConfigWorkflow
@@ -39,12 +40,22 @@ def fixture_copy(tmp_path: Path) -> Path:
     return Path(shutil.copytree(FIXTURE, tmp_path / "legacy", ignore=shutil.ignore_patterns("__pycache__")))
 
 
-def workflow(bundle: str, section: dict, **paths: str) -> ConfigWorkflow:
-    """The recorded bundle run ``section`` of the manifest, with its placeholder paths set to ``paths``."""
+def recorded_diffusion(checkpoint: Path) -> dict:
+    """The diffusion settings a checkpoint recorded, as bundle overrides. The bundles' default recipe changed on
+    2026-12-06 (benchmarks/quality.py chose another); a checkpoint of the earlier default runs with the settings it
+    recorded, which is what the refusal message tells a user to set."""
+    ckpt = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    return {f"diffusion#{k}": v for k, v in ckpt["run_config"]["diffusion"].items()}
+
+
+def workflow(bundle: str, section: dict, diffusion: dict | None = None, **paths: str) -> ConfigWorkflow:
+    """The recorded bundle run ``section`` of the manifest, with its placeholder paths set to ``paths`` (and
+    ``diffusion``: the recorded process, where today's default is another)."""
     overrides = dict(section["overrides"])
     unknown = set(paths) - set(overrides)
     assert not unknown, f"{unknown} are not among the recorded overrides {sorted(overrides)}"
     overrides.update(paths)
+    overrides.update(diffusion or {})
     configs = REPO / "bundles" / bundle / "configs"
     run_id = section["run_id"]
     wf = ConfigWorkflow(
@@ -118,15 +129,15 @@ def test_the_diffusion_checkpoint_samples_the_recorded_volumes(tmp_path):
     legacy = fixture_copy(tmp_path)
     recorded = MANIFEST["wdm"]
     out = tmp_path / "samples"
-    run(
-        workflow(
-            "wdm3d_brats",
-            recorded["sample"],
-            dataset_dir=str(legacy / "data"),
-            checkpoint=str(legacy / "wdm" / "models"),
-            samples_dir=str(out),
-        )
-    )
+    paths = dict(dataset_dir=str(legacy / "data"), checkpoint=str(legacy / "wdm" / "models"), samples_dir=str(out))
+    with pytest.raises(Exception) as err:  # today's default is another process: refused before sampling
+        run(workflow("wdm3d_brats", recorded["sample"], **paths))
+    cause = err.value
+    while cause.__cause__ is not None:
+        cause = cause.__cause__
+    assert "sampler 'ddim' does not fit a model trained with process 'rflow'" in str(cause)  # (the recorded ddim)
+    assert not out.exists() or not list(out.glob("*.nii.gz"))
+    run(workflow("wdm3d_brats", recorded["sample"], recorded_diffusion(FIXTURE / recorded["checkpoint"]), **paths))
     written = sorted(p.name for p in out.glob("*.nii.gz"))
     assert written == [Path(s).name for s in recorded["samples"]]
     for sample in recorded["samples"]:
@@ -144,6 +155,7 @@ def test_the_diffusion_checkpoint_resumes_training_where_it_stopped(tmp_path):
     wf = workflow(
         "wdm3d_brats",
         recorded["train"],
+        recorded_diffusion(FIXTURE / recorded["checkpoint"]),
         dataset_dir=str(legacy / "data"),
         output_dir=str(legacy / "wdm"),
         max_epochs=recorded["checkpoint_epoch"] + 1,

@@ -260,6 +260,10 @@ def test_latent_wavelet_diffusion_trains_and_samples_volumes_with_the_image_geom
     assert (tmp_path / "validation" / "epoch_0001.png").is_file()
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "models"))
     assert ckpt["run_config"]["settings"]["num_channels"] == 4
+    # the latent overlays keep the process they were built and tested with (DDPM on one level), whatever the
+    # image-space default is
+    trained = ckpt["run_config"]["diffusion"]
+    assert (trained["process"], trained["levels"], trained["loss_weighting"]) == ("ddpm", 1, "none")
     samples = tmp_path / "samples"
     wf = workflow(
         "wdm3d_brats",

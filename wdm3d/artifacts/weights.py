@@ -157,6 +157,12 @@ def state_mismatch(own: Mapping[str, Any], state: Mapping[str, Any], limit: int 
     return f"missing {few(found.missing)}, unexpected {few(found.unexpected)}, wrong shapes {few(found.wrong_shape)}"
 
 
+def freeze(network: torch.nn.Module) -> torch.nn.Module:
+    """``network`` in eval mode without gradients (a frozen base, encoder or teacher); returns it."""
+    network.eval().requires_grad_(False)
+    return network
+
+
 def load_frozen(
     network: torch.nn.Module,
     checkpoint: str | os.PathLike,
@@ -191,7 +197,7 @@ def load_frozen(
     used = load_network_weights(network, path, weight_keys(use_ema), checkpoint=ckpt)
     if device is not None:
         network.to(device)
-    network.eval().requires_grad_(False)
+    freeze(network)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     return network, {"checkpoint": str(path.resolve()), "weights": used, "sha256": digest}
 

@@ -31,7 +31,7 @@ from monai.engines.utils import PrepareBatch, default_prepare_batch
 from monai.inferers import Inferer
 from torch import nn
 
-from ..artifacts import unwrap
+from ..artifacts import freeze, unwrap
 from ..wavelets import SUBBANDS
 from . import flow_map
 from .wavelet_diffusion import WaveletDiffusion
@@ -191,7 +191,7 @@ class WaveletDiffusionInferer(Inferer):
         teacher: the teacher network (called as ``teacher(x, timesteps, context=context)``), frozen here (eval mode,
             no gradients); :func:`~wdm3d.diffusion.load_teacher` rebuilds one from a checkpoint.
         teacher_diffusion: the teacher's process: rectified flow without a flow map, in the student's wavelet space
-            (same levels, LLL scale and wavelet).
+            (same levels, LLL scale and wavelet) and time scale (same ``num_train_timesteps``).
     """
 
     def __init__(
@@ -205,7 +205,7 @@ class WaveletDiffusionInferer(Inferer):
             raise TypeError(f"diffusion must be a WaveletDiffusion, got {type(diffusion).__name__}.")
         if teacher is not None:
             _check_teacher(diffusion, teacher_diffusion)
-            teacher.eval().requires_grad_(False)
+            freeze(teacher)
         elif teacher_diffusion is not None:
             raise ValueError("teacher_diffusion was given without a teacher network.")
         self.diffusion = diffusion
@@ -299,7 +299,7 @@ def _check_teacher(student: WaveletDiffusion, teacher: WaveletDiffusion | None) 
             f"the teacher must be a multi-step rectified flow (process 'rflow', no flow_map), got process "
             f"{teacher.process!r} with flow_map {teacher.flow_map!r}."
         )
-    space = ("levels", "lll_scale")
+    space = ("levels", "lll_scale", "num_train_timesteps")  # the teacher is called with the student's timesteps
     differ = {
         k: (getattr(teacher, k), getattr(student, k)) for k in space if getattr(teacher, k) != getattr(student, k)
     }
@@ -308,7 +308,8 @@ def _check_teacher(student: WaveletDiffusion, teacher: WaveletDiffusion | None) 
     if differ:
         fix = " ".join(f"--diffusion#{k} {json.dumps(v[0])}" for k, v in differ.items())
         raise ValueError(
-            f"the teacher runs in another wavelet space than the student (teacher, student): {differ}. Train the "
+            f"the teacher runs in another wavelet space or time scale than the student (teacher, student): {differ}. "
+            "Train the "
             f"student in the teacher's ({fix}), and sample it so too."
         )
 

@@ -282,6 +282,10 @@ class WaveletDiffusion:
         ``output`` at ``x_t`` and ``timesteps`` (``[0, T]``): the output itself for ``"v_prediction"``, else
         ``(x_hat - x_t) / max(s, 0.05)`` (:func:`~wdm3d.diffusion.flow_map.average_velocity_from_sample`). What a
         multi-step teacher hands a flow map in distillation (:class:`~wdm3d.diffusion.WaveletDiffusionInferer`).
+
+        Below ``s = 0.05`` an x-prediction teacher's velocity is damped by ``s / 0.05`` (as an x-prediction flow map
+        damps its own, so the two agree; a velocity-predicting student learns the damped field there), and the clip
+        projection the teacher's sampler may apply is not part of it.
         """
         if self.process != "rflow" or self.flow_map is not None:
             raise ValueError(
