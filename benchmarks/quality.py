@@ -243,6 +243,19 @@ CANDIDATES: dict[str, dict] = {
         )
         for k in (1, 2, 4)
     },
+    # the shortcut model on the winner's two Haar levels (the 50-step winner's grid and U-Net, with the interval input)
+    **{
+        f"shortcut_x_2level_{k}": dict(
+            diffusion={**SHORTCUT_X, "levels": 2},
+            net={**UNET_2LEVEL, "interval_embedding": True},
+            loss={},
+            sampler="shortcut",
+            steps=k,
+            trained_as="shortcut_x_2level",
+            note=f"shortcut model with x prediction on two Haar levels, {k} jump{'s' if k > 1 else ''}",
+        )
+        for k in (1, 2, 4)
+    },
     # the same shortcut model distilled from the one-level JiT (rflow_x_vloss, same seed and budget; its weights are
     # kept under _trained/rflow_x_vloss): the teacher's velocity replaces x0 - noise in the target
     **{

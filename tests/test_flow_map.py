@@ -613,10 +613,10 @@ def test_the_bundle_distils_a_shortcut_model_from_a_trained_multi_step_model(dat
     common = dict(
         dataset_dir=str(dataset), output_dir=str(out), max_epochs=1, teacher_checkpoint=str(teacher_dir / "models")
     )
-    with pytest.raises(Exception) as err:  # shortcut.json is one level, the teacher two
-        workflow(files, "training", **common, **TINY_TRAIN).run()
+    with pytest.raises(Exception) as err:  # a one-level student of a two-level teacher
+        workflow(files, "training", **common, **{**TINY_TRAIN, "diffusion#levels": 1}).run()
     assert "--diffusion#levels 2" in str(root_cause(err.value))
-    train = workflow(files, "training", **common, **{**TINY_TRAIN, "diffusion#levels": 2})
+    train = workflow(files, "training", **common, **TINY_TRAIN)  # shortcut.json: the default's two levels
     inferer = train.parser.get_parsed_content("train#inferer")
     assert inferer.teacher is not None and inferer.teacher_diffusion.levels == 2
     train.run()
@@ -633,7 +633,7 @@ def test_the_bundle_distils_a_shortcut_model_from_a_trained_multi_step_model(dat
         checkpoint=str(out / "models"),
         num_samples=1,
         num_steps=2,
-        **{**TINY, "diffusion#levels": 2},
+        **TINY,
     )
     infer.run()
     manifest = json.loads((out / "samples" / "manifest.json").read_text())
