@@ -895,8 +895,8 @@ def markdown(summary: dict) -> str:
                 f"over a dataset's best mean wins (minimax). Candidates scored everywhere: {contenders}."
             )
         lines.append(
-            f"**Overall, {budget} steps: `{res['winner']}`** (the bundles' default). {why} Not run on every "
-            f"dataset, so not a contender: {res['not_run_everywhere']}."
+            f"**Overall, {budget} steps: `{res['winner']}`** (the rule's pick for the bundles' default). {why} Not "
+            f"run on every dataset, so not a contender: {res['not_run_everywhere']}."
         )
         lines.append("")
     for key, res in summary.items():
