@@ -393,9 +393,10 @@ def train_and_sample(
         spec = CANDIDATES[cand["teacher"]]
         if not teacher.with_suffix(".json").is_file():
             _train(spec, train, seed, iterations, batch_size, lr, ema_decay, save=teacher)
-        teacher_net = build_network(spec["net"], WaveletDiffusion(**spec["diffusion"]).channel_factor)
+        teacher_diffusion = WaveletDiffusion(**spec["diffusion"])
+        teacher_net = build_network(spec["net"], teacher_diffusion.channel_factor)
         teacher_net.load_state_dict(torch.load(teacher, weights_only=True))
-        distil = {"teacher": teacher_net, "teacher_diffusion": WaveletDiffusion(**spec["diffusion"])}
+        distil = {"teacher": teacher_net, "teacher_diffusion": teacher_diffusion}
     net, done = _train(cand, train, seed, iterations, batch_size, lr, ema_decay, save=trained, **distil)
     if distil:  # the distillation's extra cost, kept with a shared training too
         done["teacher_train_seconds"] = json.loads(teacher.with_suffix(".json").read_text())["train_seconds"]

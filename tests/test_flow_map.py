@@ -539,10 +539,30 @@ def test_the_process_trains_and_samples_a_shortcut_model():
         WaveletDiffusion(process="rflow", prediction_type="sample", flow_map="meanflow").sampling_timesteps("shortcut")
 
 
-def test_the_bundle_trains_a_shortcut_model_and_samples_it_in_2_steps(dataset, tmp_path):  # noqa: F811
+def _assert_samples_in_2_shortcut_jumps(data_dir, out):
+    """The bundle's inference with shortcut.json samples the model trained in ``out`` in 2 network evaluations."""
     import json
 
-    from test_bundle import TINY, TINY_TRAIN, workflow
+    from test_bundle import TINY, workflow
+
+    workflow(
+        ["inference.json", "shortcut.json"],
+        "inference",
+        dataset_dir=str(data_dir),
+        output_dir=str(out),
+        samples_dir=str(out / "samples"),
+        checkpoint=str(out / "models"),
+        num_samples=1,
+        num_steps=2,
+        **TINY,
+    ).run()
+    manifest = json.loads((out / "samples" / "manifest.json").read_text())
+    assert (manifest["sampler"], manifest["network_evaluations"]) == ("shortcut", 2)
+
+
+def test_the_bundle_trains_a_shortcut_model_and_samples_it_in_2_steps(dataset, tmp_path):  # noqa: F811
+
+    from test_bundle import TINY_TRAIN, workflow
 
     from wdm3d.engine import latest_checkpoint, load_checkpoint
 
@@ -558,26 +578,12 @@ def test_the_bundle_trains_a_shortcut_model_and_samples_it_in_2_steps(dataset, t
     assert train.parser.get_parsed_content("diffusion").flow_map == "shortcut"
     train.run()
     assert load_checkpoint(latest_checkpoint(out / "models"))["run_config"]["diffusion"]["flow_map"] == "shortcut"
-    infer = workflow(
-        ["inference.json", "shortcut.json"],
-        "inference",
-        dataset_dir=str(dataset),
-        output_dir=str(out),
-        samples_dir=str(out / "samples"),
-        checkpoint=str(out / "models"),
-        num_samples=1,
-        num_steps=2,
-        **TINY,
-    )
-    infer.run()
-    manifest = json.loads((out / "samples" / "manifest.json").read_text())
-    assert (manifest["sampler"], manifest["network_evaluations"]) == ("shortcut", 2)
+    _assert_samples_in_2_shortcut_jumps(dataset, out)
 
 
 def test_the_bundle_distils_a_shortcut_model_from_a_trained_multi_step_model(dataset, tmp_path):  # noqa: F811
-    import json
 
-    from test_bundle import TINY, TINY_TRAIN, root_cause, workflow
+    from test_bundle import TINY_TRAIN, root_cause, workflow
 
     from wdm3d.diffusion import load_teacher
     from wdm3d.engine import latest_checkpoint, load_checkpoint
@@ -624,17 +630,4 @@ def test_the_bundle_distils_a_shortcut_model_from_a_trained_multi_step_model(dat
     assert ckpt["run_config"]["diffusion"]["flow_map"] == "shortcut"
     assert ckpt["run_config"]["settings"]["teacher_checkpoint"] == str(teacher_dir / "models")
     assert not any(k.startswith("teacher") for k in ckpt["model"])  # the teacher is not saved with the student
-    infer = workflow(
-        ["inference.json", "shortcut.json"],
-        "inference",
-        dataset_dir=str(dataset),
-        output_dir=str(out),
-        samples_dir=str(out / "samples"),
-        checkpoint=str(out / "models"),
-        num_samples=1,
-        num_steps=2,
-        **TINY,
-    )
-    infer.run()
-    manifest = json.loads((out / "samples" / "manifest.json").read_text())
-    assert (manifest["sampler"], manifest["network_evaluations"]) == ("shortcut", 2)
+    _assert_samples_in_2_shortcut_jumps(dataset, out)
