@@ -160,14 +160,20 @@ def test_a_learnt_one_step_map_matches_a_gaussian_mixture_where_one_euler_step_c
     assert ks_euler > 0.4, ks_euler
 
 
-def test_the_unet_takes_the_interval_through_a_time_embedding_that_starts_at_zero():
-    from wdm3d.networks import WDMUNet
+@pytest.mark.parametrize("kind", ["unet", "dit"])
+def test_the_networks_take_the_interval_through_a_time_embedding_that_starts_at_zero(kind):
+    from wdm3d.networks import DiT3D, WDMUNet
+
+    def build(**kw):
+        if kind == "unet":
+            return WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, **kw)
+        return DiT3D(in_channels=8, patch_size=2, hidden_size=24, depth=2, num_heads=2, **kw)
 
     torch.manual_seed(0)
-    plain = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4)
-    for p in plain.parameters():  # a trained-looking network (a fresh one outputs zeros: its last conv starts at 0)
+    plain = build()
+    for p in plain.parameters():  # a trained-looking network (a fresh one outputs zeros: its last layer starts at 0)
         nn.init.normal_(p, std=0.1)
-    flow = WDMUNet(base_channels=8, channel_mult=(1, 2), norm_num_groups=4, interval_embedding=True)
+    flow = build(interval_embedding=True)
     missing = flow.load_state_dict(plain.state_dict(), strict=False).missing_keys
     assert missing and all(k.startswith("interval_embed.") for k in missing)
     x, t, gap = torch.randn(2, 8, 8, 8, 8), torch.tensor([300, 900]), torch.tensor([250, 0])
@@ -177,10 +183,16 @@ def test_the_unet_takes_the_interval_through_a_time_embedding_that_starts_at_zer
         nn.init.normal_(flow.interval_embed[-1].weight, std=0.1)
         moved = flow(x, t, interval=gap)
         assert not torch.allclose(moved[0], base[0]) and torch.equal(flow(x, t, interval=torch.zeros(2)), flow(x, t))
+        # one interval for the batch is that interval for every sample
+        torch.testing.assert_close(
+            flow(x, t, interval=torch.tensor(250)), flow(x, t, interval=torch.tensor([250, 250]))
+        )
         scripted = torch.jit.script(flow)
         torch.testing.assert_close(scripted(x, t, None, gap), moved)
     with pytest.raises(ValueError, match="interval_embedding=True"):
         plain(x, t, interval=gap)
+    with pytest.raises(ValueError, match=r"interval must be a scalar or have shape \(2,\)"):
+        flow(x, t, interval=torch.zeros(3))
 
 
 def test_the_bundle_trains_a_meanflow_model_and_samples_it_in_1_2_and_4_steps(dataset, tmp_path):  # noqa: F811
@@ -466,7 +478,7 @@ def test_a_teachers_velocity_replaces_x0_minus_noise_in_the_flow_map_target(flow
             assert (pred.target - (x0 - kw["noise"])).abs().max() > 1e-2
 
 
-def test_a_teacher_must_be_a_multi_step_flow_in_the_students_wavelet_space():
+def test_a_teacher_must_be_a_rectified_flow_in_the_students_wavelet_space():
     from wdm3d.diffusion import WaveletDiffusion, WaveletDiffusionInferer
 
     teacher = nn.Identity()
@@ -474,10 +486,20 @@ def test_a_teacher_must_be_a_multi_step_flow_in_the_students_wavelet_space():
     rflow = WaveletDiffusion(process="rflow", prediction_type="sample")
     with pytest.raises(ValueError, match="distils into a flow map"):
         WaveletDiffusionInferer(rflow, teacher=teacher, teacher_diffusion=rflow)
-    with pytest.raises(ValueError, match="multi-step rectified flow"):
+    with pytest.raises(ValueError, match="must be a rectified flow"):
         WaveletDiffusionInferer(student, teacher=teacher, teacher_diffusion=WaveletDiffusion())  # ddpm
-    with pytest.raises(ValueError, match="multi-step rectified flow"):
-        WaveletDiffusionInferer(student, teacher=teacher, teacher_diffusion=student)
+    # a trained flow map (the bundles' default) teaches with its velocity at interval 0: flow_map_velocity at r = t
+    WaveletDiffusionInferer(student, teacher=teacher, teacher_diffusion=student)
+    z, out, ts = torch.randn(2, 8, 2, 2, 2), torch.randn(2, 8, 2, 2, 2), torch.tensor([30.0, 700.0])
+    seen = []
+
+    def at_interval(x, timesteps, context=None, interval=None):
+        seen.append(interval)
+        return out
+
+    s = ts / 1000
+    torch.testing.assert_close(student.velocity(out, z, ts), student.flow_map_velocity(at_interval, z, s, s))
+    assert torch.equal(seen[0], torch.zeros(2)) and not torch.equal(student.velocity(out, z, ts), out)
     two_levels = WaveletDiffusion(process="rflow", prediction_type="sample", levels=2)
     with pytest.raises(ValueError, match=r"'levels': \(2, 1\).*--diffusion#levels 2"):
         WaveletDiffusionInferer(student, teacher=teacher, teacher_diffusion=two_levels)
@@ -488,8 +510,8 @@ def test_a_teacher_must_be_a_multi_step_flow_in_the_students_wavelet_space():
         WaveletDiffusionInferer(student, teacher=teacher)
     with pytest.raises(ValueError, match="without a teacher"):
         WaveletDiffusionInferer(student, teacher_diffusion=rflow)
-    with pytest.raises(ValueError, match="ordinary rectified flow"):
-        student.velocity(torch.zeros(1, 8, 2, 2, 2), torch.zeros(1, 8, 2, 2, 2), torch.ones(1))
+    with pytest.raises(ValueError, match="reads a rectified flow"):
+        WaveletDiffusion().velocity(torch.zeros(1, 8, 2, 2, 2), torch.zeros(1, 8, 2, 2, 2), torch.ones(1))
 
 
 def test_the_process_trains_and_samples_a_shortcut_model():
@@ -631,3 +653,21 @@ def test_the_bundle_distils_a_shortcut_model_from_a_trained_multi_step_model(dat
     assert ckpt["run_config"]["settings"]["teacher_checkpoint"] == str(teacher_dir / "models")
     assert not any(k.startswith("teacher") for k in ckpt["model"])  # the teacher is not saved with the student
     _assert_samples_in_2_shortcut_jumps(dataset, out)
+
+
+def test_the_default_sampler_and_its_steps_follow_the_process():
+    from wdm3d.diffusion import WaveletDiffusion
+
+    ddpm, rflow = WaveletDiffusion(), WaveletDiffusion(process="rflow", prediction_type="sample")
+    shortcut = WaveletDiffusion(process="rflow", prediction_type="sample", flow_map="shortcut")
+    assert (ddpm.default_sampler(), ddpm.default_sampler(fast=True)) == ("ddpm", "ddim")
+    assert (rflow.default_sampler(), shortcut.default_sampler(), shortcut.default_sampler(fast=True)) == (
+        "rflow",
+        "shortcut",
+        "shortcut",
+    )
+    steps = {s: shortcut.default_num_steps(s) for s in ("shortcut", "rflow")}
+    assert steps == {"shortcut": 4, "rflow": 50} and ddpm.default_num_steps("ddpm") == ddpm.num_train_timesteps
+    assert ddpm.default_num_steps("ddim") == 50 and shortcut.network_evaluations("shortcut", steps["shortcut"]) == 4
+    with pytest.raises(ValueError, match="does not fit process 'ddpm'"):
+        ddpm.default_num_steps("rflow")

@@ -243,6 +243,17 @@ def test_sampling_with_other_diffusion_settings_than_trained_is_refused():
     flow = {"run_config": {"diffusion": WaveletDiffusion(process="rflow").config()}}
     with pytest.raises(ValueError, match=r"--diffusion#process \"rflow\".*--sampler rflow"):
         check_diffusion_matches(flow, WaveletDiffusion(), "f.pt")
+    # config() records a flow map only when there is one: a multi-step checkpoint sampled as a shortcut model is
+    # refused too, since the missing key means the constructor's None; and the reverse
+    shortcut = WaveletDiffusion(process="rflow", prediction_type="sample", flow_map="shortcut")
+    multi_step_process = WaveletDiffusion(process="rflow", prediction_type="sample")
+    multi_step = {"run_config": {"diffusion": multi_step_process.config()}}
+    assert "flow_map" not in multi_step["run_config"]["diffusion"]
+    with pytest.raises(ValueError, match=r"'flow_map': \(None, 'shortcut'\).*--diffusion#flow_map null"):
+        check_diffusion_matches(multi_step, shortcut, "jit.pt")
+    check_diffusion_matches({"run_config": {"diffusion": shortcut.config()}}, shortcut, "s.pt")
+    with pytest.raises(ValueError, match=r"'flow_map': \('shortcut', None\).*--diffusion#flow_map \"shortcut\""):
+        check_diffusion_matches({"run_config": {"diffusion": shortcut.config()}}, multi_step_process, "s.pt")
 
 
 # --- seeds ---------------------------------------------------------------------------------------------------------

@@ -44,15 +44,20 @@ def check_diffusion_matches(checkpoint: Mapping[str, Any], diffusion: Any, path:
     if not isinstance(trained, Mapping) or not trained or not hasattr(diffusion, "config"):
         return
     now = plain(diffusion.config())
+    params = inspect.signature(type(diffusion)).parameters
+
+    def value(config: Mapping[str, Any], key: str) -> Any:  # config() leaves out some settings at their default
+        return plain(config[key]) if key in config else plain(params[key].default)  # (flow_map, time_shift)
+
+    keys = [k for k in {**trained, **now} if (k in trained and k in now) or k in params]
     changed = {
-        k: (trained[k], now[k])
-        for k in trained
-        if k in now and k not in _FREE_AT_SAMPLING and plain(trained[k]) != now[k]
+        k: (value(trained, k), value(now, k))
+        for k in keys
+        if k not in _FREE_AT_SAMPLING and value(trained, k) != value(now, k)
     }
     if not changed:
         return
-    params = inspect.signature(type(diffusion)).parameters
-    fix = " ".join(f"--diffusion#{k} {json.dumps(trained[k])}" for k in changed if k in params)
+    fix = " ".join(f"--diffusion#{k} {json.dumps(changed[k][0])}" for k in changed if k in params)
     sampler = " and a sampler for it (--sampler rflow)" if changed.get("process", (None,))[0] == "rflow" else ""
     raise ValueError(
         f"Checkpoint {path} was trained with other diffusion settings than this config samples with (trained, now): "

@@ -1,5 +1,5 @@
-"""The teacher of a distilled flow map: a trained multi-step rectified flow, rebuilt from its checkpoint and frozen
-(see :class:`~wdm3d.diffusion.WaveletDiffusionInferer`'s ``teacher``)."""
+"""The teacher of a distilled flow map: a trained rectified flow (multi-step, or a flow map read at interval 0),
+rebuilt from its checkpoint and frozen (see :class:`~wdm3d.diffusion.WaveletDiffusionInferer`'s ``teacher``)."""
 
 from __future__ import annotations
 

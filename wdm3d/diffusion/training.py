@@ -180,18 +180,18 @@ class WaveletDiffusionInferer(Inferer):
     The keyword arguments are what :class:`WaveletDiffusionPrepareBatch` and
     :class:`~wdm3d.diffusion.ConditionalPrepareBatch` return.
 
-    Distillation (a flow map only): with a ``teacher``, a trained multi-step rectified flow, the flow map's velocity
-    ``v`` (its ``r = t`` target, and the tangent of MeanFlow's Jacobian-vector product) is the teacher's marginal
-    velocity at ``(z_t, t)`` (:meth:`WaveletDiffusion.velocity`) instead of the conditional ``x0 - noise``: the same
-    map, learnt from a target without the data pairing's noise, as consistency distillation does for consistency
-    models (Song et al. 2023). One more forward pass of the teacher per step, without a graph.
+    Distillation (a flow map only): with a ``teacher``, a trained rectified flow (a multi-step one, or a flow map read
+    at interval 0, its instantaneous velocity), the flow map's velocity ``v`` (its ``r = t`` target, and the tangent
+    of MeanFlow's Jacobian-vector product) is the teacher's marginal velocity at ``(z_t, t)``
+    (:meth:`WaveletDiffusion.velocity`) instead of the conditional ``x0 - noise``: the same map, learnt from a target
+    without the data pairing's noise, as consistency distillation does for consistency models (Song et al. 2023). One more forward pass of the teacher per step, without a graph.
 
     Args:
         diffusion: the process whose :meth:`~WaveletDiffusion.add_noise` noises the inputs.
         teacher: the teacher network (called as ``teacher(x, timesteps, context=context)``), frozen here (eval mode,
             no gradients); :func:`~wdm3d.diffusion.load_teacher` rebuilds one from a checkpoint.
-        teacher_diffusion: the teacher's process: rectified flow without a flow map, in the student's wavelet space
-            (same levels, LLL scale and wavelet) and time scale (same ``num_train_timesteps``).
+        teacher_diffusion: the teacher's process: rectified flow (with or without a flow map), in the student's
+            wavelet space (same levels, LLL scale and wavelet) and time scale (same ``num_train_timesteps``).
     """
 
     def __init__(
@@ -287,17 +287,18 @@ class WaveletDiffusionInferer(Inferer):
 
 
 def _check_teacher(student: WaveletDiffusion, teacher: WaveletDiffusion | None) -> None:
-    """A teacher fits a student when it is an ordinary rectified flow in the student's wavelet space."""
+    """A teacher fits a student when it is a rectified flow (a flow map too, read at interval 0) in the student's
+    wavelet space."""
     if student.flow_map is None:
         raise ValueError(
             "a teacher distils into a flow map: the student's process needs flow_map='meanflow' or 'shortcut'."
         )
     if not isinstance(teacher, WaveletDiffusion):
         raise TypeError(f"teacher_diffusion must be the teacher's WaveletDiffusion, got {type(teacher).__name__}.")
-    if teacher.process != "rflow" or teacher.flow_map is not None:
+    if teacher.process != "rflow":
         raise ValueError(
-            f"the teacher must be a multi-step rectified flow (process 'rflow', no flow_map), got process "
-            f"{teacher.process!r} with flow_map {teacher.flow_map!r}."
+            f"the teacher must be a rectified flow (process 'rflow'; a flow map is read at interval 0, its "
+            f"instantaneous velocity), got process {teacher.process!r}."
         )
     space = ("levels", "lll_scale", "num_train_timesteps")  # the teacher is called with the student's timesteps
     differ = {

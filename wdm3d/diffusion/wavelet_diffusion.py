@@ -285,13 +285,12 @@ class WaveletDiffusion:
 
         Below ``s = 0.05`` an x-prediction teacher's velocity is damped by ``s / 0.05`` (as an x-prediction flow map
         damps its own, so the two agree; a velocity-predicting student learns the damped field there), and the clip
-        projection the teacher's sampler may apply is not part of it.
+        projection the teacher's sampler may apply is not part of it. For a flow map, ``output`` must come from the
+        network at interval 0 (``r = t``, the default when no interval is passed): then this is
+        :meth:`flow_map_velocity` at ``r = t``, its instantaneous velocity.
         """
-        if self.process != "rflow" or self.flow_map is not None:
-            raise ValueError(
-                f"velocity() reads an ordinary rectified flow's output; this process is {self.process!r} with "
-                f"flow_map {self.flow_map!r}."
-            )
+        if self.process != "rflow":
+            raise ValueError(f"velocity() reads a rectified flow's output; this process is {self.process!r}.")
         if self.prediction_type == "v_prediction":
             return output
         return flow_maps.average_velocity_from_sample(output, x_t, timesteps / self.num_train_timesteps)
@@ -395,6 +394,24 @@ class WaveletDiffusion:
             raise ValueError(f"num_steps must be in [1, {T}] for {sampler}, got {num_steps}.")
         grid = torch.linspace(T - 1, 0, steps, dtype=torch.float64).round().long().unique_consecutive()
         return [int(t) for t in grid] + [-1]
+
+    def default_sampler(self, fast: bool = False) -> str:
+        """The sampler the bundles use when none is named: a flow map's own jumps, rectified flow's Euler steps, or
+        DDPM's ancestral sampler (DDIM with ``fast=True``, as for validation previews)."""
+        if self.process == "ddpm":
+            return "ddim" if fast else "ddpm"
+        return self.flow_map or "rflow"
+
+    def default_num_steps(self, sampler: str) -> int:
+        """The bundles' steps for ``sampler``: 4 flow-map jumps (the benchmark's choice, BENCHMARKS.md), 50 Euler or
+        DDIM steps, all ``num_train_timesteps`` for DDPM."""
+        if sampler not in SAMPLERS[self.process]:
+            raise ValueError(
+                f"sampler {sampler!r} does not fit process {self.process!r}; use one of {SAMPLERS[self.process]}."
+            )
+        if sampler == "ddpm":
+            return self.num_train_timesteps
+        return 4 if sampler in FLOW_MAPS else 50
 
     def network_evaluations(self, sampler: str, num_steps: int | None = None) -> int:
         """Network calls per sample of ``sampler`` with ``num_steps`` (one per step, for every sampler here)."""

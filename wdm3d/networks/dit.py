@@ -19,6 +19,7 @@ from torch import nn
 
 from .positions import sincos_position_3d
 from .scripting import shape_repr
+from .time_embedding import interval_mlp, interval_values
 
 __all__ = ["DiT3D", "DiTBlock", "dit3d", "patchify3d", "unpatchify3d"]
 
@@ -96,6 +97,9 @@ class DiT3D(nn.Module):
         depth: number of blocks.
         num_heads: attention heads.
         mlp_ratio: MLP width over ``hidden_size``.
+        interval_embedding: also take a flow map's interval ``t - r`` (timestep units), embedded like the timestep
+            and added to its embedding before the AdaLN regressions; the interval's MLP starts at zero, so the new
+            network equals the one without it. False adds no parameters.
 
     Example:
         >>> net = DiT3D(in_channels=8, patch_size=2, hidden_size=48, depth=2, num_heads=4)
@@ -112,6 +116,7 @@ class DiT3D(nn.Module):
         depth: int = 12,
         num_heads: int = 6,
         mlp_ratio: float = 4.0,
+        interval_embedding: bool = False,
     ) -> None:
         super().__init__()
         if in_channels < 1 or patch_size < 1 or hidden_size < 1 or depth < 1:
@@ -124,6 +129,8 @@ class DiT3D(nn.Module):
         self.time_embed = nn.Sequential(
             nn.Linear(hidden_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
         )
+        self.interval_embedding = bool(interval_embedding)
+        self.interval_embed = interval_mlp(hidden_size, hidden_size) if interval_embedding else None
         self.blocks = nn.ModuleList(DiTBlock(hidden_size, num_heads, mlp_ratio) for _ in range(depth))
         self.norm_out = nn.LayerNorm(hidden_size, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Sequential(nn.SiLU(), nn.Linear(hidden_size, 2 * hidden_size))
@@ -139,12 +146,19 @@ class DiT3D(nn.Module):
         if any(s % p for s in x.shape[2:]):
             raise ValueError(f"spatial sizes {tuple(x.shape[2:])} must be divisible by patch_size {p}.")
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """
         Args:
             x: ``(B, in_channels, D, H, W)``, each size divisible by ``patch_size``.
             timesteps: ``(B,)`` or a scalar, integer or float diffusion time.
             context: not supported (must be None); kept for the U-Net's call signature.
+            interval: ``(B,)`` or a scalar flow-map interval ``t - r``; needs ``interval_embedding`` (None: 0).
         """
         if context is not None:
             raise ValueError("DiT3D takes no context tokens; pass context=None.")
@@ -162,6 +176,11 @@ class DiT3D(nn.Module):
         h = self.patch_embed(x).flatten(2).transpose(1, 2)  # (B, N, dim), row-major over the patch grid
         h = h + sincos_position_3d(grid, self.hidden_size, x.device, h.dtype)
         cond = self.time_embed(get_timestep_embedding(timesteps, self.hidden_size).to(h.dtype))
+        if self.interval_embed is not None:
+            gap = get_timestep_embedding(interval_values(interval, timesteps), self.hidden_size).to(h.dtype)
+            cond = cond + self.interval_embed(gap)
+        elif interval is not None:
+            raise ValueError("this network takes no interval: build it with interval_embedding=True (a flow map).")
         for block in self.blocks:
             h = block(h, cond)
         shift, scale = self.ada_out(cond).chunk(2, dim=-1)

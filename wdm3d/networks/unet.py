@@ -39,6 +39,7 @@ from torch.utils.checkpoint import checkpoint
 
 from .attention import CrossAttentionBlock, ImagePrompt
 from .scripting import shape_repr
+from .time_embedding import interval_mlp, interval_values
 
 __all__ = [
     "WDMUNet",
@@ -143,15 +144,6 @@ class AttentionAnchor(NamedTuple):
     attention: str | None
 
 
-def _zero_last(mlp: nn.Sequential) -> nn.Sequential:
-    """``mlp`` with its last linear layer zeroed: it adds nothing until trained."""
-    last = mlp[-1]
-    assert isinstance(last, nn.Linear)
-    nn.init.zeros_(last.weight)
-    nn.init.zeros_(last.bias)
-    return mlp
-
-
 class WDMUNet(nn.Module):
     """3D U-Net for wavelet-domain diffusion (WDM's network, written anew).
 
@@ -247,11 +239,7 @@ class WDMUNet(nn.Module):
 
         self.time_embed = nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim))
         self.interval_embedding = bool(interval_embedding)
-        self.interval_embed = (
-            _zero_last(nn.Sequential(nn.Linear(base_channels, emb_dim), nn.SiLU(), nn.Linear(emb_dim, emb_dim)))
-            if interval_embedding
-            else None
-        )
+        self.interval_embed = interval_mlp(base_channels, emb_dim) if interval_embedding else None
         self.conv_in = nn.Conv3d(in_channels, base_channels, 3, padding=1)
 
         # encoder: every module's output is a skip
@@ -505,8 +493,7 @@ class WDMUNet(nn.Module):
             )
         emb = self.time_embed(get_timestep_embedding(timesteps, self.base_channels).to(x.dtype))
         if self.interval_embed is not None:
-            gap = torch.zeros_like(timesteps) if interval is None else torch.as_tensor(interval, device=x.device)
-            gap = gap.reshape(()).expand(x.shape[0]) if gap.ndim == 0 or gap.shape[0] == 1 else gap
+            gap = interval_values(interval, timesteps)
             emb = emb + self.interval_embed(get_timestep_embedding(gap, self.base_channels).to(x.dtype))
         elif interval is not None:
             raise ValueError("this network takes no interval: build it with interval_embedding=True (a flow map).")
