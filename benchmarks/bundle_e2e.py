@@ -58,11 +58,11 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iterations", type=int, default=4, help="training iterations (one epoch)")
-    parser.add_argument("--sampler", default=None, help="default: the config's (rflow; ddpm with --wdm-paper)")
+    parser.add_argument("--sampler", default=None, help="default: the config's (shortcut; ddpm with --wdm-paper)")
     parser.add_argument(
         "--wdm-paper", action="store_true", help="add configs/wdm_paper.json: WDM's recipe, fp32, raw weights"
     )
-    parser.add_argument("--num-steps", type=int, default=50)
+    parser.add_argument("--num-steps", type=int, default=None, help="default: the config's for the sampler")
     parser.add_argument("--tiny", action="store_true", help="a tiny U-Net (smoke test)")
     parser.add_argument("--json", default=None, help="write the result here")
     parser.add_argument("--set", nargs="*", default=[], help="extra config overrides key=json_value")
@@ -131,7 +131,7 @@ def main() -> None:
             run_id="inference",
             dataset_dir=str(data),
             num_samples=1,
-            num_steps=args.num_steps,
+            **({"num_steps": args.num_steps} if args.num_steps else {}),
             **({"sampler": args.sampler} if args.sampler else {}),
             **common,
         )

@@ -85,6 +85,9 @@ def test_cli_demo(tmp_path, capsys):
     assert (tmp_path / "samples" / "sample_0000.nii.gz").exists() and (
         tmp_path / "samples" / "sample_0000.png"
     ).exists()
+    # the demo samples the bundles' default process with its sampler (--quick: 2 Euler steps)
+    manifest = json.loads((tmp_path / "samples" / "manifest.json").read_text())
+    assert (manifest["sampler"], manifest["num_steps"], manifest["network_evaluations"]) == ("rflow", 2, 2)
 
 
 def test_cli_demo_refuses_a_sampler_its_process_cannot_use_before_training(tmp_path, capsys):
