@@ -671,3 +671,32 @@ def test_the_default_sampler_and_its_steps_follow_the_process():
     assert ddpm.default_num_steps("ddim") == 50 and shortcut.network_evaluations("shortcut", steps["shortcut"]) == 4
     with pytest.raises(ValueError, match="does not fit process 'ddpm'"):
         ddpm.default_num_steps("rflow")
+
+
+@pytest.mark.parametrize("flow_map", ["shortcut", "meanflow"])
+def test_the_flow_matching_times_follow_the_logit_normal_law_with_the_chosen_mean(flow_map):
+    from scipy.stats import kstest, norm
+
+    from wdm3d.diffusion import WaveletDiffusion
+
+    torch.manual_seed(0)
+    for mean in (-0.4, 0.0):
+        d = WaveletDiffusion(
+            process="rflow",
+            prediction_type="sample",
+            flow_map=flow_map,
+            flow_map_equal_fraction=1.0,
+            flow_map_time_mean=mean,
+        )
+        r, t = d.sample_flow_map_times(4000)
+        assert torch.equal(r, t)  # every pair is a flow-matching pair
+        s = (t / d.num_train_timesteps).double()
+        if flow_map == "meanflow":  # MeanFlow's t is the larger of two draws: P(T <= x) = F(x)^2
+            stat = kstest(torch.logit(s).numpy(), lambda x, m=mean: norm.cdf(x, loc=m) ** 2)
+        else:
+            stat = kstest(torch.logit(s).numpy(), "norm", args=(mean, 1.0))
+        assert stat.statistic < 0.03, (mean, stat)
+        # the default is left out of config() so earlier checkpoints' records stay equal; sampling may differ
+        assert ("flow_map_time_mean" in d.config()) == (mean != -0.4)
+    with pytest.raises(ValueError, match="flow_map_time_mean must be a finite number"):
+        WaveletDiffusion(process="rflow", prediction_type="sample", flow_map=flow_map, flow_map_time_mean=float("nan"))

@@ -25,6 +25,7 @@ _FREE_AT_SAMPLING = (
     "min_snr_gamma",
     "flow_map_equal_fraction",
     "flow_map_time",
+    "flow_map_time_mean",
     "time_shift",
 )
 

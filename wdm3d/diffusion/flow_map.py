@@ -107,10 +107,11 @@ def shortcut_time_pairs(
     levels: int = 7,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
+    mean: float = -0.4,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training times ``(r, t)`` of a shortcut model, each ``(B,)``, ``0 <= r <= t <= 1``.
 
-    A share ``equal_fraction`` of the pairs has ``r = t`` (flow matching; ``t`` logit-normal(-0.4, 1) or uniform),
+    A share ``equal_fraction`` of the pairs has ``r = t`` (flow matching; ``t`` logit-normal(``mean``, 1) or uniform),
     the rest a jump of ``2d = 2^-k``, ``k`` uniform in ``0 .. levels - 1`` (the paper's powers of two down to 1/128 for
     ``levels = 7``; a quarter of the batch, its setting), with ``t`` uniform in ``[2d, 1]`` and ``r = t - 2d``.
 
@@ -121,6 +122,7 @@ def shortcut_time_pairs(
         levels: jump sizes ``1, 1/2, ..., 2^-(levels - 1)``.
         generator: for reproducible draws (on the CPU; the result is moved to ``device``).
         device: where the times go.
+        mean: of the flow-matching pairs' logit-normal law (MeanFlow's -0.4; the JiT's and SD3's 0).
     """
     if levels < 1:
         raise ValueError(f"levels must be at least 1, got {levels}.")
@@ -128,8 +130,8 @@ def shortcut_time_pairs(
         raise ValueError(f"distribution must be one of {TIME_DISTRIBUTIONS}, got {distribution!r}.")
     if distribution == "uniform":
         fm = torch.rand(batch_size, generator=generator)
-    else:  # MeanFlow's and SD3's logit-normal(-0.4, 1)
-        fm = torch.sigmoid(torch.randn(batch_size, generator=generator) - 0.4)
+    else:  # logit-normal(mean, 1): MeanFlow's -0.4 by default
+        fm = torch.sigmoid(torch.randn(batch_size, generator=generator) + mean)
     k = torch.randint(0, levels, (batch_size,), generator=generator)
     jump = torch.pow(2.0, -k.double()).float()
     t = jump + (1 - jump) * torch.rand(batch_size, generator=generator)

@@ -72,8 +72,11 @@ class WaveletDiffusion:
             (default): an ordinary process.
         flow_map_equal_fraction: share of training pairs with ``r = t`` (MeanFlow: 0.75; shortcut models: 0.75,
             the other quarter self-consistency pairs).
-        flow_map_time: how the flow map's training times are drawn: ``"logit_normal"`` (MeanFlow's
-            ``sigmoid(N(-0.4, 1))``) or ``"uniform"``.
+        flow_map_time: how the flow map's training times are drawn: ``"logit_normal"`` (``sigmoid(N(m, 1))``
+            with ``m = flow_map_time_mean``) or ``"uniform"``.
+        flow_map_time_mean: ``m``, the logit-normal law's mean: MeanFlow's -0.4 (default), or 0, the law of the
+            multi-step recipe (``rflow_sample_method="logit-normal"``). At the demo's 64^3 scale the time law decides
+            whether 450 steps learn the brain's layout (BENCHMARKS.md, the demo-scale diagnostics).
         time_shift: rflow only: SD3's resolution shift of the times (:func:`maths.rflow_time_shift`), applied to
             the training times (after ``rflow_sample_method``) and to the sampling grid. 1.0 (default): none;
             above 1, more training and more sampling steps near noise, where a larger volume's coarse structure is
@@ -105,6 +108,7 @@ class WaveletDiffusion:
         flow_map: str | None = None,
         flow_map_equal_fraction: float = 0.75,
         flow_map_time: str = "logit_normal",
+        flow_map_time_mean: float = -0.4,
         time_shift: float = 1.0,
     ) -> None:
         if process not in maths.PROCESSES:
@@ -143,6 +147,8 @@ class WaveletDiffusion:
                 )
             if not 0.0 <= flow_map_equal_fraction <= 1.0:
                 raise ValueError(f"flow_map_equal_fraction must be in [0, 1], got {flow_map_equal_fraction}.")
+            if not math.isfinite(float(flow_map_time_mean)):
+                raise ValueError(f"flow_map_time_mean must be a finite number, got {flow_map_time_mean!r}.")
             if flow_map_time not in flow_maps.TIME_DISTRIBUTIONS:
                 raise ValueError(f"flow_map_time must be one of {flow_maps.TIME_DISTRIBUTIONS}, got {flow_map_time!r}.")
         if not (isinstance(time_shift, (int, float)) and math.isfinite(time_shift) and time_shift > 0):
@@ -156,6 +162,7 @@ class WaveletDiffusion:
         self.flow_map = flow_map
         self.flow_map_equal_fraction = float(flow_map_equal_fraction)
         self.flow_map_time = flow_map_time
+        self.flow_map_time_mean = float(flow_map_time_mean)
         self.process = process
         self.loss_weighting = loss_weighting
         self.min_snr_gamma = float(min_snr_gamma)
@@ -246,11 +253,15 @@ class WaveletDiffusion:
             raise ValueError("this process has no flow_map; build it with flow_map='meanflow' or 'shortcut'.")
         if self.flow_map == "shortcut":
             r, t = flow_maps.shortcut_time_pairs(
-                batch_size, self.flow_map_equal_fraction, self.flow_map_time, device=device
+                batch_size,
+                self.flow_map_equal_fraction,
+                self.flow_map_time,
+                device=device,
+                mean=self.flow_map_time_mean,
             )
         else:
             r, t = flow_maps.sample_time_pairs(
-                batch_size, self.flow_map_equal_fraction, self.flow_map_time, device=device
+                batch_size, self.flow_map_equal_fraction, self.flow_map_time, self.flow_map_time_mean, device=device
             )
         return r * self.num_train_timesteps, t * self.num_train_timesteps
 
@@ -569,4 +580,6 @@ class WaveletDiffusion:
                 flow_map_equal_fraction=self.flow_map_equal_fraction,
                 flow_map_time=self.flow_map_time,
             )
+            if self.flow_map_time_mean != -0.4:  # absent at the default: earlier checkpoints' records stay equal
+                out["flow_map_time_mean"] = self.flow_map_time_mean
         return out
