@@ -73,6 +73,27 @@ MEANFLOW_X = {**MEANFLOW, "prediction_type": "sample"}
 SHORTCUT_X = {**MEANFLOW_X, "flow_map": "shortcut"}
 UNET_FLOW_MAP = {**UNET, "interval_embedding": True}
 
+
+def _two_level_flow_map(flow_map: str, steps: int, sampler: str | None = None, time_mean: float | None = None) -> dict:
+    """A flow map with x prediction on the two-level grid and U-Net of the 50-step winner (with the interval input),
+    sampled with ``steps`` of its own jumps, or of ``sampler`` (``"rflow"``: its velocity at interval 0);
+    ``time_mean``: the flow-matching times' logit-normal mean (None: MeanFlow's -0.4; the name gets ``_t0`` for 0)."""
+    name = {"shortcut": "shortcut model", "meanflow": "MeanFlow"}[flow_map]
+    how = f"{steps} jump{'s' if steps > 1 else ''}" if sampler is None else f"{steps} {sampler} steps at interval 0"
+    times = {} if time_mean is None else {"flow_map_time_mean": time_mean}
+    return dict(
+        diffusion={**(SHORTCUT_X if flow_map == "shortcut" else MEANFLOW_X), "levels": 2, **times},
+        net={**UNET_2LEVEL, "interval_embedding": True},
+        loss={},
+        sampler=sampler or flow_map,
+        steps=steps,
+        trained_as=f"{flow_map}_x_2level" + ("" if time_mean is None else f"_t{time_mean:g}"),
+        note=f"{name} with x prediction on two Haar levels"
+        + ("" if time_mean is None else f", flow-matching times logit-normal({time_mean:g}, 1)")
+        + f", {how}",
+    )
+
+
 #: name -> (diffusion settings, network, loss settings, sampler, steps, what it is)
 CANDIDATES: dict[str, dict] = {
     "wdm": dict(
@@ -244,18 +265,15 @@ CANDIDATES: dict[str, dict] = {
         for k in (1, 2, 4)
     },
     # the shortcut model on the winner's two Haar levels (the 50-step winner's grid and U-Net, with the interval input)
-    **{
-        f"shortcut_x_2level_{k}": dict(
-            diffusion={**SHORTCUT_X, "levels": 2},
-            net={**UNET_2LEVEL, "interval_embedding": True},
-            loss={},
-            sampler="shortcut",
-            steps=k,
-            trained_as="shortcut_x_2level",
-            note=f"shortcut model with x prediction on two Haar levels, {k} jump{'s' if k > 1 else ''}",
-        )
-        for k in (1, 2, 4)
-    },
+    **{f"shortcut_x_2level_{k}": _two_level_flow_map("shortcut", k) for k in (1, 2, 4)},
+    # MeanFlow on the same two levels and network (issue 25: the two objectives compared on one grid)
+    **{f"meanflow_x_2level_{k}": _two_level_flow_map("meanflow", k) for k in (1, 2, 4)},
+    # the same shortcut training sampled as a velocity field (interval 0, 50 Euler steps)
+    "shortcut_x_2level_rflow50": _two_level_flow_map("shortcut", 50, sampler="rflow"),
+    # the shortcut model with the 50-step recipe's time law for its flow-matching pairs (logit-normal(0, 1) instead of
+    # MeanFlow's (-0.4, 1)): the fix the demo-scale diagnostics pointed to
+    **{f"shortcut_x_2level_t0_{k}": _two_level_flow_map("shortcut", k, time_mean=0.0) for k in (1, 2, 4)},
+    "shortcut_x_2level_t0_rflow50": _two_level_flow_map("shortcut", 50, sampler="rflow", time_mean=0.0),
     # the same shortcut model distilled from the one-level JiT (rflow_x_vloss, same seed and budget; its weights are
     # kept under _trained/rflow_x_vloss): the teacher's velocity replaces x0 - noise in the target
     **{
@@ -826,25 +844,66 @@ def _relative_to_best(res: dict, name: str) -> float:
     return res["candidates"][name][primary]["mean"] / res["candidates"][res["best_mean"]][primary]["mean"]
 
 
-def overall(summary: dict) -> dict:
-    """Per training budget, the recipe the bundles default to: one that no dataset can tell from its best.
+#: benchmarks/demo_compare.py's recipe -> the training (``trained_as``, else the candidate's name) it runs at the
+#: demo's own scale (64^3 brains, the demo's U-Net and budget)
+DEMO_RECIPES = {
+    "wdm": "wdm_ddim50",
+    "jit_2level": "rflow_x_vloss_2level",
+    "shortcut_2level": "shortcut_x_2level",
+    "shortcut_2level_t0": "shortcut_x_2level_t0",
+}
+DEMO_COMPARE_JSON = REPO / "benchmarks" / "results" / "demo_compare.json"
+
+
+def _training_of(name: str) -> str:
+    cand = CANDIDATES.get(name, {})
+    return "wdm_ddim50" if name == "wdm" else cand.get("trained_as", name)
+
+
+def demo_scale_check(path: Path = DEMO_COMPARE_JSON) -> dict:
+    """The check a recipe passes before it becomes the bundles' default: the demo run at its own scale
+    (``benchmarks/demo_compare.py``, one seed) must give samples with a brain's layout, i.e. a mean brain likeness
+    (NCC with the mean training volume) at least the lowest of the training cases' own. Per training (``trained_as``):
+    ``{"brain_likeness", "real_min", "passed"}``; empty without a demo_compare.json that has the figures."""
+    if not path.is_file():
+        return {}
+    likeness = json.loads(path.read_text()).get("brain_likeness", {})
+    if "real" not in likeness:
+        return {}
+    real_min = min(likeness["real"])
+    return {
+        DEMO_RECIPES[r]: {
+            "brain_likeness": round(float(np.mean(v)), 4),
+            "real_min": real_min,
+            "passed": bool(np.mean(v) >= real_min),
+        }
+        for r, v in likeness.items()
+        if r in DEMO_RECIPES
+    }
+
+
+def overall(summary: dict, allowed: set[str] | None = None) -> dict:
+    """Per training budget, the recipe the rule picks: one that no dataset can tell from its best.
 
     The candidates in every dataset's tie with the best (:func:`summarize`'s ``tied_with_best``: 3+ seeds, enough
     valid samples, an interval overlapping the best mean's) are the contenders; a candidate not run on every dataset
     is not one. Among them the cheapest sampler wins, then the smallest mean over datasets of its headline relative
     to each dataset's best mean. When no candidate ties everywhere, the one whose worst ratio to a dataset's best
     mean is smallest wins (minimax), among those scored on every dataset (3+ seeds, enough valid samples).
+    ``allowed``: only these candidates may be picked (the bundles' default: those that passed
+    :func:`demo_scale_check`); the datasets' best means stay those of all candidates.
     """
     out: dict = {}
     for budget in sorted({int(k.split("@")[1]) for k in summary}):
         studies = {k: v for k, v in summary.items() if k.endswith(f"@{budget}") and v.get("winner")}
         if len(studies) < 2:
             continue
-        contenders = set.intersection(*(set(v["tied_with_best"]) for v in studies.values()))
+        keep = (lambda c: c in allowed) if allowed is not None else (lambda c: True)
+        contenders = {c for c in set.intersection(*(set(v["tied_with_best"]) for v in studies.values())) if keep(c)}
         rule = "tied everywhere"
         if not contenders:
             rule = "minimax ratio to the best"
-            contenders = set.intersection(*(set(v["scored"]) for v in studies.values()))
+            contenders = {c for c in set.intersection(*(set(v["scored"]) for v in studies.values())) if keep(c)}
         ranked = {
             c: {
                 "nfe": max(studies[k]["candidates"][c]["nfe"] for k in studies),
@@ -896,10 +955,26 @@ def markdown(summary: dict) -> str:
                 f"over a dataset's best mean wins (minimax). Candidates scored everywhere: {contenders}."
             )
         lines.append(
-            f"**Overall, {budget} steps: `{res['winner']}`** (the rule's pick for the bundles' default). {why} Not "
+            f"**Overall, {budget} steps: `{res['winner']}`** (the rule's pick). {why} Not "
             f"run on every dataset, so not a contender: {res['not_run_everywhere']}."
         )
         lines.append("")
+        check = demo_scale_check()
+        if check:
+            passed = {c for c in CANDIDATES if check.get(_training_of(c), {}).get("passed")}
+            default = overall(summary, passed).get(budget, {})
+            checked = ", ".join(
+                f"`{t}` {v['brain_likeness']:.3f} ({'passed' if v['passed'] else 'failed'})"
+                for t, v in sorted(check.items())
+            )
+            real_min = next(iter(check.values()))["real_min"]
+            lines.append(
+                f"**Bundles' default, {budget} steps: `{default.get('winner')}`**: the rule among the trainings that "
+                f"passed the demo-scale check (`benchmarks/demo_compare.py`, the demo's own 64^3 run, one seed: mean "
+                f"brain likeness of its samples, NCC with the mean training volume, at least the training cases' "
+                f"lowest, {real_min:.3f}): {checked}; a training not run there has not passed."
+            )
+            lines.append("")
     for key, res in summary.items():
         primary = res["primary"]
         dataset, iterations = key.split("@")
@@ -974,6 +1049,7 @@ def report(args: argparse.Namespace) -> None:
     print(table)
     if not args.write:
         return
+    check = demo_scale_check()
     doc = {
         "benchmark": "benchmarks/quality.py",
         "machine": records[-1]["machine"],
@@ -983,6 +1059,11 @@ def report(args: argparse.Namespace) -> None:
             for k, v in CANDIDATES.items()
         },
         "summary": summary,
+        "overall": overall(summary),
+        "demo_scale_check": check,
+        "default": overall(summary, {c for c in CANDIDATES if check.get(_training_of(c), {}).get("passed")})
+        if check
+        else None,
         "records": records,
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

@@ -357,15 +357,21 @@ def test_known_truth_laws_and_broken_shapes():
         make_volumes(1, size=48)
 
 
-def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule():
+def _benchmark(name: str):
+    """A script of benchmarks/ as a module (the folder is not a package)."""
     import importlib.util
     from pathlib import Path
 
     spec = importlib.util.spec_from_file_location(
-        "bench_quality", Path(__file__).parents[1] / "benchmarks" / "quality.py"
+        f"bench_{name}", Path(__file__).parents[1] / "benchmarks" / f"{name}.py"
     )
-    q = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(q)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule():
+    q = _benchmark("quality")
     ref = measure_many(make_volumes(48, 32, seed=5)[0])
     fake = make_volumes(16, 32, seed=6)[0]
     emptied = fake.copy()
@@ -441,3 +447,34 @@ def test_quality_benchmark_counts_empty_samples_and_picks_the_winner_by_its_rule
     best = q.overall(q.summarize(records))["10"]
     assert best["rule"].startswith("minimax") and best["winner"] == a and set(best["contenders"]) == {a, b}
     assert max(best["contenders"][b]["relative_to_best"].values()) == pytest.approx(3.0)
+    # the bundles' default: the rule among the candidates allowed (those that passed the demo-scale check)
+    best = q.overall(q.summarize(records), allowed={b})["10"]
+    assert best["winner"] == b and set(best["contenders"]) == {b}
+    assert best["contenders"][b]["relative_to_best"]["shapes32@10"] == pytest.approx(3.0)  # a's best still counts
+
+
+def test_the_demo_scale_check_passes_a_training_whose_samples_have_a_brains_layout(tmp_path):
+    import json
+
+    q = _benchmark("quality")
+    path = tmp_path / "demo_compare.json"
+    assert q.demo_scale_check(path) == {}  # not run: nothing passed
+    likeness = {"real": [0.96, 0.98], "jit_2level": [0.97, 0.95], "shortcut_2level": [0.9, 0.99], "other": [1.0]}
+    path.write_text(json.dumps({"brain_likeness": likeness}))
+    check = q.demo_scale_check(path)
+    assert set(check) == {"rflow_x_vloss_2level", "shortcut_x_2level"}  # by training; unknown recipes left out
+    assert check["rflow_x_vloss_2level"]["passed"] and check["rflow_x_vloss_2level"]["brain_likeness"] == 0.96
+    assert not check["shortcut_x_2level"]["passed"] and check["shortcut_x_2level"]["real_min"] == 0.96  # mean 0.945
+    # every sampler of a training shares its check
+    assert q._training_of("shortcut_x_2level_4") == q._training_of("shortcut_x_2level_rflow50") == "shortcut_x_2level"
+    assert q._training_of("wdm") == "wdm_ddim50"
+
+
+def test_demo_compare_scores_brain_likeness_as_correlation_with_the_mean_training_volume():
+    dc = _benchmark("demo_compare")
+    reals = list(make_volumes(8, 32, seed=3)[0])
+    mean = np.mean(reals, axis=0)
+    noise = np.random.default_rng(0).random((32, 32, 32)).astype(np.float32)
+    scores = dc.brain_likeness([mean, 2 * mean + 1, noise, reals[0]], reals)
+    assert scores[0] == pytest.approx(1.0) and scores[1] == pytest.approx(1.0)  # blind to brightness and contrast
+    assert abs(scores[2]) < 0.05 and 0.05 < scores[3] < 1.0
