@@ -36,8 +36,9 @@ RECIPES: dict[str, dict] = {
         "sampler": "ddim",
         "num_steps": 50,
     },
-    # the quality benchmark's 50-step winner (the demo's default from 2026-12-06 until the shortcut model's 64^3
-    # runs): rectified flow (logit-normal t), x prediction with a velocity loss (JiT), two Haar levels, 50 Euler steps
+    # the demo's and the bundles' default since 2026-12-06 (the quality benchmark's pick among the recipes that pass
+    # the demo-scale check): rectified flow (logit-normal t), x prediction with a velocity loss (JiT), two Haar levels,
+    # 50 Euler steps
     "jit_2level": {
         "diffusion#flow_map": None,
         "diffusion#process": "rflow",

@@ -184,7 +184,8 @@ class WaveletDiffusionInferer(Inferer):
     at interval 0, its instantaneous velocity), the flow map's velocity ``v`` (its ``r = t`` target, and the tangent
     of MeanFlow's Jacobian-vector product) is the teacher's marginal velocity at ``(z_t, t)``
     (:meth:`WaveletDiffusion.velocity`) instead of the conditional ``x0 - noise``: the same map, learnt from a target
-    without the data pairing's noise, as consistency distillation does for consistency models (Song et al. 2023). One more forward pass of the teacher per step, without a graph.
+    without the data pairing's noise, as consistency distillation does for consistency models (Song et al. 2023). One
+    more forward pass of the teacher per step, without a graph.
 
     Args:
         diffusion: the process whose :meth:`~WaveletDiffusion.add_noise` noises the inputs.
