@@ -1,10 +1,10 @@
 #!/usr/bin/env bash
 # Run every GPU benchmark once, each under its own time limit, writing Markdown/JSON tables and logs to $OUT.
 #
-#   OUT=gpu_results bash benchmarks/run_gpu.sh            # all of it (about 15 minutes on an H100)
+#   OUT=gpu_results bash benchmarks/run_gpu.sh            # all of it (about 15-19 minutes on an H100)
 #   OUT=gpu_results STAGES="train256 sampling_compile" bash benchmarks/run_gpu.sh
 #
-# Stages: env wavelets tests train128 train256 sampling sampling_compile profile quality. Limits (seconds) can be changed with T_<STAGE>=..., the
+# Stages: env wavelets tests train128 train256 sampling sampling_compile sampling_flow_map profile quality. Limits (seconds) can be changed with T_<STAGE>=..., the
 # benchmark arguments with TRAIN_ARGS / SAMPLING_ARGS / QUALITY_ARGS. On a machine without a package index, wheels of the missing
 # pure-Python dependencies (monai, pytorch-ignite) can be put in .whl/ and are installed to /tmp/site.
 set -u
@@ -12,7 +12,7 @@ OUT=${OUT:-gpu_results}
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1
 PY=${PY:-python3}
-STAGES=${STAGES:-"env wavelets tests train128 train256 sampling sampling_compile"}
+STAGES=${STAGES:-"env wavelets tests train128 train256 sampling sampling_compile sampling_flow_map"}
 TRAIN_ARGS=${TRAIN_ARGS:-"--steps 6 --warmup 2"}
 SAMPLING_ARGS=${SAMPLING_ARGS:-"--ddpm-steps 20"}
 QUALITY_ARGS=${QUALITY_ARGS:-"--size 32 --iterations 3000"}
@@ -68,6 +68,13 @@ if want sampling_compile; then
   log sampling_compile
   timeout "${T_SAMPLING_COMPILE:-240}" "$PY" benchmarks/sampling.py --device cuda --sizes ${COMPILE_SIZES:-256 128} --compile-only \
     --markdown "$OUT/sampling_compile.md" --json "$OUT/sampling_compile.json" 2>&1 | grep -v Warning | tail -n 20
+fi
+if want sampling_flow_map; then
+  log sampling_flow_map
+  # issue 25: a shortcut model's 1, 2 and 4 jumps at 256^3 beside RFlow-30, bf16 and bf16 + compile
+  timeout "${T_SAMPLING_FLOW_MAP:-240}" "$PY" benchmarks/sampling.py --device cuda --sizes 256 --precisions bf16 \
+    --compile --compile-samplers rflow shortcut --flow-map-steps 1 2 4 --ddpm-steps 5 \
+    --markdown "$OUT/sampling_flow_map.md" --json "$OUT/sampling_flow_map.json" 2>&1 | grep -v Warning | tail -n 20
 fi
 if want quality; then
   log quality

@@ -5,6 +5,9 @@ Samplers: DDPM-1000 (WDM's ancestral chain), DDIM-50 and rectified flow with 30 
 WDM's clip projection (IDWT -> clamp -> DWT of every predicted x0) on. The network is untrained (freshly
 initialised): the time and memory of a step do not depend on the weights' values, only the images would.
 
+With ``--flow-map-steps 1 2 4`` the U-Net takes a flow map's jump size (``interval_embedding``) and a shortcut
+model's sampler is timed at those jumps too (issue 25), one network evaluation per jump.
+
 DDPM-1000 is long at 256^3: ``--ddpm-steps`` steps (default 50) of the chain are timed and the time is extrapolated
 to 1000 steps (marked ``extrapolated`` in the table); its peak memory is that of the timed steps (every step does the
 same work). DDIM-50 and RFlow-30 run in full (unless ``--max-timed-steps`` caps them too).
@@ -16,6 +19,7 @@ is reported apart, not in the per-volume time). Peak memory is ``torch.cuda.max_
 context not; WDM's anchors, ~2.55 GB at 128^3 and ~7.27 GB at 256^3, come from its model card and likely include it).
 
     python benchmarks/sampling.py --device cuda --compile --json out.json --markdown out.md
+    python benchmarks/sampling.py --device cuda --sizes 256 --precisions bf16 --compile --compile-samplers rflow shortcut --flow-map-steps 1 2 4
     python benchmarks/sampling.py --device cpu --tiny      # tiny U-Net, 16^3: checks the script in seconds
 """
 
@@ -48,11 +52,18 @@ class AutocastModel(nn.Module):
         super().__init__()
         self.model, self.dtype = model, dtype
 
-    def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self,
+        x: torch.Tensor,
+        timesteps: torch.Tensor,
+        context: torch.Tensor | None = None,
+        interval: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        kw = {} if interval is None else {"interval": interval}  # a flow map's jump size
         if self.dtype is None:
-            return self.model(x, timesteps, context=context)
+            return self.model(x, timesteps, context=context, **kw)
         with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x, timesteps, context=context).to(x.dtype)
+            return self.model(x, timesteps, context=context, **kw).to(x.dtype)
 
 
 @dataclass
@@ -99,7 +110,10 @@ def run_one(
         compile_s=compile_s,
     )
     try:
-        diffusion = WaveletDiffusion(process="rflow" if sampler == "rflow" else "ddpm")
+        if sampler == "shortcut":  # the flow map's process (x prediction; the timing does not depend on it)
+            diffusion = WaveletDiffusion(process="rflow", prediction_type="sample", flow_map="shortcut")
+        else:
+            diffusion = WaveletDiffusion(process="rflow" if sampler == "rflow" else "ddpm")
         kwargs = dict(image_shape=(1, size, size, size), num_samples=1, sampler=sampler, device=device, progress=False)
         diffusion.sample(net, num_steps=2, seed=1, **kwargs)  # warm-up: cuDNN algorithm choice, allocator
         sync(device)
@@ -181,7 +195,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
         "--compile-samplers",
         nargs="+",
         default=["rflow"],
-        choices=["ddim", "rflow"],
+        choices=["ddim", "rflow", "shortcut"],
         help="samplers timed with the compiled network (each timestep dtype compiles once more)",
     )
     parser.add_argument(
@@ -192,6 +206,14 @@ def main(argv: list[str] | None = None) -> list[Result]:
         type=int,
         default=None,
         help="time at most this many steps of any sampler and extrapolate (default: none; tiny: 3)",
+    )
+    parser.add_argument(
+        "--flow-map-steps",
+        type=int,
+        nargs="*",
+        default=[],
+        help="also time a shortcut model's sampler at these jumps (e.g. 1 2 4); the U-Net then takes the jump size "
+        "(interval_embedding: one more small MLP) for every row",
     )
     parser.add_argument("--tiny", action="store_true", help="tiny U-Net on 16^3 images: checks the script in seconds")
     parser.add_argument("--json", default=None)
@@ -210,7 +232,7 @@ def main(argv: list[str] | None = None) -> list[Result]:
     plan = [
         (name, steps, min(timed, cap))
         for name, steps, timed in [("ddpm", 1000, args.ddpm_steps), ("ddim", 50, 50), ("rflow", 30, 30)]
-    ]
+    ] + [("shortcut", k, min(k, cap)) for k in args.flow_map_steps]
     results: list[Result] = []
 
     def record(r: Result) -> None:
@@ -227,10 +249,11 @@ def main(argv: list[str] | None = None) -> list[Result]:
         if size % 2 or (not args.tiny and size not in WDM_MEMORY_GB):
             parser.error(f"--sizes takes 128 and/or 256 (the WDM presets), got {size}")
         torch.manual_seed(0)
+        flow = {"interval_embedding": True} if args.flow_map_steps else {}
         if args.tiny:
-            base = WDMUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4)
+            base = WDMUNet(base_channels=8, channel_mult=(1, 2), num_res_blocks=1, norm_num_groups=4, **flow)
         else:
-            base = wdm_unet("wdm_128" if size == 128 else "wdm_256")
+            base = wdm_unet("wdm_128" if size == 128 else "wdm_256", **flow)
         base = base.to(device).eval()
         for precision in [] if args.compile_only else args.precisions:
             net = AutocastModel(base, dtypes[precision])
@@ -245,8 +268,9 @@ def main(argv: list[str] | None = None) -> list[Result]:
                 shape = (1, 8, size // 2, size // 2, size // 2)
                 with torch.no_grad():
                     for name in args.compile_samplers:  # integer timesteps (ddim) and float ones (rflow) compile apart
-                        t = torch.tensor([5.5] if name == "rflow" else [5], device=device)
-                        net(torch.randn(shape, device=device), t)
+                        t = torch.tensor([5] if name == "ddim" else [5.5], device=device)
+                        gap = torch.tensor([250.0], device=device) if name == "shortcut" else None
+                        net(torch.randn(shape, device=device), t, interval=gap)
                 sync(device)
                 compile_s = time.perf_counter() - t0
                 for sampler, steps, timed in plan:

@@ -374,6 +374,11 @@ def test_sampling_benchmark_tiny_cpu(tmp_path):
     assert all(r.status == "ok" and r.s_per_step > 0 for r in results), [r.status for r in results]
     ddpm = results[0]
     assert ddpm.extrapolated and ddpm.s_per_volume == pytest.approx(ddpm.s_per_step * 1000)
+    # a shortcut model's jumps: the network takes the interval, one evaluation per jump
+    flow = bench.main(["--device", "cpu", "--tiny", "--precisions", "bf16", "--flow-map-steps", "1", "2"])
+    assert [(r.sampler, r.steps) for r in flow][-2:] == [("shortcut", 1), ("shortcut", 2)]
+    assert all(r.status == "ok" for r in flow), [r.status for r in flow]
+    assert flow[-1].timed_steps == 2 and not flow[-1].extrapolated
 
 
 def test_sampler_quality_verdicts():
