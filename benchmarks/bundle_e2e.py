@@ -58,7 +58,7 @@ def main() -> None:
     parser.add_argument("--size", type=int, default=128)
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--iterations", type=int, default=4, help="training iterations (one epoch)")
-    parser.add_argument("--sampler", default=None, help="default: the config's (shortcut; ddpm with --wdm-paper)")
+    parser.add_argument("--sampler", default=None, help="default: the config's (rflow; ddpm with --wdm-paper)")
     parser.add_argument(
         "--wdm-paper", action="store_true", help="add configs/wdm_paper.json: WDM's recipe, fp32, raw weights"
     )

@@ -930,8 +930,16 @@ def overall(summary: dict, allowed: set[str] | None = None) -> dict:
     return out
 
 
-def markdown(summary: dict) -> str:
+def bundles_default(summary: dict, check: dict) -> dict:
+    """:func:`overall` among the candidates whose training passed :func:`demo_scale_check` (``check``)."""
+    return overall(summary, {c for c in CANDIDATES if check.get(_training_of(c), {}).get("passed")})
+
+
+def markdown(summary: dict, check: dict | None = None) -> str:
+    """The report: the rule's pick, the bundles' default (with ``check``, :func:`demo_scale_check`'s result), and a
+    table per dataset."""
     lines = []
+    default_by_budget = bundles_default(summary, check) if check else {}
     for budget, res in overall(summary).items():
         contenders = (
             ", ".join(
@@ -959,10 +967,8 @@ def markdown(summary: dict) -> str:
             f"run on every dataset, so not a contender: {res['not_run_everywhere']}."
         )
         lines.append("")
-        check = demo_scale_check()
         if check:
-            passed = {c for c in CANDIDATES if check.get(_training_of(c), {}).get("passed")}
-            default = overall(summary, passed).get(budget, {})
+            default = default_by_budget.get(budget, {})
             checked = ", ".join(
                 f"`{t}` {v['brain_likeness']:.3f} ({'passed' if v['passed'] else 'failed'})"
                 for t, v in sorted(check.items())
@@ -1045,11 +1051,11 @@ def report(args: argparse.Namespace) -> None:
     if not records:
         raise SystemExit(f"no finished runs under {[str(Path(o) / 'runs') for o in args.out]}")
     summary = summarize(records)
-    table = markdown(summary)
+    check = demo_scale_check()
+    table = markdown(summary, check)
     print(table)
     if not args.write:
         return
-    check = demo_scale_check()
     doc = {
         "benchmark": "benchmarks/quality.py",
         "machine": records[-1]["machine"],
@@ -1061,9 +1067,7 @@ def report(args: argparse.Namespace) -> None:
         "summary": summary,
         "overall": overall(summary),
         "demo_scale_check": check,
-        "default": overall(summary, {c for c in CANDIDATES if check.get(_training_of(c), {}).get("passed")})
-        if check
-        else None,
+        "default": bundles_default(summary, check) if check else None,
         "records": records,
         "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
     }

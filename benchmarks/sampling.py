@@ -59,11 +59,10 @@ class AutocastModel(nn.Module):
         context: torch.Tensor | None = None,
         interval: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        kw = {} if interval is None else {"interval": interval}  # a flow map's jump size
-        if self.dtype is None:
-            return self.model(x, timesteps, context=context, **kw)
+        if self.dtype is None:  # interval: a flow map's jump size (WDMUNet takes None)
+            return self.model(x, timesteps, context=context, interval=interval)
         with torch.autocast(x.device.type, dtype=self.dtype):
-            return self.model(x, timesteps, context=context, **kw).to(x.dtype)
+            return self.model(x, timesteps, context=context, interval=interval).to(x.dtype)
 
 
 @dataclass

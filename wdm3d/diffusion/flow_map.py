@@ -37,6 +37,7 @@ from torch.func import jvp
 from .maths import expand_to
 
 __all__ = [
+    "MEANFLOW_TIME_MEAN",
     "TIME_DISTRIBUTIONS",
     "average_velocity_from_sample",
     "flow_map_step",
@@ -54,13 +55,15 @@ AverageVelocity = Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Ten
 
 #: how :func:`sample_time_pairs` draws each time
 TIME_DISTRIBUTIONS = ("logit_normal", "uniform")
+#: MeanFlow's logit-normal mean for the training times (Geng et al. 2025, Table 1), the default of every flow map here
+MEANFLOW_TIME_MEAN = -0.4
 
 
 def sample_time_pairs(
     batch_size: int,
     equal_fraction: float = 0.75,
     distribution: str = "logit_normal",
-    mean: float = -0.4,
+    mean: float = MEANFLOW_TIME_MEAN,
     std: float = 1.0,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
@@ -107,7 +110,7 @@ def shortcut_time_pairs(
     levels: int = 7,
     generator: torch.Generator | None = None,
     device: torch.device | str | None = None,
-    mean: float = -0.4,
+    mean: float = MEANFLOW_TIME_MEAN,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Training times ``(r, t)`` of a shortcut model, each ``(B,)``, ``0 <= r <= t <= 1``.
 

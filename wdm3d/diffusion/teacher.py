@@ -18,8 +18,8 @@ __all__ = ["load_teacher"]
 logger = logging.getLogger(__name__)
 
 _HINT = (
-    "train a multi-step model first (train.json writes <output_dir>/models) and point teacher_checkpoint there; the "
-    "student trains into another output_dir."
+    "train a rectified-flow model first (train.json writes <output_dir>/models) and point teacher_checkpoint there; "
+    "the student trains into another output_dir."
 )
 
 

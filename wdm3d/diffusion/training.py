@@ -311,8 +311,7 @@ def _check_teacher(student: WaveletDiffusion, teacher: WaveletDiffusion | None) 
         fix = " ".join(f"--diffusion#{k} {json.dumps(v[0])}" for k, v in differ.items())
         raise ValueError(
             f"the teacher runs in another wavelet space or time scale than the student (teacher, student): {differ}. "
-            "Train the "
-            f"student in the teacher's ({fix}), and sample it so too."
+            f"Train the student in the teacher's ({fix}), and sample it so too."
         )
 
 

@@ -108,7 +108,7 @@ class WaveletDiffusion:
         flow_map: str | None = None,
         flow_map_equal_fraction: float = 0.75,
         flow_map_time: str = "logit_normal",
-        flow_map_time_mean: float = -0.4,
+        flow_map_time_mean: float = flow_maps.MEANFLOW_TIME_MEAN,
         time_shift: float = 1.0,
     ) -> None:
         if process not in maths.PROCESSES:
@@ -580,6 +580,8 @@ class WaveletDiffusion:
                 flow_map_equal_fraction=self.flow_map_equal_fraction,
                 flow_map_time=self.flow_map_time,
             )
-            if self.flow_map_time_mean != -0.4:  # absent at the default: earlier checkpoints' records stay equal
+            if (
+                self.flow_map_time_mean != flow_maps.MEANFLOW_TIME_MEAN
+            ):  # absent at the default: earlier records stay equal
                 out["flow_map_time_mean"] = self.flow_map_time_mean
         return out
